@@ -1,0 +1,71 @@
+"""frostline: Keras/TF.js layer freezing for PyTorch models, correct by construction and fast.
+
+>>> import frostline as fl
+>>> from torch import nn
+>>> model = fl.Sequential([nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)])
+>>> model.layers[0].trainable = False
+>>> len(model.trainable_weights), model.count_params()
+(2, 58)
+"""
+
+from frostline import (
+    batchnorm,
+    callbacks,
+    losses,
+    metrics,
+    models,
+    optimizers,
+    select,
+    stages,
+    verify,
+)
+from frostline.callbacks import Callback, History
+from frostline.data import DataError
+from frostline.layer import Layer, LayerList, wrap
+from frostline.model import Model, Sequential
+from frostline.select import Plan, SelectionError
+from frostline.trainer import TrainingError, seed_everything
+from frostline.verify import FrozenWeightsChanged
+
+__version__ = "0.1.0"
+
+
+def load(path, *, trusted_modules=()):
+    """Rebuild a Model saved by ``Model.save`` (zoo name, import path or Sequential) and load its weights.
+
+    >>> import frostline as fl, tempfile, os
+    >>> from torch import nn
+    >>> m = fl.Sequential([nn.Linear(2, 2)]); p = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+    >>> m.save(p); fl.load(p).count_params()
+    6
+    """
+    from frostline import saving
+
+    return saving.load_model(path, trusted_modules=trusted_modules)
+
+
+__all__ = [
+    "Callback",
+    "DataError",
+    "FrozenWeightsChanged",
+    "History",
+    "Layer",
+    "LayerList",
+    "Model",
+    "Plan",
+    "SelectionError",
+    "Sequential",
+    "TrainingError",
+    "batchnorm",
+    "callbacks",
+    "load",
+    "losses",
+    "metrics",
+    "models",
+    "optimizers",
+    "seed_everything",
+    "select",
+    "stages",
+    "verify",
+    "wrap",
+]

@@ -1,0 +1,297 @@
+"""Keras-style callbacks. ``self.model`` is the Model being trained.
+
+Built-ins: :class:`EarlyStopping`, :class:`ModelCheckpoint`, :class:`CSVLogger`,
+:class:`LearningRateScheduler`, :class:`ReduceLROnPlateau`, :class:`TerminateOnNaN`.
+A callback that keeps state across epochs implements ``get_state``/``set_state``
+(JSON-able) so an exact resume restores it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from frostline.model import Model
+
+
+class Callback:
+    """Subclass and override any hook.
+
+    >>> class Unfreeze(Callback):
+    ...     def on_epoch_begin(self, epoch, logs=None):
+    ...         if epoch == 2:
+    ...             self.model.trainable = True
+    """
+
+    model: Model
+
+    def set_model(self, model: Model) -> None:
+        self.model = model
+
+    def on_train_begin(self, logs: dict | None = None) -> None: ...
+    def on_train_end(self, logs: dict | None = None) -> None: ...
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None: ...
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None: ...
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None: ...
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None: ...
+    def on_test_begin(self, logs: dict | None = None) -> None: ...
+    def on_test_end(self, logs: dict | None = None) -> None: ...
+    def on_predict_begin(self, logs: dict | None = None) -> None: ...
+    def on_predict_end(self, logs: dict | None = None) -> None: ...
+
+    def get_state(self) -> dict:
+        """JSON-able state for checkpoints (default: none)."""
+        return {}
+
+    def set_state(self, state: dict) -> None:
+        """Restore what :meth:`get_state` returned."""
+
+
+class CallbackList(Callback):
+    """Calls every callback in order."""
+
+    def __init__(self, callbacks: Iterable[Callback] | None, model: Model) -> None:
+        cbs = list(callbacks or [])
+        for cb in cbs:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callbacks must be fl.callbacks.Callback instances, got {type(cb).__name__}")
+            cb.set_model(model)
+        self.callbacks = cbs
+
+    def _call(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(*args)
+
+    def on_train_begin(self, logs=None): self._call("on_train_begin", logs)
+    def on_train_end(self, logs=None): self._call("on_train_end", logs)
+    def on_epoch_begin(self, epoch, logs=None): self._call("on_epoch_begin", epoch, logs)
+    def on_epoch_end(self, epoch, logs=None): self._call("on_epoch_end", epoch, logs)
+    def on_train_batch_begin(self, batch, logs=None): self._call("on_train_batch_begin", batch, logs)
+    def on_train_batch_end(self, batch, logs=None): self._call("on_train_batch_end", batch, logs)
+    def on_test_begin(self, logs=None): self._call("on_test_begin", logs)
+    def on_test_end(self, logs=None): self._call("on_test_end", logs)
+    def on_predict_begin(self, logs=None): self._call("on_predict_begin", logs)
+    def on_predict_end(self, logs=None): self._call("on_predict_end", logs)
+
+    def states(self) -> list[dict]:
+        return [{"class": type(cb).__name__, "state": cb.get_state()} for cb in self.callbacks]
+
+    def restore(self, states: list[dict]) -> None:
+        for cb, st in zip(self.callbacks, states):
+            if st.get("class") == type(cb).__name__:
+                cb.set_state(st.get("state") or {})
+
+
+class History(Callback):
+    """``fit``'s return value: ``history.history`` maps each log key to per-epoch values."""
+
+    def __init__(self) -> None:
+        self.history: dict[str, list[float]] = {}
+        self.epoch: list[int] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch.append(epoch)
+        for k, v in (logs or {}).items():
+            self.history.setdefault(k, []).append(v)
+
+    def get_state(self) -> dict:
+        return {"history": self.history, "epoch": self.epoch}
+
+    def set_state(self, state: dict) -> None:
+        self.history = {k: list(v) for k, v in state.get("history", {}).items()}
+        self.epoch = list(state.get("epoch", []))
+
+    def __repr__(self) -> str:
+        return f"History(epochs={len(self.epoch)}, keys={list(self.history)})"
+
+
+def _better(mode: str, value: float, best: float, min_delta: float) -> bool:
+    if math.isnan(value):
+        return False
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+def _mode_for(monitor: str, mode: str) -> str:
+    if mode not in ("auto", "min", "max"):
+        raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+    if mode != "auto":
+        return mode
+    return "max" if any(s in monitor for s in ("acc", "auc", "precision", "recall")) else "min"
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` stops improving; optionally restore the best weights.
+
+    >>> EarlyStopping(monitor="val_loss", patience=2, restore_best_weights=True).mode
+    'min'
+    """
+
+    def __init__(self, monitor: str = "val_loss", min_delta: float = 0.0, patience: int = 0, mode: str = "auto", restore_best_weights: bool = False, start_from_epoch: int = 0) -> None:
+        if not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"patience must be an int >= 0, got {patience!r}")
+        self.monitor = monitor
+        self.min_delta = abs(min_delta)
+        self.patience = patience
+        self.mode = _mode_for(monitor, mode)
+        self.restore_best_weights = restore_best_weights
+        self.start_from_epoch = start_from_epoch
+        self._reset()
+
+    def _reset(self) -> None:
+        self.wait = 0
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.best_epoch = -1
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.stopped_epoch = -1
+
+    def on_train_begin(self, logs=None):
+        if not getattr(self, "_restored", False):
+            self._reset()
+        self._restored = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            raise KeyError(f"EarlyStopping monitors {self.monitor!r}, which is not in the logs: {sorted(logs or {})}")
+        if epoch < self.start_from_epoch:
+            return
+        if _better(self.mode, float(value), self.best, self.min_delta):
+            self.best, self.best_epoch, self.wait = float(value), epoch, 0
+            if self.restore_best_weights:
+                self.best_weights = {k: v.detach().clone() for k, v in self.model.module.state_dict().items()}
+            return
+        self.wait += 1
+        if self.wait > self.patience:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.restore_best_weights and self.best_weights is not None and self.stopped_epoch >= 0:
+            self.model.module.load_state_dict(self.best_weights)
+
+    def get_state(self) -> dict:
+        return {"wait": self.wait, "best": self.best, "best_epoch": self.best_epoch}
+
+    def set_state(self, state: dict) -> None:
+        self.wait = state.get("wait", 0)
+        self.best = state.get("best", self.best)
+        self.best_epoch = state.get("best_epoch", -1)
+        self._restored = True
+
+
+class TerminateOnNaN(Callback):
+    """Stop training as soon as a batch loss is NaN or infinite (``fit`` also raises by default)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            self.model.stop_training = True
+
+
+class LearningRateScheduler(Callback):
+    """``schedule(epoch, lr) -> new lr`` at the start of each epoch (every group keeps its ratio)."""
+
+    def __init__(self, schedule: Callable[[int, float], float], verbose: int = 0) -> None:
+        if not callable(schedule):
+            raise TypeError(f"schedule must be callable(epoch, lr) -> lr, got {schedule!r}")
+        self.schedule = schedule
+        self.verbose = verbose
+
+    def on_epoch_begin(self, epoch, logs=None):
+        lr = float(self.schedule(epoch, self.model.learning_rate))
+        self.model.learning_rate = lr
+        if self.verbose:
+            print(f"Epoch {epoch + 1}: LearningRateScheduler setting learning rate to {lr:g}.")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = self.model.learning_rate
+
+
+class ReduceLROnPlateau(Callback):
+    """Multiply the learning rate by ``factor`` after ``patience`` epochs without improvement."""
+
+    def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10, mode: str = "auto", min_delta: float = 1e-4, cooldown: int = 0, min_lr: float = 0.0, verbose: int = 0) -> None:
+        if not 0 < factor < 1:
+            raise ValueError(f"factor must be in (0, 1), got {factor!r}")
+        self.monitor, self.factor, self.patience = monitor, factor, patience
+        self.mode = _mode_for(monitor, mode)
+        self.min_delta, self.cooldown, self.min_lr, self.verbose = min_delta, cooldown, min_lr, verbose
+        self.wait, self.cooldown_counter = 0, 0
+        self.best = math.inf if self.mode == "min" else -math.inf
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            raise KeyError(f"ReduceLROnPlateau monitors {self.monitor!r}, which is not in the logs: {sorted(logs or {})}")
+        if logs is not None:
+            logs["learning_rate"] = self.model.learning_rate
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.wait = 0
+        if _better(self.mode, float(value), self.best, self.min_delta):
+            self.best, self.wait = float(value), 0
+        elif self.cooldown_counter <= 0:
+            self.wait += 1
+            if self.wait >= self.patience:
+                old = self.model.learning_rate
+                new = max(old * self.factor, self.min_lr)
+                if new < old:
+                    self.model.learning_rate = new
+                    if self.verbose:
+                        print(f"Epoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to {new:g}.")
+                self.cooldown_counter, self.wait = self.cooldown, 0
+
+    def get_state(self) -> dict:
+        return {"wait": self.wait, "cooldown_counter": self.cooldown_counter, "best": self.best}
+
+    def set_state(self, state: dict) -> None:
+        self.wait = state.get("wait", 0)
+        self.cooldown_counter = state.get("cooldown_counter", 0)
+        self.best = state.get("best", self.best)
+
+
+class CSVLogger(Callback):
+    """Append one row per epoch to a CSV file (rewritten atomically, so it is never half-written)."""
+
+    def __init__(self, filename: str | os.PathLike, separator: str = ",", append: bool = False) -> None:
+        self.filename = Path(filename)
+        self.separator = separator
+        self.append = append
+        self.rows: list[dict[str, Any]] = []
+
+    def on_train_begin(self, logs=None):
+        if self.append and self.filename.exists() and not self.rows:
+            with open(self.filename, newline="") as f:
+                self.rows = list(csv.DictReader(f, delimiter=self.separator))
+        elif not self.append and not getattr(self, "_restored", False):
+            self.rows = []
+        self._restored = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.rows.append({"epoch": epoch, **(logs or {})})
+        keys: list[str] = []
+        for r in self.rows:
+            keys += [k for k in r if k not in keys]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys, delimiter=self.separator)
+        w.writeheader()
+        w.writerows(self.rows)
+        from frostline.atomic import atomic_write_text
+
+        atomic_write_text(self.filename, buf.getvalue())
+
+    def get_state(self) -> dict:
+        return {"rows": self.rows}
+
+    def set_state(self, state: dict) -> None:
+        self.rows = list(state.get("rows", []))
+        self._restored = True

@@ -1,0 +1,264 @@
+"""Data: NumPy arrays, tensors, Datasets and DataLoaders into batches.
+
+Random-access data (arrays, tensors, map-style Datasets) becomes an
+:class:`IndexedData`: batches are drawn by index, which is what lets ``fit`` feed
+the trainable part from the activation cache. A ``DataLoader`` (or an iterable
+dataset) is iterated as given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+from torch.utils.data._utils.collate import default_collate
+
+
+class DataError(ValueError):
+    """Input data that cannot be used (says which input and what was expected)."""
+
+
+Target = torch.Tensor | dict[str, torch.Tensor] | None
+
+
+def to_tensor(a, what: str, *, check_finite: bool = True) -> torch.Tensor:
+    """NumPy array / tensor / nested list -> tensor (float64 becomes float32).
+
+    >>> to_tensor(np.zeros((2, 3)), "x").dtype
+    torch.float32
+    """
+    if isinstance(a, torch.Tensor):
+        t = a
+    elif isinstance(a, np.ndarray):
+        if a.dtype == object:
+            raise DataError(f"{what} is a NumPy array of Python objects; expected a numeric array")
+        t = torch.from_numpy(np.ascontiguousarray(a))
+    elif isinstance(a, list | tuple):
+        try:
+            t = torch.as_tensor(np.asarray(a))
+        except (ValueError, TypeError) as e:
+            raise DataError(f"{what} could not be turned into an array: {e}") from None
+    else:
+        raise DataError(f"{what} must be a NumPy array, a torch tensor, a Dataset or a DataLoader; got {type(a).__name__}")
+    if t.dtype == torch.float64:
+        t = t.float()
+    if t.dtype == torch.bool:
+        t = t.float()
+    if t.dim() == 0:
+        raise DataError(f"{what} is a scalar; expected one entry per sample along the first axis")
+    if check_finite and t.is_floating_point() and t.numel():
+        bad = ~torch.isfinite(t)
+        if bad.any():
+            first = int(bad.reshape(t.shape[0], -1).any(dim=1).nonzero()[0, 0])
+            kind = "NaN" if torch.isnan(t).any() else "inf"
+            raise DataError(f"{what} contains {kind} values ({int(bad.sum())} in all; first in sample {first})")
+    return t
+
+
+def _targets(y, what: str = "y") -> Target:
+    if y is None:
+        return None
+    if isinstance(y, Mapping):
+        if not y:
+            raise DataError(f"{what} is an empty dict; expected one array per output")
+        return {str(k): to_tensor(v, f"{what}[{k!r}]") for k, v in y.items()}
+    return to_tensor(y, what)
+
+
+def _length(y: Target) -> int:
+    if isinstance(y, dict):
+        return len(next(iter(y.values())))
+    return len(y) if y is not None else 0
+
+
+def _index(y: Target, idx):
+    if y is None:
+        return None
+    if isinstance(y, dict):
+        return {k: v[idx] for k, v in y.items()}
+    return y[idx]
+
+
+class ArrayDataset(Dataset):
+    """In-memory ``(x, y)`` samples; deterministic (no random transforms), so cacheable.
+
+    >>> ds = ArrayDataset(np.zeros((4, 2)), np.arange(4)); len(ds), ds.deterministic
+    (4, True)
+    """
+
+    deterministic = True
+
+    def __init__(self, x, y=None) -> None:
+        self.x = to_tensor(x, "x")
+        self.y = _targets(y)
+        if self.y is not None:
+            if isinstance(self.y, dict):
+                for k, v in self.y.items():
+                    if len(v) != len(self.x):
+                        raise DataError(f"x has {len(self.x)} samples but y[{k!r}] has {len(v)}; they must match")
+            elif len(self.y) != len(self.x):
+                raise DataError(f"x has {len(self.x)} samples but y has {len(self.y)}; they must match")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], _index(self.y, i)
+
+    def gather(self, idx: torch.Tensor):
+        return self.x[idx], _index(self.y, idx)
+
+
+@dataclass
+class IndexedData:
+    """Random-access samples: ``gather(indices) -> (x, y)``; ``deterministic`` allows caching."""
+
+    dataset: Dataset
+    n: int
+    deterministic: bool
+
+    def gather(self, idx: torch.Tensor):
+        ds = self.dataset
+        if isinstance(ds, ArrayDataset):
+            return ds.gather(idx)
+        if isinstance(ds, TensorDataset):
+            ts = [t[idx] for t in ds.tensors]
+            return ts[0], (ts[1] if len(ts) > 1 else None)
+        items = [ds[int(i)] for i in idx]
+        batch = default_collate(items)
+        if isinstance(batch, list | tuple):
+            return batch[0], (batch[1] if len(batch) > 1 else None)
+        return batch, None
+
+    def targets(self, idx: torch.Tensor):
+        """Only the targets of these samples (no input loading when the dataset allows)."""
+        ds = self.dataset
+        if isinstance(ds, ArrayDataset):
+            return _index(ds.y, idx)
+        if isinstance(ds, TensorDataset):
+            return ds.tensors[1][idx] if len(ds.tensors) > 1 else None
+        return self.gather(idx)[1]
+
+    def inputs(self) -> tuple:
+        """The raw arrays, for fingerprinting (None when not in memory)."""
+        ds = self.dataset
+        if isinstance(ds, ArrayDataset):
+            ys = list(ds.y.values()) if isinstance(ds.y, dict) else ([ds.y] if ds.y is not None else [])
+            return (ds.x, *ys)
+        if isinstance(ds, TensorDataset):
+            return tuple(ds.tensors)
+        return ()
+
+    def index_batches(self, batch_size: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
+        """This rank's index batches for one epoch (reproducible from seed and epoch)."""
+        idx = torch.arange(self.n)
+        if world > 1:  # a fixed shard per rank (padded to equal length), shuffled within
+            per = math.ceil(self.n / world)
+            padded = torch.cat([idx, idx[: per * world - self.n]])
+            idx = padded[rank::world]
+        if shuffle:
+            g = torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch)
+            idx = idx[torch.randperm(len(idx), generator=g)]
+        return list(idx.split(batch_size))
+
+
+@dataclass
+class LoaderData:
+    """Batches from a user's DataLoader or iterable dataset, as given."""
+
+    loader: DataLoader | IterableDataset
+    deterministic: bool = False
+
+    @property
+    def n(self) -> int | None:
+        try:
+            return len(self.loader.dataset) if isinstance(self.loader, DataLoader) else None  # type: ignore[arg-type]
+        except TypeError:
+            return None
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, Target]]:
+        for batch in self.loader:
+            if isinstance(batch, list | tuple):
+                yield batch[0], (batch[1] if len(batch) > 1 else None)
+            elif isinstance(batch, dict) and "x" in batch:
+                yield batch["x"], batch.get("y")
+            else:
+                yield batch, None
+
+
+Data = IndexedData | LoaderData
+
+
+def check_batch_size(batch_size, default: int = 32) -> int:
+    if batch_size is None:
+        return default
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size <= 0:
+        raise DataError(f"batch_size must be a positive int, got {batch_size!r}")
+    return int(batch_size)
+
+
+def prepare(x, y=None, *, what: str = "x") -> Data:
+    """Turn ``fit``'s ``x``/``y`` into indexed or loader data, validating as it goes.
+
+    >>> prepare(np.zeros((3, 2), "float32"), np.array([0, 1, 0])).n
+    3
+    """
+    if isinstance(x, DataLoader):
+        if y is not None:
+            raise DataError(f"{what} is a DataLoader, so y must be None (the loader yields (x, y) batches)")
+        return LoaderData(x)
+    if isinstance(x, IterableDataset):
+        if y is not None:
+            raise DataError(f"{what} is an IterableDataset, so y must be None")
+        return LoaderData(x)
+    if isinstance(x, Dataset):
+        if y is not None:
+            raise DataError(f"{what} is a Dataset, so y must be None (the dataset yields (x, y) samples)")
+        n = len(x)  # type: ignore[arg-type]
+        if n == 0:
+            raise DataError(f"{what} is an empty Dataset; expected at least one sample")
+        deterministic = bool(getattr(x, "deterministic", isinstance(x, TensorDataset | ArrayDataset)))
+        return IndexedData(x, n, deterministic)
+    if x is None:
+        raise DataError(f"{what} is None; expected arrays, tensors, a Dataset or a DataLoader")
+    ds = ArrayDataset(x, y)
+    if len(ds) == 0:
+        raise DataError(f"{what} is empty (0 samples); expected at least one sample")
+    return IndexedData(ds, len(ds), True)
+
+
+def split_validation(x, y, fraction: float):
+    """Keras' ``validation_split``: the last ``fraction`` of the samples, taken before shuffling."""
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction < 1:
+        raise DataError(f"validation_split must be a float in [0, 1), got {fraction!r}")
+    if isinstance(x, Dataset | DataLoader):
+        raise DataError("validation_split works with arrays and tensors; for a Dataset or DataLoader pass validation_data")
+    xt = to_tensor(x, "x")
+    yt = _targets(y)
+    n = len(xt)
+    n_val = int(math.floor(n * fraction))
+    if fraction and n_val == 0:
+        raise DataError(f"validation_split={fraction} of {n} samples leaves no validation sample")
+    if n_val >= n:
+        raise DataError(f"validation_split={fraction} of {n} samples leaves no training sample")
+    cut = n - n_val
+    return (xt[:cut], _index(yt, slice(0, cut))), (xt[cut:], _index(yt, slice(cut, n)))
+
+
+def unpack_validation(validation_data):
+    """``(x_val, y_val)`` tuple, a Dataset or a DataLoader -> prepared data."""
+    if validation_data is None:
+        return None
+    if isinstance(validation_data, Dataset | DataLoader):
+        return prepare(validation_data, what="validation_data")
+    if isinstance(validation_data, tuple | list) and len(validation_data) == 2:
+        return prepare(validation_data[0], validation_data[1], what="validation_data x")
+    raise DataError(f"validation_data must be (x_val, y_val), a Dataset or a DataLoader; got {type(validation_data).__name__}")
+
+
+def length_of(y: Target) -> int:
+    return _length(y)

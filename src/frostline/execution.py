@@ -1,0 +1,263 @@
+"""How a training step runs the model: frozen prefix, then the trainable rest.
+
+The model is seen as an ordered list of stages (:mod:`frostline.stages`). The
+stages before the first one holding a trainable parameter form the *frozen prefix*:
+they run under ``torch.no_grad`` (optionally as a BatchNorm-folded inference copy),
+and when the data is deterministic and the prefix has no active stochastic layer
+their outputs are cached across epochs and fits (:mod:`frostline.cache`). The cache
+key holds the prefix boundary, a fingerprint of the data, the prefix weights'
+version and the prefix modes, so it is rebuilt, never silently stale, when any of
+them changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from frostline import batchnorm
+from frostline.cache import ActivationStore, CacheKey, data_fingerprint, weights_version
+from frostline.layer import own_weights
+from frostline.stages import Stage, stages_of, verify_stages
+
+
+class StageSequence(nn.Module):
+    """Stages applied in order, as one module (what DDP wraps when a prefix is frozen)."""
+
+    def __init__(self, stages: list[Stage]) -> None:
+        super().__init__()
+        self._fns = [s.fn for s in stages]
+        self.stage_modules = nn.ModuleList([s.module for s in stages if s.module is not None])
+
+    def forward(self, x):
+        for fn in self._fns:
+            x = fn(x)
+        return x
+
+
+def _stochastic_active(module: nn.Module) -> str | None:
+    """Name of the first module that would make a train-mode forward non-deterministic."""
+    for m in module.modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return type(m).__name__
+        if type(m).__name__ in ("DropPath", "StochasticDepth") and float(getattr(m, "drop_prob", getattr(m, "p", 0)) or 0) > 0:
+            return type(m).__name__
+        if batchnorm.is_batchnorm(m) and not batchnorm.runs_inference(m) and m.track_running_stats:
+            return f"{type(m).__name__} in batch-statistics mode"
+    return None
+
+
+@dataclass
+class CacheEntry:
+    key: CacheKey
+    store: ActivationStore
+    local: torch.Tensor | None  # global sample index -> row in the store (sharded data)
+
+
+class Runner:
+    """Runs a module as frozen prefix + trainable suffix, with an activation cache."""
+
+    def __init__(self, module: nn.Module, *, cache: bool | str = "auto", memory_budget_bytes: int = 2 << 30, cache_dtype: torch.dtype | None = None, spill_dir=None, fuse: bool = True) -> None:
+        if cache not in (True, False, "auto"):
+            raise ValueError(f"cache must be True, False or 'auto', got {cache!r}")
+        self.module = module
+        self.cache_setting = cache
+        self.memory_budget_bytes = memory_budget_bytes
+        self.cache_dtype = cache_dtype
+        self.spill_dir = spill_dir
+        self.fuse = fuse
+        self.stages: list[Stage] | None = stages_of(module)
+        self.verified = False
+        self.boundary = 0
+        self._key: tuple | None = None
+        self.suffix: nn.Module = module
+        self.prefix: StageSequence | None = None
+        self._fused = None
+        self._fused_key = None
+        self.entries: dict[str, CacheEntry] = {}
+        self.status: dict[str, str] = {}
+        self.reason = "" if self.stages else "model is not decomposable into stages (see fl.stages.register_stages)"
+
+    # -- structure -----------------------------------------------------------------
+    def verify(self, example: torch.Tensor) -> None:
+        """Check once, on real input, that the stages compose to the model's forward."""
+        if self.verified or self.stages is None:
+            return
+        self.verified = True
+        try:
+            ok = verify_stages(self.module, self.stages, example[:2])
+        except Exception:  # any failure means: do not decompose
+            ok = False
+        if not ok:
+            self.stages = None
+            self.reason = "stage decomposition did not reproduce the model's output"
+            self._key = None
+            self.refresh()
+
+    def _owns_trainable(self, stage: Stage) -> bool:
+        return stage.module is not None and any(p.requires_grad for p in stage.module.parameters())
+
+    def refresh(self) -> bool:
+        """Recompute the prefix boundary when the trainable set changed; True if it moved."""
+        key = tuple(id(p) for p in self.module.parameters() if p.requires_grad)
+        if key == self._key:
+            return False
+        self._key = key
+        old = self.boundary
+        if self.stages is None:
+            self.boundary = 0
+        else:
+            self.boundary = next((i for i, s in enumerate(self.stages) if self._owns_trainable(s)), len(self.stages))
+            if self.boundary == len(self.stages):  # nothing trainable: keep the last stage as the "suffix"
+                self.boundary = max(len(self.stages) - 1, 0)
+        if self.stages is None or self.boundary == 0:
+            self.prefix, self.suffix = None, self.module
+        else:
+            self.prefix = StageSequence(self.stages[: self.boundary])
+            self.suffix = StageSequence(self.stages[self.boundary :])
+        self._fused = None
+        return self.boundary != old
+
+    @property
+    def boundary_name(self) -> str:
+        if not self.stages or self.boundary == 0:
+            return "(none)"
+        return self.stages[self.boundary - 1].path
+
+    def prefix_tensors(self) -> list[torch.Tensor]:
+        if self.prefix is None:
+            return []
+        return [t for m in self.prefix.modules() for t in own_weights(m)]
+
+    # -- running -------------------------------------------------------------------
+    def run_prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen prefix's output for raw inputs (no autograd recording)."""
+        if self.prefix is None:
+            return x
+        with torch.no_grad():
+            fn = self._inference_prefix(x)
+            return fn(x)
+
+    def _inference_prefix(self, x: torch.Tensor):
+        assert self.prefix is not None
+        if not self.fuse or _stochastic_active(self.prefix) is not None or x.shape[0] < 2:
+            return self.prefix
+        key = (self.boundary, weights_version(self.prefix_tensors()), x.device, x.dtype)
+        if self._fused_key != key:
+            self._fused_key = key
+            self._fused = None
+            try:
+                from frostline.fuse import inference_copy
+
+                self._fused = inference_copy(self.prefix, example=x[:4])
+            except Exception:
+                self._fused = None
+        return self._fused if self._fused is not None else self.prefix
+
+    def cacheable(self, deterministic: bool) -> str | None:
+        """None when the prefix output may be cached, else the reason it may not."""
+        if self.cache_setting is False:
+            return "off (cache=False)"
+        if self.stages is None:
+            return f"off ({self.reason})"
+        if self.prefix is None:
+            return "off (no frozen prefix: the first stage is trainable)"
+        if not deterministic:
+            return "off (data is not declared deterministic: a DataLoader, or a Dataset without deterministic=True)"
+        active = _stochastic_active(self.prefix)
+        if active:
+            return f"off (the frozen prefix has an active stochastic layer: {active})"
+        return None
+
+    def _mode_string(self) -> str:
+        assert self.prefix is not None
+        return ",".join(f"{m.training}:{batchnorm.mode_of(m)}" for m in self.prefix.modules() if batchnorm.is_batchnorm(m))
+
+    def ensure_cache(self, role: str, data, *, indices: torch.Tensor | None, device: torch.device, batch_size: int, fingerprint: str | None) -> str:
+        """Build, extend or reuse the cache for ``role`` ("train"/"val"); returns a status line."""
+        reason = self.cacheable(getattr(data, "deterministic", False))
+        if reason is not None or fingerprint is None:
+            self.entries.pop(role, None)
+            self.status[role] = reason or "off (data could not be fingerprinted)"
+            return self.status[role]
+        rows = indices if indices is not None else torch.arange(data.n)
+        key = CacheKey(self.boundary, f"{fingerprint}:{hash(tuple(rows.tolist()))}", weights_version(self.prefix_tensors()), self._mode_string())
+        entry = self.entries.get(role)
+        if entry is not None and entry.key == key:
+            self.status[role] = f"reused ({self._describe(entry)})"
+            return self.status[role]
+        local = None
+        if indices is not None:
+            local = torch.full((data.n,), -1, dtype=torch.long)
+            local[indices] = torch.arange(len(indices))
+        assert self.stages is not None
+        if (
+            entry is not None
+            and entry.key.data == key.data
+            and entry.key.boundary < self.boundary
+            and entry.key.mode == key.mode
+            and entry.key.weights == weights_version(self._tensors_of(self.stages[: entry.key.boundary]))
+        ):
+            extra = StageSequence(self.stages[entry.key.boundary : self.boundary])
+            with torch.no_grad():
+                store = entry.store.map(lambda t: extra(t.to(device)), batch_size=batch_size)
+            self.entries[role] = CacheEntry(key, store, local)
+            self.status[role] = f"extended ({self._describe(self.entries[role])})"
+            return self.status[role]
+        self.entries.pop(role, None)
+        if entry is not None:
+            entry.store.close()
+
+        def batches():
+            for chunk in torch.arange(len(rows)).split(batch_size):
+                x, _ = data.gather(rows[chunk])
+                yield chunk, x.to(device)
+
+        store = ActivationStore.build(
+            self.run_prefix, batches(), len(rows), memory_budget_bytes=self.memory_budget_bytes,
+            spill_dir=self.spill_dir, dtype=self.cache_dtype,
+        )
+        self.entries[role] = CacheEntry(key, store, local)
+        self.status[role] = f"built ({self._describe(self.entries[role])})"
+        return self.status[role]
+
+    def _tensors_of(self, stages: list[Stage]) -> list[torch.Tensor]:
+        return [t for s in stages if s.module is not None for m in s.module.modules() for t in own_weights(m)]
+
+    def _describe(self, entry: CacheEntry) -> str:
+        s = entry.store
+        mb = s.nbytes / 2**20
+        return f"{len(s)} samples after {self.boundary_name!r}, {mb:.1f} MB in {s.location}"
+
+    def cached_inputs(self, role: str, idx: torch.Tensor) -> torch.Tensor | None:
+        """Cached prefix outputs for these samples, or None when the cache cannot serve them."""
+        entry = self.entries.get(role)
+        if entry is None or entry.key.boundary != self.boundary:
+            return None
+        if entry.key.weights != weights_version(self.prefix_tensors()):
+            self.entries.pop(role, None)  # weights changed under us: never serve stale outputs
+            self.status[role] = "invalidated (frozen-prefix weights changed)"
+            return None
+        rows = idx if entry.local is None else entry.local[idx]
+        if (rows < 0).any():
+            return None
+        return entry.store[rows]
+
+    def drop(self) -> None:
+        for e in self.entries.values():
+            e.store.close()
+        self.entries.clear()
+
+
+def fingerprint_of(data) -> str | None:
+    """Exact fingerprint of in-memory data (None when the data is not in memory)."""
+    arrays = data.inputs() if hasattr(data, "inputs") else ()
+    if not arrays:
+        ds = getattr(data, "dataset", None)
+        fp = getattr(ds, "fingerprint", None)
+        return str(fp() if callable(fp) else fp) if fp is not None else None
+    return data_fingerprint(*arrays)

@@ -1,0 +1,281 @@
+"""Models: a Layer that can be compiled, trained, evaluated, saved."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from frostline import batchnorm
+from frostline import optimizers as optimizers_mod
+from frostline.callbacks import History
+from frostline.layer import Layer, _register_model, snake_case
+from frostline.objective import Objective
+from frostline.summary import format_size, print_summary, render
+
+
+@dataclass
+class CompileConfig:
+    optimizer: optimizers_mod.Optimizer
+    objective: Objective
+    device: torch.device
+    precision: str | None
+    scheduler: Callable | None
+    scheduler_interval: str
+    find_unused_parameters: bool
+    scaler: Any = None
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but CUDA is not available on this machine")
+    return d
+
+
+class Model(Layer):
+    """A trainable Keras-style model around any ``torch.nn.Module``.
+
+    >>> import numpy as np, frostline as fl
+    >>> model = fl.wrap(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)))
+    >>> model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    >>> x, y = np.random.rand(64, 4).astype("float32"), np.random.randint(0, 3, 64)
+    >>> history = model.fit(x, y, epochs=2, verbose=0)
+    >>> sorted(history.history)
+    ['accuracy', 'epoch_time', 'loss']
+    """
+
+    def __init__(self, module: nn.Module, name: str | None = None) -> None:
+        super().__init__(module, name=name if name is not None else snake_case(type(module).__name__))
+        _register_model(module, self)
+        batchnorm.install_all(module)
+        self._config: CompileConfig | None = None
+        self._live: optimizers_mod.LiveOptimizer | None = None
+        self._trainer = None
+        self.stop_training = False
+        self.history: History | None = None
+        self.last_verification = None
+        self.meta: dict[str, Any] = {}
+
+    def __call__(self, *args, **kwargs):
+        return self._module(*args, **kwargs)
+
+    def to(self, device) -> Model:
+        self._module.to(device)
+        return self
+
+    # -- compile -------------------------------------------------------------------
+    def compile(
+        self,
+        optimizer="rmsprop",
+        loss=None,
+        metrics=None,
+        loss_weights=None,
+        *,
+        device=None,
+        precision: str | None = None,
+        scheduler: Callable | None = None,
+        scheduler_interval: str = "epoch",
+        find_unused_parameters: bool = False,
+    ) -> None:
+        """Configure training; builds a new optimizer (state starts fresh, as in Keras).
+
+        ``precision``: None (float32), ``"bf16"`` or ``"fp16"`` autocast.
+        ``scheduler``: a factory ``optimizer -> torch LR scheduler``; it is rebuilt and
+        fast-forwarded when layers are frozen or unfrozen.
+
+        >>> import frostline as fl
+        >>> m = fl.wrap(nn.Linear(2, 2)); m.compile(fl.optimizers.SGD(0.1, momentum=0.9), loss="mse")
+        >>> m.learning_rate
+        0.1
+        """
+        spec = optimizers_mod.get(optimizer)
+        if precision not in (None, "32", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"):
+            raise ValueError(f"precision must be None, 'bf16' or 'fp16', got {precision!r}")
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        if scheduler is not None and not callable(scheduler):
+            raise TypeError(f"scheduler must be a callable optimizer -> LRScheduler, got {scheduler!r}")
+        dev = _resolve_device(device)
+        scaler = None
+        if precision in ("fp16", "float16") and dev.type == "cuda":
+            scaler = torch.amp.GradScaler("cuda")
+        self._config = CompileConfig(
+            optimizer=spec,
+            objective=Objective(loss, metrics, loss_weights, self._module),
+            device=dev,
+            precision=precision,
+            scheduler=scheduler,
+            scheduler_interval=scheduler_interval,
+            find_unused_parameters=find_unused_parameters,
+            scaler=scaler,
+        )
+        self._live = optimizers_mod.LiveOptimizer(spec, self._module, scheduler=scheduler)
+
+    @property
+    def compiled(self) -> bool:
+        return self._config is not None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The torch optimizer ``fit`` uses (None before the first step)."""
+        return self._live.optimizer if self._live is not None else None
+
+    @property
+    def learning_rate(self) -> float:
+        """The headline learning rate (groups with their own rate keep their ratio to it)."""
+        if self._live is None:
+            raise RuntimeError("the model is not compiled, so it has no learning rate yet")
+        return self._live.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value: float) -> None:
+        if self._live is None:
+            raise RuntimeError("compile the model before setting its learning rate")
+        self._live.set_learning_rate(value)
+
+    def _get_trainer(self):
+        from frostline.trainer import Trainer
+
+        if self._trainer is None:
+            self._trainer = Trainer(self)
+        return self._trainer
+
+    # -- training ------------------------------------------------------------------
+    def fit(self, x=None, y=None, batch_size: int | None = None, epochs: int = 1, verbose="auto", callbacks: Iterable | None = None, validation_split: float = 0.0, validation_data=None, shuffle: bool = True, initial_epoch: int = 0, **options) -> History:
+        """Train; returns a History (``history.history["loss"]`` etc.).
+
+        Extra options: ``seed``, ``cache`` (True/False/"auto"), ``cache_memory_bytes``,
+        ``cache_dtype``, ``cache_dir``, ``checkpoint_dir``, ``keep_checkpoints``,
+        ``resume``, ``verify_frozen``, ``on_nan`` ("raise"/"stop").
+        """
+        return self._get_trainer().fit(
+            x, y, batch_size=batch_size, epochs=epochs, verbose=verbose, callbacks=callbacks,
+            validation_split=validation_split, validation_data=validation_data, shuffle=shuffle,
+            initial_epoch=initial_epoch, **options,
+        )
+
+    def evaluate(self, x=None, y=None, batch_size: int | None = None, verbose="auto", return_dict: bool = False, callbacks=None):
+        """Loss and metrics on data (a scalar, a list, or a dict with ``return_dict=True``)."""
+        return self._get_trainer().evaluate(x, y, batch_size=batch_size, verbose=verbose, return_dict=return_dict, callbacks=callbacks)
+
+    def predict(self, x, batch_size: int | None = None, verbose=0, callbacks=None):
+        """Outputs for ``x`` as a NumPy array (a dict/tuple of arrays for several outputs)."""
+        return self._get_trainer().predict(x, batch_size=batch_size, verbose=verbose, callbacks=callbacks)
+
+    # -- reporting -----------------------------------------------------------------
+    def summary(self, depth: int | None = 1, expand_nested: bool = False, leaves: bool = False, input_shape: Sequence[int] | None = None, line_length: int = 100, print_fn: Callable[[str], object] | None = None) -> None:
+        """Print the Keras-style table and Total/Trainable/Non-trainable lines.
+
+        ``depth=None`` shows every level; ``leaves=True`` lists the leaf layers with
+        their index (what ``fl.select.first/last/between`` count);
+        ``input_shape=(3, 224, 224)`` adds output shapes.
+        """
+        print_summary(self.summary_text(depth=depth, expand_nested=expand_nested, leaves=leaves, input_shape=input_shape, line_length=line_length), print_fn)
+
+    def summary_text(self, **kwargs) -> str:
+        """What :meth:`summary` prints, as a string."""
+        return render(self, optimizer_line=self._optimizer_line(), savings_line=self._savings_line(), **kwargs)
+
+    def _optimizer_line(self) -> str | None:
+        if self._live is None or self._live.optimizer is None:
+            return None
+        n = self._live.state_numel()
+        return f"Optimizer params: {n:,} ({format_size(self._live.state_bytes())})"
+
+    def _savings_line(self) -> str | None:
+        from frostline.summary import counts
+
+        c = counts(self._module)
+        if not c.frozen_param_bytes:
+            return None
+        spec = self._config.optimizer if self._config is not None else None
+        slots = spec.slots if spec is not None else 0
+        grads = c.frozen_param_bytes
+        state = c.frozen_param_bytes * slots
+        what = f" + {type(spec).__name__} state {format_size(state)}" if spec is not None and slots else ""
+        return f"Memory saved by freezing: {format_size(grads + state)} (gradients {format_size(grads)}{what})"
+
+    # -- persistence ---------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Weights (safetensors) plus metadata: how to rebuild, trainable state, BatchNorm policy."""
+        from frostline import saving
+
+        saving.save_model(self, path)
+
+    def load_weights(self, path: str | os.PathLike, *, strict: bool = True) -> None:
+        """Load weights (and trainable state) saved by :meth:`save`; a mismatch lists the keys."""
+        from frostline import saving
+
+        saving.load_weights(self, path, strict=strict)
+
+
+def _valid_name(name: str) -> str:
+    cleaned = re.sub(r"[.\s]", "_", name) or "layer"
+    return cleaned
+
+
+class SequentialModule(nn.Sequential):
+    """The module behind :class:`Sequential` (a plain ``nn.Sequential`` with named children)."""
+
+
+class Sequential(Model):
+    """A stack of torch modules and frostline Models; a nested Model is one layer.
+
+    >>> import frostline as fl
+    >>> base = fl.wrap(nn.Sequential(nn.Linear(8, 4), nn.ReLU()), name="base")
+    >>> model = fl.Sequential([base, nn.Linear(4, 2)])
+    >>> [layer.name for layer in model.layers]
+    ['base', 'linear']
+    >>> model.layers[0] is base
+    True
+    """
+
+    def __init__(self, layers: Iterable[nn.Module | Layer] | None = None, name: str | None = None, *, trainable: bool | None = None) -> None:
+        super().__init__(SequentialModule(), name=name or "sequential")
+        if layers is not None and isinstance(layers, nn.Module | Layer):
+            raise TypeError("Sequential takes a list of layers: fl.Sequential([m1, m2, ...])")
+        for layer in layers or []:
+            self.add(layer)
+        if trainable is not None:
+            self.trainable = trainable
+
+    def add(self, layer: nn.Module | Layer) -> None:
+        """Append a torch module or a frostline Model/Layer."""
+        if isinstance(layer, Layer):
+            module, name = layer.module, layer.name
+            if isinstance(layer, Model):
+                _register_model(module, layer)
+        elif isinstance(layer, nn.Module):
+            module, name = layer, snake_case(type(layer).__name__)
+        else:
+            raise TypeError(f"Sequential layers must be torch.nn.Module or frostline layers, got {type(layer).__name__}")
+        base = _valid_name(name)
+        existing = set(dict(self._module.named_children()))
+        unique, i = base, 1
+        while unique in existing:
+            unique = f"{base}_{i}"
+            i += 1
+        self._module.add_module(unique, module)
+        batchnorm.install_all(module)
+        self._children = None
+
+    def pop(self) -> Layer:
+        """Remove and return the last layer."""
+        names = list(dict(self._module.named_children()))
+        if not names:
+            raise IndexError("pop from an empty Sequential")
+        layer = self.layers[-1]
+        delattr(self._module, names[-1])
+        self._children = None
+        return layer

@@ -1,0 +1,61 @@
+"""Progress output: a rich progress bar per epoch on a terminal, one line per epoch otherwise."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+
+def _fmt(logs: dict) -> str:
+    parts = []
+    for k, v in logs.items():
+        if isinstance(v, float):
+            parts.append(f"{k}: {v:.4g}" if (math.isfinite(v) and abs(v) < 1e-3 and v != 0) else f"{k}: {v:.4f}")
+        else:
+            parts.append(f"{k}: {v}")
+    return " - ".join(parts)
+
+
+def resolve_verbose(verbose) -> int:
+    """Keras' ``verbose``: "auto" is 1 (bar) on a terminal, 2 (one line per epoch) otherwise."""
+    if verbose == "auto":
+        return 1 if sys.stdout.isatty() else 2
+    if verbose not in (0, 1, 2):
+        raise ValueError(f"verbose must be 0, 1, 2 or 'auto', got {verbose!r}")
+    return int(verbose)
+
+
+class EpochProgress:
+    """Shows one epoch: a bar (verbose=1) or a closing line (verbose=2)."""
+
+    def __init__(self, verbose: int, epoch: int, epochs: int, steps: int | None, enabled: bool = True) -> None:
+        self.verbose = verbose if enabled else 0
+        self.epoch, self.epochs, self.steps = epoch, epochs, steps
+        self.start = time.perf_counter()
+        self._bar = None
+        if self.verbose == 1:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(
+                TextColumn(f"Epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TextColumn("{task.fields[logs]}"), transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("train", total=steps, logs="")
+
+    def update(self, step: int, logs: dict) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step + 1, logs=_fmt(logs))
+
+    def close(self, logs: dict, note: str = "") -> float:
+        elapsed = time.perf_counter() - self.start
+        if self._bar is not None:
+            self._bar.update(self._task, logs=_fmt(logs))
+            self._bar.stop()
+            if note:
+                print(f"  {note}")
+        elif self.verbose == 2:
+            line = f"Epoch {self.epoch + 1}/{self.epochs} - {elapsed:.2f}s - {_fmt(logs)}"
+            print(line + (f" - {note}" if note else ""), flush=True)
+        return elapsed

@@ -1,0 +1,468 @@
+"""The training loop behind ``Model.fit``, ``evaluate`` and ``predict``.
+
+data -> batches -> step (frozen prefix, trainable suffix, loss, backward) ->
+live optimizer -> callbacks. Before every step the optimizer, the prefix boundary
+and the DDP wrapper are brought in line with the trainable set, so a change of
+``trainable`` anywhere (between fits, or in a callback mid-epoch) takes effect at
+the very next step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from frostline import data as data_mod
+from frostline import distributed
+from frostline.callbacks import CallbackList, History, TerminateOnNaN
+from frostline.execution import Runner, fingerprint_of
+from frostline.progress import EpochProgress, resolve_verbose
+from frostline.verify import FrozenWeightsChanged, fingerprint
+
+if TYPE_CHECKING:
+    from frostline.model import Model
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (nothing trainable, NaN loss, ...)."""
+
+
+def _autocast(device: torch.device, precision: str | None):
+    if precision in (None, "32", "fp32", "float32"):
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _to(obj, device):
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj.to(device, non_blocking=True) if isinstance(obj, torch.Tensor) else obj
+
+
+def _batch_len(x) -> int:
+    if isinstance(x, dict):
+        return len(next(iter(x.values())))
+    return len(x)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def explain_input_error(module: nn.Module, x: torch.Tensor, err: Exception) -> Exception:
+    """Turn a shape/dtype failure of the first layer into a message naming the layer."""
+    first = next(((n, m) for n, m in module.named_modules() if list(m.parameters(recurse=False))), None)
+    if first is None or not isinstance(x, torch.Tensor):
+        return err
+    name, m = first
+    shape = tuple(x.shape)
+    expected = None
+    if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        dims = {nn.Conv1d: "L", nn.Conv2d: "H, W", nn.Conv3d: "D, H, W"}[type(m)] if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else "..."
+        if x.dim() < 2 or x.shape[1] != m.in_channels:
+            expected = f"(batch, {m.in_channels}, {dims}) with {m.in_channels} input channels"
+            if x.dim() == 4 and x.shape[-1] == m.in_channels:
+                expected += "; your images look channels-last (NHWC): pass x.transpose(0, 3, 1, 2)"
+    elif isinstance(m, nn.Linear) and (x.dim() < 1 or x.shape[-1] != m.in_features):
+        expected = f"(batch, ..., {m.in_features}) with {m.in_features} features in the last axis"
+    elif isinstance(m, nn.Embedding) and x.is_floating_point():
+        expected = f"integer token ids in [0, {m.num_embeddings - 1}] (got dtype {x.dtype})"
+    if expected is None:
+        return err
+    return data_mod.DataError(f"input x has shape {shape}, but the first layer {name!r} ({type(m).__name__}) expects {expected}")
+
+
+class Trainer:
+    """Runs fit/evaluate/predict for one Model (kept on the model between calls)."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.runner: Runner | None = None
+        self.ctx = distributed.DistContext()
+        self._wrapped: nn.Module | None = None
+        self._wrapped_key = None
+        self._checked_input = False
+
+    # -- set-up ----------------------------------------------------------------------
+    def _runner(self, cache, cache_options: dict) -> Runner:
+        module = self.model.module
+        opts = dict(cache=cache, **cache_options)
+        if self.runner is None or self.runner.module is not module or self.runner.cache_setting != cache:
+            if self.runner is not None:
+                self.runner.drop()
+            self.runner = Runner(module, **opts)
+        return self.runner
+
+    def _suffix(self, device: torch.device) -> nn.Module:
+        """The trainable part, DDP-wrapped when distributed (rebuilt when it changes)."""
+        runner = self.runner
+        assert runner is not None
+        key = (id(runner.suffix), runner._key)
+        if self._wrapped is None or key != self._wrapped_key:
+            self._wrapped = distributed.wrap_trainable(runner.suffix, self.ctx, device, find_unused_parameters=self.model._config.find_unused_parameters)
+            self._wrapped_key = key
+        return self._wrapped
+
+    def _sync(self) -> bool:
+        """Optimizer + prefix boundary in line with the trainable set; True if it changed."""
+        live = self.model._live
+        assert live is not None and self.runner is not None
+        try:
+            changed = live.sync()
+        except RuntimeError as e:
+            raise TrainingError(str(e)) from None
+        moved = self.runner.refresh()
+        for p in live.module.parameters():
+            if p.requires_grad:
+                self._ever_trainable.add(id(p))
+        return changed or moved
+
+    # -- fit ---------------------------------------------------------------------------
+    def fit(
+        self,
+        x=None,
+        y=None,
+        *,
+        batch_size: int | None = None,
+        epochs: int = 1,
+        verbose="auto",
+        callbacks=None,
+        validation_split: float = 0.0,
+        validation_data=None,
+        shuffle: bool = True,
+        initial_epoch: int = 0,
+        seed: int | None = None,
+        cache: bool | str = "auto",
+        cache_memory_bytes: int = 2 << 30,
+        cache_dtype: torch.dtype | None = None,
+        cache_dir=None,
+        checkpoint_dir=None,
+        keep_checkpoints: int = 3,
+        resume=None,
+        verify_frozen: bool = True,
+        on_nan: str = "raise",
+    ) -> History:
+        model = self.model
+        cfg = model._config
+        if cfg is None:
+            raise TrainingError("call model.compile(optimizer=..., loss=...) before fit()")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+            raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
+        if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, int) or initial_epoch < 0:
+            raise ValueError(f"initial_epoch must be an int >= 0, got {initial_epoch!r}")
+        if on_nan not in ("raise", "stop"):
+            raise ValueError(f"on_nan must be 'raise' or 'stop', got {on_nan!r}")
+        batch_size = data_mod.check_batch_size(batch_size)
+        verbose = resolve_verbose(verbose)
+
+        if validation_split and validation_data is None:
+            (x, y), validation_data = data_mod.split_validation(x, y, validation_split)
+        elif validation_split:
+            raise data_mod.DataError("pass either validation_split or validation_data, not both")
+        train = data_mod.prepare(x, y)
+        val = data_mod.unpack_validation(validation_data)
+
+        device = cfg.device
+        module = model.module
+        module.to(device)
+        self.ctx = distributed.detect(device)
+        distributed.broadcast_state(module, self.ctx)
+        if seed is not None:
+            seed_everything(seed)
+        shuffle_seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+
+        runner = self._runner(cache, {"memory_budget_bytes": cache_memory_bytes, "cache_dtype": cache_dtype, "spill_dir": cache_dir})
+        self._ever_trainable: set[int] = set()
+        history = History()
+        cbs = list(callbacks or [])
+        manager = None
+        if checkpoint_dir is not None:
+            from frostline.training_state import CheckpointWriter
+
+            manager = CheckpointWriter(checkpoint_dir, keep_last=keep_checkpoints)
+        cblist = CallbackList([history, *cbs], model)
+        model.stop_training = False
+        model.history = history
+
+        if resume is not None:
+            from frostline.training_state import restore
+
+            state = restore(model, resume, cblist)
+            initial_epoch = state["epoch"] + 1
+            shuffle_seed = state["shuffle_seed"]
+            if state.get("ever_trainable_names"):
+                names = set(state["ever_trainable_names"])
+                self._ever_trainable |= {id(p) for n, p in module.named_parameters() if n in names}
+
+        frozen_before = fingerprint(model) if verify_frozen else None
+        self._sync()
+        train_fp = fingerprint_of(train) if isinstance(train, data_mod.IndexedData) else None
+        val_fp = fingerprint_of(val) if isinstance(val, data_mod.IndexedData) else None
+        terminate_on_nan = any(isinstance(cb, TerminateOnNaN) for cb in cbs) or on_nan == "stop"
+
+        logs: dict = {}
+        cblist.on_train_begin(logs)
+        epoch = initial_epoch - 1
+        for epoch in range(initial_epoch, epochs):
+            if model.stop_training:
+                break
+            module.train()
+            cblist.on_epoch_begin(epoch, logs)
+            self._sync()
+            t0 = time.perf_counter()
+            train_logs, notes = self._train_epoch(train, train_fp, epoch, epochs, batch_size, shuffle, shuffle_seed, cblist, verbose, terminate_on_nan)
+            logs = dict(train_logs)
+            if val is not None:
+                val_logs = self._evaluate_data(val, val_fp, batch_size, role="val")
+                logs.update({f"val_{k}": v for k, v in val_logs.items()})
+            logs["epoch_time"] = time.perf_counter() - t0
+            cblist.on_epoch_end(epoch, logs)
+            self._progress.close({k: v for k, v in logs.items() if k != "epoch_time"}, notes)
+            live = model._live
+            if live is not None and cfg.scheduler_interval == "epoch":
+                live.scheduler_step()
+            if manager is not None and self.ctx.is_main:
+                manager.save(model, epoch, logs, cblist, shuffle_seed=shuffle_seed, ever_trainable=self._ever_trainable)
+            distributed.barrier(self.ctx)
+        cblist.on_train_end(logs)
+
+        if frozen_before is not None:
+            report = frozen_before.check(model, exempt=self._ever_trainable)
+            model.last_verification = report
+            if not report.ok:
+                raise FrozenWeightsChanged(str(report))
+        return history
+
+    def _train_epoch(self, train, train_fp, epoch, epochs, batch_size, shuffle, shuffle_seed, cblist, verbose, terminate_on_nan):
+        model = self.model
+        cfg = model._config
+        device = cfg.device
+        objective = cfg.objective
+        live = model._live
+        runner = self.runner
+        assert live is not None and runner is not None
+        objective.reset()
+        ctx = self.ctx
+
+        if isinstance(train, data_mod.IndexedData):
+            batches = train.index_batches(batch_size, shuffle=shuffle, seed=shuffle_seed, epoch=epoch, rank=ctx.rank, world=ctx.world)
+            steps = len(batches)
+            if not runner.verified:
+                x0, _ = train.gather(batches[0][:2])
+                self._verify(x0.to(device))
+            shard = torch.cat(batches).unique() if ctx.enabled else None
+            note = runner.ensure_cache("train", train, indices=shard, device=device, batch_size=max(batch_size, 64), fingerprint=train_fp)
+            source = ((idx, None) for idx in batches)
+        else:
+            steps = len(train.loader) if hasattr(train.loader, "__len__") else None
+            note = runner.cacheable(False) or "off"
+            source = ((None, b) for b in train.batches())
+        self._progress = EpochProgress(verbose, epoch, epochs, steps, enabled=ctx.is_main)
+
+        for step, (idx, batch) in enumerate(source):
+            cblist.on_train_batch_begin(step, {})
+            self._sync()
+            if idx is not None:
+                y = train.targets(idx) if hasattr(train, "targets") else train.gather(idx)[1]
+                xin = runner.cached_inputs("train", idx)
+                if xin is None:
+                    xr, y = train.gather(idx)
+                    xin = self._prefix(_to(xr, device))
+                else:
+                    xin = xin.to(device)
+            else:
+                xr, y = batch
+                if not runner.verified:
+                    self._verify(_to(xr, device))
+                xin = self._prefix(_to(xr, device))
+            y = _to(y, device)
+            suffix = self._suffix(device)
+            with _autocast(device, cfg.precision):
+                out = self._forward(suffix, xin)
+                loss, parts = objective(out, y)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                if terminate_on_nan:
+                    model.stop_training = True
+                    logs = {"loss": value}
+                    cblist.on_train_batch_end(step, logs)
+                    break
+                raise TrainingError(f"loss is {value} at epoch {epoch + 1}, batch {step + 1}: training stopped (pass on_nan='stop' or use TerminateOnNaN to stop without an error)")
+            if cfg.scaler is not None:
+                cfg.scaler.scale(loss).backward()
+                cfg.scaler.step(live.optimizer)
+                cfg.scaler.update()
+            else:
+                loss.backward()
+                live.step()
+            live.zero_grad()
+            if cfg.scheduler_interval == "step":
+                live.scheduler_step()
+            objective.update(out, y, value, parts, _batch_len(xin))
+            batch_logs = objective.results()
+            self._progress.update(step, batch_logs)
+            cblist.on_train_batch_end(step, batch_logs)
+            if model.stop_training and step < (steps or 0) - 1 and getattr(model, "_stop_mid_epoch", False):
+                break
+        logs = distributed.reduce_sums(objective.state(), ctx) if ctx.enabled else objective.results()
+        if ctx.enabled:
+            local = objective.results()
+            logs.update({k: v for k, v in local.items() if k not in logs})
+        return logs, f"cache: {note}"
+
+    def _verify(self, x: torch.Tensor) -> None:
+        runner = self.runner
+        assert runner is not None
+        module = self.model.module
+        try:
+            runner.verify(x)
+        except Exception:
+            pass
+        if not self._checked_input:
+            self._checked_input = True
+            modes = {m: m.training for m in module.modules()}
+            try:
+                module.eval()
+                with torch.no_grad():
+                    module(x[:1])
+            except (RuntimeError, TypeError, ValueError) as e:
+                raise explain_input_error(module, x, e) from e
+            finally:
+                for m, t in modes.items():
+                    m.training = t
+
+    def _prefix(self, x):
+        runner = self.runner
+        assert runner is not None
+        cfg = self.model._config
+        with _autocast(cfg.device, cfg.precision):
+            return runner.run_prefix(x)
+
+    def _forward(self, module: nn.Module, x):
+        try:
+            return module(x)
+        except (RuntimeError, TypeError) as e:
+            raise explain_input_error(self.model.module, x, e) from e
+
+    # -- evaluate / predict ------------------------------------------------------------
+    def _evaluate_data(self, data, fp, batch_size: int, role: str) -> dict[str, float]:
+        model = self.model
+        cfg = model._config
+        device = cfg.device
+        module = model.module
+        objective = cfg.objective
+        runner = self.runner
+        was_training = module.training
+        module.eval()
+        objective.reset()
+        try:
+            with torch.no_grad():
+                if isinstance(data, data_mod.IndexedData):
+                    batches = data.index_batches(batch_size, shuffle=False, seed=0, epoch=0, rank=self.ctx.rank, world=self.ctx.world)
+                    shard = torch.cat(batches).unique() if self.ctx.enabled else None
+                    if runner is not None:
+                        runner.ensure_cache(role, data, indices=shard, device=device, batch_size=max(batch_size, 64), fingerprint=fp)
+                    for idx in batches:
+                        cached = runner.cached_inputs(role, idx) if runner is not None else None
+                        if cached is not None:
+                            y = data.targets(idx)
+                            out = runner.suffix(cached.to(device))
+                        else:
+                            xr, y = data.gather(idx)
+                            out = self._eval_forward(_to(xr, device))
+                        y = _to(y, device)
+                        loss, parts = objective(out, y)
+                        objective.update(out, y, float(loss), parts, len(idx))
+                else:
+                    for xr, y in data.batches():
+                        out = self._eval_forward(_to(xr, device))
+                        y = _to(y, device)
+                        loss, parts = objective(out, y)
+                        objective.update(out, y, float(loss), parts, _batch_len(xr))
+        finally:
+            module.train(was_training)
+        if self.ctx.enabled:
+            logs = distributed.reduce_sums(objective.state(), self.ctx)
+            logs.update({k: v for k, v in objective.results().items() if k not in logs})
+            return logs
+        return objective.results()
+
+    def _eval_forward(self, x):
+        cfg = self.model._config
+        with _autocast(cfg.device, cfg.precision):
+            runner = self.runner
+            if runner is not None and runner.prefix is not None:
+                return runner.suffix(runner.run_prefix(x))
+            return self._forward(self.model.module, x)
+
+    def evaluate(self, x=None, y=None, *, batch_size=None, verbose="auto", return_dict=False, callbacks=None):
+        model = self.model
+        if model._config is None:
+            raise TrainingError("call model.compile(optimizer=..., loss=...) before evaluate()")
+        batch_size = data_mod.check_batch_size(batch_size)
+        data = data_mod.prepare(x, y)
+        model.module.to(model._config.device)
+        if self.runner is None:
+            self._runner("auto", {})
+        assert self.runner is not None
+        self.runner.refresh()
+        cbl = CallbackList(callbacks, model)
+        cbl.on_test_begin({})
+        fp = fingerprint_of(data) if isinstance(data, data_mod.IndexedData) else None
+        logs = self._evaluate_data(data, fp, batch_size, role="evaluate")
+        cbl.on_test_end(logs)
+        if resolve_verbose(verbose) and self.ctx.is_main:
+            print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()))
+        if return_dict:
+            return logs
+        return logs["loss"] if len(logs) == 1 else list(logs.values())
+
+    def predict(self, x, *, batch_size=None, verbose=0, callbacks=None):
+        model = self.model
+        batch_size = data_mod.check_batch_size(batch_size)
+        data = data_mod.prepare(x, None)
+        device = model._config.device if model._config is not None else next((p.device for p in model.module.parameters()), torch.device("cpu"))
+        precision = model._config.precision if model._config is not None else None
+        module = model.module
+        was = module.training
+        module.eval()
+        outs = []
+        cbl = CallbackList(callbacks, model)
+        cbl.on_predict_begin({})
+        try:
+            with torch.no_grad(), _autocast(device, precision):
+                if isinstance(data, data_mod.IndexedData):
+                    for idx in torch.arange(data.n).split(batch_size):
+                        xr, _ = data.gather(idx)
+                        outs.append(self._forward(module, _to(xr, device)))
+                else:
+                    for xr, _ in data.batches():
+                        outs.append(self._forward(module, _to(xr, device)))
+        finally:
+            module.train(was)
+        cbl.on_predict_end({})
+        return _concat(outs)
+
+
+def _concat(outs):
+    first = outs[0]
+    if isinstance(first, dict):
+        return {k: _concat([o[k] for o in outs]) for k in first}
+    if isinstance(first, list | tuple):
+        return type(first)(_concat([o[i] for o in outs]) for i in range(len(first)))
+    return torch.cat([o.float().cpu() for o in outs]).numpy()
