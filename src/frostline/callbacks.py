@@ -259,6 +259,50 @@ class ReduceLROnPlateau(Callback):
         self.best = state.get("best", self.best)
 
 
+class ModelCheckpoint(Callback):
+    """Save the model (safetensors + metadata, atomically) after each epoch, or only the best.
+
+    ``filepath`` may hold Keras fields: ``"ckpt/model-{epoch:02d}-{val_loss:.3f}.safetensors"``.
+    For resumable checkpoints with optimizer and RNG state use ``fit(checkpoint_dir=...)``.
+    """
+
+    def __init__(self, filepath: str | os.PathLike, monitor: str = "val_loss", save_best_only: bool = False, mode: str = "auto", verbose: int = 0) -> None:
+        if not str(filepath).endswith(".safetensors"):
+            raise ValueError(f"ModelCheckpoint writes safetensors: filepath must end in .safetensors, got {str(filepath)!r}")
+        self.filepath = str(filepath)
+        self.monitor = monitor
+        self.save_best_only = save_best_only
+        self.mode = _mode_for(monitor, mode)
+        self.verbose = verbose
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.saved: list[str] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if self.save_best_only:
+            value = logs.get(self.monitor)
+            if value is None:
+                raise KeyError(f"ModelCheckpoint monitors {self.monitor!r}, which is not in the logs: {sorted(logs)}")
+            if not _better(self.mode, float(value), self.best, 0.0):
+                return
+            self.best = float(value)
+        try:
+            path = self.filepath.format(epoch=epoch + 1, **logs)
+        except (KeyError, ValueError, IndexError) as e:
+            raise ValueError(f"ModelCheckpoint filepath {self.filepath!r} could not be filled from epoch and logs {sorted(logs)}: {e}") from None
+        self.model.save(path)
+        self.saved.append(path)
+        if self.verbose:
+            print(f"Epoch {epoch + 1}: saved model to {path}")
+
+    def get_state(self) -> dict:
+        return {"best": self.best, "saved": self.saved}
+
+    def set_state(self, state: dict) -> None:
+        self.best = state.get("best", self.best)
+        self.saved = list(state.get("saved", []))
+
+
 class CSVLogger(Callback):
     """Append one row per epoch to a CSV file (rewritten atomically, so it is never half-written)."""
 

@@ -1,0 +1,95 @@
+"""Checkpoints written by ``fit(checkpoint_dir=...)`` and exact resume with ``fit(resume=...)``.
+
+A checkpoint holds the weights, the trainable state of every layer, the optimizer's
+param groups and state, the learning-rate scale and scheduler position, the epoch,
+the shuffling seed, every callback's state (History included) and the RNG states.
+Resuming a run stopped after epoch k gives, on CPU, bitwise the weights of the run
+that was never stopped — with the same layers frozen as when it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from frostline.checkpoint import (
+    CheckpointManager,
+    capture_rng,
+    load_checkpoint,
+    optimizer_state_from_tensors,
+    optimizer_state_to_tensors,
+    restore_rng,
+)
+from frostline.saving import apply_trainable_state, check_keys, trainable_state
+
+
+class CheckpointWriter:
+    """Saves one checkpoint per epoch into a run directory, keeping the last N and the best."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep_last: int = 3, monitor: str = "val_loss", mode: str = "min") -> None:
+        self.manager = CheckpointManager(directory, keep_last=keep_last, monitor=monitor, mode=mode)
+
+    def save(self, model, epoch: int, logs: dict, cblist, *, shuffle_seed: int, ever_trainable: set[int]) -> Path:
+        return self.manager.save(epoch, *snapshot(model, cblist, shuffle_seed=shuffle_seed, ever_trainable=ever_trainable, epoch=epoch), {k: float(v) for k, v in logs.items() if isinstance(v, int | float)})
+
+
+def snapshot(model, cblist, *, shuffle_seed: int, ever_trainable: set[int], epoch: int) -> tuple[dict, dict]:
+    """``(tensor groups, JSON state)`` describing the run after ``epoch``."""
+    from frostline import __version__
+
+    module = model.module
+    names = {id(p): n for n, p in module.named_parameters()}
+    tensors: dict[str, dict[str, torch.Tensor]] = {"model": dict(module.state_dict())}
+    live = model._live
+    state: dict[str, Any] = {
+        "frostline_version": __version__,
+        "epoch": epoch,
+        "shuffle_seed": shuffle_seed,
+        "trainable": trainable_state(module),
+        "callbacks": cblist.states(),
+        "ever_trainable_names": sorted(names[i] for i in ever_trainable if i in names),
+        "model_meta": {"phase": model.meta.get("phase")},
+    }
+    if live is not None and live.optimizer is not None:
+        opt_tensors, opt_meta = optimizer_state_to_tensors(live.optimizer, names)
+        tensors["optimizer"] = {k: v.detach().clone() for k, v in opt_tensors.items()}
+        state["optimizer"] = opt_meta
+        state["live"] = {"scale": live.scale, "scheduler_steps": live.scheduler_steps, "spec": live.spec.get_config()}
+    rng_tensors, rng_meta = capture_rng()
+    tensors["rng"] = rng_tensors
+    state["rng"] = rng_meta
+    return tensors, state
+
+
+def restore(model, resume, cblist) -> dict[str, Any]:
+    """Load the newest complete checkpoint under ``resume`` into ``model`` and the callbacks."""
+    ckpt = load_checkpoint(resume)
+    module = model.module
+    weights = ckpt.tensors.get("model", {})
+    check_keys(module, weights, f"checkpoint {ckpt.path}")
+    with torch.no_grad():
+        module.load_state_dict(weights)
+    state = ckpt.state
+    apply_trainable_state(module, state["trainable"])
+    if state.get("model_meta", {}).get("phase") is not None:
+        model.meta["phase"] = state["model_meta"]["phase"]
+    live = model._live
+    if live is not None and "optimizer" in state:
+        params = dict(module.named_parameters())
+        groups = []
+        for g in state["optimizer"]["param_groups"]:
+            groups.append({"params": [params[n] for n in g["params"]], "lr": g["lr"], "base_lr": g.get("base_lr", g["lr"])})
+        optimizer = live.spec.build(groups)
+        optimizer_state_from_tensors(optimizer, ckpt.tensors.get("optimizer", {}), state["optimizer"], params)
+        live.optimizer = optimizer
+        live.scale = state["live"]["scale"]
+        live.scheduler_steps = state["live"]["scheduler_steps"]
+        live._key = tuple(id(p) for _, p in live.trainable())
+        live.names = {id(p): n for n, p in live.trainable()}
+        live._rebuild_scheduler()
+    cblist.restore(state.get("callbacks", []))
+    restore_rng(ckpt.tensors.get("rng", {}), state.get("rng", {}))
+    return state
