@@ -56,6 +56,7 @@ class CacheEntry:
     key: CacheKey
     store: ActivationStore
     local: torch.Tensor | None  # global sample index -> row in the store (sharded data)
+    version: tuple  # cheap per-step weights key (torch version counters), checked every batch
 
 
 class Runner:
@@ -185,9 +186,11 @@ class Runner:
             self.status[role] = reason or "off (data could not be fingerprinted)"
             return self.status[role]
         rows = indices if indices is not None else torch.arange(data.n)
-        key = CacheKey(self.boundary, f"{fingerprint}:{hash(tuple(rows.tolist()))}", weights_version(self.prefix_tensors()), self._mode_string())
+        # the checksum catches writes that bypass torch's version counter (p.data.copy_)
+        key = CacheKey(self.boundary, f"{fingerprint}:{hash(tuple(rows.tolist()))}", weights_version(self.prefix_tensors(), checksum=True), self._mode_string())
         entry = self.entries.get(role)
         if entry is not None and entry.key == key:
+            entry.version = weights_version(self.prefix_tensors())  # same contents, maybe new counters
             self.status[role] = f"reused ({self._describe(entry)})"
             return self.status[role]
         local = None
@@ -200,12 +203,12 @@ class Runner:
             and entry.key.data == key.data
             and entry.key.boundary < self.boundary
             and entry.key.mode == key.mode
-            and entry.key.weights == weights_version(self._tensors_of(self.stages[: entry.key.boundary]))
+            and entry.key.weights == weights_version(self._tensors_of(self.stages[: entry.key.boundary]), checksum=True)
         ):
             extra = StageSequence(self.stages[entry.key.boundary : self.boundary])
             with torch.no_grad():
                 store = entry.store.map(lambda t: extra(t.to(device)), batch_size=batch_size)
-            self.entries[role] = CacheEntry(key, store, local)
+            self.entries[role] = CacheEntry(key, store, local, weights_version(self.prefix_tensors()))
             self.status[role] = f"extended ({self._describe(self.entries[role])})"
             return self.status[role]
         self.entries.pop(role, None)
@@ -221,7 +224,7 @@ class Runner:
             self.run_prefix, batches(), len(rows), memory_budget_bytes=self.memory_budget_bytes,
             spill_dir=self.spill_dir, dtype=self.cache_dtype,
         )
-        self.entries[role] = CacheEntry(key, store, local)
+        self.entries[role] = CacheEntry(key, store, local, weights_version(self.prefix_tensors()))
         self.status[role] = f"built ({self._describe(self.entries[role])})"
         return self.status[role]
 
@@ -238,7 +241,7 @@ class Runner:
         entry = self.entries.get(role)
         if entry is None or entry.key.boundary != self.boundary:
             return None
-        if entry.key.weights != weights_version(self.prefix_tensors()):
+        if entry.version != weights_version(self.prefix_tensors()):
             self.entries.pop(role, None)  # weights changed under us: never serve stale outputs
             self.status[role] = "invalidated (frozen-prefix weights changed)"
             return None

@@ -232,7 +232,7 @@ def check_keys(module: nn.Module, tensors: dict[str, torch.Tensor], source: str)
     """Raise listing missing, unexpected and shape-mismatched keys."""
     own = module.state_dict()
     missing = [k for k in own if k not in tensors]
-    unexpected = [k for k in tensors if k not in own]
+    unexpected = sorted(k for k in tensors if k not in own)
     mismatched = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in tensors and tuple(tensors[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or mismatched:
 

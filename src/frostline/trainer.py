@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from frostline import batchnorm
 from frostline import data as data_mod
 from frostline import distributed
 from frostline.callbacks import CallbackList, History, TerminateOnNaN
@@ -127,10 +128,18 @@ class Trainer:
         except RuntimeError as e:
             raise TrainingError(str(e)) from None
         moved = self.runner.refresh()
-        for p in live.module.parameters():
+        if changed or moved:
+            self._note_trainable(live.module)
+        return changed or moved
+
+    def _note_trainable(self, module: nn.Module) -> None:
+        """Remember what trained during this fit: verification exempts it (gradual unfreezing)."""
+        for p in module.parameters():
             if p.requires_grad:
                 self._ever_trainable.add(id(p))
-        return changed or moved
+        for m in module.modules():
+            if batchnorm.is_batchnorm(m) and not batchnorm.runs_inference(m):
+                self._ever_trainable.update(id(b) for b in m.buffers(recurse=False))
 
     # -- fit ---------------------------------------------------------------------------
     def fit(
@@ -179,9 +188,9 @@ class Trainer:
 
         device = cfg.device
         module = model.module
+        self.ctx = distributed.detect(device, module=module)
         module.to(device)
-        self.ctx = distributed.detect(device)
-        distributed.broadcast_state(module, self.ctx)
+        distributed.prepare_module(module, self.ctx, device)
         if seed is not None:
             seed_everything(seed)
         shuffle_seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
@@ -211,6 +220,7 @@ class Trainer:
 
         frozen_before = fingerprint(model) if verify_frozen else None
         self._sync()
+        self._note_trainable(module)
         train_fp = fingerprint_of(train) if isinstance(train, data_mod.IndexedData) else None
         val_fp = fingerprint_of(val) if isinstance(val, data_mod.IndexedData) else None
         terminate_on_nan = any(isinstance(cb, TerminateOnNaN) for cb in cbs) or on_nan == "stop"
@@ -231,6 +241,7 @@ class Trainer:
                 val_logs = self._evaluate_data(val, val_fp, batch_size, role="val")
                 logs.update({f"val_{k}": v for k, v in val_logs.items()})
             logs["epoch_time"] = time.perf_counter() - t0
+            logs = distributed.same_logs(logs, self.ctx)
             cblist.on_epoch_end(epoch, logs)
             self._progress.close({k: v for k, v in logs.items() if k != "epoch_time"}, notes)
             live = model._live
@@ -238,7 +249,7 @@ class Trainer:
                 live.scheduler_step()
             if manager is not None and self.ctx.is_main:
                 manager.save(model, epoch, logs, cblist, shuffle_seed=shuffle_seed, ever_trainable=self._ever_trainable)
-            distributed.barrier(self.ctx)
+            distributed.end_epoch(model, self.ctx)
         cblist.on_train_end(logs)
 
         if frozen_before is not None:
@@ -271,6 +282,7 @@ class Trainer:
         else:
             steps = len(train.loader) if hasattr(train.loader, "__len__") else None
             note = runner.cacheable(False) or "off"
+            distributed.prepare_loader(train.loader, ctx, epoch)
             source = ((None, b) for b in train.batches())
         self._progress = EpochProgress(verbose, epoch, epochs, steps, enabled=ctx.is_main)
 
@@ -295,7 +307,7 @@ class Trainer:
             with _autocast(device, cfg.precision):
                 out = self._forward(suffix, xin)
                 loss, parts = objective(out, y)
-            value = float(loss.detach())
+            value = distributed.agreed_loss(float(loss.detach()), ctx)
             if not math.isfinite(value):
                 if terminate_on_nan:
                     model.stop_training = True
