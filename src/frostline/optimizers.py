@@ -196,7 +196,7 @@ class LiveOptimizer:
     >>> live = LiveOptimizer(Adam(0.01), net)
     >>> live.sync(), len(live.optimizer.param_groups[0]["params"])
     (True, 4)
-    >>> net[0].requires_grad_(False); live.sync(), len(live.optimizer.param_groups[0]["params"])
+    >>> _ = net[0].requires_grad_(False); live.sync(), len(live.optimizer.param_groups[0]["params"])
     (True, 2)
     """
 

@@ -1,0 +1,12 @@
+"""Shared test set-up: quiet threads, headless plots, no script imported as a doctest module."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+# Scripts run as subprocesses by the tests (crash loops, torchrun workers) must never be imported.
+collect_ignore_glob = ["_*.py", "dist_scripts/*"]
