@@ -228,7 +228,8 @@ class Plan:
             lines.append(f"  {c.path:<{width}}  {c.class_name:<20} {c.params:>12,}  {c.before} -> {c.after}")
         unchanged = len(self.matched) - len(self.changes)
         if unchanged:
-            lines.append(f"  ({unchanged} matched layer(s) already {self.action}d)")
+            state = "frozen" if self.action == "freeze" else "trainable"
+            lines.append(f"  ({unchanged} matched layer(s) already {state})")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
