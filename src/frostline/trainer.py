@@ -71,7 +71,8 @@ def explain_input_error(module: nn.Module, x: torch.Tensor, err: Exception) -> E
     if first is None or not isinstance(x, torch.Tensor):
         return err
     name, m = first
-    shape = tuple(x.shape)
+    # the batch axis as Keras writes it: the tensor here may be a probe slice or one batch
+    shape = (None, *x.shape[1:]) if x.dim() else tuple(x.shape)
     expected = None
     if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         dims = {nn.Conv1d: "L", nn.Conv2d: "H, W", nn.Conv3d: "D, H, W"}[type(m)] if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else "..."
@@ -114,6 +115,7 @@ class Trainer:
         runner = self.runner
         assert runner is not None
         key = (id(runner.suffix), runner._key)
+        distributed.same_trainable(runner._key, self.ctx)
         if self._wrapped is None or key != self._wrapped_key:
             self._wrapped = distributed.wrap_trainable(runner.suffix, self.ctx, device, find_unused_parameters=self.model._config.find_unused_parameters)
             self._wrapped_key = key
@@ -335,6 +337,8 @@ class Trainer:
         if ctx.enabled:
             local = objective.results()
             logs.update({k: v for k, v in local.items() if k not in logs})
+        if isinstance(train, data_mod.IndexedData) and runner.status.get("train", "").startswith("invalidated"):
+            note = f"{runner.status['train']} mid-epoch (had {note})"  # the log says what really happened
         return logs, f"cache: {note}"
 
     def _verify(self, x: torch.Tensor) -> None:
