@@ -113,6 +113,12 @@ class History(Callback):
         return f"History(epochs={len(self.epoch)}, keys={list(self.history)})"
 
 
+def _is_main() -> bool:
+    from frostline.distributed import is_main
+
+    return is_main()
+
+
 def _better(mode: str, value: float, best: float, min_delta: float) -> bool:
     if math.isnan(value):
         return False
@@ -208,7 +214,7 @@ class LearningRateScheduler(Callback):
     def on_epoch_begin(self, epoch, logs=None):
         lr = float(self.schedule(epoch, self.model.learning_rate))
         self.model.learning_rate = lr
-        if self.verbose:
+        if self.verbose and _is_main():
             print(f"Epoch {epoch + 1}: LearningRateScheduler setting learning rate to {lr:g}.")
 
     def on_epoch_end(self, epoch, logs=None):
@@ -246,7 +252,7 @@ class ReduceLROnPlateau(Callback):
                 new = max(old * self.factor, self.min_lr)
                 if new < old:
                     self.model.learning_rate = new
-                    if self.verbose:
+                    if self.verbose and _is_main():
                         print(f"Epoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to {new:g}.")
                 self.cooldown_counter, self.wait = self.cooldown, 0
 
@@ -290,9 +296,12 @@ class ModelCheckpoint(Callback):
             path = self.filepath.format(epoch=epoch + 1, **logs)
         except (KeyError, ValueError, IndexError) as e:
             raise ValueError(f"ModelCheckpoint filepath {self.filepath!r} could not be filled from epoch and logs {sorted(logs)}: {e}") from None
-        self.model.save(path)
+        from frostline.distributed import is_main
+
+        if is_main():  # one writer under torchrun
+            self.model.save(path)
         self.saved.append(path)
-        if self.verbose:
+        if self.verbose and _is_main():
             print(f"Epoch {epoch + 1}: saved model to {path}")
 
     def get_state(self) -> dict:
@@ -330,8 +339,10 @@ class CSVLogger(Callback):
         w.writeheader()
         w.writerows(self.rows)
         from frostline.atomic import atomic_write_text
+        from frostline.distributed import is_main
 
-        atomic_write_text(self.filename, buf.getvalue())
+        if is_main():
+            atomic_write_text(self.filename, buf.getvalue())
 
     def get_state(self) -> dict:
         return {"rows": self.rows}

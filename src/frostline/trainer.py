@@ -331,8 +331,6 @@ class Trainer:
             batch_logs = objective.results()
             self._progress.update(step, batch_logs)
             cblist.on_train_batch_end(step, batch_logs)
-            if model.stop_training and step < (steps or 0) - 1 and getattr(model, "_stop_mid_epoch", False):
-                break
         logs = distributed.reduce_sums(objective.state(), ctx) if ctx.enabled else objective.results()
         if ctx.enabled:
             local = objective.results()

@@ -49,10 +49,21 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class _LazyTimm:
+    """timm, imported on first use: ``import frostline`` stays fast (torchrun workers, CLI)."""
+
+    def __getattr__(self, name: str) -> Any:
+        import timm as _timm
+
+        return getattr(_timm, name)
+
+
+timm = _LazyTimm()
 
 __all__ = ["ZooError", "available", "create_module", "data_config", "preprocess"]
 
