@@ -1,0 +1,360 @@
+"""Loading user data for ``frostline fit``: an image folder or an ``.npz`` file.
+
+An image folder holds one subfolder per class (the subfolder's name is the class
+name, classes are sorted by name); every non-hidden file in a class folder is read
+with Pillow (PNG, JPEG, BMP, GIF, WebP, TIFF, ...). A few unreadable files among
+many are skipped with a warning; a class with no readable image, a single class,
+or a folder where most files are unreadable is an error.
+
+An ``.npz`` file holds ``x`` and ``y``: ``x`` uint8 images (``N,H,W``, ``N,H,W,C``
+or ``N,C,H,W`` with C = 1 or 3) are resized and normalised like folder images;
+float ``x`` is used as given (already preprocessed). ``y`` holds one integer (or
+string) label per sample.
+
+Images are kept as uint8 in memory and normalised on the fly by
+:class:`ImageArrayDataset`, which declares itself deterministic and fingerprints
+its contents, so ``fit`` caches the frozen prefix's outputs for it.
+
+>>> import numpy as np
+>>> ds = ImageArrayDataset(np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 1, 0, 1]))
+>>> x, y = ds[0]
+>>> tuple(x.shape), int(y)
+((3, 8, 8), 0)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = [
+    "DataSet",
+    "ImageArrayDataset",
+    "InputError",
+    "load_data",
+    "load_image_folder",
+    "load_npz",
+    "stratified_split",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# More than this fraction of unreadable files is an error, not a warning.
+MAX_UNREADABLE_FRACTION = 0.25
+
+
+class InputError(ValueError):
+    """User input (data, model name, flags) that cannot be used; the message is one line."""
+
+
+@dataclass
+class DataSet:
+    """Images (uint8 NHWC) or ready-made float inputs, with integer labels."""
+
+    x: np.ndarray
+    y: np.ndarray
+    class_names: list[str]
+    source: str
+    is_images: bool
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def counts(self) -> dict[str, int]:
+        return {name: int((self.y == i).sum()) for i, name in enumerate(self.class_names)}
+
+    def subset(self, idx: np.ndarray) -> DataSet:
+        return DataSet(self.x[idx], self.y[idx], self.class_names, self.source, self.is_images)
+
+
+class ImageArrayDataset(Dataset):
+    """uint8 NHWC images normalised on the fly to float NCHW: ``(x - mean) / std``.
+
+    Deterministic (no random augmentation) and fingerprinted, so ``fit`` caches
+    what the frozen part of a model computes from it.
+    """
+
+    deterministic = True
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+    ) -> None:
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+            raise InputError(
+                f"ImageArrayDataset takes uint8 NxHxWx3 images, got {images.dtype} {images.shape}"
+            )
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self._fp: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        x = self.images[i].permute(2, 0, 1).float().div_(255.0)
+        return (x - self.mean) / self.std, self.labels[i]
+
+    def fingerprint(self) -> str:
+        if self._fp is None:
+            h = hashlib.blake2b(digest_size=16)
+            h.update(
+                str((tuple(self.images.shape), self.mean.tolist(), self.std.tolist())).encode()
+            )
+            h.update(self.images.numpy().tobytes())
+            h.update(self.labels.numpy().tobytes())
+            self._fp = h.hexdigest()
+        return self._fp
+
+    def arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All samples at once: normalised float NCHW inputs and int64 labels."""
+        x = self.images.permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self.mean) / self.std, self.labels
+
+
+def _fit_square(img, size: int):
+    """Centre-crop to a square and resize to ``size`` (bicubic), as RGB."""
+    from PIL import Image, ImageOps
+
+    img = img.convert("RGB")
+    return ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name.startswith("__")
+
+
+def load_image_folder(path: str | os.PathLike, image_size: int) -> DataSet:
+    """Read ``path/<class>/<image>`` into a :class:`DataSet` of ``image_size`` square RGB images.
+
+    Raises :class:`InputError` (one line: what was found, what is needed) for a missing
+    folder, no class subfolders, a single class, a class without readable images, or
+    too many unreadable files. A few unreadable files are skipped with a warning.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(path)
+    need = "a folder with one subfolder of images per class (DATA/cat/1.png, DATA/dog/2.jpg, ...)"
+    if not root.exists():
+        raise InputError(
+            f"data folder {str(root)!r} does not exist; expected {need} or an .npz file with arrays x and y"
+        )
+    if not root.is_dir():
+        raise InputError(
+            f"{str(root)!r} is a file, not a folder; expected {need} or an .npz file with arrays x and y"
+        )
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
+    if not classes:
+        loose = [p.name for p in root.iterdir() if p.is_file() and not _is_hidden(p.name)]
+        found = f"{len(loose)} loose file(s) and no subfolders" if loose else "nothing"
+        raise InputError(
+            f"data folder {str(root)!r} has no class subfolders (found {found}); expected {need}"
+        )
+    if len(classes) == 1:
+        raise InputError(
+            f"data folder {str(root)!r} has a single class subfolder ({classes[0].name!r}); "
+            "classification needs at least 2 classes, one subfolder each"
+        )
+    files: list[tuple[int, Path]] = []
+    for label, cdir in enumerate(classes):
+        entries = sorted(
+            p
+            for p in cdir.rglob("*")
+            if p.is_file() and not any(_is_hidden(q) for q in p.relative_to(cdir).parts)
+        )
+        if not entries:
+            raise InputError(
+                f"class folder {str(cdir)!r} is empty (0 files); every class needs at least one image "
+                "(remove the folder or add images)"
+            )
+        files += [(label, p) for p in entries]
+
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    bad: list[tuple[Path, str]] = []
+    for label, p in files:
+        try:
+            with Image.open(p) as img:
+                img.load()
+                arr = np.asarray(_fit_square(img, image_size), dtype=np.uint8)
+        except (
+            UnidentifiedImageError,
+            OSError,
+            ValueError,
+            SyntaxError,
+            Image.DecompressionBombError,
+        ) as e:
+            bad.append((p, str(e).splitlines()[0] if str(e) else type(e).__name__))
+            continue
+        images.append(arr)
+        labels.append(label)
+
+    y = np.asarray(labels, dtype=np.int64)
+    warnings: list[str] = []
+    if bad:
+        first, why = bad[0]
+        rel = first.relative_to(root)
+        if len(bad) > MAX_UNREADABLE_FRACTION * len(files) or not images:
+            raise InputError(
+                f"{len(bad)} of {len(files)} files in {str(root)!r} could not be read as images "
+                f"(first: {str(rel)!r}: {why}); expected PNG/JPEG (or another format Pillow reads)"
+            )
+        warnings.append(
+            f"skipped {len(bad)} unreadable file(s) of {len(files)} (first: {str(rel)!r}: {why})"
+        )
+    for label, cdir in enumerate(classes):
+        if not (y == label).any():
+            raise InputError(
+                f"class folder {str(cdir)!r} has no readable image "
+                f"({sum(1 for lb, _ in files if lb == label)} file(s), none could be read as an image); "
+                "every class needs at least one PNG/JPEG image"
+            )
+    x = np.stack(images)
+    return DataSet(x, y, [c.name for c in classes], str(root), True, warnings)
+
+
+def _resize_batch(x: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    if x.shape[1] == size and x.shape[2] == size:
+        return x
+    return np.stack([np.asarray(_fit_square(Image.fromarray(a), size)) for a in x])
+
+
+def load_npz(path: str | os.PathLike, image_size: int) -> DataSet:
+    """Read ``x`` and ``y`` from an ``.npz`` file (see the module docstring for the layouts)."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(
+            f"data file {str(p)!r} does not exist; expected an .npz file with arrays x and y"
+        )
+    try:
+        with np.load(p, allow_pickle=False) as npz:
+            keys = list(npz.keys())
+            if "x" not in keys or "y" not in keys:
+                raise InputError(
+                    f"{str(p)!r} holds arrays {keys}; expected arrays named 'x' (inputs) and 'y' (labels)"
+                )
+            x, y = npz["x"], npz["y"]
+    except InputError:
+        raise
+    except (OSError, ValueError, EOFError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(
+            f"{str(p)!r} could not be read as an .npz file ({msg}); expected np.savez(path, x=..., y=...)"
+        ) from None
+    if y.ndim != 1:
+        raise InputError(
+            f"y in {str(p)!r} has shape {y.shape}; expected one label per sample, shape (N,)"
+        )
+    if len(x) != len(y):
+        raise InputError(
+            f"x in {str(p)!r} has {len(x)} samples but y has {len(y)}; they must match"
+        )
+    if len(y) == 0:
+        raise InputError(f"{str(p)!r} holds 0 samples; expected at least one per class")
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise InputError(
+                f"y in {str(p)!r} holds non-integer floats; expected integer class labels"
+            )
+        y = y.astype(np.int64)
+    if y.dtype.kind not in "iuUSb":
+        raise InputError(
+            f"y in {str(p)!r} has dtype {y.dtype}; expected integer or string class labels"
+        )
+    values, labels = np.unique(y, return_inverse=True)
+    names = [v.decode() if isinstance(v, bytes) else str(v) for v in values.tolist()]
+    if len(values) < 2:
+        raise InputError(
+            f"y in {str(p)!r} holds a single class ({names[0]!r}); classification needs at least 2 classes"
+        )
+    labels = labels.astype(np.int64).reshape(-1)
+
+    if x.dtype == np.uint8:
+        if x.ndim == 3:
+            x = x[..., None]
+        if x.ndim != 4:
+            raise InputError(
+                f"x in {str(p)!r} is uint8 with shape {x.shape}; uint8 images must be NxHxW, NxHxWxC or NxCxHxW"
+            )
+        if x.shape[3] not in (1, 3) and x.shape[1] in (1, 3):
+            x = x.transpose(0, 2, 3, 1)
+        if x.shape[3] not in (1, 3):
+            raise InputError(
+                f"x in {str(p)!r} is uint8 with shape {x.shape}; images need 1 or 3 channels"
+            )
+        if x.shape[3] == 1:
+            x = np.repeat(x, 3, axis=3)
+        x = _resize_batch(np.ascontiguousarray(x), image_size)
+        return DataSet(x, labels, names, str(p), True)
+    if x.dtype.kind != "f":
+        raise InputError(
+            f"x in {str(p)!r} has dtype {x.dtype}; expected uint8 images or float32 inputs"
+        )
+    x = x.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(x)):
+        raise InputError(f"x in {str(p)!r} contains NaN or inf values; expected finite inputs")
+    return DataSet(x, labels, names, str(p), False)
+
+
+def load_data(path: str | os.PathLike, image_size: int) -> DataSet:
+    """An image folder or an ``.npz`` file, by what ``path`` is."""
+    p = Path(path)
+    if p.suffix.lower() == ".npz" or (
+        p.is_file() and p.suffix.lower() != ".npz" and _looks_like_npz(p)
+    ):
+        return load_npz(p, image_size)
+    return load_image_folder(p, image_size)
+
+
+def _looks_like_npz(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, validation) with about ``fraction`` of every class in validation.
+
+    Every class keeps at least one training sample; a class with one sample has none
+    in validation.
+
+    >>> tr, va = stratified_split(np.array([0, 0, 0, 0, 1, 1, 1, 1]), 0.25, seed=0)
+    >>> len(tr), len(va), sorted(np.array([0, 0, 0, 0, 1, 1, 1, 1])[va].tolist())
+    (6, 2, [0, 1])
+    """
+    if not 0 <= fraction < 1:
+        raise InputError(f"validation split must be in [0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        n_val = int(round(len(idx) * fraction)) if fraction else 0
+        n_val = min(n_val, len(idx) - 1)
+        if fraction and n_val == 0 and len(idx) >= 2:
+            n_val = 1
+        val += idx[:n_val].tolist()
+        train += idx[n_val:].tolist()
+    return np.sort(np.asarray(train, dtype=np.int64)), np.sort(np.asarray(val, dtype=np.int64))
