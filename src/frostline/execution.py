@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from frostline import batchnorm
-from frostline.cache import ActivationStore, CacheKey, data_fingerprint, weights_version
+from frostline.cache import ActivationStore, CacheKey, content_digest, data_fingerprint, weights_version
 from frostline.layer import own_weights
 from frostline.stages import Stage, stages_of, verify_stages
 
@@ -40,6 +40,8 @@ class StageSequence(nn.Module):
 def _stochastic_active(module: nn.Module) -> str | None:
     """Name of the first module that would make a train-mode forward non-deterministic."""
     for m in module.modules():
+        if batchnorm.is_batchnorm(m) and m.running_mean is None:  # batch statistics in any mode
+            return f"{type(m).__name__} in batch-statistics mode (no running statistics)"
         if not m.training:
             continue
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
@@ -80,6 +82,7 @@ class Runner:
         self._fused = None
         self._fused_key = None
         self.entries: dict[str, CacheEntry] = {}
+        self._checksums: dict[tuple, tuple] = {}
         self.status: dict[str, str] = {}
         self.reason = "" if self.stages else "model is not decomposable into stages (see fl.stages.register_stages)"
 
@@ -174,9 +177,10 @@ class Runner:
             return f"off (the frozen prefix has an active stochastic layer: {active})"
         return None
 
-    def _mode_string(self) -> str:
+    def _mode_string(self, stages: list[Stage] | None = None) -> str:
         assert self.prefix is not None
-        return ",".join(f"{m.training}:{batchnorm.mode_of(m)}" for m in self.prefix.modules() if batchnorm.is_batchnorm(m))
+        mods = self.prefix.modules() if stages is None else (m for s in stages if s.module is not None for m in s.module.modules())
+        return ",".join(f"{m.training}:{batchnorm.mode_of(m)}" for m in mods if batchnorm.is_batchnorm(m))
 
     def ensure_cache(self, role: str, data, *, indices: torch.Tensor | None, device: torch.device, batch_size: int, fingerprint: str | None) -> str:
         """Build, extend or reuse the cache for ``role`` ("train"/"val"); returns a status line."""
@@ -187,7 +191,7 @@ class Runner:
             return self.status[role]
         rows = indices if indices is not None else torch.arange(data.n)
         # the checksum catches writes that bypass torch's version counter (p.data.copy_)
-        key = CacheKey(self.boundary, f"{fingerprint}:{hash(tuple(rows.tolist()))}", weights_version(self.prefix_tensors(), checksum=True), self._mode_string())
+        key = CacheKey(self.boundary, f"{fingerprint}:{hash(tuple(rows.tolist()))}", self._content_key(self.prefix_tensors()), self._mode_string())
         entry = self.entries.get(role)
         if entry is not None and entry.key == key:
             entry.version = weights_version(self.prefix_tensors())  # same contents, maybe new counters
@@ -202,8 +206,8 @@ class Runner:
             entry is not None
             and entry.key.data == key.data
             and entry.key.boundary < self.boundary
-            and entry.key.mode == key.mode
-            and entry.key.weights == weights_version(self._tensors_of(self.stages[: entry.key.boundary]), checksum=True)
+            and entry.key.mode == self._mode_string(self.stages[: entry.key.boundary])  # the modes of the stored part
+            and entry.key.weights == self._content_key(self._tensors_of(self.stages[: entry.key.boundary]))
         ):
             extra = StageSequence(self.stages[entry.key.boundary : self.boundary])
             with torch.no_grad():
@@ -249,6 +253,22 @@ class Runner:
         if (rows < 0).any():
             return None
         return entry.store[rows]
+
+    def new_fit(self) -> None:
+        """Forget memoised digests: the next cache check reads the weights again."""
+        self._checksums.clear()
+
+    def _content_key(self, tensors: list[torch.Tensor]) -> tuple:
+        """Weights key with a content digest (catches ``p.data.copy_``), read once per check.
+
+        ``fit`` calls :meth:`new_fit` before each epoch, so the train and validation
+        checks of one epoch share one read of the weights.
+        """
+        plain = weights_version(tensors)
+        cached = self._checksums.get(plain)
+        if cached is None:
+            cached = self._checksums[plain] = (*plain, content_digest(tensors))
+        return cached
 
     def drop(self) -> None:
         for e in self.entries.values():

@@ -198,6 +198,7 @@ class Trainer:
         shuffle_seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
 
         runner = self._runner(cache, {"memory_budget_bytes": cache_memory_bytes, "cache_dtype": cache_dtype, "spill_dir": cache_dir})
+        runner.new_fit()
         self._ever_trainable: set[int] = set()
         history = History()
         cbs = list(callbacks or [])
@@ -234,6 +235,7 @@ class Trainer:
             if model.stop_training:
                 break
             module.train()
+            runner.new_fit()  # weights are re-read (content digest) once per epoch
             cblist.on_epoch_begin(epoch, logs)
             self._sync()
             t0 = time.perf_counter()
@@ -435,6 +437,7 @@ class Trainer:
             self._runner("auto", {})
         assert self.runner is not None
         self.runner.refresh()
+        self.runner.new_fit()
         cbl = CallbackList(callbacks, model)
         cbl.on_test_begin({})
         fp = fingerprint_of(data) if isinstance(data, data_mod.IndexedData) else None
