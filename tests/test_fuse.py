@@ -1,0 +1,234 @@
+"""Tests for frostline.fuse: verified Conv2d+BatchNorm folded inference copies."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import timm
+import torch
+import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import frostline.fuse as fuse
+from frostline.fuse import InferenceCopy, inference_copy
+from frostline.stages import stages_of
+
+X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def _calibrated(model: nn.Module) -> nn.Module:
+    """Non-trivial BN affine params and running stats (as after training), eval mode."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.momentum = None  # cumulative average over the calibration pass
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, 64, 64, generator=g))
+    return model.eval()
+
+
+@functools.cache
+def _model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name.startswith("tv_"):
+        return _calibrated(getattr(torchvision.models, name[3:])(num_classes=10))
+    return _calibrated(timm.create_model(name, num_classes=10))
+
+
+def _prefix(model: nn.Module) -> list[nn.Module]:
+    """Modules of the stages before global pooling (the typical frozen prefix)."""
+    out = []
+    for stage in stages_of(model) or []:
+        if stage.module is None or stage.path in ("global_pool", "avgpool"):
+            break
+        out.append(stage.module)
+    assert out
+    return out
+
+
+def _snapshot(mods: list[nn.Module]) -> list[tuple[dict[str, Tensor], list[bool], list[bool]]]:
+    return [
+        (
+            {k: v.clone() for k, v in m.state_dict().items()},
+            [s.training for s in m.modules()],
+            [p.requires_grad for p in m.parameters()],
+        )
+        for m in mods
+    ]
+
+
+def _run(mods: list[nn.Module], x: Tensor) -> Tensor:
+    with torch.no_grad():
+        for m in mods:
+            x = m(x)
+    return x
+
+
+@pytest.mark.parametrize(
+    "name", ["mobilenetv2_100", "efficientnet_lite0", "resnet18", "tv_resnet18", "tv_mobilenet_v2"]
+)
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fused_prefix_matches(name: str, channels_last: bool) -> None:
+    prefix = _prefix(_model(name))
+    for m in prefix:
+        m.train()  # a frozen prefix may sit in a model in train mode
+    before = _snapshot(prefix)
+    x = X.clone()
+    fused = inference_copy(prefix, example=x, channels_last=channels_last)
+    assert isinstance(fused, InferenceCopy)
+    assert torch.equal(x, X)
+
+    # originals untouched, bitwise
+    for (sd, flags, grads), m in zip(before, prefix):
+        after = m.state_dict()
+        assert sd.keys() == after.keys()
+        assert all(torch.equal(sd[k], after[k]) for k in sd)
+        assert [s.training for s in m.modules()] == flags
+        assert [p.requires_grad for p in m.parameters()] == grads
+        assert all(p is not q for p in m.parameters() for q in fused.parameters())
+
+    # fused: every BN folded, inference form, no grad
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for p in prefix for m in p.modules())
+    assert len(fused.folded) == n_bn > 0
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert not fused.training and not any(m.training for m in fused.modules())
+    assert fused.train().training is False
+    assert all(not p.requires_grad for p in fused.parameters())
+    if channels_last:
+        convs = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
+        assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+
+    for m in prefix:
+        m.eval()
+    x2 = torch.randn(3, 3, 48, 48)  # another input than the example
+    ref = _run(prefix, x2)
+    out = fused(x2)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-4)
+
+
+def test_whole_model_and_batchnormact_keeps_activation() -> None:
+    model = _model("efficientnet_lite0")
+    fused = inference_copy(model, example=X)
+    assert fused is not None
+    body = fused.body
+    # timm BatchNormAct2d(bn1) -> its activation (ReLU6) only
+    assert isinstance(model.bn1, timm.layers.BatchNormAct2d)
+    assert not isinstance(body.bn1, nn.BatchNorm2d)
+    assert any(isinstance(m, nn.ReLU6) for m in body.bn1.modules())
+    assert isinstance(body.blocks[1][0].bn3, nn.Identity)  # no act after the projection
+    torch.testing.assert_close(fused(X), _run([model], X), rtol=1e-3, atol=1e-4)
+
+
+def test_broken_fusion_returns_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    prefix = _prefix(_model("mobilenetv2_100"))
+    real = fuse._fold_weights
+
+    def broken(*args: Tensor | float | None) -> tuple[Tensor, Tensor]:
+        w, b = real(*args)  # type: ignore[arg-type]
+        return w, b + 0.01  # e.g. a forgotten term
+
+    monkeypatch.setattr(fuse, "_fold_weights", broken)
+    assert inference_copy(prefix, example=X) is None
+    monkeypatch.setattr(fuse, "_fold_weights", real)
+    assert inference_copy(prefix, example=X) is not None
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_100", "resnet18", "tv_mobilenet_v2"])
+def test_pairing_table_fallback_without_fx(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    prefix = _prefix(_model(name))
+    with_fx = inference_copy(prefix, example=X)
+
+    def no_fx(m: nn.Module) -> None:
+        raise RuntimeError("untraceable")
+
+    monkeypatch.setattr(fuse, "_trace", no_fx)
+    without = inference_copy(prefix, example=X)
+    assert with_fx is not None and without is not None
+    assert sorted(without.folded) == sorted(with_fx.folded)
+
+
+class _Reuse(nn.Module):
+    """conv output feeds BN *and* a residual: folding would be wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)  # registered before the conv on purpose
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x)
+        z = self.bn(y) + y
+        return self.bn2(self.conv2(z))
+
+
+class _BnFirst(nn.Module):
+    """Registration order says conv->bn, forward order is bn->conv: no pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(self.bn(x))
+
+
+def test_only_exclusive_forward_order_pairs_are_folded() -> None:
+    reuse = _calibrated(_Reuse())
+    fused = inference_copy(reuse, example=X)
+    assert fused is not None and fused.folded == [("conv2", "bn2")]
+    assert isinstance(fused.body.bn, nn.BatchNorm2d)
+
+    bn_first = _BnFirst()
+    with torch.no_grad():
+        bn_first.bn.running_mean.uniform_(-1, 1)
+        bn_first.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 4, 16, 16)
+    fused2 = inference_copy([bn_first.eval(), nn.ReLU()], example=x)
+    assert fused2 is not None and fused2.folded == []
+
+
+def test_non_tensor_output_returns_none() -> None:
+    class Pair(nn.Module):
+        def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+            return x, x
+
+    assert inference_copy([nn.Conv2d(3, 3, 1), Pair()], example=X) is None
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    groups=st.sampled_from([1, 2, 4]),
+    bias=st.booleans(),
+    affine=st.booleans(),
+    stride=st.integers(1, 2),
+    kernel=st.sampled_from([1, 3]),
+    seed=st.integers(0, 2**16),
+)
+def test_fold_single_conv_bn(
+    groups: int, bias: bool, affine: bool, stride: int, kernel: int, seed: int
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(4, 8, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=bias)
+    bn = nn.BatchNorm2d(8, affine=affine, eps=1e-3)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(8, generator=g))
+        bn.running_var.copy_(torch.rand(8, generator=g) + 0.1)
+        if affine:
+            bn.weight.copy_(torch.randn(8, generator=g))
+            bn.bias.copy_(torch.randn(8, generator=g))
+    x = torch.randn(2, 4, 9, 9, generator=g)
+    fused = inference_copy([conv, bn], example=x)
+    assert fused is not None and fused.folded == [("0", "1")]
+    torch.testing.assert_close(fused(x), _run([conv.eval(), bn.eval()], x), rtol=1e-4, atol=1e-5)
