@@ -8,5 +8,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+# Importing triton (via torch._dynamo, which torchvision pulls in) after TensorFlow
+# segfaults this venv; importing it first, once, keeps every test order safe.
+import torch._dynamo  # noqa: E402, F401
+
 # Scripts run as subprocesses by the tests (crash loops, torchrun workers) must never be imported.
 collect_ignore_glob = ["_*.py", "dist_scripts/*"]

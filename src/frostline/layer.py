@@ -125,8 +125,9 @@ class LayerList(Sequence["Layer"]):
                 if item.name == index:
                     return item
             raise KeyError(_unknown_name_message(index, [i.name for i in self._items], self._owner))
-        if isinstance(index, bool) or not isinstance(index, int):
+        if isinstance(index, bool) or not hasattr(index, "__index__"):
             raise TypeError(f"layer index must be an int or a slice, got {type(index).__name__}")
+        index = index.__index__()  # NumPy / torch integers index like Python ints (as in a list)
         n = len(self._items)
         if not -n <= index < n:
             raise IndexError(
