@@ -90,6 +90,9 @@ class Model(Layer):
     ) -> None:
         """Configure training; builds a new optimizer (state starts fresh, as in Keras).
 
+        Every parameter starts at this optimizer's rate: rates given earlier with
+        ``unfreeze(..., learning_rate=...)`` are cleared (give them after compiling).
+
         ``precision``: None (float32), ``"bf16"`` or ``"fp16"`` autocast.
         ``scheduler``: a factory ``optimizer -> torch LR scheduler``; it is rebuilt and
         fast-forwarded when layers are frozen or unfrozen.
@@ -120,6 +123,8 @@ class Model(Layer):
             find_unused_parameters=find_unused_parameters,
             scaler=scaler,
         )
+        for p in self._module.parameters():
+            p.__dict__.pop("_frostline_lr", None)
         self._live = optimizers_mod.LiveOptimizer(spec, self._module, scheduler=scheduler)
 
     @property
