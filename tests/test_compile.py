@@ -21,4 +21,7 @@ def test_compile_clears_per_parameter_rates_and_later_unfreeze_rates_apply():
     m.fit(x, y, epochs=1, verbose=0)
     m.unfreeze(fl.select.first(1), learning_rate=1e-5)  # after compile: its own rate
     m.fit(x, y, epochs=1, verbose=0)
-    assert sorted(g["lr"] for g in m.optimizer.param_groups) == [pytest.approx(1e-5), pytest.approx(1e-2)]
+    assert sorted(g["lr"] for g in m.optimizer.param_groups) == [
+        pytest.approx(1e-5),
+        pytest.approx(1e-2),
+    ]

@@ -15,14 +15,7 @@ from torch import nn
 import frostline as fl
 from frostline import recipes
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models on a shared CPU: intra-op threads only add contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

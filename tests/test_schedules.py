@@ -13,13 +13,7 @@ from torch import nn
 import frostline as fl
 from frostline import schedules
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 X = np.random.default_rng(0).random((64, 6), dtype=np.float32)

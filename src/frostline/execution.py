@@ -18,9 +18,28 @@ import torch
 from torch import nn
 
 from frostline import batchnorm
-from frostline.cache import ActivationStore, CacheKey, content_digest, data_fingerprint, weights_version
+from frostline.cache import (
+    ActivationStore,
+    CacheKey,
+    content_digest,
+    data_fingerprint,
+    weights_version,
+)
 from frostline.layer import own_weights
 from frostline.stages import Stage, stages_of, verify_stages
+
+# Bumped whenever any module (re)registers a parameter, buffer or submodule (assignment
+# included), so per-step checks can reuse the prefix's tensor list until that happens.
+_STRUCTURE = [0]
+
+
+def _structure_changed(*_args) -> None:
+    _STRUCTURE[0] += 1
+
+
+nn.modules.module.register_module_parameter_registration_hook(_structure_changed)
+nn.modules.module.register_module_buffer_registration_hook(_structure_changed)
+nn.modules.module.register_module_module_registration_hook(_structure_changed)
 
 
 class StageSequence(nn.Module):
@@ -28,12 +47,19 @@ class StageSequence(nn.Module):
 
     def __init__(self, stages: list[Stage]) -> None:
         super().__init__()
-        self._fns = [s.fn for s in stages]
         self.stage_modules = nn.ModuleList([s.module for s in stages if s.module is not None])
+        # A stage that is its module is called through ``stage_modules`` (an int here), so a
+        # module swapped there is the one that runs: inference_copy folds a BatchNorm stage
+        # into the conv stage before it by putting an Identity in the BatchNorm's place.
+        self._fns: list = []
+        slot = 0
+        for s in stages:
+            self._fns.append(slot if s.module is not None and s.fn is s.module else s.fn)
+            slot += s.module is not None
 
     def forward(self, x):
         for fn in self._fns:
-            x = fn(x)
+            x = self.stage_modules[fn](x) if isinstance(fn, int) else fn(x)
         return x
 
 
@@ -107,7 +133,10 @@ class Runner:
 
     def refresh(self) -> bool:
         """Recompute the prefix boundary when the trainable set changed; True if it moved."""
-        key = tuple(id(p) for p in self.module.parameters() if p.requires_grad)
+        memo = self.__dict__.get("_params_memo")
+        if memo is None or memo[0] != _STRUCTURE[0]:  # called every step: walk the module only after a change
+            memo = self._params_memo = (_STRUCTURE[0], list(self.module.parameters()))
+        key = tuple(id(p) for p in memo[1] if p.requires_grad)
         if key == self._key:
             return False
         self._key = key
@@ -132,10 +161,14 @@ class Runner:
             return "(none)"
         return self.stages[self.boundary - 1].path
 
-    def prefix_tensors(self) -> list[torch.Tensor]:
+    def prefix_tensors(self, fresh: bool = True) -> list[torch.Tensor]:
+        """The prefix's weights; ``fresh=False`` (per step) reuses the list until a registration."""
         if self.prefix is None:
             return []
-        return [t for m in self.prefix.modules() for t in own_weights(m)]
+        memo = self.__dict__.get("_tensors_memo")
+        if fresh or memo is None or memo[0] is not self.prefix or memo[1] != _STRUCTURE[0]:
+            memo = self._tensors_memo = (self.prefix, _STRUCTURE[0], [t for m in self.prefix.modules() for t in own_weights(m)])
+        return memo[2]
 
     # -- running -------------------------------------------------------------------
     def run_prefix(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +181,7 @@ class Runner:
 
     def _inference_prefix(self, x: torch.Tensor):
         assert self.prefix is not None
-        if not self.fuse or _stochastic_active(self.prefix) is not None or x.shape[0] < 2:
+        if not self.fuse or self._stochastic() is not None or x.shape[0] < 2:
             return self.prefix
         key = (self.boundary, weights_version(self.prefix_tensors()), x.device, x.dtype)
         if self._fused_key != key:
@@ -172,10 +205,19 @@ class Runner:
             return "off (no frozen prefix: the first stage is trainable)"
         if not deterministic:
             return "off (data is not declared deterministic: a DataLoader, or a Dataset without deterministic=True)"
-        active = _stochastic_active(self.prefix)
+        active = self._stochastic()
         if active:
             return f"off (the frozen prefix has an active stochastic layer: {active})"
         return None
+
+    def _stochastic(self) -> str | None:
+        """:func:`_stochastic_active` of the prefix, plus functional dropout stages (timm's
+        head dropout, ``"...#dropout"``), which read the model's training flag."""
+        assert self.prefix is not None and self.stages is not None
+        active = _stochastic_active(self.prefix)
+        if active is None and self.module.training:
+            active = next((f"dropout ({s.path!r})" for s in self.stages[: self.boundary] if s.module is None and s.path.endswith("#dropout")), None)
+        return active
 
     def _mode_string(self, stages: list[Stage] | None = None) -> str:
         assert self.prefix is not None
@@ -245,7 +287,7 @@ class Runner:
         entry = self.entries.get(role)
         if entry is None or entry.key.boundary != self.boundary:
             return None
-        if entry.version != weights_version(self.prefix_tensors()):
+        if entry.version != weights_version(self.prefix_tensors(fresh=False)):
             self.entries.pop(role, None)  # weights changed under us: never serve stale outputs
             self.status[role] = "invalidated (frozen-prefix weights changed)"
             return None

@@ -53,7 +53,7 @@ def apply_trainable_state(module: nn.Module, state: dict[str, Any]) -> None:
         p.requires_grad_(n not in frozen)
         if n in frozen:
             p.grad = None
-    for n, p in params.items():
+    for p in params.values():
         p.__dict__.pop("_frostline_lr", None)
     for n, lr in state.get("learning_rates", {}).items():
         if n in params:

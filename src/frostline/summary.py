@@ -83,12 +83,15 @@ def output_shapes(module: nn.Module, modules: Sequence[nn.Module], input_shape) 
     """Run one example through ``module`` (eval, no grad) and record each module's output shape."""
     shapes: dict[int, str] = {}
     handles = []
-    for m in modules:
 
-        def hook(mod, args, out, key=id(m)):
+    def recorder(key: int):
+        def hook(mod, args, out):
             shapes.setdefault(key, _shape_str(out))
 
-        handles.append(m.register_forward_hook(hook))
+        return hook
+
+    for m in modules:
+        handles.append(m.register_forward_hook(recorder(id(m))))
     modes = {m: m.training for m in module.modules()}
     try:
         param = next(module.parameters(), None)

@@ -19,9 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from frostline import batchnorm
+from frostline import batchnorm, distributed
 from frostline import data as data_mod
-from frostline import distributed
 from frostline.callbacks import CallbackList, History, TerminateOnNaN
 from frostline.execution import Runner, fingerprint_of
 from frostline.progress import EpochProgress, resolve_verbose
@@ -101,13 +100,19 @@ class Trainer:
         self._checked_input = False
 
     # -- set-up ----------------------------------------------------------------------
-    def _runner(self, cache, cache_options: dict) -> Runner:
+    def _runner(self, cache, cache_options: dict | None) -> Runner:
+        """The Runner, new when the model's structure (layers added/removed/replaced) or the
+        cache options changed; ``cache_options=None`` keeps the current options."""
         module = self.model.module
-        opts = dict(cache=cache, **cache_options)
-        if self.runner is None or self.runner.module is not module or self.runner.cache_setting != cache:
+        structure = tuple(id(m) for m in module.modules())
+        opts = dict(cache=cache, **cache_options) if cache_options is not None else None
+        stale = getattr(self, "_runner_spec", None) != structure or (opts is not None and self._runner_opts != opts)
+        if self.runner is None or self.runner.module is not module or self.runner.cache_setting != cache or stale:
             if self.runner is not None:
                 self.runner.drop()
-            self.runner = Runner(module, **opts)
+            self._runner_opts = opts if opts is not None else {**getattr(self, "_runner_opts", {}), "cache": cache}
+            self.runner = Runner(module, **self._runner_opts)
+            self._runner_spec = structure
         return self.runner
 
     def _suffix(self, device: torch.device) -> nn.Module:
@@ -345,10 +350,7 @@ class Trainer:
         runner = self.runner
         assert runner is not None
         module = self.model.module
-        try:
-            runner.verify(x)
-        except Exception:
-            pass
+        runner.verify(x)  # a decomposition that fails to verify is dropped, never raised
         if not self._checked_input:
             self._checked_input = True
             modes = {m: m.training for m in module.modules()}
@@ -433,8 +435,7 @@ class Trainer:
         batch_size = data_mod.check_batch_size(batch_size)
         data = data_mod.prepare(x, y)
         model.module.to(model._config.device)
-        if self.runner is None:
-            self._runner("auto", {})
+        self._runner(self.runner.cache_setting if self.runner is not None else "auto", None)
         assert self.runner is not None
         self.runner.refresh()
         self.runner.new_fit()
