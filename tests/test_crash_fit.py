@@ -30,7 +30,12 @@ def test_sigkill_during_fit_never_loses_the_run(tmp_path):
     kills = 0
     deadline = time.monotonic() + 60
     while kills < 6 and time.monotonic() < deadline:
-        proc = subprocess.Popen([sys.executable, str(SCRIPT), str(run_dir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, str(SCRIPT), str(run_dir)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         # wait until the process has written at least one new checkpoint, then kill at a random moment
         t0 = time.monotonic()
         while time.monotonic() - t0 < 30:
@@ -47,14 +52,24 @@ def test_sigkill_during_fit_never_loses_the_run(tmp_path):
         ckpt = load_checkpoint(run_dir)  # must always succeed
         assert ckpt.epoch >= last_epoch, "epochs went backwards"
         last_epoch = ckpt.epoch
-        leftovers = [p.name for p in run_dir.iterdir() if p.name.startswith(".") and "lock" not in p.name]
-        assert len(leftovers) <= 2, leftovers  # a temp dir from the killed write at most (cleaned on next save)
+        leftovers = [
+            p.name for p in run_dir.iterdir() if p.name.startswith(".") and "lock" not in p.name
+        ]
+        assert len(leftovers) <= 2, (
+            leftovers
+        )  # a temp dir from the killed write at most (cleaned on next save)
     assert kills >= 3
     # and a fresh process resumes from it
     torch.manual_seed(0)
-    model = fl.Sequential([nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4)])
+    model = fl.Sequential(
+        [nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4)]
+    )
     model.compile(fl.optimizers.SGD(0.01, momentum=0.9), loss="sparse_categorical_crossentropy")
     x = np.random.default_rng(0).random((256, 64), dtype=np.float32)
-    h = model.fit(x, np.arange(256) % 4, epochs=last_epoch + 2, batch_size=64, verbose=0, resume=run_dir)
+    h = model.fit(
+        x, np.arange(256) % 4, epochs=last_epoch + 2, batch_size=64, verbose=0, resume=run_dir
+    )
     assert h.epoch[-1] == last_epoch + 1
-    assert not model.layers[0].module.weight.requires_grad  # trainable state came back from the checkpoint
+    assert not model.layers[
+        0
+    ].module.weight.requires_grad  # trainable state came back from the checkpoint

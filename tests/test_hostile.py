@@ -33,7 +33,9 @@ def saved(tmp_path_factory):
 
 
 # -- corrupted files ------------------------------------------------------------------
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(cut=st.floats(0.0, 0.999))
 def test_truncated_model_file(saved, tmp_path_factory, cut):
     data = saved.read_bytes()
@@ -44,7 +46,9 @@ def test_truncated_model_file(saved, tmp_path_factory, cut):
     assert str(bad) in str(e.value)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(pos=st.integers(0, 10_000), flip=st.integers(1, 255))
 def test_corrupted_model_file_never_loads_wrong_data(saved, tmp_path_factory, pos, flip):
     data = bytearray(saved.read_bytes())
@@ -70,12 +74,23 @@ def test_metadata_naming_missing_import_path(tmp_path):
 
     from frostline.atomic import save_safetensors
 
-    meta = {"format": "frostline.model", "version": 1, "name": "m", "class": "Model", "architecture": {"kind": "import", "target": "torch.does_not_exist:factory"}, "trainable": {}}
-    save_safetensors({"w": torch.zeros(1)}, tmp_path / "m.safetensors", {"frostline_model": json.dumps(meta)})
+    meta = {
+        "format": "frostline.model",
+        "version": 1,
+        "name": "m",
+        "class": "Model",
+        "architecture": {"kind": "import", "target": "torch.does_not_exist:factory"},
+        "trainable": {},
+    }
+    save_safetensors(
+        {"w": torch.zeros(1)}, tmp_path / "m.safetensors", {"frostline_model": json.dumps(meta)}
+    )
     with pytest.raises(CheckpointError, match="torch.does_not_exist"):
         fl.load(tmp_path / "m.safetensors")
     meta["architecture"] = {"kind": "import", "target": "os:system", "args": ["echo pwned"]}
-    save_safetensors({"w": torch.zeros(1)}, tmp_path / "m2.safetensors", {"frostline_model": json.dumps(meta)})
+    save_safetensors(
+        {"w": torch.zeros(1)}, tmp_path / "m2.safetensors", {"frostline_model": json.dumps(meta)}
+    )
     with pytest.raises(CheckpointError, match="trusted_modules"):
         fl.load(tmp_path / "m2.safetensors")
 
@@ -124,7 +139,11 @@ def test_truncated_checkpoint_is_skipped_for_an_older_one(tmp_path):
         (lambda m: m.fit(X, -Y - 1, verbose=0), ValueError, "labels must be in [0, 2]"),
         (lambda m: m.fit(np.where(X > 0.5, np.nan, X), Y, verbose=0), fl.DataError, "NaN"),
         (lambda m: m.fit(np.where(X > 0.5, np.inf, X), Y, verbose=0), fl.DataError, "inf"),
-        (lambda m: m.fit(X[:, :3], Y, verbose=0), fl.DataError, "first layer 'linear' (Linear) expects"),
+        (
+            lambda m: m.fit(X[:, :3], Y, verbose=0),
+            fl.DataError,
+            "first layer 'linear' (Linear) expects",
+        ),
         (lambda m: m.save("model.pt"), ValueError, ".safetensors"),
         (lambda m: m.unfreeze(fl.select.last(1), learning_rate=-1), ValueError, "learning_rate"),
     ],
@@ -157,7 +176,9 @@ def test_nan_loss_names_epoch_and_batch():
     with pytest.raises(fl.TrainingError, match="epoch 2, batch 2"):
         m.fit(X, Y, epochs=3, batch_size=8, verbose=0, callbacks=[Poison()])
     m2 = model()
-    h = m2.fit(X, Y, epochs=3, batch_size=8, verbose=0, callbacks=[Poison(), fl.callbacks.TerminateOnNaN()])
+    h = m2.fit(
+        X, Y, epochs=3, batch_size=8, verbose=0, callbacks=[Poison(), fl.callbacks.TerminateOnNaN()]
+    )
     assert h.epoch == [0, 1]  # the poisoned epoch ends at the NaN batch, and training stops there
 
 
@@ -175,7 +196,9 @@ def test_odd_layer_names_work_or_fail_clearly(name):
     m = fl.wrap(h)
     assert m.get_layer(name).class_name == "Linear"
     assert m.layers[0].name == name
-    plan = m.freeze(fl.select.name(name.replace("[", "[[]").replace("*", "[*]").replace("?", "[?]")))
+    plan = m.freeze(
+        fl.select.name(name.replace("[", "[[]").replace("*", "[*]").replace("?", "[?]"))
+    )
     assert plan.paths == [name]
     assert m.summary_text().count("Linear") == 1
 

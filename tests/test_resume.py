@@ -14,11 +14,21 @@ from frostline.atomic import CheckpointError
 def make_model() -> fl.Sequential:
     torch.manual_seed(0)
     m = fl.Sequential(
-        [nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)]
+        [
+            nn.Linear(8, 16),
+            nn.BatchNorm1d(16),
+            nn.ReLU(),
+            nn.Dropout(0.2),
+            nn.Linear(16, 16),
+            nn.ReLU(),
+            nn.Linear(16, 3),
+        ]
     )
     m.trainable = False
     m.layers[-1].trainable = True
-    m.compile(fl.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    m.compile(
+        fl.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
     return m
 
 
@@ -48,23 +58,41 @@ class Gradual(fl.Callback):
         self.unfrozen = state["unfrozen"]
 
 
-DATA = np.random.default_rng(0).random((96, 8), dtype=np.float32), np.random.default_rng(1).integers(0, 3, 96)
+DATA = (
+    np.random.default_rng(0).random((96, 8), dtype=np.float32),
+    np.random.default_rng(1).integers(0, 3, 96),
+)
 
 
 def run(epochs, callbacks, **kw):
     m = make_model()
-    h = m.fit(*DATA, epochs=epochs, batch_size=16, verbose=0, seed=3, callbacks=callbacks(), validation_split=0.25, **kw)
+    h = m.fit(
+        *DATA,
+        epochs=epochs,
+        batch_size=16,
+        verbose=0,
+        seed=3,
+        callbacks=callbacks(),
+        validation_split=0.25,
+        **kw,
+    )
     return m, h
 
 
-@pytest.mark.parametrize("callbacks", [lambda: [PhaseChange()], lambda: [Gradual()]], ids=["phase-change", "gradual"])
+@pytest.mark.parametrize(
+    "callbacks", [lambda: [PhaseChange()], lambda: [Gradual()]], ids=["phase-change", "gradual"]
+)
 def test_resume_is_bitwise_identical(tmp_path, callbacks):
     full, full_hist = run(5, callbacks)
     run(2, callbacks, checkpoint_dir=tmp_path)  # "crashes" after epoch index 1
     resumed, hist = run(5, callbacks, resume=tmp_path)
-    for (k, a), (_, b) in zip(full.module.state_dict().items(), resumed.module.state_dict().items()):
+    for (k, a), (_, b) in zip(
+        full.module.state_dict().items(), resumed.module.state_dict().items()
+    ):
         assert torch.equal(a, b), k
-    assert [p.requires_grad for p in resumed.module.parameters()] == [p.requires_grad for p in full.module.parameters()]
+    assert [p.requires_grad for p in resumed.module.parameters()] == [
+        p.requires_grad for p in full.module.parameters()
+    ]
     assert hist.history["loss"] == full_hist.history["loss"]
     assert len(hist.history["val_loss"]) == 5
 

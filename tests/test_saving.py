@@ -16,7 +16,9 @@ from frostline.atomic import CheckpointError, load_safetensors
 
 def small_model() -> fl.Sequential:
     torch.manual_seed(0)
-    return fl.Sequential([nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)])
+    return fl.Sequential(
+        [nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)]
+    )
 
 
 def test_save_load_roundtrip_keeps_weights_and_trainable_state(tmp_path):
@@ -29,7 +31,9 @@ def test_save_load_roundtrip_keeps_weights_and_trainable_state(tmp_path):
     for (k, a), (k2, b) in zip(m.module.state_dict().items(), m2.module.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
     assert m2.layers[0].trainable is False
-    assert [p.requires_grad for p in m2.module.parameters()] == [p.requires_grad for p in m.module.parameters()]
+    assert [p.requires_grad for p in m2.module.parameters()] == [
+        p.requires_grad for p in m.module.parameters()
+    ]
     assert fl.batchnorm.mode_of(m2.get_layer("batch_norm2d").module) == "inference"
     x = torch.randn(2, 3, 8, 8)
     m.module.eval(), m2.module.eval()
@@ -63,7 +67,9 @@ def test_zoo_model_rebuilds_by_name(tmp_path):
 def test_import_path_needs_trust(tmp_path, monkeypatch):
     pkg = tmp_path / "mypkg_fl"
     pkg.mkdir()
-    (pkg / "__init__.py").write_text("import torch\ndef net(width=4):\n    return torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.ReLU())\n")
+    (pkg / "__init__.py").write_text(
+        "import torch\ndef net(width=4):\n    return torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.ReLU())\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     m = fl.saving.build("mypkg_fl:net", width=5)
     m.save(tmp_path / "i.safetensors")
@@ -112,7 +118,10 @@ def test_loading_into_a_different_architecture_lists_keys(tmp_path):
         other.load_weights(tmp_path / "m.safetensors")
     msg = str(e.value)
     assert "Missing keys: none" in msg and "Unexpected keys: batch_norm2d.bias" in msg
-    assert "batch_norm2d.weight" in msg and "Shape mismatches: linear.weight: file (3, 144) vs model (7, 144)" in msg
+    assert (
+        "batch_norm2d.weight" in msg
+        and "Shape mismatches: linear.weight: file (3, 144) vs model (7, 144)" in msg
+    )
 
 
 def test_save_is_atomic_and_keeps_old_file_on_failure(tmp_path, monkeypatch):
@@ -139,7 +148,9 @@ def test_model_checkpoint_callback_writes_best(tmp_path):
     m.compile("adam", "sparse_categorical_crossentropy")
     x = np.random.default_rng(0).random((16, 3, 8, 8), dtype=np.float32)
     y = np.arange(16) % 3
-    cb = fl.callbacks.ModelCheckpoint(tmp_path / "best-{epoch:02d}.safetensors", monitor="loss", save_best_only=True)
+    cb = fl.callbacks.ModelCheckpoint(
+        tmp_path / "best-{epoch:02d}.safetensors", monitor="loss", save_best_only=True
+    )
     m.fit(x, y, epochs=3, verbose=0, callbacks=[cb])
     assert cb.saved and all((tmp_path / p.split("/")[-1]).exists() for p in cb.saved)
     fl.load(cb.saved[-1])

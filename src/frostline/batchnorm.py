@@ -89,4 +89,6 @@ def set_mode(root: nn.Module, mode: str) -> None:
 
 def batchnorm_modes(root: nn.Module) -> dict[str, str]:
     """``{path: mode}`` for every BatchNorm whose policy is not the default."""
-    return {p: mode_of(m) for p, m in root.named_modules() if is_batchnorm(m) and mode_of(m) != "auto"}
+    return {
+        p: mode_of(m) for p, m in root.named_modules() if is_batchnorm(m) and mode_of(m) != "auto"
+    }

@@ -689,7 +689,11 @@ def content_digest(tensors: Iterable[Tensor]) -> str:
             raise TypeError(f"content_digest takes tensors, got {type(t).__name__}")
         d = t.detach()
         h.update(f"{tuple(d.shape)}{d.dtype};".encode())
-        flat.append(d.reshape(-1).contiguous().view(torch.uint8) if d.numel() else d.new_empty(0, dtype=torch.uint8))
+        flat.append(
+            d.reshape(-1).contiguous().view(torch.uint8)
+            if d.numel()
+            else d.new_empty(0, dtype=torch.uint8)
+        )
     if flat:
         blob = torch.cat([f.cpu() for f in flat])
         h.update(memoryview(blob.numpy()))

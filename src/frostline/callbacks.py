@@ -62,7 +62,9 @@ class CallbackList(Callback):
         cbs = list(callbacks or [])
         for cb in cbs:
             if not isinstance(cb, Callback):
-                raise TypeError(f"callbacks must be fl.callbacks.Callback instances, got {type(cb).__name__}")
+                raise TypeError(
+                    f"callbacks must be fl.callbacks.Callback instances, got {type(cb).__name__}"
+                )
             cb.set_model(model)
         self.callbacks = cbs
 
@@ -70,16 +72,35 @@ class CallbackList(Callback):
         for cb in self.callbacks:
             getattr(cb, hook)(*args)
 
-    def on_train_begin(self, logs=None): self._call("on_train_begin", logs)
-    def on_train_end(self, logs=None): self._call("on_train_end", logs)
-    def on_epoch_begin(self, epoch, logs=None): self._call("on_epoch_begin", epoch, logs)
-    def on_epoch_end(self, epoch, logs=None): self._call("on_epoch_end", epoch, logs)
-    def on_train_batch_begin(self, batch, logs=None): self._call("on_train_batch_begin", batch, logs)
-    def on_train_batch_end(self, batch, logs=None): self._call("on_train_batch_end", batch, logs)
-    def on_test_begin(self, logs=None): self._call("on_test_begin", logs)
-    def on_test_end(self, logs=None): self._call("on_test_end", logs)
-    def on_predict_begin(self, logs=None): self._call("on_predict_begin", logs)
-    def on_predict_end(self, logs=None): self._call("on_predict_end", logs)
+    def on_train_begin(self, logs=None):
+        self._call("on_train_begin", logs)
+
+    def on_train_end(self, logs=None):
+        self._call("on_train_end", logs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._call("on_epoch_begin", epoch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._call("on_epoch_end", epoch, logs)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._call("on_train_batch_begin", batch, logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._call("on_train_batch_end", batch, logs)
+
+    def on_test_begin(self, logs=None):
+        self._call("on_test_begin", logs)
+
+    def on_test_end(self, logs=None):
+        self._call("on_test_end", logs)
+
+    def on_predict_begin(self, logs=None):
+        self._call("on_predict_begin", logs)
+
+    def on_predict_end(self, logs=None):
+        self._call("on_predict_end", logs)
 
     def states(self) -> list[dict]:
         return [{"class": type(cb).__name__, "state": cb.get_state()} for cb in self.callbacks]
@@ -140,7 +161,15 @@ class EarlyStopping(Callback):
     'min'
     """
 
-    def __init__(self, monitor: str = "val_loss", min_delta: float = 0.0, patience: int = 0, mode: str = "auto", restore_best_weights: bool = False, start_from_epoch: int = 0) -> None:
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        min_delta: float = 0.0,
+        patience: int = 0,
+        mode: str = "auto",
+        restore_best_weights: bool = False,
+        start_from_epoch: int = 0,
+    ) -> None:
         if not isinstance(patience, int) or patience < 0:
             raise ValueError(f"patience must be an int >= 0, got {patience!r}")
         self.monitor = monitor
@@ -166,13 +195,17 @@ class EarlyStopping(Callback):
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
         if value is None:
-            raise KeyError(f"EarlyStopping monitors {self.monitor!r}, which is not in the logs: {sorted(logs or {})}")
+            raise KeyError(
+                f"EarlyStopping monitors {self.monitor!r}, which is not in the logs: {sorted(logs or {})}"
+            )
         if epoch < self.start_from_epoch:
             return
         if _better(self.mode, float(value), self.best, self.min_delta):
             self.best, self.best_epoch, self.wait = float(value), epoch, 0
             if self.restore_best_weights:
-                self.best_weights = {k: v.detach().clone() for k, v in self.model.module.state_dict().items()}
+                self.best_weights = {
+                    k: v.detach().clone() for k, v in self.model.module.state_dict().items()
+                }
             return
         self.wait += 1
         if self.wait > self.patience:
@@ -225,19 +258,36 @@ class LearningRateScheduler(Callback):
 class ReduceLROnPlateau(Callback):
     """Multiply the learning rate by ``factor`` after ``patience`` epochs without improvement."""
 
-    def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10, mode: str = "auto", min_delta: float = 1e-4, cooldown: int = 0, min_lr: float = 0.0, verbose: int = 0) -> None:
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        factor: float = 0.1,
+        patience: int = 10,
+        mode: str = "auto",
+        min_delta: float = 1e-4,
+        cooldown: int = 0,
+        min_lr: float = 0.0,
+        verbose: int = 0,
+    ) -> None:
         if not 0 < factor < 1:
             raise ValueError(f"factor must be in (0, 1), got {factor!r}")
         self.monitor, self.factor, self.patience = monitor, factor, patience
         self.mode = _mode_for(monitor, mode)
-        self.min_delta, self.cooldown, self.min_lr, self.verbose = min_delta, cooldown, min_lr, verbose
+        self.min_delta, self.cooldown, self.min_lr, self.verbose = (
+            min_delta,
+            cooldown,
+            min_lr,
+            verbose,
+        )
         self.wait, self.cooldown_counter = 0, 0
         self.best = math.inf if self.mode == "min" else -math.inf
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
         if value is None:
-            raise KeyError(f"ReduceLROnPlateau monitors {self.monitor!r}, which is not in the logs: {sorted(logs or {})}")
+            raise KeyError(
+                f"ReduceLROnPlateau monitors {self.monitor!r}, which is not in the logs: {sorted(logs or {})}"
+            )
         if logs is not None:
             logs["learning_rate"] = self.model.learning_rate
         if self.cooldown_counter > 0:
@@ -253,7 +303,9 @@ class ReduceLROnPlateau(Callback):
                 if new < old:
                     self.model.learning_rate = new
                     if self.verbose and _is_main():
-                        print(f"Epoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to {new:g}.")
+                        print(
+                            f"Epoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to {new:g}."
+                        )
                 self.cooldown_counter, self.wait = self.cooldown, 0
 
     def get_state(self) -> dict:
@@ -272,9 +324,18 @@ class ModelCheckpoint(Callback):
     For resumable checkpoints with optimizer and RNG state use ``fit(checkpoint_dir=...)``.
     """
 
-    def __init__(self, filepath: str | os.PathLike, monitor: str = "val_loss", save_best_only: bool = False, mode: str = "auto", verbose: int = 0) -> None:
+    def __init__(
+        self,
+        filepath: str | os.PathLike,
+        monitor: str = "val_loss",
+        save_best_only: bool = False,
+        mode: str = "auto",
+        verbose: int = 0,
+    ) -> None:
         if not str(filepath).endswith(".safetensors"):
-            raise ValueError(f"ModelCheckpoint writes safetensors: filepath must end in .safetensors, got {str(filepath)!r}")
+            raise ValueError(
+                f"ModelCheckpoint writes safetensors: filepath must end in .safetensors, got {str(filepath)!r}"
+            )
         self.filepath = str(filepath)
         self.monitor = monitor
         self.save_best_only = save_best_only
@@ -288,14 +349,18 @@ class ModelCheckpoint(Callback):
         if self.save_best_only:
             value = logs.get(self.monitor)
             if value is None:
-                raise KeyError(f"ModelCheckpoint monitors {self.monitor!r}, which is not in the logs: {sorted(logs)}")
+                raise KeyError(
+                    f"ModelCheckpoint monitors {self.monitor!r}, which is not in the logs: {sorted(logs)}"
+                )
             if not _better(self.mode, float(value), self.best, 0.0):
                 return
             self.best = float(value)
         try:
             path = self.filepath.format(epoch=epoch + 1, **logs)
         except (KeyError, ValueError, IndexError) as e:
-            raise ValueError(f"ModelCheckpoint filepath {self.filepath!r} could not be filled from epoch and logs {sorted(logs)}: {e}") from None
+            raise ValueError(
+                f"ModelCheckpoint filepath {self.filepath!r} could not be filled from epoch and logs {sorted(logs)}: {e}"
+            ) from None
         from frostline.distributed import is_main
 
         if is_main():  # one writer under torchrun
@@ -315,7 +380,9 @@ class ModelCheckpoint(Callback):
 class CSVLogger(Callback):
     """Append one row per epoch to a CSV file (rewritten atomically, so it is never half-written)."""
 
-    def __init__(self, filename: str | os.PathLike, separator: str = ",", append: bool = False) -> None:
+    def __init__(
+        self, filename: str | os.PathLike, separator: str = ",", append: bool = False
+    ) -> None:
         self.filename = Path(filename)
         self.separator = separator
         self.append = append

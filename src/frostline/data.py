@@ -43,7 +43,9 @@ def to_tensor(a, what: str, *, check_finite: bool = True) -> torch.Tensor:
         except (ValueError, TypeError) as e:
             raise DataError(f"{what} could not be turned into an array: {e}") from None
     else:
-        raise DataError(f"{what} must be a NumPy array, a torch tensor, a Dataset or a DataLoader; got {type(a).__name__}")
+        raise DataError(
+            f"{what} must be a NumPy array, a torch tensor, a Dataset or a DataLoader; got {type(a).__name__}"
+        )
     if t.dtype == torch.float64:
         t = t.float()
     if t.dtype == torch.bool:
@@ -55,7 +57,9 @@ def to_tensor(a, what: str, *, check_finite: bool = True) -> torch.Tensor:
         if bad.any():
             first = int(bad.reshape(t.shape[0], -1).any(dim=1).nonzero()[0, 0])
             kind = "NaN" if torch.isnan(t).any() else "inf"
-            raise DataError(f"{what} contains {kind} values ({int(bad.sum())} in all; first in sample {first})")
+            raise DataError(
+                f"{what} contains {kind} values ({int(bad.sum())} in all; first in sample {first})"
+            )
     return t
 
 
@@ -99,9 +103,13 @@ class ArrayDataset(Dataset):
             if isinstance(self.y, dict):
                 for k, v in self.y.items():
                     if len(v) != len(self.x):
-                        raise DataError(f"x has {len(self.x)} samples but y[{k!r}] has {len(v)}; they must match")
+                        raise DataError(
+                            f"x has {len(self.x)} samples but y[{k!r}] has {len(v)}; they must match"
+                        )
             elif len(self.y) != len(self.x):
-                raise DataError(f"x has {len(self.x)} samples but y has {len(self.y)}; they must match")
+                raise DataError(
+                    f"x has {len(self.x)} samples but y has {len(self.y)}; they must match"
+                )
 
     def __len__(self) -> int:
         return len(self.x)
@@ -147,13 +155,26 @@ class IndexedData:
         """The raw arrays, for fingerprinting (None when not in memory)."""
         ds = self.dataset
         if isinstance(ds, ArrayDataset):
-            ys = list(ds.y.values()) if isinstance(ds.y, dict) else ([ds.y] if ds.y is not None else [])
+            ys = (
+                list(ds.y.values())
+                if isinstance(ds.y, dict)
+                else ([ds.y] if ds.y is not None else [])
+            )
             return (ds.x, *ys)
         if isinstance(ds, TensorDataset):
             return tuple(ds.tensors)
         return ()
 
-    def index_batches(self, batch_size: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
+    def index_batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world: int = 1,
+    ) -> list[torch.Tensor]:
         """This rank's index batches for one epoch (reproducible from seed and epoch)."""
         idx = torch.arange(self.n)
         if world > 1:  # a fixed shard per rank (padded to equal length), shuffled within
@@ -196,7 +217,11 @@ Data = IndexedData | LoaderData
 def check_batch_size(batch_size, default: int = 32) -> int:
     if batch_size is None:
         return default
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size <= 0:
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int | np.integer)
+        or batch_size <= 0
+    ):
         raise DataError(f"batch_size must be a positive int, got {batch_size!r}")
     return int(batch_size)
 
@@ -209,7 +234,9 @@ def prepare(x, y=None, *, what: str = "x") -> Data:
     """
     if isinstance(x, DataLoader):
         if y is not None:
-            raise DataError(f"{what} is a DataLoader, so y must be None (the loader yields (x, y) batches)")
+            raise DataError(
+                f"{what} is a DataLoader, so y must be None (the loader yields (x, y) batches)"
+            )
         return LoaderData(x)
     if isinstance(x, IterableDataset):
         if y is not None:
@@ -217,11 +244,15 @@ def prepare(x, y=None, *, what: str = "x") -> Data:
         return LoaderData(x)
     if isinstance(x, Dataset):
         if y is not None:
-            raise DataError(f"{what} is a Dataset, so y must be None (the dataset yields (x, y) samples)")
+            raise DataError(
+                f"{what} is a Dataset, so y must be None (the dataset yields (x, y) samples)"
+            )
         n = len(x)  # type: ignore[arg-type]
         if n == 0:
             raise DataError(f"{what} is an empty Dataset; expected at least one sample")
-        deterministic = bool(getattr(x, "deterministic", isinstance(x, TensorDataset | ArrayDataset)))
+        deterministic = bool(
+            getattr(x, "deterministic", isinstance(x, TensorDataset | ArrayDataset))
+        )
         return IndexedData(x, n, deterministic)
     if x is None:
         raise DataError(f"{what} is None; expected arrays, tensors, a Dataset or a DataLoader")
@@ -236,7 +267,9 @@ def split_validation(x, y, fraction: float):
     if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction < 1:
         raise DataError(f"validation_split must be a float in [0, 1), got {fraction!r}")
     if isinstance(x, Dataset | DataLoader):
-        raise DataError("validation_split works with arrays and tensors; for a Dataset or DataLoader pass validation_data")
+        raise DataError(
+            "validation_split works with arrays and tensors; for a Dataset or DataLoader pass validation_data"
+        )
     xt = to_tensor(x, "x")
     yt = _targets(y)
     n = len(xt)
@@ -257,7 +290,9 @@ def unpack_validation(validation_data):
         return prepare(validation_data, what="validation_data")
     if isinstance(validation_data, tuple | list) and len(validation_data) == 2:
         return prepare(validation_data[0], validation_data[1], what="validation_data x")
-    raise DataError(f"validation_data must be (x_val, y_val), a Dataset or a DataLoader; got {type(validation_data).__name__}")
+    raise DataError(
+        f"validation_data must be (x_val, y_val), a Dataset or a DataLoader; got {type(validation_data).__name__}"
+    )
 
 
 def length_of(y: Target) -> int:

@@ -26,9 +26,7 @@ _FLAG = "_frostline_trainable"
 
 # module -> weakref(Model): a module wrapped as a Model shows up as that Model when it
 # is a child of another layer (a nested Model is one layer, as in Keras).
-_MODEL_OF: weakref.WeakKeyDictionary[nn.Module, weakref.ReferenceType] = (
-    weakref.WeakKeyDictionary()
-)
+_MODEL_OF: weakref.WeakKeyDictionary[nn.Module, weakref.ReferenceType] = weakref.WeakKeyDictionary()
 
 
 def snake_case(name: str) -> str:
@@ -72,7 +70,9 @@ def set_module_trainable(module: nn.Module, value: bool, *, recurse: bool = True
     False
     """
     if not isinstance(value, bool):
-        raise TypeError(f"trainable must be a bool (True or False), got {type(value).__name__}: {value!r}")
+        raise TypeError(
+            f"trainable must be a bool (True or False), got {type(value).__name__}: {value!r}"
+        )
     modules = list(module.modules()) if recurse else [module]
     for m in modules:
         m.__dict__[_FLAG] = value
@@ -132,7 +132,9 @@ class LayerList(Sequence["Layer"]):
         if not -n <= index < n:
             raise IndexError(
                 f"layer index {index} is out of range for {self._owner}, which has {n} layers "
-                f"(valid: {-n}..{n - 1})" if n else f"{self._owner} has no layers"
+                f"(valid: {-n}..{n - 1})"
+                if n
+                else f"{self._owner} has no layers"
             )
         return self._items[index]
 
@@ -197,7 +199,9 @@ class Layer:
         return self._module
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name!r} ({self.class_name}) trainable={self.trainable}>"
+        return (
+            f"<{type(self).__name__} {self.name!r} ({self.class_name}) trainable={self.trainable}>"
+        )
 
     # -- trainable -----------------------------------------------------------------
     @property

@@ -52,10 +52,14 @@ def ends_in_probabilities(module: nn.Module) -> bool:
 
 def _check_class_targets(y_pred: torch.Tensor, y_true: torch.Tensor, loss: str) -> torch.Tensor:
     if y_pred.dim() < 2:
-        raise LabelError(f"{loss}: predictions must be (batch, classes), got shape {tuple(y_pred.shape)}")
+        raise LabelError(
+            f"{loss}: predictions must be (batch, classes), got shape {tuple(y_pred.shape)}"
+        )
     if y_true.is_floating_point():
         if not torch.all(y_true == y_true.round()):
-            raise LabelError(f"{loss}: expected integer class labels, got non-integer values such as {y_true.flatten()[0].item()}")
+            raise LabelError(
+                f"{loss}: expected integer class labels, got non-integer values such as {y_true.flatten()[0].item()}"
+            )
         y_true = y_true.long()
     y_true = y_true.reshape(y_true.shape[0], *y_true.shape[1:]).long()
     if y_true.dim() == 2 and y_true.shape[1] == 1:
@@ -64,7 +68,9 @@ def _check_class_targets(y_pred: torch.Tensor, y_true: torch.Tensor, loss: str) 
     if y_true.numel():
         lo, hi = int(y_true.min()), int(y_true.max())
         if lo < 0 or hi >= n:
-            raise LabelError(f"{loss}: labels must be in [0, {n - 1}] for a model with {n} outputs, got labels in [{lo}, {hi}]")
+            raise LabelError(
+                f"{loss}: labels must be in [0, {n - 1}] for a model with {n} outputs, got labels in [{lo}, {hi}]"
+            )
     return y_true
 
 
@@ -87,7 +93,9 @@ class CategoricalCrossentropy(Loss):
 
     def __call__(self, y_pred, y_true):
         if y_true.shape != y_pred.shape:
-            raise LabelError(f"{self.name}: targets must be one-hot with shape {tuple(y_pred.shape)}, got {tuple(y_true.shape)}; for integer labels use 'sparse_categorical_crossentropy'")
+            raise LabelError(
+                f"{self.name}: targets must be one-hot with shape {tuple(y_pred.shape)}, got {tuple(y_true.shape)}; for integer labels use 'sparse_categorical_crossentropy'"
+            )
         y_true = y_true.to(y_pred.dtype)
         if self.from_logits is False:
             p = y_pred / y_pred.sum(dim=-1, keepdim=True)
@@ -101,11 +109,19 @@ class BinaryCrossentropy(Loss):
     name = "binary_crossentropy"
 
     def __call__(self, y_pred, y_true):
-        y_true = y_true.to(y_pred.dtype).reshape(y_pred.shape) if y_true.numel() == y_pred.numel() else y_true
+        y_true = (
+            y_true.to(y_pred.dtype).reshape(y_pred.shape)
+            if y_true.numel() == y_pred.numel()
+            else y_true
+        )
         if y_true.shape != y_pred.shape:
-            raise LabelError(f"{self.name}: targets shape {tuple(y_true.shape)} does not match predictions {tuple(y_pred.shape)}")
+            raise LabelError(
+                f"{self.name}: targets shape {tuple(y_true.shape)} does not match predictions {tuple(y_pred.shape)}"
+            )
         if y_true.numel() and (y_true.min() < 0 or y_true.max() > 1):
-            raise LabelError(f"{self.name}: targets must be in [0, 1], got values in [{y_true.min().item()}, {y_true.max().item()}]")
+            raise LabelError(
+                f"{self.name}: targets must be in [0, 1], got values in [{y_true.min().item()}, {y_true.max().item()}]"
+            )
         if self.from_logits is False:
             return F.binary_cross_entropy(y_pred.clamp(1e-7, 1 - 1e-7), y_true)
         return F.binary_cross_entropy_with_logits(y_pred, y_true)
@@ -119,7 +135,9 @@ class _Regression(Loss):
 
     def __call__(self, y_pred, y_true):
         if y_true.numel() != y_pred.numel():
-            raise LabelError(f"{self.name}: targets shape {tuple(y_true.shape)} does not match predictions {tuple(y_pred.shape)}")
+            raise LabelError(
+                f"{self.name}: targets shape {tuple(y_true.shape)} does not match predictions {tuple(y_pred.shape)}"
+            )
         return type(self).fn(y_pred, y_true.to(y_pred.dtype).reshape(y_pred.shape))
 
 
@@ -178,9 +196,13 @@ def get(identifier) -> Loss:
     if isinstance(identifier, str):
         cls = _STRINGS.get(identifier.lower())
         if cls is None:
-            raise ValueError(f"unknown loss {identifier!r}; expected one of {sorted(_STRINGS)} or a callable loss(y_pred, y_true)")
+            raise ValueError(
+                f"unknown loss {identifier!r}; expected one of {sorted(_STRINGS)} or a callable loss(y_pred, y_true)"
+            )
         return cls()
     if callable(identifier):
         name = getattr(identifier, "__name__", type(identifier).__name__)
         return _Callable(identifier, name)
-    raise TypeError(f"loss must be a name, a frostline Loss or a callable loss(y_pred, y_true), got {type(identifier).__name__}: {identifier!r}")
+    raise TypeError(
+        f"loss must be a name, a frostline Loss or a callable loss(y_pred, y_true), got {type(identifier).__name__}: {identifier!r}"
+    )

@@ -81,14 +81,28 @@ class MeanAbsoluteError(Metric):
     name = "mae"
 
     def values(self, y_pred, y_true):
-        return (y_pred.reshape(y_pred.shape[0], -1) - y_true.reshape(y_pred.shape[0], -1).to(y_pred.dtype)).abs().mean(dim=1)
+        return (
+            (
+                y_pred.reshape(y_pred.shape[0], -1)
+                - y_true.reshape(y_pred.shape[0], -1).to(y_pred.dtype)
+            )
+            .abs()
+            .mean(dim=1)
+        )
 
 
 class MeanSquaredError(Metric):
     name = "mse"
 
     def values(self, y_pred, y_true):
-        return (y_pred.reshape(y_pred.shape[0], -1) - y_true.reshape(y_pred.shape[0], -1).to(y_pred.dtype)).pow(2).mean(dim=1)
+        return (
+            (
+                y_pred.reshape(y_pred.shape[0], -1)
+                - y_true.reshape(y_pred.shape[0], -1).to(y_pred.dtype)
+            )
+            .pow(2)
+            .mean(dim=1)
+        )
 
 
 class TorchMetric(Metric):
@@ -117,7 +131,9 @@ _STRINGS = {
     "categorical_accuracy": lambda: Accuracy("categorical_accuracy"),
     "binary_accuracy": lambda: Accuracy("binary_accuracy"),
     "top_k_categorical_accuracy": TopKAccuracy,
-    "sparse_top_k_categorical_accuracy": lambda: TopKAccuracy(name="sparse_top_k_categorical_accuracy"),
+    "sparse_top_k_categorical_accuracy": lambda: TopKAccuracy(
+        name="sparse_top_k_categorical_accuracy"
+    ),
     "mae": MeanAbsoluteError,
     "mean_absolute_error": MeanAbsoluteError,
     "mse": MeanSquaredError,
@@ -136,7 +152,9 @@ def get(identifier) -> Metric:
     if isinstance(identifier, str):
         factory = _STRINGS.get(identifier.lower())
         if factory is None:
-            raise ValueError(f"unknown metric {identifier!r}; expected one of {sorted(_STRINGS)} or a Metric object")
+            raise ValueError(
+                f"unknown metric {identifier!r}; expected one of {sorted(_STRINGS)} or a Metric object"
+            )
         return factory()
     if all(hasattr(identifier, a) for a in ("update", "compute", "reset")):
         return TorchMetric(identifier)
@@ -147,7 +165,11 @@ def get(identifier) -> Metric:
         class _Fn(Metric):
             def values(self, y_pred, y_true):
                 out = fn(y_pred, y_true)
-                return out.reshape(-1) if isinstance(out, torch.Tensor) else torch.tensor([float(out)])
+                return (
+                    out.reshape(-1) if isinstance(out, torch.Tensor) else torch.tensor([float(out)])
+                )
 
         return _Fn(name)
-    raise TypeError(f"metric must be a name, a frostline Metric, a torchmetrics Metric or a callable, got {identifier!r}")
+    raise TypeError(
+        f"metric must be a name, a frostline Metric, a torchmetrics Metric or a callable, got {identifier!r}"
+    )

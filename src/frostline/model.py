@@ -37,9 +37,13 @@ def _resolve_device(device) -> torch.device:
     try:
         d = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}") from None
+        raise ValueError(
+            f"device must be 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}"
+        ) from None
     if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for, but CUDA is not available on this machine")
+        raise ValueError(
+            f"device {device!r} was asked for, but CUDA is not available on this machine"
+        )
     return d
 
 
@@ -56,7 +60,9 @@ class Model(Layer):
     """
 
     def __init__(self, module: nn.Module, name: str | None = None) -> None:
-        super().__init__(module, name=name if name is not None else snake_case(type(module).__name__))
+        super().__init__(
+            module, name=name if name is not None else snake_case(type(module).__name__)
+        )
         _register_model(module, self)
         batchnorm.install_all(module)
         self._config: CompileConfig | None = None
@@ -106,9 +112,13 @@ class Model(Layer):
         if precision not in (None, "32", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"):
             raise ValueError(f"precision must be None, 'bf16' or 'fp16', got {precision!r}")
         if scheduler_interval not in ("epoch", "step"):
-            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+            raise ValueError(
+                f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}"
+            )
         if scheduler is not None and not callable(scheduler):
-            raise TypeError(f"scheduler must be a callable optimizer -> LRScheduler, got {scheduler!r}")
+            raise TypeError(
+                f"scheduler must be a callable optimizer -> LRScheduler, got {scheduler!r}"
+            )
         dev = _resolve_device(device)
         scaler = None
         if precision in ("fp16", "float16") and dev.type == "cuda":
@@ -157,7 +167,20 @@ class Model(Layer):
         return self._trainer
 
     # -- training ------------------------------------------------------------------
-    def fit(self, x=None, y=None, batch_size: int | None = None, epochs: int = 1, verbose="auto", callbacks: Iterable | None = None, validation_split: float = 0.0, validation_data=None, shuffle: bool = True, initial_epoch: int = 0, **options) -> History:
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size: int | None = None,
+        epochs: int = 1,
+        verbose="auto",
+        callbacks: Iterable | None = None,
+        validation_split: float = 0.0,
+        validation_data=None,
+        shuffle: bool = True,
+        initial_epoch: int = 0,
+        **options,
+    ) -> History:
         """Train; returns a History (``history.history["loss"]`` etc.).
 
         Extra options: ``seed``, ``cache`` (True/False/"auto"), ``cache_memory_bytes``,
@@ -165,32 +188,76 @@ class Model(Layer):
         ``resume``, ``verify_frozen``, ``on_nan`` ("raise"/"stop").
         """
         return self._get_trainer().fit(
-            x, y, batch_size=batch_size, epochs=epochs, verbose=verbose, callbacks=callbacks,
-            validation_split=validation_split, validation_data=validation_data, shuffle=shuffle,
-            initial_epoch=initial_epoch, **options,
+            x,
+            y,
+            batch_size=batch_size,
+            epochs=epochs,
+            verbose=verbose,
+            callbacks=callbacks,
+            validation_split=validation_split,
+            validation_data=validation_data,
+            shuffle=shuffle,
+            initial_epoch=initial_epoch,
+            **options,
         )
 
-    def evaluate(self, x=None, y=None, batch_size: int | None = None, verbose="auto", return_dict: bool = False, callbacks=None):
+    def evaluate(
+        self,
+        x=None,
+        y=None,
+        batch_size: int | None = None,
+        verbose="auto",
+        return_dict: bool = False,
+        callbacks=None,
+    ):
         """Loss and metrics on data (a scalar, a list, or a dict with ``return_dict=True``)."""
-        return self._get_trainer().evaluate(x, y, batch_size=batch_size, verbose=verbose, return_dict=return_dict, callbacks=callbacks)
+        return self._get_trainer().evaluate(
+            x,
+            y,
+            batch_size=batch_size,
+            verbose=verbose,
+            return_dict=return_dict,
+            callbacks=callbacks,
+        )
 
     def predict(self, x, batch_size: int | None = None, verbose=0, callbacks=None):
         """Outputs for ``x`` as a NumPy array (a dict/tuple of arrays for several outputs)."""
-        return self._get_trainer().predict(x, batch_size=batch_size, verbose=verbose, callbacks=callbacks)
+        return self._get_trainer().predict(
+            x, batch_size=batch_size, verbose=verbose, callbacks=callbacks
+        )
 
     # -- reporting -----------------------------------------------------------------
-    def summary(self, depth: int | None = 1, expand_nested: bool = False, leaves: bool = False, input_shape: Sequence[int] | None = None, line_length: int = 100, print_fn: Callable[[str], object] | None = None) -> None:
+    def summary(
+        self,
+        depth: int | None = 1,
+        expand_nested: bool = False,
+        leaves: bool = False,
+        input_shape: Sequence[int] | None = None,
+        line_length: int = 100,
+        print_fn: Callable[[str], object] | None = None,
+    ) -> None:
         """Print the Keras-style table and Total/Trainable/Non-trainable lines.
 
         ``depth=None`` shows every level; ``leaves=True`` lists the leaf layers with
         their index (what ``fl.select.first/last/between`` count);
         ``input_shape=(3, 224, 224)`` adds output shapes.
         """
-        print_summary(self.summary_text(depth=depth, expand_nested=expand_nested, leaves=leaves, input_shape=input_shape, line_length=line_length), print_fn)
+        print_summary(
+            self.summary_text(
+                depth=depth,
+                expand_nested=expand_nested,
+                leaves=leaves,
+                input_shape=input_shape,
+                line_length=line_length,
+            ),
+            print_fn,
+        )
 
     def summary_text(self, **kwargs) -> str:
         """What :meth:`summary` prints, as a string."""
-        return render(self, optimizer_line=self._optimizer_line(), savings_line=self._savings_line(), **kwargs)
+        return render(
+            self, optimizer_line=self._optimizer_line(), savings_line=self._savings_line(), **kwargs
+        )
 
     def _optimizer_line(self) -> str | None:
         if self._live is None or self._live.optimizer is None:
@@ -208,7 +275,11 @@ class Model(Layer):
         slots = spec.slots if spec is not None else 0
         grads = c.frozen_param_bytes
         state = c.frozen_param_bytes * slots
-        what = f" + {type(spec).__name__} state {format_size(state)}" if spec is not None and slots else ""
+        what = (
+            f" + {type(spec).__name__} state {format_size(state)}"
+            if spec is not None and slots
+            else ""
+        )
         return f"Memory saved by freezing: {format_size(grads + state)} (gradients {format_size(grads)}{what})"
 
     # -- persistence ---------------------------------------------------------------
@@ -246,7 +317,13 @@ class Sequential(Model):
     True
     """
 
-    def __init__(self, layers: Iterable[nn.Module | Layer] | None = None, name: str | None = None, *, trainable: bool | None = None) -> None:
+    def __init__(
+        self,
+        layers: Iterable[nn.Module | Layer] | None = None,
+        name: str | None = None,
+        *,
+        trainable: bool | None = None,
+    ) -> None:
         super().__init__(SequentialModule(), name=name or "sequential")
         if layers is not None and isinstance(layers, nn.Module | Layer):
             raise TypeError("Sequential takes a list of layers: fl.Sequential([m1, m2, ...])")
@@ -264,7 +341,9 @@ class Sequential(Model):
         elif isinstance(layer, nn.Module):
             module, name = layer, snake_case(type(layer).__name__)
         else:
-            raise TypeError(f"Sequential layers must be torch.nn.Module or frostline layers, got {type(layer).__name__}")
+            raise TypeError(
+                f"Sequential layers must be torch.nn.Module or frostline layers, got {type(layer).__name__}"
+            )
         base = _valid_name(name)
         existing = set(dict(self._module.named_children()))
         unique, i = base, 1

@@ -19,9 +19,13 @@ from frostline import metrics as metrics_mod
 
 
 class Objective:
-    def __init__(self, loss, metrics=None, loss_weights=None, module: nn.Module | None = None) -> None:
+    def __init__(
+        self, loss, metrics=None, loss_weights=None, module: nn.Module | None = None
+    ) -> None:
         if loss is None:
-            raise ValueError("compile() needs a loss, e.g. loss='sparse_categorical_crossentropy' or a callable loss(y_pred, y_true)")
+            raise ValueError(
+                "compile() needs a loss, e.g. loss='sparse_categorical_crossentropy' or a callable loss(y_pred, y_true)"
+            )
         self.multi = isinstance(loss, Mapping | list | tuple)
         if isinstance(loss, Mapping):
             self.keys: list = list(loss)
@@ -43,15 +47,21 @@ class Objective:
         if lw is None:
             return {k: 1.0 for k in self.keys}
         if not self.multi:
-            raise ValueError("loss_weights is for models with several outputs (loss given as a dict or list)")
+            raise ValueError(
+                "loss_weights is for models with several outputs (loss given as a dict or list)"
+            )
         if isinstance(lw, Mapping):
             unknown = set(lw) - set(self.keys)
             if unknown:
-                raise ValueError(f"loss_weights names outputs {sorted(map(str, unknown))} that have no loss; outputs: {self.keys}")
+                raise ValueError(
+                    f"loss_weights names outputs {sorted(map(str, unknown))} that have no loss; outputs: {self.keys}"
+                )
             return {k: float(lw.get(k, 1.0)) for k in self.keys}
         if isinstance(lw, Sequence) and len(lw) == len(self.keys):
             return dict(zip(self.keys, map(float, lw)))
-        raise ValueError(f"loss_weights must be a dict or a list with one weight per output ({len(self.keys)}), got {lw!r}")
+        raise ValueError(
+            f"loss_weights must be a dict or a list with one weight per output ({len(self.keys)}), got {lw!r}"
+        )
 
     def _metrics(self, metrics) -> dict:
         out: dict = {k: [] for k in self.keys}
@@ -60,7 +70,9 @@ class Objective:
         if isinstance(metrics, Mapping):
             for k, ms in metrics.items():
                 if k not in out:
-                    raise ValueError(f"metrics names output {k!r}, which has no loss; outputs: {self.keys}")
+                    raise ValueError(
+                        f"metrics names output {k!r}, which has no loss; outputs: {self.keys}"
+                    )
                 out[k] = [metrics_mod.get(m) for m in ([ms] if isinstance(ms, str) else ms)]
             return out
         if isinstance(metrics, str):
@@ -84,7 +96,15 @@ class Objective:
         try:
             return outputs[key]
         except (KeyError, IndexError, TypeError):
-            avail = list(outputs.keys()) if isinstance(outputs, Mapping) else (f"{len(outputs)} outputs" if isinstance(outputs, list | tuple) else "a single tensor")
+            avail = (
+                list(outputs.keys())
+                if isinstance(outputs, Mapping)
+                else (
+                    f"{len(outputs)} outputs"
+                    if isinstance(outputs, list | tuple)
+                    else "a single tensor"
+                )
+            )
             raise ValueError(f"no {what} named {key!r}: the model gives {avail}") from None
 
     # -- loss ----------------------------------------------------------------------
@@ -96,7 +116,9 @@ class Objective:
             true = self._pick(targets, k, "targets") if targets is not None else None
             if true is None:
                 raise ValueError("fit needs targets y for the loss (got y=None)")
-            value = self.losses[k](pred.float() if pred.dtype in (torch.float16, torch.bfloat16) else pred, true)
+            value = self.losses[k](
+                pred.float() if pred.dtype in (torch.float16, torch.bfloat16) else pred, true
+            )
             if self.multi:
                 parts[self._name(k, "loss")] = float(value.detach())
             term = value * self.weights[k]

@@ -32,7 +32,9 @@ class Optimizer:
 
     def __init__(self, learning_rate: float = 0.001, **options) -> None:
         if isinstance(learning_rate, bool) or not isinstance(learning_rate, int | float):
-            raise TypeError(f"learning_rate must be a number, got {type(learning_rate).__name__}: {learning_rate!r}")
+            raise TypeError(
+                f"learning_rate must be a number, got {type(learning_rate).__name__}: {learning_rate!r}"
+            )
         if not math.isfinite(learning_rate) or learning_rate < 0:
             raise ValueError(f"learning_rate must be a finite number >= 0, got {learning_rate!r}")
         self.learning_rate = float(learning_rate)
@@ -58,10 +60,18 @@ class SGD(Optimizer):
 
     torch_class = torch.optim.SGD
 
-    def __init__(self, learning_rate: float = 0.01, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        learning_rate: float = 0.01,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+    ):
         if nesterov and momentum <= 0:
             raise ValueError(f"nesterov=True needs momentum > 0, got momentum={momentum!r}")
-        super().__init__(learning_rate, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        super().__init__(
+            learning_rate, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
+        )
         self.slots = 1 if momentum else 0
 
 
@@ -71,12 +81,32 @@ class Adam(Optimizer):
     torch_class = torch.optim.Adam
     slots = 2
 
-    def __init__(self, learning_rate: float = 0.001, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, weight_decay: float = 0.0, amsgrad: bool = False):
-        super().__init__(learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, weight_decay=weight_decay, amsgrad=amsgrad)
+    def __init__(
+        self,
+        learning_rate: float = 0.001,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-7,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+    ):
+        super().__init__(
+            learning_rate,
+            beta_1=beta_1,
+            beta_2=beta_2,
+            epsilon=epsilon,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+        )
 
     def torch_options(self) -> dict:
         o = self.options
-        return {"betas": (o["beta_1"], o["beta_2"]), "eps": o["epsilon"], "weight_decay": o["weight_decay"], "amsgrad": o["amsgrad"]}
+        return {
+            "betas": (o["beta_1"], o["beta_2"]),
+            "eps": o["epsilon"],
+            "weight_decay": o["weight_decay"],
+            "amsgrad": o["amsgrad"],
+        }
 
 
 class AdamW(Adam):
@@ -84,8 +114,23 @@ class AdamW(Adam):
 
     torch_class = torch.optim.AdamW
 
-    def __init__(self, learning_rate: float = 0.001, weight_decay: float = 0.004, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, amsgrad: bool = False):
-        super().__init__(learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, weight_decay=weight_decay, amsgrad=amsgrad)
+    def __init__(
+        self,
+        learning_rate: float = 0.001,
+        weight_decay: float = 0.004,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-7,
+        amsgrad: bool = False,
+    ):
+        super().__init__(
+            learning_rate,
+            beta_1=beta_1,
+            beta_2=beta_2,
+            epsilon=epsilon,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+        )
 
 
 class RMSprop(Optimizer):
@@ -93,29 +138,65 @@ class RMSprop(Optimizer):
 
     torch_class = torch.optim.RMSprop
 
-    def __init__(self, learning_rate: float = 0.001, rho: float = 0.9, momentum: float = 0.0, epsilon: float = 1e-7, centered: bool = False, weight_decay: float = 0.0):
-        super().__init__(learning_rate, rho=rho, momentum=momentum, epsilon=epsilon, centered=centered, weight_decay=weight_decay)
+    def __init__(
+        self,
+        learning_rate: float = 0.001,
+        rho: float = 0.9,
+        momentum: float = 0.0,
+        epsilon: float = 1e-7,
+        centered: bool = False,
+        weight_decay: float = 0.0,
+    ):
+        super().__init__(
+            learning_rate,
+            rho=rho,
+            momentum=momentum,
+            epsilon=epsilon,
+            centered=centered,
+            weight_decay=weight_decay,
+        )
         self.slots = 1 + (1 if momentum else 0) + (1 if centered else 0)
 
     def torch_options(self) -> dict:
         o = self.options
-        return {"alpha": o["rho"], "momentum": o["momentum"], "eps": o["epsilon"], "centered": o["centered"], "weight_decay": o["weight_decay"]}
+        return {
+            "alpha": o["rho"],
+            "momentum": o["momentum"],
+            "eps": o["epsilon"],
+            "centered": o["centered"],
+            "weight_decay": o["weight_decay"],
+        }
 
 
 class TorchOptimizer(Optimizer):
     """Any torch optimizer class with its keyword options: ``TorchOptimizer(torch.optim.NAdam, lr=2e-3)``."""
 
-    def __init__(self, torch_class: type[torch.optim.Optimizer], lr: float | None = None, **options):
+    def __init__(
+        self, torch_class: type[torch.optim.Optimizer], lr: float | None = None, **options
+    ):
         if not (isinstance(torch_class, type) and issubclass(torch_class, torch.optim.Optimizer)):
             raise TypeError(f"expected a torch.optim.Optimizer subclass, got {torch_class!r}")
         if lr is None:
             lr = _default_lr(torch_class)
         super().__init__(lr, **options)
         self.torch_class = torch_class
-        self.slots = {"Adam": 2, "AdamW": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2, "RMSprop": 1, "Adagrad": 1}.get(torch_class.__name__, 1)
+        self.slots = {
+            "Adam": 2,
+            "AdamW": 2,
+            "NAdam": 2,
+            "RAdam": 2,
+            "Adamax": 2,
+            "RMSprop": 1,
+            "Adagrad": 1,
+        }.get(torch_class.__name__, 1)
 
     def get_config(self) -> dict:
-        return {"class": "TorchOptimizer", "torch_class": self.torch_class.__name__, "learning_rate": self.learning_rate, **self.options}
+        return {
+            "class": "TorchOptimizer",
+            "torch_class": self.torch_class.__name__,
+            "learning_rate": self.learning_rate,
+            **self.options,
+        }
 
     def __repr__(self) -> str:
         return f"TorchOptimizer({self.torch_class.__name__}, lr={self.learning_rate})"
@@ -153,12 +234,20 @@ def get(identifier) -> Optimizer:
         key = identifier.lower().replace("_", "")
         if key in _STRINGS:
             return _STRINGS[key]()
-        raise ValueError(f"unknown optimizer {identifier!r}; expected one of {sorted(_STRINGS)} or an optimizer object")
+        raise ValueError(
+            f"unknown optimizer {identifier!r}; expected one of {sorted(_STRINGS)} or an optimizer object"
+        )
     if isinstance(identifier, type) and issubclass(identifier, torch.optim.Optimizer):
         return TorchOptimizer(identifier)
-    if isinstance(identifier, functools.partial) and isinstance(identifier.func, type) and issubclass(identifier.func, torch.optim.Optimizer):
+    if (
+        isinstance(identifier, functools.partial)
+        and isinstance(identifier.func, type)
+        and issubclass(identifier.func, torch.optim.Optimizer)
+    ):
         if identifier.args:
-            raise ValueError("pass torch optimizer options by keyword in functools.partial (lr=..., ...)")
+            raise ValueError(
+                "pass torch optimizer options by keyword in functools.partial (lr=..., ...)"
+            )
         return TorchOptimizer(identifier.func, **identifier.keywords)
     if isinstance(identifier, torch.optim.Optimizer):
         defaults = dict(identifier.defaults)
@@ -200,7 +289,9 @@ class LiveOptimizer:
     (True, 2)
     """
 
-    def __init__(self, spec: Optimizer, module: nn.Module, *, scheduler: SchedulerFactory | None = None) -> None:
+    def __init__(
+        self, spec: Optimizer, module: nn.Module, *, scheduler: SchedulerFactory | None = None
+    ) -> None:
         self.spec = spec
         self.module = module
         self.optimizer: torch.optim.Optimizer | None = None
@@ -273,7 +364,12 @@ class LiveOptimizer:
 
     def set_learning_rate(self, lr: float) -> None:
         """Set the headline rate; every group keeps its ratio to it (discriminative rates survive)."""
-        if not isinstance(lr, int | float) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
+        if (
+            not isinstance(lr, int | float)
+            or isinstance(lr, bool)
+            or not math.isfinite(lr)
+            or lr < 0
+        ):
             raise ValueError(f"learning rate must be a finite number >= 0, got {lr!r}")
         self.scale = lr / self.spec.learning_rate if self.spec.learning_rate else 1.0
         if self.optimizer is not None:
@@ -312,9 +408,19 @@ class LiveOptimizer:
         """Scalars held in optimizer state (Keras' 'Optimizer params')."""
         if self.optimizer is None:
             return 0
-        return sum(v.numel() for st in self.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+        return sum(
+            v.numel()
+            for st in self.optimizer.state.values()
+            for v in st.values()
+            if isinstance(v, torch.Tensor) and v.dim() > 0
+        )
 
     def state_bytes(self) -> int:
         if self.optimizer is None:
             return 0
-        return sum(v.numel() * v.element_size() for st in self.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+        return sum(
+            v.numel() * v.element_size()
+            for st in self.optimizer.state.values()
+            for v in st.values()
+            if isinstance(v, torch.Tensor) and v.dim() > 0
+        )

@@ -11,7 +11,11 @@ def _fmt(logs: dict) -> str:
     parts = []
     for k, v in logs.items():
         if isinstance(v, float):
-            parts.append(f"{k}: {v:.4g}" if (math.isfinite(v) and abs(v) < 1e-3 and v != 0) else f"{k}: {v:.4f}")
+            parts.append(
+                f"{k}: {v:.4g}"
+                if (math.isfinite(v) and abs(v) < 1e-3 and v != 0)
+                else f"{k}: {v:.4f}"
+            )
         else:
             parts.append(f"{k}: {v}")
     return " - ".join(parts)
@@ -29,7 +33,9 @@ def resolve_verbose(verbose) -> int:
 class EpochProgress:
     """Shows one epoch: a bar (verbose=1) or a closing line (verbose=2)."""
 
-    def __init__(self, verbose: int, epoch: int, epochs: int, steps: int | None, enabled: bool = True) -> None:
+    def __init__(
+        self, verbose: int, epoch: int, epochs: int, steps: int | None, enabled: bool = True
+    ) -> None:
         self.verbose = verbose if enabled else 0
         self.epoch, self.epochs, self.steps = epoch, epochs, steps
         self.start = time.perf_counter()
@@ -44,8 +50,12 @@ class EpochProgress:
             )
 
             self._bar = Progress(
-                TextColumn(f"Epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TextColumn("{task.fields[logs]}"), transient=False,
+                TextColumn(f"Epoch {epoch + 1}/{epochs}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[logs]}"),
+                transient=False,
             )
             self._bar.start()
             self._task = self._bar.add_task("train", total=steps, logs="")

@@ -33,19 +33,36 @@ _SKIP_ARGS = {"self", "device", "dtype", "args", "kwargs"}
 # -- trainable state ------------------------------------------------------------------
 def trainable_state(module: nn.Module) -> dict[str, Any]:
     """JSON-able record of flags, frozen parameters, BatchNorm modes and per-parameter rates."""
-    flags = {p: m.__dict__["_frostline_trainable"] for p, m in module.named_modules() if "_frostline_trainable" in m.__dict__}
+    flags = {
+        p: m.__dict__["_frostline_trainable"]
+        for p, m in module.named_modules()
+        if "_frostline_trainable" in m.__dict__
+    }
     frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
-    lrs = {n: p.__dict__["_frostline_lr"] for n, p in module.named_parameters() if "_frostline_lr" in p.__dict__}
-    return {"flags": flags, "frozen": frozen, "batchnorm_modes": batchnorm.batchnorm_modes(module), "learning_rates": lrs}
+    lrs = {
+        n: p.__dict__["_frostline_lr"]
+        for n, p in module.named_parameters()
+        if "_frostline_lr" in p.__dict__
+    }
+    return {
+        "flags": flags,
+        "frozen": frozen,
+        "batchnorm_modes": batchnorm.batchnorm_modes(module),
+        "learning_rates": lrs,
+    }
 
 
 def apply_trainable_state(module: nn.Module, state: dict[str, Any]) -> None:
     """Restore what :func:`trainable_state` recorded (names that no longer exist are errors)."""
     modules = dict(module.named_modules())
     params = dict(module.named_parameters())
-    unknown = [p for p in state.get("flags", {}) if p not in modules] + [n for n in state.get("frozen", []) if n not in params]
+    unknown = [p for p in state.get("flags", {}) if p not in modules] + [
+        n for n in state.get("frozen", []) if n not in params
+    ]
     if unknown:
-        raise CheckpointError(f"the saved trainable state names layers this model does not have: {unknown[:10]}")
+        raise CheckpointError(
+            f"the saved trainable state names layers this model does not have: {unknown[:10]}"
+        )
     for path, flag in state.get("flags", {}).items():
         modules[path].__dict__["_frostline_trainable"] = bool(flag)
     frozen = set(state.get("frozen", []))
@@ -96,7 +113,11 @@ def _layer_recipe(module: nn.Module) -> dict | None:
             if r is None:
                 return None
             children.append({"name": name, "layer": r})
-        return {"kind": "sequential", "class": f"{cls.__module__}.{cls.__qualname__}", "layers": children}
+        return {
+            "kind": "sequential",
+            "class": f"{cls.__module__}.{cls.__qualname__}",
+            "layers": children,
+        }
     if not cls.__module__.startswith("torch.nn"):
         return None
     kwargs = {}
@@ -108,7 +129,9 @@ def _layer_recipe(module: nn.Module) -> dict | None:
                 return None
             continue
         value = getattr(module, pname)
-        if pname in ("bias", "affine", "elementwise_affine") and (value is None or isinstance(value, torch.Tensor)):
+        if pname in ("bias", "affine", "elementwise_affine") and (
+            value is None or isinstance(value, torch.Tensor)
+        ):
             value = value is not None
         v = _jsonable(value)
         if v is _NOPE:
@@ -126,7 +149,9 @@ def architecture_of(model) -> dict | None:
 
 def _import(target: str, trusted: tuple[str, ...]):
     if not isinstance(target, str) or target.count(":") != 1:
-        raise CheckpointError(f"bad import path {target!r} in file metadata; expected 'package.module:factory'")
+        raise CheckpointError(
+            f"bad import path {target!r} in file metadata; expected 'package.module:factory'"
+        )
     mod_name, attr = target.split(":")
     root = mod_name.split(".")[0]
     if root not in trusted:
@@ -137,11 +162,15 @@ def _import(target: str, trusted: tuple[str, ...]):
     try:
         module = importlib.import_module(mod_name)
     except ImportError as e:
-        raise CheckpointError(f"the file's architecture names {target!r}, but module {mod_name!r} cannot be imported ({e})") from None
+        raise CheckpointError(
+            f"the file's architecture names {target!r}, but module {mod_name!r} cannot be imported ({e})"
+        ) from None
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise CheckpointError(f"the file's architecture names {target!r}, but {mod_name!r} has no attribute {attr!r}")
+            raise CheckpointError(
+                f"the file's architecture names {target!r}, but {mod_name!r} has no attribute {attr!r}"
+            )
         obj = getattr(obj, part)
     if not callable(obj):
         raise CheckpointError(f"{target!r} is not callable")
@@ -156,7 +185,9 @@ def _build(recipe: dict, trusted: tuple[str, ...]) -> nn.Module:
         kwargs = {k: v for k, v in recipe.get("kwargs", {}).items()}
         return create_module(recipe["name"], pretrained=False, **kwargs)
     if kind == "import":
-        return _import(recipe["target"], trusted)(*recipe.get("args", []), **recipe.get("kwargs", {}))
+        return _import(recipe["target"], trusted)(
+            *recipe.get("args", []), **recipe.get("kwargs", {})
+        )
     if kind == "layer":
         cls_path = recipe["class"]
         mod_name, _, cls_name = cls_path.rpartition(".")
@@ -187,7 +218,12 @@ def build(target: str, *args, name: str | None = None, **kwargs):
     if not isinstance(module, nn.Module):
         raise TypeError(f"{target!r} returned {type(module).__name__}, not a torch.nn.Module")
     model = Model(module, name=name)
-    model.meta["architecture"] = {"kind": "import", "target": target, "args": list(args), "kwargs": kwargs}
+    model.meta["architecture"] = {
+        "kind": "import",
+        "target": target,
+        "args": list(args),
+        "kwargs": kwargs,
+    }
     return model
 
 
@@ -224,7 +260,9 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: frostline metadata is not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a frostline model file (metadata format {meta.get('format') if isinstance(meta, dict) else meta!r})")
+        raise CheckpointError(
+            f"{path}: not a frostline model file (metadata format {meta.get('format') if isinstance(meta, dict) else meta!r})"
+        )
     return tensors, meta
 
 
@@ -233,11 +271,19 @@ def check_keys(module: nn.Module, tensors: dict[str, torch.Tensor], source: str)
     own = module.state_dict()
     missing = [k for k in own if k not in tensors]
     unexpected = sorted(k for k in tensors if k not in own)
-    mismatched = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in tensors and tuple(tensors[k].shape) != tuple(own[k].shape)]
+    mismatched = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in tensors and tuple(tensors[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or mismatched:
 
         def show(xs):
-            return ", ".join(xs[:8]) + (f", ... ({len(xs)} in all)" if len(xs) > 8 else "") if xs else "none"
+            return (
+                ", ".join(xs[:8]) + (f", ... ({len(xs)} in all)" if len(xs) > 8 else "")
+                if xs
+                else "none"
+            )
 
         raise CheckpointError(
             f"{source} does not fit this architecture. Missing keys: {show(missing)}. "

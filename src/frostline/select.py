@@ -123,7 +123,9 @@ def regex(pattern: str) -> Selector:
         raise ValueError(f"regex({pattern!r}) is not a valid regular expression: {e}") from None
     return Selector(
         f"regex({pattern!r})",
-        lambda ls: [i for i, (path, _) in enumerate(ls) if any(rx.fullmatch(a) for a in _ancestors(path))],
+        lambda ls: [
+            i for i, (path, _) in enumerate(ls) if any(rx.fullmatch(a) for a in _ancestors(path))
+        ],
     )
 
 
@@ -146,7 +148,9 @@ def of_type(*types: str | type) -> Selector:
         # a leaf inside a matching container counts too, so resolve containers by path
         containers = tuple(c + "." for c in _containers(ls, matches))
         return [
-            i for i, (path, module) in enumerate(ls) if matches(module) or path.startswith(containers)
+            i
+            for i, (path, module) in enumerate(ls)
+            if matches(module) or path.startswith(containers)
         ]
 
     names = ", ".join(t if isinstance(t, str) else t.__name__ for t in types)
@@ -225,7 +229,9 @@ class Plan:
         lines = [("" if self.applied else "[dry run] ") + self.summary_line()]
         width = max([len(c.path) for c in self.changes] + [5])
         for c in self.changes:
-            lines.append(f"  {c.path:<{width}}  {c.class_name:<20} {c.params:>12,}  {c.before} -> {c.after}")
+            lines.append(
+                f"  {c.path:<{width}}  {c.class_name:<20} {c.params:>12,}  {c.before} -> {c.after}"
+            )
         unchanged = len(self.matched) - len(self.changes)
         if unchanged:
             state = "frozen" if self.action == "freeze" else "trainable"
@@ -280,7 +286,9 @@ def apply(
             plan.changes.append(Change(path, type(module).__name__, n, before, target))
     if dry_run:
         return plan
-    if learning_rate is not None and (not isinstance(learning_rate, int | float) or learning_rate <= 0):
+    if learning_rate is not None and (
+        not isinstance(learning_rate, int | float) or learning_rate <= 0
+    ):
         raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
     picked_ids = {id(m) for _, m in picked}
     for _, module in picked:
@@ -321,7 +329,9 @@ def parse(spec: str) -> Selector:
             a, _, b = rest.partition(":")
             return between(int(a) if a else None, int(b) if b else None)
     except ValueError:
-        raise ValueError(f"bad selector {spec!r}: expected e.g. first:3, last:5, range:2:8") from None
+        raise ValueError(
+            f"bad selector {spec!r}: expected e.g. first:3, last:5, range:2:8"
+        ) from None
     if kind == "type":
         return of_type(*rest.split(","))
     if kind == "re":

@@ -183,7 +183,9 @@ def render(
     lines.append("=" * width)
     lines.append(f"Total params: {c.total:,} ({format_size(c.total_bytes)})")
     lines.append(f"Trainable params: {c.trainable:,} ({format_size(c.trainable_bytes)})")
-    lines.append(f"Non-trainable params: {c.non_trainable:,} ({format_size(c.non_trainable_bytes)})")
+    lines.append(
+        f"Non-trainable params: {c.non_trainable:,} ({format_size(c.non_trainable_bytes)})"
+    )
     if optimizer_line:
         lines.append(optimizer_line)
     if savings_line:

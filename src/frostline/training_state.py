@@ -29,14 +29,31 @@ from frostline.saving import apply_trainable_state, check_keys, trainable_state
 class CheckpointWriter:
     """Saves one checkpoint per epoch into a run directory, keeping the last N and the best."""
 
-    def __init__(self, directory: str | os.PathLike, *, keep_last: int = 3, monitor: str = "val_loss", mode: str = "min") -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        keep_last: int = 3,
+        monitor: str = "val_loss",
+        mode: str = "min",
+    ) -> None:
         self.manager = CheckpointManager(directory, keep_last=keep_last, monitor=monitor, mode=mode)
 
-    def save(self, model, epoch: int, logs: dict, cblist, *, shuffle_seed: int, ever_trainable: set[int]) -> Path:
-        return self.manager.save(epoch, *snapshot(model, cblist, shuffle_seed=shuffle_seed, ever_trainable=ever_trainable, epoch=epoch), {k: float(v) for k, v in logs.items() if isinstance(v, int | float)})
+    def save(
+        self, model, epoch: int, logs: dict, cblist, *, shuffle_seed: int, ever_trainable: set[int]
+    ) -> Path:
+        return self.manager.save(
+            epoch,
+            *snapshot(
+                model, cblist, shuffle_seed=shuffle_seed, ever_trainable=ever_trainable, epoch=epoch
+            ),
+            {k: float(v) for k, v in logs.items() if isinstance(v, int | float)},
+        )
 
 
-def snapshot(model, cblist, *, shuffle_seed: int, ever_trainable: set[int], epoch: int) -> tuple[dict, dict]:
+def snapshot(
+    model, cblist, *, shuffle_seed: int, ever_trainable: set[int], epoch: int
+) -> tuple[dict, dict]:
     """``(tensor groups, JSON state)`` describing the run after ``epoch``."""
     from frostline import __version__
 
@@ -57,7 +74,11 @@ def snapshot(model, cblist, *, shuffle_seed: int, ever_trainable: set[int], epoc
         opt_tensors, opt_meta = optimizer_state_to_tensors(live.optimizer, names)
         tensors["optimizer"] = {k: v.detach().clone() for k, v in opt_tensors.items()}
         state["optimizer"] = opt_meta
-        state["live"] = {"scale": live.scale, "scheduler_steps": live.scheduler_steps, "spec": live.spec.get_config()}
+        state["live"] = {
+            "scale": live.scale,
+            "scheduler_steps": live.scheduler_steps,
+            "spec": live.spec.get_config(),
+        }
     rng_tensors, rng_meta = capture_rng()
     tensors["rng"] = rng_tensors
     state["rng"] = rng_meta
@@ -81,9 +102,17 @@ def restore(model, resume, cblist) -> dict[str, Any]:
         params = dict(module.named_parameters())
         groups = []
         for g in state["optimizer"]["param_groups"]:
-            groups.append({"params": [params[n] for n in g["params"]], "lr": g["lr"], "base_lr": g.get("base_lr", g["lr"])})
+            groups.append(
+                {
+                    "params": [params[n] for n in g["params"]],
+                    "lr": g["lr"],
+                    "base_lr": g.get("base_lr", g["lr"]),
+                }
+            )
         optimizer = live.spec.build(groups)
-        optimizer_state_from_tensors(optimizer, ckpt.tensors.get("optimizer", {}), state["optimizer"], params)
+        optimizer_state_from_tensors(
+            optimizer, ckpt.tensors.get("optimizer", {}), state["optimizer"], params
+        )
         live.optimizer = optimizer
         live.scale = state["live"]["scale"]
         live.scheduler_steps = state["live"]["scheduler_steps"]

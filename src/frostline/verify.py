@@ -73,8 +73,12 @@ class Report:
 
     def __str__(self) -> str:
         if self.ok:
-            return f"frozen weights verified: {self.checked} tensors bitwise unchanged" + (f" ({self.exempt} unfrozen during training, not checked)" if self.exempt else "")
-        shown = ", ".join(self.moved[:10]) + (f", ... ({len(self.moved)} in all)" if len(self.moved) > 10 else "")
+            return f"frozen weights verified: {self.checked} tensors bitwise unchanged" + (
+                f" ({self.exempt} unfrozen during training, not checked)" if self.exempt else ""
+            )
+        shown = ", ".join(self.moved[:10]) + (
+            f", ... ({len(self.moved)} in all)" if len(self.moved) > 10 else ""
+        )
         return f"{len(self.moved)} frozen weight(s) changed: {shown}"
 
 
@@ -112,4 +116,6 @@ def fingerprint(model) -> Fingerprint:
     """Digest every frozen weight of ``model`` (a Model, Layer or ``nn.Module``)."""
     module = model.module if hasattr(model, "module") else model
     named = _frozen_named(module)
-    return Fingerprint({n: _digest(t) for n, t in named.items()}, {n: id(t) for n, t in named.items()})
+    return Fingerprint(
+        {n: _digest(t) for n, t in named.items()}, {n: id(t) for n, t in named.items()}
+    )

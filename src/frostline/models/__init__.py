@@ -12,7 +12,14 @@ from __future__ import annotations
 from frostline.models.zoo import ZooError, available, create_module, data_config, preprocess
 
 
-def pretrained(name: str, *, num_classes: int | None = None, headless: bool = False, pretrained: bool = True, **timm_kwargs):
+def pretrained(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    headless: bool = False,
+    pretrained: bool = True,
+    **timm_kwargs,
+):
     """A zoo model as a frostline Model (ImageNet weights; EfficientNet-Lite0 works offline).
 
     ``num_classes=N`` replaces the classifier; ``headless=True`` returns the pooled
@@ -20,7 +27,9 @@ def pretrained(name: str, *, num_classes: int | None = None, headless: bool = Fa
     """
     from frostline.model import Model
 
-    module = create_module(name, pretrained=pretrained, num_classes=num_classes, headless=headless, **timm_kwargs)
+    module = create_module(
+        name, pretrained=pretrained, num_classes=num_classes, headless=headless, **timm_kwargs
+    )
     model = Model(module, name=name)
     model.meta["architecture"] = {
         "kind": "zoo",
