@@ -53,14 +53,33 @@ def to_tensor(a, what: str, *, check_finite: bool = True) -> torch.Tensor:
     if t.dim() == 0:
         raise DataError(f"{what} is a scalar; expected one entry per sample along the first axis")
     if check_finite and t.is_floating_point() and t.numel():
-        bad = ~torch.isfinite(t)
-        if bad.any():
-            first = int(bad.reshape(t.shape[0], -1).any(dim=1).nonzero()[0, 0])
-            kind = "NaN" if torch.isnan(t).any() else "inf"
-            raise DataError(
-                f"{what} contains {kind} values ({int(bad.sum())} in all; first in sample {first})"
-            )
+        check_finite_values(t, what)
     return t
+
+
+def check_finite_values(t: torch.Tensor, what: str, *, chunk: int = 1 << 22) -> None:
+    """Raise naming the first sample with NaN/inf; checks in chunks, so no full-size temporaries.
+
+    >>> check_finite_values(torch.tensor([[1.0], [float("nan")]]), "x")
+    Traceback (most recent call last):
+    ...
+    frostline.data.DataError: x contains NaN values (1 in all; first in sample 1)
+    """
+    flat = t.reshape(-1)
+    if all(bool(torch.isfinite(c).all()) for c in flat.split(chunk)):
+        return
+    per_sample = max(flat.numel() // t.shape[0], 1)
+    bad_count, first, kind = 0, None, "inf"
+    for i, c in enumerate(flat.split(chunk)):
+        bad = ~torch.isfinite(c)
+        n = int(bad.sum())
+        if n:
+            bad_count += n
+            if first is None:
+                first = (i * chunk + int(bad.nonzero()[0, 0])) // per_sample
+            if bool(torch.isnan(c).any()):
+                kind = "NaN"
+    raise DataError(f"{what} contains {kind} values ({bad_count} in all; first in sample {first})")
 
 
 def _targets(y, what: str = "y") -> Target:
