@@ -356,6 +356,43 @@ class LiveOptimizer:
             group["params"] = keep
         opt.param_groups[:] = [g for g in opt.param_groups if g["params"]]
 
+    def regroup(self) -> bool:
+        """Put every parameter in the group of its own rate (after per-parameter rates changed).
+
+        Optimizer state is kept. Returns True when the groups changed.
+
+        >>> net = nn.Linear(2, 1); live = LiveOptimizer(Adam(0.01), net); _ = live.sync()
+        >>> net.weight.__dict__["_frostline_lr"] = 0.001
+        >>> live.regroup(), sorted(g["lr"] for g in live.optimizer.param_groups)
+        (True, [0.001, 0.01])
+        """
+        opt = self.optimizer
+        if opt is None:
+            return False
+        default = self.spec.learning_rate
+        if all(
+            self._lr_for(p) == g.get("base_lr", default)
+            for g in opt.param_groups
+            for p in g["params"]
+        ):
+            return False
+        template = {
+            k: v
+            for k, v in opt.param_groups[0].items()
+            if k not in ("params", "lr", "base_lr", "initial_lr")
+        }
+        by_lr: dict[float, list] = {}
+        for g in opt.param_groups:
+            for p in g["params"]:
+                by_lr.setdefault(self._lr_for(p), []).append(p)
+        opt.param_groups.clear()
+        for lr, params in by_lr.items():
+            opt.add_param_group(
+                {**template, "params": params, "lr": lr * self.scale, "base_lr": lr}
+            )
+        self._rebuild_scheduler()
+        return True
+
     # -- learning rates ------------------------------------------------------------
     @property
     def learning_rate(self) -> float:

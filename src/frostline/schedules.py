@@ -462,28 +462,7 @@ class GradualUnfreezing(_BaseSchedule):
 def _regroup(model: Model) -> bool:
     """Move each parameter of the live optimizer into the group of its own rate (state kept)."""
     live = model._live
-    if live is None or live.optimizer is None:
-        return False
-    opt = live.optimizer
-    default = live.spec.learning_rate
-    if all(
-        live._lr_for(p) == g.get("base_lr", default) for g in opt.param_groups for p in g["params"]
-    ):
-        return False
-    template = {
-        k: v
-        for k, v in opt.param_groups[0].items()
-        if k not in ("params", "lr", "base_lr", "initial_lr")
-    }
-    by_lr: dict[float, list] = {}
-    for g in opt.param_groups:
-        for p in g["params"]:
-            by_lr.setdefault(live._lr_for(p), []).append(p)
-    opt.param_groups.clear()
-    for lr, params in by_lr.items():
-        opt.add_param_group({**template, "params": params, "lr": lr * live.scale, "base_lr": lr})
-    live._rebuild_scheduler()
-    return True
+    return live is not None and live.regroup()
 
 
 class DiscriminativeLR(_BaseSchedule):
@@ -495,8 +474,8 @@ class DiscriminativeLR(_BaseSchedule):
     like fastai's ``slice(lo, hi)``. ``base_lr=None`` takes the compile rate. Frozen
     groups get their rate too and use it once unfrozen (works with
     :class:`GradualUnfreezing`). Parameters outside ``base`` keep the compile rate.
-    The rates land in ``model.optimizer.param_groups`` when training begins (optimizer
-    state is kept) and stay on the parameters for later fits and recompiles; a
+    The rates land in ``model.optimizer.param_groups`` when each fit begins (optimizer
+    state is kept; a recompile clears them and the next fit sets them again); a
     learning-rate schedule scales them all, keeping their ratios.
 
     >>> import frostline as fl, numpy as np
