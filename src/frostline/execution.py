@@ -72,7 +72,10 @@ def _stochastic_active(module: nn.Module) -> str | None:
             continue
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
             return type(m).__name__
-        if type(m).__name__ in ("DropPath", "StochasticDepth") and float(getattr(m, "drop_prob", getattr(m, "p", 0)) or 0) > 0:
+        if (
+            type(m).__name__ in ("DropPath", "StochasticDepth")
+            and float(getattr(m, "drop_prob", getattr(m, "p", 0)) or 0) > 0
+        ):
             return type(m).__name__
         if batchnorm.is_batchnorm(m) and not batchnorm.runs_inference(m) and m.track_running_stats:
             return f"{type(m).__name__} in batch-statistics mode"
@@ -90,7 +93,16 @@ class CacheEntry:
 class Runner:
     """Runs a module as frozen prefix + trainable suffix, with an activation cache."""
 
-    def __init__(self, module: nn.Module, *, cache: bool | str = "auto", memory_budget_bytes: int = 2 << 30, cache_dtype: torch.dtype | None = None, spill_dir=None, fuse: bool = True) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        cache: bool | str = "auto",
+        memory_budget_bytes: int = 2 << 30,
+        cache_dtype: torch.dtype | None = None,
+        spill_dir=None,
+        fuse: bool = True,
+    ) -> None:
         if cache not in (True, False, "auto"):
             raise ValueError(f"cache must be True, False or 'auto', got {cache!r}")
         self.module = module
@@ -110,7 +122,11 @@ class Runner:
         self.entries: dict[str, CacheEntry] = {}
         self._checksums: dict[tuple, tuple] = {}
         self.status: dict[str, str] = {}
-        self.reason = "" if self.stages else "model is not decomposable into stages (see fl.stages.register_stages)"
+        self.reason = (
+            ""
+            if self.stages
+            else "model is not decomposable into stages (see fl.stages.register_stages)"
+        )
 
     # -- structure -----------------------------------------------------------------
     def verify(self, example: torch.Tensor) -> None:
@@ -134,7 +150,9 @@ class Runner:
     def refresh(self) -> bool:
         """Recompute the prefix boundary when the trainable set changed; True if it moved."""
         memo = self.__dict__.get("_params_memo")
-        if memo is None or memo[0] != _STRUCTURE[0]:  # called every step: walk the module only after a change
+        if (
+            memo is None or memo[0] != _STRUCTURE[0]
+        ):  # called every step: walk the module only after a change
             memo = self._params_memo = (_STRUCTURE[0], list(self.module.parameters()))
         key = tuple(id(p) for p in memo[1] if p.requires_grad)
         if key == self._key:
@@ -144,8 +162,12 @@ class Runner:
         if self.stages is None:
             self.boundary = 0
         else:
-            self.boundary = next((i for i, s in enumerate(self.stages) if self._owns_trainable(s)), len(self.stages))
-            if self.boundary == len(self.stages):  # nothing trainable: keep the last stage as the "suffix"
+            self.boundary = next(
+                (i for i, s in enumerate(self.stages) if self._owns_trainable(s)), len(self.stages)
+            )
+            if self.boundary == len(
+                self.stages
+            ):  # nothing trainable: keep the last stage as the "suffix"
                 self.boundary = max(len(self.stages) - 1, 0)
         if self.stages is None or self.boundary == 0:
             self.prefix, self.suffix = None, self.module
@@ -167,7 +189,11 @@ class Runner:
             return []
         memo = self.__dict__.get("_tensors_memo")
         if fresh or memo is None or memo[0] is not self.prefix or memo[1] != _STRUCTURE[0]:
-            memo = self._tensors_memo = (self.prefix, _STRUCTURE[0], [t for m in self.prefix.modules() for t in own_weights(m)])
+            memo = self._tensors_memo = (
+                self.prefix,
+                _STRUCTURE[0],
+                [t for m in self.prefix.modules() for t in own_weights(m)],
+            )
         return memo[2]
 
     # -- running -------------------------------------------------------------------
@@ -216,15 +242,37 @@ class Runner:
         assert self.prefix is not None and self.stages is not None
         active = _stochastic_active(self.prefix)
         if active is None and self.module.training:
-            active = next((f"dropout ({s.path!r})" for s in self.stages[: self.boundary] if s.module is None and s.path.endswith("#dropout")), None)
+            active = next(
+                (
+                    f"dropout ({s.path!r})"
+                    for s in self.stages[: self.boundary]
+                    if s.module is None and s.path.endswith("#dropout")
+                ),
+                None,
+            )
         return active
 
     def _mode_string(self, stages: list[Stage] | None = None) -> str:
         assert self.prefix is not None
-        mods = self.prefix.modules() if stages is None else (m for s in stages if s.module is not None for m in s.module.modules())
-        return ",".join(f"{m.training}:{batchnorm.mode_of(m)}" for m in mods if batchnorm.is_batchnorm(m))
+        mods = (
+            self.prefix.modules()
+            if stages is None
+            else (m for s in stages if s.module is not None for m in s.module.modules())
+        )
+        return ",".join(
+            f"{m.training}:{batchnorm.mode_of(m)}" for m in mods if batchnorm.is_batchnorm(m)
+        )
 
-    def ensure_cache(self, role: str, data, *, indices: torch.Tensor | None, device: torch.device, batch_size: int, fingerprint: str | None) -> str:
+    def ensure_cache(
+        self,
+        role: str,
+        data,
+        *,
+        indices: torch.Tensor | None,
+        device: torch.device,
+        batch_size: int,
+        fingerprint: str | None,
+    ) -> str:
         """Build, extend or reuse the cache for ``role`` ("train"/"val"); returns a status line."""
         reason = self.cacheable(getattr(data, "deterministic", False))
         if reason is not None or fingerprint is None:
@@ -233,10 +281,17 @@ class Runner:
             return self.status[role]
         rows = indices if indices is not None else torch.arange(data.n)
         # the checksum catches writes that bypass torch's version counter (p.data.copy_)
-        key = CacheKey(self.boundary, f"{fingerprint}:{hash(tuple(rows.tolist()))}", self._content_key(self.prefix_tensors()), self._mode_string())
+        key = CacheKey(
+            self.boundary,
+            f"{fingerprint}:{hash(tuple(rows.tolist()))}",
+            self._content_key(self.prefix_tensors()),
+            self._mode_string(),
+        )
         entry = self.entries.get(role)
         if entry is not None and entry.key == key:
-            entry.version = weights_version(self.prefix_tensors())  # same contents, maybe new counters
+            entry.version = weights_version(
+                self.prefix_tensors()
+            )  # same contents, maybe new counters
             self.status[role] = f"reused ({self._describe(entry)})"
             return self.status[role]
         local = None
@@ -248,13 +303,17 @@ class Runner:
             entry is not None
             and entry.key.data == key.data
             and entry.key.boundary < self.boundary
-            and entry.key.mode == self._mode_string(self.stages[: entry.key.boundary])  # the modes of the stored part
-            and entry.key.weights == self._content_key(self._tensors_of(self.stages[: entry.key.boundary]))
+            and entry.key.mode
+            == self._mode_string(self.stages[: entry.key.boundary])  # the modes of the stored part
+            and entry.key.weights
+            == self._content_key(self._tensors_of(self.stages[: entry.key.boundary]))
         ):
             extra = StageSequence(self.stages[entry.key.boundary : self.boundary])
             with torch.no_grad():
                 store = entry.store.map(lambda t: extra(t.to(device)), batch_size=batch_size)
-            self.entries[role] = CacheEntry(key, store, local, weights_version(self.prefix_tensors()))
+            self.entries[role] = CacheEntry(
+                key, store, local, weights_version(self.prefix_tensors())
+            )
             self.status[role] = f"extended ({self._describe(self.entries[role])})"
             return self.status[role]
         self.entries.pop(role, None)
@@ -267,15 +326,25 @@ class Runner:
                 yield chunk, x.to(device)
 
         store = ActivationStore.build(
-            self.run_prefix, batches(), len(rows), memory_budget_bytes=self.memory_budget_bytes,
-            spill_dir=self.spill_dir, dtype=self.cache_dtype,
+            self.run_prefix,
+            batches(),
+            len(rows),
+            memory_budget_bytes=self.memory_budget_bytes,
+            spill_dir=self.spill_dir,
+            dtype=self.cache_dtype,
         )
         self.entries[role] = CacheEntry(key, store, local, weights_version(self.prefix_tensors()))
         self.status[role] = f"built ({self._describe(self.entries[role])})"
         return self.status[role]
 
     def _tensors_of(self, stages: list[Stage]) -> list[torch.Tensor]:
-        return [t for s in stages if s.module is not None for m in s.module.modules() for t in own_weights(m)]
+        return [
+            t
+            for s in stages
+            if s.module is not None
+            for m in s.module.modules()
+            for t in own_weights(m)
+        ]
 
     def _describe(self, entry: CacheEntry) -> str:
         s = entry.store

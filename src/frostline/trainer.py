@@ -37,7 +37,12 @@ class TrainingError(RuntimeError):
 def _autocast(device: torch.device, precision: str | None):
     if precision in (None, "32", "fp32", "float32"):
         return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[precision]
+    dtype = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }[precision]
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
@@ -66,7 +71,9 @@ def seed_everything(seed: int) -> None:
 
 def explain_input_error(module: nn.Module, x: torch.Tensor, err: Exception) -> Exception:
     """Turn a shape/dtype failure of the first layer into a message naming the layer."""
-    first = next(((n, m) for n, m in module.named_modules() if list(m.parameters(recurse=False))), None)
+    first = next(
+        ((n, m) for n, m in module.named_modules() if list(m.parameters(recurse=False))), None
+    )
     if first is None or not isinstance(x, torch.Tensor):
         return err
     name, m = first
@@ -74,7 +81,11 @@ def explain_input_error(module: nn.Module, x: torch.Tensor, err: Exception) -> E
     shape = (None, *x.shape[1:]) if x.dim() else tuple(x.shape)
     expected = None
     if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
-        dims = {nn.Conv1d: "L", nn.Conv2d: "H, W", nn.Conv3d: "D, H, W"}[type(m)] if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else "..."
+        dims = (
+            {nn.Conv1d: "L", nn.Conv2d: "H, W", nn.Conv3d: "D, H, W"}[type(m)]
+            if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+            else "..."
+        )
         if x.dim() < 2 or x.shape[1] != m.in_channels:
             expected = f"(batch, {m.in_channels}, {dims}) with {m.in_channels} input channels"
             if x.dim() == 4 and x.shape[-1] == m.in_channels:
@@ -85,7 +96,9 @@ def explain_input_error(module: nn.Module, x: torch.Tensor, err: Exception) -> E
         expected = f"integer token ids in [0, {m.num_embeddings - 1}] (got dtype {x.dtype})"
     if expected is None:
         return err
-    return data_mod.DataError(f"input x has shape {shape}, but the first layer {name!r} ({type(m).__name__}) expects {expected}")
+    return data_mod.DataError(
+        f"input x has shape {shape}, but the first layer {name!r} ({type(m).__name__}) expects {expected}"
+    )
 
 
 class Trainer:
@@ -106,11 +119,20 @@ class Trainer:
         module = self.model.module
         structure = tuple(id(m) for m in module.modules())
         opts = dict(cache=cache, **cache_options) if cache_options is not None else None
-        stale = getattr(self, "_runner_spec", None) != structure or (opts is not None and self._runner_opts != opts)
-        if self.runner is None or self.runner.module is not module or self.runner.cache_setting != cache or stale:
+        stale = getattr(self, "_runner_spec", None) != structure or (
+            opts is not None and self._runner_opts != opts
+        )
+        if (
+            self.runner is None
+            or self.runner.module is not module
+            or self.runner.cache_setting != cache
+            or stale
+        ):
             if self.runner is not None:
                 self.runner.drop()
-            self._runner_opts = opts if opts is not None else {**getattr(self, "_runner_opts", {}), "cache": cache}
+            self._runner_opts = (
+                opts if opts is not None else {**getattr(self, "_runner_opts", {}), "cache": cache}
+            )
             self.runner = Runner(module, **self._runner_opts)
             self._runner_spec = structure
         return self.runner
@@ -122,7 +144,12 @@ class Trainer:
         key = (id(runner.suffix), runner._key)
         distributed.same_trainable(runner._key, self.ctx)
         if self._wrapped is None or key != self._wrapped_key:
-            self._wrapped = distributed.wrap_trainable(runner.suffix, self.ctx, device, find_unused_parameters=self.model._config.find_unused_parameters)
+            self._wrapped = distributed.wrap_trainable(
+                runner.suffix,
+                self.ctx,
+                device,
+                find_unused_parameters=self.model._config.find_unused_parameters,
+            )
             self._wrapped_key = key
         return self._wrapped
 
@@ -179,7 +206,11 @@ class Trainer:
             raise TrainingError("call model.compile(optimizer=..., loss=...) before fit()")
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
             raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
-        if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, int) or initial_epoch < 0:
+        if (
+            isinstance(initial_epoch, bool)
+            or not isinstance(initial_epoch, int)
+            or initial_epoch < 0
+        ):
             raise ValueError(f"initial_epoch must be an int >= 0, got {initial_epoch!r}")
         if on_nan not in ("raise", "stop"):
             raise ValueError(f"on_nan must be 'raise' or 'stop', got {on_nan!r}")
@@ -202,7 +233,14 @@ class Trainer:
             seed_everything(seed)
         shuffle_seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
 
-        runner = self._runner(cache, {"memory_budget_bytes": cache_memory_bytes, "cache_dtype": cache_dtype, "spill_dir": cache_dir})
+        runner = self._runner(
+            cache,
+            {
+                "memory_budget_bytes": cache_memory_bytes,
+                "cache_dtype": cache_dtype,
+                "spill_dir": cache_dir,
+            },
+        )
         runner.new_fit()
         self._ever_trainable: set[int] = set()
         history = History()
@@ -244,7 +282,18 @@ class Trainer:
             cblist.on_epoch_begin(epoch, logs)
             self._sync()
             t0 = time.perf_counter()
-            train_logs, notes = self._train_epoch(train, train_fp, epoch, epochs, batch_size, shuffle, shuffle_seed, cblist, verbose, terminate_on_nan)
+            train_logs, notes = self._train_epoch(
+                train,
+                train_fp,
+                epoch,
+                epochs,
+                batch_size,
+                shuffle,
+                shuffle_seed,
+                cblist,
+                verbose,
+                terminate_on_nan,
+            )
             logs = dict(train_logs)
             if val is not None:
                 val_logs = self._evaluate_data(val, val_fp, batch_size, role="val")
@@ -257,7 +306,14 @@ class Trainer:
             if live is not None and cfg.scheduler_interval == "epoch":
                 live.scheduler_step()
             if manager is not None and self.ctx.is_main:
-                manager.save(model, epoch, logs, cblist, shuffle_seed=shuffle_seed, ever_trainable=self._ever_trainable)
+                manager.save(
+                    model,
+                    epoch,
+                    logs,
+                    cblist,
+                    shuffle_seed=shuffle_seed,
+                    ever_trainable=self._ever_trainable,
+                )
             distributed.end_epoch(model, self.ctx)
         cblist.on_train_end(logs)
 
@@ -268,7 +324,19 @@ class Trainer:
                 raise FrozenWeightsChanged(str(report))
         return history
 
-    def _train_epoch(self, train, train_fp, epoch, epochs, batch_size, shuffle, shuffle_seed, cblist, verbose, terminate_on_nan):
+    def _train_epoch(
+        self,
+        train,
+        train_fp,
+        epoch,
+        epochs,
+        batch_size,
+        shuffle,
+        shuffle_seed,
+        cblist,
+        verbose,
+        terminate_on_nan,
+    ):
         model = self.model
         cfg = model._config
         device = cfg.device
@@ -280,13 +348,27 @@ class Trainer:
         ctx = self.ctx
 
         if isinstance(train, data_mod.IndexedData):
-            batches = train.index_batches(batch_size, shuffle=shuffle, seed=shuffle_seed, epoch=epoch, rank=ctx.rank, world=ctx.world)
+            batches = train.index_batches(
+                batch_size,
+                shuffle=shuffle,
+                seed=shuffle_seed,
+                epoch=epoch,
+                rank=ctx.rank,
+                world=ctx.world,
+            )
             steps = len(batches)
             if not runner.verified:
                 x0, _ = train.gather(batches[0][:2])
                 self._verify(x0.to(device))
             shard = torch.cat(batches).unique() if ctx.enabled else None
-            note = runner.ensure_cache("train", train, indices=shard, device=device, batch_size=max(batch_size, 64), fingerprint=train_fp)
+            note = runner.ensure_cache(
+                "train",
+                train,
+                indices=shard,
+                device=device,
+                batch_size=max(batch_size, 64),
+                fingerprint=train_fp,
+            )
             source = ((idx, None) for idx in batches)
         else:
             steps = len(train.loader) if hasattr(train.loader, "__len__") else None
@@ -323,7 +405,9 @@ class Trainer:
                     logs = {"loss": value}
                     cblist.on_train_batch_end(step, logs)
                     break
-                raise TrainingError(f"loss is {value} at epoch {epoch + 1}, batch {step + 1}: training stopped (pass on_nan='stop' or use TerminateOnNaN to stop without an error)")
+                raise TrainingError(
+                    f"loss is {value} at epoch {epoch + 1}, batch {step + 1}: training stopped (pass on_nan='stop' or use TerminateOnNaN to stop without an error)"
+                )
             if cfg.scaler is not None:
                 cfg.scaler.scale(loss).backward()
                 cfg.scaler.step(live.optimizer)
@@ -338,11 +422,15 @@ class Trainer:
             batch_logs = objective.results()
             self._progress.update(step, batch_logs)
             cblist.on_train_batch_end(step, batch_logs)
-        logs = distributed.reduce_sums(objective.state(), ctx) if ctx.enabled else objective.results()
+        logs = (
+            distributed.reduce_sums(objective.state(), ctx) if ctx.enabled else objective.results()
+        )
         if ctx.enabled:
             local = objective.results()
             logs.update({k: v for k, v in local.items() if k not in logs})
-        if isinstance(train, data_mod.IndexedData) and runner.status.get("train", "").startswith("invalidated"):
+        if isinstance(train, data_mod.IndexedData) and runner.status.get("train", "").startswith(
+            "invalidated"
+        ):
             note = f"{runner.status['train']} mid-epoch (had {note})"  # the log says what really happened
         return logs, f"cache: {note}"
 
@@ -391,10 +479,24 @@ class Trainer:
         try:
             with torch.no_grad():
                 if isinstance(data, data_mod.IndexedData):
-                    batches = data.index_batches(batch_size, shuffle=False, seed=0, epoch=0, rank=self.ctx.rank, world=self.ctx.world)
+                    batches = data.index_batches(
+                        batch_size,
+                        shuffle=False,
+                        seed=0,
+                        epoch=0,
+                        rank=self.ctx.rank,
+                        world=self.ctx.world,
+                    )
                     shard = torch.cat(batches).unique() if self.ctx.enabled else None
                     if runner is not None:
-                        runner.ensure_cache(role, data, indices=shard, device=device, batch_size=max(batch_size, 64), fingerprint=fp)
+                        runner.ensure_cache(
+                            role,
+                            data,
+                            indices=shard,
+                            device=device,
+                            batch_size=max(batch_size, 64),
+                            fingerprint=fp,
+                        )
                     for idx in batches:
                         cached = runner.cached_inputs(role, idx) if runner is not None else None
                         if cached is not None:
@@ -428,7 +530,9 @@ class Trainer:
                 return runner.suffix(runner.run_prefix(x))
             return self._forward(self.model.module, x)
 
-    def evaluate(self, x=None, y=None, *, batch_size=None, verbose="auto", return_dict=False, callbacks=None):
+    def evaluate(
+        self, x=None, y=None, *, batch_size=None, verbose="auto", return_dict=False, callbacks=None
+    ):
         model = self.model
         if model._config is None:
             raise TrainingError("call model.compile(optimizer=..., loss=...) before evaluate()")
@@ -454,7 +558,11 @@ class Trainer:
         model = self.model
         batch_size = data_mod.check_batch_size(batch_size)
         data = data_mod.prepare(x, None)
-        device = model._config.device if model._config is not None else next((p.device for p in model.module.parameters()), torch.device("cpu"))
+        device = (
+            model._config.device
+            if model._config is not None
+            else next((p.device for p in model.module.parameters()), torch.device("cpu"))
+        )
         precision = model._config.precision if model._config is not None else None
         module = model.module
         was = module.training
