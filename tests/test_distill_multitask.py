@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -192,3 +193,31 @@ def test_distillation_module_keeps_the_teacher_in_eval_mode():
     assert torch.equal(out[:, 3:], m.teacher.net(torch.ones(2, 4)))
     # a (fused) copy of the teacher stage still tells the student stage how to unpack
     assert copy.deepcopy(m.teacher)._packing is m.student._packing
+
+
+def test_frozen_multitask_trunk_is_cached_and_matches_uncached(capsys):
+    def build():
+        torch.manual_seed(0)
+        trunk = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+        m = fl.recipes.multitask_model(
+            trunk, {"a": nn.Linear(16, 3), "b": nn.Linear(16, 1)}, freeze_trunk=True
+        )
+        m.compile(
+            "adam",
+            loss={"a": "sparse_categorical_crossentropy", "b": "mse"},
+            metrics={"a": ["accuracy"]},
+        )
+        return m
+
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 6), dtype=np.float32)
+    y = {"a": rng.integers(0, 3, 64), "b": rng.random((64, 1), dtype=np.float32)}
+    cached, plain = build(), build()
+    cached.fit(x, y, epochs=3, batch_size=16, verbose=2, seed=0)
+    out = capsys.readouterr().out
+    assert "cache: built" in out and "cache: reused" in out and "after 'trunk.3'" in out
+    plain.fit(x, y, epochs=3, batch_size=16, verbose=0, seed=0, cache=False)
+    for (k, a), (_, b) in zip(
+        cached.module.state_dict().items(), plain.module.state_dict().items()
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)

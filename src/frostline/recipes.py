@@ -37,6 +37,7 @@ from frostline.layer import Layer, own_weights
 from frostline.model import Model
 from frostline.progress import resolve_verbose
 from frostline.select import Change, Plan
+from frostline.stages import Stage, register_stages
 from frostline.verify import Fingerprint, FrozenWeightsChanged, Report, fingerprint
 
 __all__ = [
@@ -497,6 +498,16 @@ class MultiTaskModule(nn.Module):
     def forward(self, x: Any) -> dict[str, torch.Tensor]:
         z = self.trunk(x)
         return {name: head(z) for name, head in self.heads.items()}
+
+
+@register_stages(MultiTaskModule)
+def _multitask_stages(m: MultiTaskModule) -> list[Stage]:
+    """Trunk stages, then one stage for all heads: a frozen trunk is a cacheable prefix."""
+
+    def heads(z: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: head(z) for name, head in m.heads.items()}
+
+    return [Stage("trunk", m.trunk, m.trunk), Stage("heads", m.heads, heads)]
 
 
 def multitask_model(

@@ -196,16 +196,33 @@ def verify_stages(
             y: Any = example
             for st in stages:
                 y = st.fn(y)
-        if not isinstance(ref, Tensor) or not isinstance(y, Tensor):
-            return False
-        if ref.shape != y.shape or ref.dtype != y.dtype:
-            return False
-        return bool(torch.allclose(ref, y, rtol=rtol, atol=atol, equal_nan=True))
+        return _same_outputs(ref, y, rtol, atol)
     except Exception:
         return False
     finally:
         for m, t in flags:
             m.training = t
+
+
+def _same_outputs(ref: Any, y: Any, rtol: float, atol: float) -> bool:
+    """Tensors, or dicts/lists/tuples of tensors (multi-output models), equal within tolerance."""
+    if isinstance(ref, Tensor):
+        if not isinstance(y, Tensor) or ref.shape != y.shape or ref.dtype != y.dtype:
+            return False
+        return bool(torch.allclose(ref, y, rtol=rtol, atol=atol, equal_nan=True))
+    if isinstance(ref, dict):
+        return (
+            isinstance(y, dict)
+            and list(ref) == list(y)
+            and all(_same_outputs(ref[k], y[k], rtol, atol) for k in ref)
+        )
+    if isinstance(ref, list | tuple):
+        return (
+            type(ref) is type(y)
+            and len(ref) == len(y)
+            and all(_same_outputs(a, b, rtol, atol) for a, b in zip(ref, y))
+        )
+    return False
 
 
 # --------------------------------------------------------------------------- adapters
