@@ -125,3 +125,40 @@ def test_resume_into_other_architecture_lists_keys(tmp_path):
     other.compile("adam", "sparse_categorical_crossentropy")
     with pytest.raises(CheckpointError, match="Missing keys"):
         other.fit(*DATA, epochs=2, verbose=0, resume=tmp_path)
+
+
+@pytest.mark.parametrize("stop_after", [1, 3], ids=["in-phase-1", "in-phase-2"])
+def test_two_phase_recipe_resumes_in_the_right_phase(tmp_path, stop_after):
+    def build():
+        torch.manual_seed(0)
+        base = fl.wrap(
+            nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU()), name="base"
+        )
+        return fl.Sequential([base, nn.Linear(16, 3)]), base
+
+    class Crash(fl.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == stop_after:
+                raise KeyboardInterrupt
+
+    kw = dict(
+        unfreeze=1,
+        phase1_epochs=3,
+        phase2_epochs=3,
+        loss="sparse_categorical_crossentropy",
+        verbose=0,
+        seed=5,
+    )
+    full_model, full_base = build()
+    full = fl.recipes.two_phase(full_model, full_base, *DATA, **kw)
+    m, b = build()
+    with pytest.raises(KeyboardInterrupt):
+        fl.recipes.two_phase(m, b, *DATA, callbacks=[Crash()], checkpoint_dir=tmp_path, **kw)
+    m, b = build()
+    again = fl.recipes.two_phase(m, b, *DATA, resume=tmp_path, **kw)
+    assert again.history["phase"] == [1, 1, 1, 2, 2, 2]
+    assert again.history["loss"] == full.history["loss"]
+    for (k, a), (_, c) in zip(
+        full_model.module.state_dict().items(), m.module.state_dict().items()
+    ):
+        assert torch.equal(a, c), k

@@ -224,7 +224,10 @@ def two_phase(
     ``restore_best_weights`` to each phase, on ``val_loss`` when there is validation
     data. ``optimizer`` is a name or spec (its rate is replaced by each phase's);
     ``compile_options`` (``device``, ``precision``, ...) go to both compiles and
-    ``fit_kwargs`` (``seed``, ``cache``, ...) to both fits.
+    ``fit_kwargs`` (``seed``, ``cache``, ``checkpoint_dir``, ...) to both fits.
+    Checkpoints record the phase: ``resume=DIR`` continues in the phase the run stopped
+    in (phase 1 is skipped when it had finished), with the same result as a run that
+    never stopped.
 
     >>> import numpy as np, frostline as fl
     >>> from torch import nn
@@ -276,6 +279,14 @@ def two_phase(
         **fit_kwargs,
     )
 
+    resume = fit_args.pop("resume", None)
+    resumed_phase = None
+    if resume is not None:
+        from frostline.training_state import recipe_state
+
+        resumed = recipe_state(resume)
+        resumed_phase = resumed.get("phase", 1)
+
     # phase 1: feature extraction
     freeze_plan = layer.freeze()
     if not any(p.requires_grad for p in model.module.parameters()):
@@ -287,10 +298,23 @@ def two_phase(
         print(
             f"Phase 1/2: training the head, base {layer.name!r} frozen ({_params(layer.module):,} params), lr {spec1.learning_rate:g}"
         )
-    h1 = model.fit(
-        x, y, epochs=n1, callbacks=user_cbs + _early_stopping(early_stopping, has_val), **fit_args
-    )
-    done = len(h1.epoch)
+    if resumed_phase == 2:  # phase 1 had finished: its History travels in the checkpoint
+        h1 = History()
+        h1.set_state(resumed.get("phase1_history") or {})
+        done = int(resumed.get("phase_boundary", len(h1.epoch)))
+        if show:
+            print(f"Phase 1/2: finished before the checkpoint ({done} epoch(s)); resuming phase 2")
+    else:
+        model.meta["phase"] = 1
+        h1 = model.fit(
+            x,
+            y,
+            epochs=n1,
+            callbacks=user_cbs + _early_stopping(early_stopping, has_val),
+            resume=resume,
+            **fit_args,
+        )
+        done = len(h1.epoch)
 
     # phase 2: fine-tuning
     unfreeze_plan = layer.unfreeze(selector)
@@ -303,14 +327,18 @@ def two_phase(
             f"Phase 2/2: fine-tuning {unfreeze_plan.selector} of {layer.name!r} ({len(unfreeze_plan.matched)} leaf layers, {n:,} params unfrozen), lr {spec2.learning_rate:g}"
         )
     model.stop_training = False
+    model.meta.update(phase=2, phase_boundary=done, phase1_history=h1.get_state())
     h2 = model.fit(
         x,
         y,
         epochs=done + n2,
         initial_epoch=done,
         callbacks=user_cbs + _early_stopping(early_stopping, has_val),
+        resume=resume if resumed_phase == 2 else None,
         **fit_args,
     )
+    for key in ("phase", "phase_boundary", "phase1_history"):
+        model.meta.pop(key, None)
     return TwoPhaseResult(
         h1,
         h2,

@@ -25,6 +25,19 @@ from frostline.checkpoint import (
 )
 from frostline.saving import apply_trainable_state, check_keys, trainable_state
 
+#: what a recipe keeps in ``model.meta`` so a checkpoint knows where in the recipe it was
+RECIPE_META = ("phase", "phase_boundary", "phase1_history")
+
+
+def recipe_state(resume) -> dict[str, Any]:
+    """The recipe fields of the newest complete checkpoint under ``resume`` (no tensors read)."""
+    import json
+
+    from frostline.checkpoint import resolve_checkpoint
+
+    state = json.loads((resolve_checkpoint(resume) / "state.json").read_text())
+    return dict(state.get("model_meta") or {})
+
 
 class CheckpointWriter:
     """Saves one checkpoint per epoch into a run directory, keeping the last N and the best."""
@@ -68,7 +81,7 @@ def snapshot(
         "trainable": trainable_state(module),
         "callbacks": cblist.states(),
         "ever_trainable_names": sorted(names[i] for i in ever_trainable if i in names),
-        "model_meta": {"phase": model.meta.get("phase")},
+        "model_meta": {k: model.meta[k] for k in RECIPE_META if k in model.meta},
     }
     if live is not None and live.optimizer is not None:
         opt_tensors, opt_meta = optimizer_state_to_tensors(live.optimizer, names)
@@ -95,8 +108,9 @@ def restore(model, resume, cblist) -> dict[str, Any]:
         module.load_state_dict(weights)
     state = ckpt.state
     apply_trainable_state(module, state["trainable"])
-    if state.get("model_meta", {}).get("phase") is not None:
-        model.meta["phase"] = state["model_meta"]["phase"]
+    model.meta.update(
+        {k: v for k, v in (state.get("model_meta") or {}).items() if k in RECIPE_META}
+    )
     live = model._live
     if live is not None and "optimizer" in state:
         params = dict(module.named_parameters())
