@@ -316,6 +316,7 @@ class Trainer:
                 )
             distributed.end_epoch(model, self.ctx)
         cblist.on_train_end(logs)
+        distributed.barrier(self.ctx)  # ranks leave fit together: no collective left in flight
 
         if frozen_before is not None:
             report = frozen_before.check(model, exempt=self._ever_trainable)

@@ -277,6 +277,8 @@ def main() -> None:
                 run_failure(args.mode, rank, args.out)
         finally:
             if torch.distributed.is_initialized():
+                if args.mode == "two_phase":
+                    torch.distributed.barrier()  # both ranks done before either tears down
                 torch.distributed.destroy_process_group()
 
     job()
