@@ -352,3 +352,24 @@ def test_gradients_flow_through_a_frozen_conv_block(capsys):
     assert not torch.equal(model.layers[0].module.weight, w_first)
     for k, v in body.state_dict().items():  # frozen BatchNorm statistics untouched too
         assert torch.equal(v, w_body[k]), k
+
+
+def test_uncached_dataset_samples_are_read_once_per_epoch():
+    class Counting(torch.utils.data.Dataset):
+        def __init__(self):
+            self.reads = 0
+
+        def __len__(self):
+            return 24
+
+        def __getitem__(self, i):
+            self.reads += 1
+            return torch.full((4,), float(i) / 24), i % 2
+
+    torch.manual_seed(0)
+    model = fl.Sequential([nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)])
+    model.layers[0].trainable = False
+    model.compile("adam", "sparse_categorical_crossentropy")
+    ds = Counting()  # not declared deterministic: no cache, every batch read from the dataset
+    model.fit(ds, epochs=2, batch_size=8, verbose=0)
+    assert ds.reads <= 2 * 24 + 2  # two epochs, plus the 2-sample probe that checks the input

@@ -382,13 +382,7 @@ class Trainer:
             cblist.on_train_batch_begin(step, {})
             self._sync()
             if idx is not None:
-                y = train.targets(idx) if hasattr(train, "targets") else train.gather(idx)[1]
-                xin = runner.cached_inputs("train", idx)
-                if xin is None:
-                    xr, y = train.gather(idx)
-                    xin = self._prefix(_to(xr, device))
-                else:
-                    xin = xin.to(device)
+                xin, y = self._indexed_inputs("train", train, idx, device)
             else:
                 xr, y = batch
                 if not runner.verified:
@@ -423,17 +417,30 @@ class Trainer:
             batch_logs = objective.results()
             self._progress.update(step, batch_logs)
             cblist.on_train_batch_end(step, batch_logs)
-        logs = (
-            distributed.reduce_sums(objective.state(), ctx) if ctx.enabled else objective.results()
-        )
-        if ctx.enabled:
-            local = objective.results()
-            logs.update({k: v for k, v in local.items() if k not in logs})
+        logs = self._epoch_logs(objective)
         if isinstance(train, data_mod.IndexedData) and runner.status.get("train", "").startswith(
             "invalidated"
         ):
             note = f"{runner.status['train']} mid-epoch (had {note})"  # the log says what really happened
         return logs, f"cache: {note}"
+
+    def _indexed_inputs(self, role: str, data, idx: torch.Tensor, device: torch.device):
+        """Inputs at the prefix boundary (from the cache when it can serve them) and targets."""
+        runner = self.runner
+        assert runner is not None
+        cached = runner.cached_inputs(role, idx)
+        if cached is not None:
+            return cached.to(device), data.targets(idx)
+        xr, y = data.gather(idx)
+        return self._prefix(_to(xr, device)), y
+
+    def _epoch_logs(self, objective) -> dict[str, float]:
+        """The epoch's loss and metrics, averaged over all ranks when distributed."""
+        if not self.ctx.enabled:
+            return objective.results()
+        logs = distributed.reduce_sums(objective.state(), self.ctx)
+        logs.update({k: v for k, v in objective.results().items() if k not in logs})
+        return logs
 
     def _verify(self, x: torch.Tensor) -> None:
         runner = self.runner
@@ -489,47 +496,26 @@ class Trainer:
                         world=self.ctx.world,
                     )
                     shard = torch.cat(batches).unique() if self.ctx.enabled else None
-                    if runner is not None:
-                        runner.ensure_cache(
-                            role,
-                            data,
-                            indices=shard,
-                            device=device,
-                            batch_size=max(batch_size, 64),
-                            fingerprint=fp,
-                        )
-                    for idx in batches:
-                        cached = runner.cached_inputs(role, idx) if runner is not None else None
-                        if cached is not None:
-                            y = data.targets(idx)
-                            out = runner.suffix(cached.to(device))
-                        else:
-                            xr, y = data.gather(idx)
-                            out = self._eval_forward(_to(xr, device))
-                        y = _to(y, device)
-                        loss, parts = objective(out, y)
-                        objective.update(out, y, float(loss), parts, len(idx))
+                    runner.ensure_cache(
+                        role,
+                        data,
+                        indices=shard,
+                        device=device,
+                        batch_size=max(batch_size, 64),
+                        fingerprint=fp,
+                    )
+                    inputs = (self._indexed_inputs(role, data, idx, device) for idx in batches)
                 else:
-                    for xr, y in data.batches():
-                        out = self._eval_forward(_to(xr, device))
-                        y = _to(y, device)
-                        loss, parts = objective(out, y)
-                        objective.update(out, y, float(loss), parts, _batch_len(xr))
+                    inputs = ((self._prefix(_to(xr, device)), y) for xr, y in data.batches())
+                for xin, y in inputs:
+                    with _autocast(device, cfg.precision):
+                        out = self._forward(runner.suffix, xin)
+                    y = _to(y, device)
+                    loss, parts = objective(out, y)
+                    objective.update(out, y, float(loss), parts, _batch_len(xin))
         finally:
             module.train(was_training)
-        if self.ctx.enabled:
-            logs = distributed.reduce_sums(objective.state(), self.ctx)
-            logs.update({k: v for k, v in objective.results().items() if k not in logs})
-            return logs
-        return objective.results()
-
-    def _eval_forward(self, x):
-        cfg = self.model._config
-        with _autocast(cfg.device, cfg.precision):
-            runner = self.runner
-            if runner is not None and runner.prefix is not None:
-                return runner.suffix(runner.run_prefix(x))
-            return self._forward(self.model.module, x)
+        return self._epoch_logs(objective)
 
     def evaluate(
         self, x=None, y=None, *, batch_size=None, verbose="auto", return_dict=False, callbacks=None
