@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import frostline as fl
-from frostline.checkpoint import CheckpointManager
+from frostline.io.checkpoint import CheckpointManager
 
 run_dir = sys.argv[1]
 torch.manual_seed(0)

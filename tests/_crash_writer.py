@@ -30,15 +30,15 @@ import traceback
 from pathlib import Path
 
 try:
-    import frostline.checkpoint  # noqa: F401
+    import frostline.io.checkpoint  # noqa: F401
 except ImportError:  # running from a source checkout without installation
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import numpy as np
 import torch
 
-import frostline.atomic
-from frostline.checkpoint import CheckpointManager
+import frostline.io.atomic
+from frostline.io.checkpoint import CheckpointManager
 
 KEEP_LAST = 2
 N = 128 * 1024  # float32 elements per big tensor: 2 x 512 KiB ~ 1 MB per checkpoint
@@ -66,7 +66,7 @@ def tensors_for(epoch: int) -> dict[str, dict[str, torch.Tensor]]:
 def write_forever(directory: str, seed: int) -> None:
     rng = random.Random(seed)
     if rng.random() < 0.5:
-        frostline.atomic._exchange = lambda a, b: False  # force the portable fallback
+        frostline.io.atomic._exchange = lambda a, b: False  # force the portable fallback
     mgr = CheckpointManager(directory, keep_last=KEEP_LAST, keep_best=True)
     latest = mgr.latest()
     epoch = -1 if latest is None else mgr.load(latest).epoch

@@ -1,4 +1,4 @@
-"""Tests for frostline.atomic: atomic writes, directory swaps, safetensors I/O."""
+"""Tests for frostline.io.atomic: atomic writes, directory swaps, safetensors I/O."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from frostline import atomic
-from frostline.atomic import (
+from frostline.io import atomic
+from frostline.io.atomic import (
     CheckpointError,
     atomic_directory,
     atomic_write_bytes,

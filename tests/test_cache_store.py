@@ -1,4 +1,4 @@
-"""Tests for frostline.cache: ActivationStore, fingerprints and CacheKey."""
+"""Tests for frostline.engine.activations: ActivationStore, fingerprints and CacheKey."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from frostline.cache import (
+from frostline.engine.activations import (
     ActivationStore,
     CacheKey,
     data_fingerprint,
@@ -148,7 +148,7 @@ def test_spill_file_not_left_behind_at_exit(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import torch
-        from frostline.cache import ActivationStore
+        from frostline.engine.activations import ActivationStore
         x = torch.randn(6, 3)
         a = ActivationStore.build(torch.exp, [(torch.arange(6), x)], 6, memory_budget_bytes=0)
         b = ActivationStore.build(

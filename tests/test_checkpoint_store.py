@@ -1,4 +1,4 @@
-"""Tests for frostline.checkpoint: CheckpointManager, optimizer/RNG flattening, crashes."""
+"""Tests for frostline.io.checkpoint: CheckpointManager, optimizer/RNG flattening, crashes."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import pytest
 import torch
 from torch import nn
 
-from frostline.atomic import CheckpointError
-from frostline.checkpoint import (
+from frostline.io.atomic import CheckpointError
+from frostline.io.checkpoint import (
     Checkpoint,
     CheckpointManager,
     CheckpointWarning,

@@ -1,6 +1,6 @@
 """The ``frostline`` command line end to end: fit, demo, summary, bad input, --help.
 
-Commands run in-process through ``frostline.cli.main(argv)`` (no interpreter start-up);
+Commands run in-process through ``frostline.app.cli.main(argv)`` (no interpreter start-up);
 one test runs the installed console script in a subprocess.
 """
 
@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from frostline import cli, report
-from frostline.imagefolder import InputError, load_npz, stratified_split
+from frostline.app import cli, report
+from frostline.app.imagefolder import InputError, load_npz, stratified_split
 
 RUN_FILES = {
     "report.md",

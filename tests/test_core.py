@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 import frostline as fl
-from frostline.layer import own_weights
+from frostline.api.layer import own_weights
 
 # ------------------------------------------------------------------------- helpers
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import frostline as fl
-from frostline.checkpoint import CheckpointManager, load_checkpoint
+from frostline.io.checkpoint import CheckpointManager, load_checkpoint
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).with_name("_crash_fit.py")

@@ -11,8 +11,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import frostline as fl
-from frostline import recipes
-from frostline.distill import DistillationModule
+from frostline.workflows import recipes
+from frostline.workflows.distill import DistillationModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

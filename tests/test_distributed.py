@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import frostline as fl
-from frostline import distributed
+from frostline.engine import distributed
 
 SCRIPT = Path(__file__).parent / "dist_scripts" / "fit_job.py"
 TOL = 1e-5  # DDP (2 x batch 8) vs one process (batch 16): only the summation order differs

@@ -1,4 +1,4 @@
-"""Tests for frostline.fuse: verified Conv2d+BatchNorm folded inference copies."""
+"""Tests for frostline.engine.fuse: verified Conv2d+BatchNorm folded inference copies."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-import frostline.fuse as fuse
-from frostline.fuse import InferenceCopy, inference_copy
-from frostline.stages import stages_of
+import frostline.engine.fuse as fuse
+from frostline.engine.fuse import InferenceCopy, inference_copy
+from frostline.engine.stages import stages_of
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 

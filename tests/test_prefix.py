@@ -23,7 +23,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import DataLoader, TensorDataset
 
 import frostline as fl
-from frostline.execution import Runner
+from frostline.engine.runner import Runner
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, no contention
 

@@ -13,7 +13,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import frostline as fl
-from frostline import recipes
+from frostline.workflows import recipes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import frostline as fl
-from frostline.atomic import CheckpointError
+from frostline.io.atomic import CheckpointError
 
 
 def make_model() -> fl.Sequential:

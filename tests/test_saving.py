@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import frostline as fl
-from frostline.atomic import CheckpointError, load_safetensors
+from frostline.io.atomic import CheckpointError, load_safetensors
 
 
 def small_model() -> fl.Sequential:
@@ -129,7 +129,7 @@ def test_save_is_atomic_and_keeps_old_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "m.safetensors"
     m.save(path)
     before = path.read_bytes()
-    import frostline.atomic as atomic
+    import frostline.io.atomic as atomic
 
     def boom(*a, **k):
         raise OSError("disk full")

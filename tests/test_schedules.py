@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import frostline as fl
-from frostline import schedules
+from frostline.workflows import schedules
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

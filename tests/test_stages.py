@@ -1,4 +1,4 @@
-"""Tests for frostline.stages: stage decomposition of common vision models."""
+"""Tests for frostline.engine.stages: stage decomposition of common vision models."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from frostline.stages import Stage, register_stages, stage_parameters, stages_of, verify_stages
+from frostline.engine.stages import (
+    Stage,
+    register_stages,
+    stage_parameters,
+    stages_of,
+    verify_stages,
+)
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

@@ -1,4 +1,4 @@
-"""Tests for frostline.models.zoo (CPU, offline)."""
+"""Tests for frostline.api.zoo (CPU, offline)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
-from frostline.models import zoo
-from frostline.models.zoo import ZooError, available, create_module, data_config, preprocess
+from frostline.api import zoo
+from frostline.api.zoo import ZooError, available, create_module, data_config, preprocess
 
 LITE0 = "efficientnet_lite0"
 CHINA_CLASSES = {497, 698, 442, 663}  # church, palace, bell cote, monastery

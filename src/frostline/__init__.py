@@ -22,15 +22,15 @@ from frostline import (
     stages,
     verify,
 )
-from frostline.callbacks import Callback, History
-from frostline.data import DataError
-from frostline.layer import Layer, LayerList, wrap
-from frostline.model import Model, Sequential
-from frostline.select import Plan, SelectionError
-from frostline.trainer import TrainingError, seed_everything
-from frostline.verify import FrozenWeightsChanged
-
-__version__ = "0.1.0"
+from frostline._version import __version__
+from frostline.api.callbacks import Callback, History
+from frostline.api.layer import Layer, LayerList
+from frostline.api.loading import load_model as _load_model
+from frostline.api.model import Model, Sequential, wrap
+from frostline.api.select import Plan, SelectionError
+from frostline.engine.data import DataError
+from frostline.engine.trainer import TrainingError, seed_everything
+from frostline.engine.verify import FrozenWeightsChanged
 
 
 def load(path, *, trusted_modules=()):
@@ -42,12 +42,11 @@ def load(path, *, trusted_modules=()):
     >>> m.save(p); fl.load(p).count_params()
     6
     """
-    from frostline import saving
-
-    return saving.load_model(path, trusted_modules=trusted_modules)
+    return _load_model(path, trusted_modules=trusted_modules)
 
 
 __all__ = [
+    "__version__",
     "Callback",
     "DataError",
     "FrozenWeightsChanged",

@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import frostline as fl
-from frostline import distributed
+from frostline.engine import distributed
 
 N_TRAIN, N_VAL, FEATURES, CLASSES = 96, 32, 8, 3
 
@@ -123,7 +123,7 @@ class MidEpochToggle(fl.Callback):
 
 def gradual(base):
     try:
-        from frostline.schedules import GradualUnfreezing
+        from frostline.workflows.schedules import GradualUnfreezing
     except ImportError:  # fallback: one more block from the top every 2 epochs from epoch 2
 
         class GradualUnfreezing(fl.Callback):

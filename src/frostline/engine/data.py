@@ -63,7 +63,7 @@ def check_finite_values(t: torch.Tensor, what: str, *, chunk: int = 1 << 22) -> 
     >>> check_finite_values(torch.tensor([[1.0], [float("nan")]]), "x")
     Traceback (most recent call last):
     ...
-    frostline.data.DataError: x contains NaN values (1 in all; first in sample 1)
+    frostline.engine.data.DataError: x contains NaN values (1 in all; first in sample 1)
     """
     flat = t.reshape(-1)
     if all(bool(torch.isfinite(c).all()) for c in flat.split(chunk)):

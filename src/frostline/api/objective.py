@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from frostline import losses as losses_mod
-from frostline import metrics as metrics_mod
+from frostline.api import losses as losses_mod
+from frostline.api import metrics as metrics_mod
 
 
 class Objective:

@@ -680,7 +680,7 @@ def resolve_fit_options(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_demo(ns: argparse.Namespace, argv: Sequence[str]) -> int:
-    from frostline.demo import DemoConfig, run_demo
+    from frostline.app.demo import DemoConfig, run_demo
 
     values: dict[str, Any] = DemoConfig.fast_defaults() if ns.fast else {}
     for key in (
@@ -733,8 +733,8 @@ def cmd_fit(ns: argparse.Namespace, argv: Sequence[str]) -> int:
     import torch
 
     import frostline as fl
-    from frostline import demo, imagefolder, report
-    from frostline.summary import counts
+    from frostline.api.summary import counts
+    from frostline.app import demo, imagefolder, report
 
     t_start, cpu_start = time.perf_counter(), time.process_time()
     spec = opts["model"]
@@ -927,11 +927,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code) if isinstance(e.code, int) else (0 if e.code is None else 2)
     import torch
 
-    from frostline import imagefolder, report
-    from frostline.data import DataError
+    from frostline.api.select import SelectionError
+    from frostline.app import imagefolder, report
+    from frostline.engine.data import DataError
+    from frostline.engine.trainer import TrainingError
     from frostline.models import ZooError
-    from frostline.select import SelectionError
-    from frostline.trainer import TrainingError
 
     bad_input = (
         UsageError,

@@ -1,7 +1,7 @@
 """Layers: Keras-style views over ``torch.nn.Module`` trees.
 
 A :class:`Layer` never copies its module and keeps no freezing state of its own:
-the ``trainable`` flag lives on the module (``module._frostline_trainable``) and in
+the ``trainable`` flag lives on the module (see :mod:`frostline.core.state`) and in
 the parameters' ``requires_grad``, so two wrappers of one module, and plain
 PyTorch code training it, always agree.
 """
@@ -10,23 +10,16 @@ from __future__ import annotations
 
 import difflib
 import re
-import weakref
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, overload
+from typing import overload
 
 import torch
 from torch import nn
 
-from frostline import batchnorm
-
-if TYPE_CHECKING:
-    from frostline.model import Model
-
-_FLAG = "_frostline_trainable"
-
-# module -> weakref(Model): a module wrapped as a Model shows up as that Model when it
-# is a child of another layer (a nested Model is one layer, as in Keras).
-_MODEL_OF: weakref.WeakKeyDictionary[nn.Module, weakref.ReferenceType] = weakref.WeakKeyDictionary()
+from frostline.api import select
+from frostline.core import batchnorm
+from frostline.core.freezing import set_module_trainable
+from frostline.core.state import module_flag, own_weights, tensor_numel, unique_tensors, view_of
 
 
 def snake_case(name: str) -> str:
@@ -35,73 +28,10 @@ def snake_case(name: str) -> str:
     return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", s).lower()
 
 
-def is_weight_buffer(tensor: torch.Tensor | None) -> bool:
-    """Floating-point buffers (BatchNorm running statistics) are weights; integer ones are not."""
-    return tensor is not None and (tensor.is_floating_point() or tensor.is_complex())
-
-
-def own_weights(module: nn.Module) -> list[torch.Tensor]:
-    """The weights a module owns directly: its parameters, then its float buffers."""
-    out: list[torch.Tensor] = [p for p in module.parameters(recurse=False)]
-    out += [b for b in module.buffers(recurse=False) if is_weight_buffer(b)]
-    return out
-
-
-def module_flag(module: nn.Module) -> bool:
-    """The module's own ``trainable`` flag.
-
-    Never set: derived from ``requires_grad`` (False only when it has parameters and
-    none of them requires grad), so a model frozen in plain PyTorch reads as frozen.
-    """
-    flag = module.__dict__.get(_FLAG)
-    if flag is not None:
-        return flag
-    params = list(module.parameters())
-    return not params or any(p.requires_grad for p in params)
-
-
-def set_module_trainable(module: nn.Module, value: bool, *, recurse: bool = True) -> None:
-    """Set the trainable flag (and ``requires_grad``) of ``module`` and, by default, its subtree.
-
-    Freezing also drops ``.grad``: a frozen parameter owns no gradient buffer, so even a
-    stale optimizer in a hand-written loop (any ``zero_grad`` style) cannot move it.
-
-    >>> lin = nn.Linear(2, 2); set_module_trainable(lin, False); lin.weight.requires_grad
-    False
-    """
-    if not isinstance(value, bool):
-        raise TypeError(
-            f"trainable must be a bool (True or False), got {type(value).__name__}: {value!r}"
-        )
-    modules = list(module.modules()) if recurse else [module]
-    for m in modules:
-        m.__dict__[_FLAG] = value
-        for p in m.parameters(recurse=False):
-            p.requires_grad_(value)
-            if not value:
-                p.grad = None
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            batchnorm.install(m)
-
-
-def _unique(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> list[torch.Tensor]:
-    seen: set[int] = set()
-    out = []
-    for t in tensors:
-        if id(t) not in seen:
-            seen.add(id(t))
-            out.append(t)
-    return out
-
-
-def tensor_numel(tensors: Sequence[torch.Tensor]) -> int:
-    return sum(t.numel() for t in tensors)
-
-
 class LayerList(Sequence["Layer"]):
     """Direct children of a layer: indexable (negative too), sliceable, iterable.
 
-    >>> m = wrap(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)))
+    >>> m = Layer(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)))
     >>> [layer.name for layer in m.layers[-2:]]
     ['1', '2']
     """
@@ -208,7 +138,7 @@ class Layer:
     def trainable(self) -> bool:
         """The layer's own flag. Setting it sets every descendant and ``requires_grad``.
 
-        >>> m = wrap(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
+        >>> m = Layer(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
         >>> m.trainable = False; m.layers[1].trainable = True
         >>> m.trainable, len(m.trainable_weights)
         (False, 2)
@@ -221,8 +151,7 @@ class Layer:
 
     # -- structure -----------------------------------------------------------------
     def _child_view(self, name: str, module: nn.Module) -> Layer:
-        ref = _MODEL_OF.get(module)
-        model = ref() if ref is not None else None
+        model = view_of(module)
         if model is not None:
             return model
         path = f"{self._path}.{name}" if self._path else name
@@ -242,7 +171,7 @@ class Layer:
     def get_layer(self, name: str | None = None, index: int | None = None) -> Layer:
         """One descendant by (dotted) ``name`` or by ``index`` among direct children.
 
-        >>> m = wrap(nn.Sequential(nn.Sequential(nn.Linear(2, 2)), nn.ReLU()))
+        >>> m = Layer(nn.Sequential(nn.Sequential(nn.Linear(2, 2)), nn.ReLU()))
         >>> m.get_layer("0.0").class_name, m.get_layer(index=-1).class_name
         ('Linear', 'ReLU')
         """
@@ -273,9 +202,9 @@ class Layer:
         """Every module below that owns weights directly, in registration order.
 
         Deep networks whose direct children are coarse blocks are selected through
-        these (see :mod:`frostline.select`).
+        these (see :mod:`frostline.api.select`).
 
-        >>> m = wrap(nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), nn.Linear(2, 1)))
+        >>> m = Layer(nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), nn.Linear(2, 1)))
         >>> [leaf.path for leaf in m.leaf_layers()]
         ['0.0', '1']
         """
@@ -290,7 +219,7 @@ class Layer:
     @property
     def weights(self) -> list[torch.Tensor]:
         """Parameters and floating-point buffers of the subtree, each tensor once."""
-        return _unique(t for m in self._module.modules() for t in own_weights(m))
+        return unique_tensors(t for m in self._module.modules() for t in own_weights(m))
 
     @property
     def trainable_weights(self) -> list[torch.Tensor]:
@@ -317,7 +246,7 @@ class Layer:
         ``train_bn`` style). ``"inference"``: always running statistics, even while
         trainable (Keras' ``base(x, training=False)`` advice).
 
-        >>> m = wrap(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+        >>> m = Layer(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
         >>> m.set_batchnorm_mode("inference")
         """
         batchnorm.set_mode(self._module, mode)
@@ -326,42 +255,23 @@ class Layer:
     def freeze(self, selector=None, *, dry_run: bool = False):
         """Freeze the leaf layers a selector matches (all when None); returns the plan.
 
-        >>> m = wrap(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
+        >>> m = Layer(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
         >>> from frostline import select
         >>> print(m.freeze(select.first(1), dry_run=True).summary_line())
         freeze first(1): 1 layer(s) change, 6 params
         """
-        from frostline import select
-
         return select.apply(self, selector, False, dry_run=dry_run)
 
     def unfreeze(self, selector=None, *, dry_run: bool = False, learning_rate: float | None = None):
         """Unfreeze the leaf layers a selector matches; optionally give them their own rate.
 
-        >>> m = wrap(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))); m.trainable = False
+        >>> m = Layer(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))); m.trainable = False
         >>> from frostline import select
         >>> _ = m.unfreeze(select.last(1)); len(m.trainable_weights)
         2
         """
-        from frostline import select
-
         return select.apply(self, selector, True, dry_run=dry_run, learning_rate=learning_rate)
 
 
-def wrap(module: nn.Module, name: str | None = None) -> Model:
-    """Wrap any ``torch.nn.Module`` as a frostline :class:`~frostline.model.Model`.
-
-    >>> import frostline as fl
-    >>> model = fl.wrap(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
-    >>> model.count_params()
-    58
-    """
-    from frostline.model import Model
-
-    if isinstance(module, Layer):
-        module = module.module
-    return Model(module, name=name)
-
-
-def _register_model(module: nn.Module, model: Model) -> None:
-    _MODEL_OF[module] = weakref.ref(model)
+class SequentialModule(nn.Sequential):
+    """The module behind ``fl.Sequential`` (a plain ``nn.Sequential`` with named children)."""

@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from frostline.api.model import Model
+
 
 class _LazyTimm:
     """timm, imported on first use: ``import frostline`` stays fast (torchrun workers, CLI)."""
@@ -65,7 +67,7 @@ class _LazyTimm:
 
 timm = _LazyTimm()
 
-__all__ = ["ZooError", "available", "create_module", "data_config", "preprocess"]
+__all__ = ["ZooError", "available", "create_module", "data_config", "preprocess", "pretrained"]
 
 LITE0 = "efficientnet_lite0"
 
@@ -95,7 +97,7 @@ class ZooError(ValueError):
     """A model name, weight file or option the zoo cannot serve.
 
     Example:
-        >>> from frostline.models.zoo import ZooError, create_module
+        >>> from frostline.api.zoo import ZooError, create_module
         >>> try:
         ...     create_module("efficientnet_lite9")
         ... except ZooError as err:
@@ -108,7 +110,7 @@ def available() -> list[str]:
     """Names whose pretrained weights load with no network access.
 
     Example:
-        >>> from frostline.models.zoo import available
+        >>> from frostline.api.zoo import available
         >>> available()
         ['efficientnet_lite0']
     """
@@ -445,7 +447,7 @@ def create_module(
 
     Example:
         >>> import torch
-        >>> from frostline.models.zoo import create_module
+        >>> from frostline.api.zoo import create_module
         >>> model = create_module("efficientnet_lite0", num_classes=10).eval()
         >>> model(torch.zeros(2, 3, 224, 224)).shape
         torch.Size([2, 10])
@@ -484,7 +486,7 @@ def data_config(name: str) -> dict[str, Any]:
     efficientnet_lite0's weights were trained on ``x * 2 - 1``: mean = std = 0.5.
 
     Example:
-        >>> from frostline.models.zoo import data_config
+        >>> from frostline.api.zoo import data_config
         >>> cfg = data_config("efficientnet_lite0")
         >>> cfg["mean"], cfg["std"], cfg["input_size"], cfg["interpolation"]
         ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), (3, 224, 224), 'bicubic')
@@ -561,7 +563,7 @@ def preprocess(
 
     Example:
         >>> import numpy as np
-        >>> from frostline.models.zoo import preprocess
+        >>> from frostline.api.zoo import preprocess
         >>> x = preprocess(np.zeros((300, 400, 3), np.uint8), "efficientnet_lite0")
         >>> x.shape, x.dtype, float(x.min())
         (torch.Size([1, 3, 224, 224]), torch.float32, -1.0)
@@ -610,3 +612,28 @@ def preprocess(
     else:
         x = torch.cat([resize_crop(to_float(a)[None]) for a in batch])
     return ((x - mean) / std).contiguous()
+
+
+def pretrained(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    headless: bool = False,
+    pretrained: bool = True,
+    **timm_kwargs,
+):
+    """A zoo model as a frostline Model (ImageNet weights; EfficientNet-Lite0 works offline).
+
+    ``num_classes=N`` replaces the classifier; ``headless=True`` returns the pooled
+    feature extractor (for ``fl.Sequential([base, head])``).
+    """
+    module = create_module(
+        name, pretrained=pretrained, num_classes=num_classes, headless=headless, **timm_kwargs
+    )
+    model = Model(module, name=name)
+    model.meta["architecture"] = {
+        "kind": "zoo",
+        "name": name,
+        "kwargs": {"num_classes": num_classes, "headless": headless, **timm_kwargs},
+    }
+    return model

@@ -61,7 +61,7 @@ class CheckpointError(ValueError):
     The message always names the offending path and what is wrong with it.
 
     Example:
-        >>> from frostline.atomic import CheckpointError, load_safetensors
+        >>> from frostline.io.atomic import CheckpointError, load_safetensors
         >>> try:
         ...     load_safetensors("/nonexistent/model.safetensors")
         ... except CheckpointError as e:

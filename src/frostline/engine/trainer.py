@@ -19,15 +19,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from frostline import batchnorm, distributed
-from frostline import data as data_mod
-from frostline.callbacks import CallbackList, History, TerminateOnNaN
-from frostline.execution import Runner, fingerprint_of
-from frostline.progress import EpochProgress, resolve_verbose
-from frostline.verify import FrozenWeightsChanged, fingerprint
+from frostline.core import batchnorm
+from frostline.engine import data as data_mod
+from frostline.engine import distributed
+from frostline.engine.callbacks import CallbackList, History
+from frostline.engine.progress import EpochProgress, resolve_verbose
+from frostline.engine.runner import Runner, fingerprint_of
+from frostline.engine.training_state import CheckpointWriter, restore
+from frostline.engine.verify import FrozenWeightsChanged, fingerprint
 
-if TYPE_CHECKING:
-    from frostline.model import Model
+if TYPE_CHECKING:  # the Model drives the trainer; the engine never imports it at run time
+    from frostline.api.model import Model
 
 
 class TrainingError(RuntimeError):
@@ -247,16 +249,12 @@ class Trainer:
         cbs = list(callbacks or [])
         manager = None
         if checkpoint_dir is not None:
-            from frostline.training_state import CheckpointWriter
-
             manager = CheckpointWriter(checkpoint_dir, keep_last=keep_checkpoints)
         cblist = CallbackList([history, *cbs], model)
         model.stop_training = False
         model.history = history
 
         if resume is not None:
-            from frostline.training_state import restore
-
             state = restore(model, resume, cblist)
             initial_epoch = state["epoch"] + 1
             shuffle_seed = state["shuffle_seed"]
@@ -269,7 +267,7 @@ class Trainer:
         self._note_trainable(module)
         train_fp = fingerprint_of(train) if isinstance(train, data_mod.IndexedData) else None
         val_fp = fingerprint_of(val) if isinstance(val, data_mod.IndexedData) else None
-        terminate_on_nan = any(isinstance(cb, TerminateOnNaN) for cb in cbs) or on_nan == "stop"
+        terminate_on_nan = any(cb.stops_on_nan for cb in cbs) or on_nan == "stop"
 
         logs: dict = {}
         cblist.on_train_begin(logs)

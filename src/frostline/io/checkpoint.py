@@ -4,7 +4,7 @@ A checkpoint is a directory ``<run>/epoch-00012/`` holding one safetensors file 
 tensor group (``model.safetensors``, ``optimizer.safetensors``, ``rng.safetensors``,
 ...), ``state.json``, ``metrics.json`` and, written last, ``COMPLETE``: a JSON file
 with the size and SHA-256 of every other file. The directory is built under a
-temp name and renamed into place (:func:`frostline.atomic.atomic_directory`), and
+temp name and renamed into place (:func:`frostline.io.atomic.atomic_directory`), and
 a checkpoint only counts when ``COMPLETE`` is valid and every hash matches, so a
 crash at any moment leaves the previous checkpoints loadable.
 
@@ -34,8 +34,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from frostline.atomic import (
+from frostline.io.atomic import (
     CheckpointError,
     _fsync_dir,
     _parse_safetensors,
@@ -1008,3 +1009,32 @@ class CheckpointManager:
             (2, 10, {'val_loss': 0.1}, True)
         """
         return load_checkpoint(self.directory if path_or_dir is None else path_or_dir)
+
+
+def check_keys(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise listing missing, unexpected and shape-mismatched keys of ``tensors`` against ``module``.
+
+    >>> from torch import nn
+    >>> check_keys(nn.Linear(1, 1), {"weight": torch.zeros(1, 1), "bias": torch.zeros(1)}, "f")
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = sorted(k for k in tensors if k not in own)
+    mismatched = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in tensors and tuple(tensors[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+
+        def show(xs):
+            return (
+                ", ".join(xs[:8]) + (f", ... ({len(xs)} in all)" if len(xs) > 8 else "")
+                if xs
+                else "none"
+            )
+
+        raise CheckpointError(
+            f"{source} does not fit this architecture. Missing keys: {show(missing)}. "
+            f"Unexpected keys: {show(unexpected)}. Shape mismatches: {show(mismatched)}."
+        )

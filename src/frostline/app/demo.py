@@ -32,10 +32,10 @@ import torch
 from torch import nn
 
 import frostline as fl
-from frostline import report
-from frostline.imagefolder import InputError
-from frostline.layer import own_weights
-from frostline.summary import counts
+from frostline.api.summary import counts
+from frostline.app import report
+from frostline.app.imagefolder import InputError
+from frostline.core.state import own_weights
 
 __all__ = [
     "DemoConfig",
@@ -307,10 +307,10 @@ def write_run(
     weights = run_dir / "model.safetensors"
     try:
         model.save(weights)
-    except ModuleNotFoundError as e:  # frostline.saving missing in a partial install
-        if e.name != "frostline.saving":
+    except ModuleNotFoundError as e:  # frostline.api.saving missing in a partial install
+        if e.name != "frostline.api.saving":
             raise
-        from frostline.atomic import save_safetensors
+        from frostline.io.atomic import save_safetensors
 
         save_safetensors(model.module.state_dict(), weights, {"frostline.note": "weights only"})
         record["weights_note"] = "weights only: rebuild the model and call load_weights"

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from frostline.layer import Layer, _unique, own_weights
+from frostline.api.layer import Layer
+from frostline.core.state import module_flag, own_weights, unique_tensors
 
 
 def format_size(nbytes: float) -> str:
@@ -33,7 +34,7 @@ class Counts:
 
 def counts(module: nn.Module) -> Counts:
     """Total / trainable / non-trainable scalars (shared tensors once) and their bytes."""
-    weights = _unique(t for m in module.modules() for t in own_weights(m))
+    weights = unique_tensors(t for m in module.modules() for t in own_weights(m))
     trainable_ids = {id(p) for p in module.parameters() if p.requires_grad}
     param_ids = {id(p) for p in module.parameters()}
     tr = [t for t in weights if id(t) in trainable_ids]
@@ -56,9 +57,8 @@ def counts(module: nn.Module) -> Counts:
 
 def trainable_status(module: nn.Module) -> str:
     """``Y`` (all parameters train), ``N`` (none), ``k/n`` (partly), flag for weightless layers."""
-    from frostline.layer import module_flag
 
-    params = _unique(module.parameters())
+    params = unique_tensors(module.parameters())
     if not params:
         return "Y" if module_flag(module) else "N"
     on = sum(p.requires_grad for p in params)
@@ -110,14 +110,12 @@ def output_shapes(module: nn.Module, modules: Sequence[nn.Module], input_shape) 
 
 
 def _rows(layer: Layer, depth: int | None, expand_nested: bool) -> list[tuple[int, Layer]]:
-    from frostline.model import Model
-
     rows: list[tuple[int, Layer]] = []
 
     def walk(node: Layer, level: int) -> None:
         for child in node.layers:
             rows.append((level, child))
-            nested_model = isinstance(child, Model)
+            nested_model = type(child) is not Layer  # a wrapped nested Model is one layer
             deeper = depth is None or level + 1 < depth
             if deeper and (expand_nested or not nested_model):
                 walk(child, level + 1)

@@ -1,10 +1,10 @@
 """How a training step runs the model: frozen prefix, then the trainable rest.
 
-The model is seen as an ordered list of stages (:mod:`frostline.stages`). The
+The model is seen as an ordered list of stages (:mod:`frostline.engine.stages`). The
 stages before the first one holding a trainable parameter form the *frozen prefix*:
 they run under ``torch.no_grad`` (optionally as a BatchNorm-folded inference copy),
 and when the data is deterministic and the prefix has no active stochastic layer
-their outputs are cached across epochs and fits (:mod:`frostline.cache`). The cache
+their outputs are cached across epochs and fits (:mod:`frostline.engine.activations`). The cache
 key holds the prefix boundary, a fingerprint of the data, the prefix weights'
 version and the prefix modes, so it is rebuilt, never silently stale, when any of
 them changes.
@@ -17,16 +17,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from frostline import batchnorm
-from frostline.cache import (
+from frostline.core import batchnorm
+from frostline.core.state import own_weights
+from frostline.engine.activations import (
     ActivationStore,
     CacheKey,
     content_digest,
     data_fingerprint,
     weights_version,
 )
-from frostline.layer import own_weights
-from frostline.stages import Stage, stages_of, verify_stages
+from frostline.engine.fuse import inference_copy
+from frostline.engine.stages import Stage, stages_of, verify_stages
 
 # Bumped whenever any module (re)registers a parameter, buffer or submodule (assignment
 # included), so per-step checks can reuse the prefix's tensor list until that happens.
@@ -214,8 +215,6 @@ class Runner:
             self._fused_key = key
             self._fused = None
             try:
-                from frostline.fuse import inference_copy
-
                 self._fused = inference_copy(self.prefix, example=x[:4])
             except Exception:
                 self._fused = None

@@ -15,15 +15,19 @@ from typing import Any
 
 import torch
 
-from frostline.checkpoint import (
+from frostline._version import __version__
+from frostline.core.freezing import apply_trainable_state, trainable_state
+from frostline.io.atomic import CheckpointError
+from frostline.io.checkpoint import (
     CheckpointManager,
     capture_rng,
+    check_keys,
     load_checkpoint,
     optimizer_state_from_tensors,
     optimizer_state_to_tensors,
+    resolve_checkpoint,
     restore_rng,
 )
-from frostline.saving import apply_trainable_state, check_keys, trainable_state
 
 #: what a recipe keeps in ``model.meta`` so a checkpoint knows where in the recipe it was
 RECIPE_META = ("phase", "phase_boundary", "phase1_history")
@@ -32,8 +36,6 @@ RECIPE_META = ("phase", "phase_boundary", "phase1_history")
 def recipe_state(resume) -> dict[str, Any]:
     """The recipe fields of the newest complete checkpoint under ``resume`` (no tensors read)."""
     import json
-
-    from frostline.checkpoint import resolve_checkpoint
 
     state = json.loads((resolve_checkpoint(resume) / "state.json").read_text())
     return dict(state.get("model_meta") or {})
@@ -68,7 +70,6 @@ def snapshot(
     model, cblist, *, shuffle_seed: int, ever_trainable: set[int], epoch: int
 ) -> tuple[dict, dict]:
     """``(tensor groups, JSON state)`` describing the run after ``epoch``."""
-    from frostline import __version__
 
     module = model.module
     names = {id(p): n for n, p in module.named_parameters()}
@@ -107,7 +108,10 @@ def restore(model, resume, cblist) -> dict[str, Any]:
     with torch.no_grad():
         module.load_state_dict(weights)
     state = ckpt.state
-    apply_trainable_state(module, state["trainable"])
+    try:
+        apply_trainable_state(module, state["trainable"])
+    except KeyError as e:
+        raise CheckpointError(e.args[0]) from None
     model.meta.update(
         {k: v for k, v in (state.get("model_meta") or {}).items() if k in RECIPE_META}
     )

@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from frostline._version import __version__
+
 #: environment variable: seconds a collective (and start-up) may wait for the other ranks
 TIMEOUT_ENV = "FROSTLINE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
@@ -379,7 +381,6 @@ def check_ranks(module: nn.Module, ctx: DistContext, device: torch.device) -> No
     """Same versions, world size and model structure on every rank; no GPU shared by two ranks."""
     if not ctx.enabled:
         return
-    from frostline import __version__
 
     info = {
         "host": socket.gethostname(),

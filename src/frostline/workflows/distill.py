@@ -39,11 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frostline.callbacks import History
-from frostline.layer import Layer, set_module_trainable
-from frostline.losses import Loss, SparseCategoricalCrossentropy
-from frostline.metrics import Metric
-from frostline.verify import FrozenWeightsChanged, _digest
+from frostline.api.callbacks import History
+from frostline.api.layer import Layer
+from frostline.api.losses import Loss, SparseCategoricalCrossentropy
+from frostline.api.metrics import Metric
+from frostline.api.model import Model
+from frostline.core.freezing import set_module_trainable
+from frostline.core.state import own_flag, set_own_flag
+from frostline.engine.verify import FrozenWeightsChanged, _digest
 
 __all__ = ["DistillationLoss", "DistillationModule", "distill"]
 
@@ -260,7 +263,7 @@ def distill(
     History has ``loss``, ``kl`` (KL(teacher || student) at T=1), ``agreement``
     (student's top-1 equals the teacher's) and, with labels, ``accuracy`` (plus
     ``val_*``). The student is trained in place; the teacher ends bitwise unchanged
-    (else :class:`~frostline.verify.FrozenWeightsChanged`). ``fit_kwargs`` go to
+    (else :class:`~frostline.engine.verify.FrozenWeightsChanged`). ``fit_kwargs`` go to
     ``Model.fit`` (``seed``, ``cache``, ``shuffle``, ...). See the module docstring
     for an example.
     """
@@ -287,8 +290,6 @@ def distill(
             f"student and teacher share {len(shared)} parameter tensor(s); the teacher must stay frozen"
         )
 
-    from frostline.model import Model
-
     hard = y is not None
     y = _labels_or_dummy(x, y, "distill")
     if (
@@ -301,7 +302,7 @@ def distill(
             _labels_or_dummy(validation_data[0], validation_data[1], "validation_data"),
         )
 
-    flags = {m: m.__dict__.get("_frostline_trainable") for m in t_mod.modules()}
+    flags = {m: own_flag(m) for m in t_mod.modules()}
     grads = {p: p.requires_grad for p in t_mod.parameters()}
     was_training = t_mod.training
     before = _digests(t_mod)
@@ -331,10 +332,7 @@ def distill(
         )
     finally:
         for m, flag in flags.items():
-            if flag is None:
-                m.__dict__.pop("_frostline_trainable", None)
-            else:
-                m.__dict__["_frostline_trainable"] = flag
+            set_own_flag(m, flag)
         for p, rg in grads.items():
             p.requires_grad_(rg)
         t_mod.train(was_training)

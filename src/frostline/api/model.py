@@ -11,12 +11,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from frostline import batchnorm
-from frostline import optimizers as optimizers_mod
-from frostline.callbacks import History
-from frostline.layer import Layer, _register_model, snake_case
-from frostline.objective import Objective
-from frostline.summary import format_size, print_summary, render
+from frostline.api import optimizers as optimizers_mod
+from frostline.api import saving
+from frostline.api.callbacks import History
+from frostline.api.layer import Layer, SequentialModule, snake_case
+from frostline.api.objective import Objective
+from frostline.api.summary import counts, format_size, print_summary, render
+from frostline.core import batchnorm
+from frostline.core.state import clear_learning_rates, set_view
+from frostline.engine.live import LiveOptimizer
+from frostline.engine.trainer import Trainer
 
 
 @dataclass
@@ -63,10 +67,10 @@ class Model(Layer):
         super().__init__(
             module, name=name if name is not None else snake_case(type(module).__name__)
         )
-        _register_model(module, self)
+        set_view(module, self)
         batchnorm.install_all(module)
         self._config: CompileConfig | None = None
-        self._live: optimizers_mod.LiveOptimizer | None = None
+        self._live: LiveOptimizer | None = None
         self._trainer = None
         self.stop_training = False
         self.history: History | None = None
@@ -133,9 +137,8 @@ class Model(Layer):
             find_unused_parameters=find_unused_parameters,
             scaler=scaler,
         )
-        for p in self._module.parameters():
-            p.__dict__.pop("_frostline_lr", None)
-        self._live = optimizers_mod.LiveOptimizer(spec, self._module, scheduler=scheduler)
+        clear_learning_rates(self._module)
+        self._live = LiveOptimizer(spec, self._module, scheduler=scheduler)
 
     @property
     def compiled(self) -> bool:
@@ -160,7 +163,6 @@ class Model(Layer):
         self._live.set_learning_rate(value)
 
     def _get_trainer(self):
-        from frostline.trainer import Trainer
 
         if self._trainer is None:
             self._trainer = Trainer(self)
@@ -266,7 +268,6 @@ class Model(Layer):
         return f"Optimizer params: {n:,} ({format_size(self._live.state_bytes())})"
 
     def _savings_line(self) -> str | None:
-        from frostline.summary import counts
 
         c = counts(self._module)
         if not c.frozen_param_bytes:
@@ -285,24 +286,16 @@ class Model(Layer):
     # -- persistence ---------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Weights (safetensors) plus metadata: how to rebuild, trainable state, BatchNorm policy."""
-        from frostline import saving
-
         saving.save_model(self, path)
 
     def load_weights(self, path: str | os.PathLike, *, strict: bool = True) -> None:
         """Load weights (and trainable state) saved by :meth:`save`; a mismatch lists the keys."""
-        from frostline import saving
-
         saving.load_weights(self, path, strict=strict)
 
 
 def _valid_name(name: str) -> str:
     cleaned = re.sub(r"[.\s]", "_", name) or "layer"
     return cleaned
-
-
-class SequentialModule(nn.Sequential):
-    """The module behind :class:`Sequential` (a plain ``nn.Sequential`` with named children)."""
 
 
 class Sequential(Model):
@@ -337,7 +330,7 @@ class Sequential(Model):
         if isinstance(layer, Layer):
             module, name = layer.module, layer.name
             if isinstance(layer, Model):
-                _register_model(module, layer)
+                set_view(module, layer)
         elif isinstance(layer, nn.Module):
             module, name = layer, snake_case(type(layer).__name__)
         else:
@@ -363,3 +356,16 @@ class Sequential(Model):
         delattr(self._module, names[-1])
         self._children = None
         return layer
+
+
+def wrap(module: nn.Module, name: str | None = None) -> Model:
+    """Wrap any ``torch.nn.Module`` as a frostline :class:`Model` (never a copy).
+
+    >>> import frostline as fl
+    >>> model = fl.wrap(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+    >>> model.count_params()
+    58
+    """
+    if isinstance(module, Layer):
+        module = module.module
+    return Model(module, name=name)

@@ -1,0 +1,126 @@
+"""Rebuilding Models from files and import paths: ``fl.load`` and ``fl.saving.build``.
+
+Import paths named by a file are followed only for trusted packages.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+from torch import nn
+
+from frostline.api.layer import SequentialModule
+from frostline.api.model import Model, Sequential
+from frostline.api.saving import TRUSTED, apply_trainable_state, read
+from frostline.api.zoo import create_module
+from frostline.core import batchnorm
+from frostline.io.atomic import CheckpointError
+from frostline.io.checkpoint import check_keys
+
+__all__ = ["build", "load_model"]
+
+
+def _import(target: str, trusted: tuple[str, ...]):
+    if not isinstance(target, str) or target.count(":") != 1:
+        raise CheckpointError(
+            f"bad import path {target!r} in file metadata; expected 'package.module:factory'"
+        )
+    mod_name, attr = target.split(":")
+    root = mod_name.split(".")[0]
+    if root not in trusted:
+        raise CheckpointError(
+            f"the file asks to import {target!r}; frostline does not import code named by a file unless you trust "
+            f"its package: fl.load(path, trusted_modules=[{root!r}]) (trusted now: {', '.join(trusted)})"
+        )
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise CheckpointError(
+            f"the file's architecture names {target!r}, but module {mod_name!r} cannot be imported ({e})"
+        ) from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise CheckpointError(
+                f"the file's architecture names {target!r}, but {mod_name!r} has no attribute {attr!r}"
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise CheckpointError(f"{target!r} is not callable")
+    return obj
+
+
+def _build(recipe: dict, trusted: tuple[str, ...]) -> nn.Module:
+    kind = recipe.get("kind")
+    if kind == "zoo":
+        kwargs = {k: v for k, v in recipe.get("kwargs", {}).items()}
+        return create_module(recipe["name"], pretrained=False, **kwargs)
+    if kind == "import":
+        return _import(recipe["target"], trusted)(
+            *recipe.get("args", []), **recipe.get("kwargs", {})
+        )
+    if kind == "layer":
+        cls_path = recipe["class"]
+        mod_name, _, cls_name = cls_path.rpartition(".")
+        cls = _import(f"{mod_name}:{cls_name}", trusted)
+        return cls(**recipe.get("kwargs", {}))
+    if kind == "sequential":
+        seq = SequentialModule()
+        for entry in recipe["layers"]:
+            seq.add_module(entry["name"], _build(entry["layer"], trusted))
+        return seq
+    raise CheckpointError(f"unknown architecture kind {kind!r} in file metadata")
+
+
+def build(target: str, *args, name: str | None = None, **kwargs):
+    """Build a Model from ``"package.module:factory"`` and remember how, so ``fl.load`` can rebuild it.
+
+    >>> import frostline as fl
+    >>> m = fl.saving.build("torch.nn:Linear", 4, 2)
+    >>> m.meta["architecture"]["target"]
+    'torch.nn:Linear'
+    """
+    root = target.split(".")[0].split(":")[0]
+    module = _import(target, (*TRUSTED, root))(*args, **kwargs)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{target!r} returned {type(module).__name__}, not a torch.nn.Module")
+    model = Model(module, name=name)
+    model.meta["architecture"] = {
+        "kind": "import",
+        "target": target,
+        "args": list(args),
+        "kwargs": kwargs,
+    }
+    return model
+
+
+def load_model(path: str | os.PathLike, *, trusted_modules=()):
+    """Rebuild and load; see :func:`frostline.load`."""
+    if isinstance(trusted_modules, str):
+        trusted_modules = (trusted_modules,)
+    trusted = (*TRUSTED, *trusted_modules)
+    tensors, meta = read(path)
+    recipe = meta.get("architecture")
+    if not recipe:
+        raise CheckpointError(
+            f"{path} does not say how to rebuild its architecture (a custom module): build the model yourself, "
+            "then call model.load_weights(path)"
+        )
+    module = _build(recipe, trusted)
+    if recipe.get("kind") == "sequential" and meta.get("class") == "Sequential":
+        model = Sequential(name=meta.get("name"))
+        for name, child in module.named_children():
+            model.module.add_module(name, child)
+    else:
+        model = Model(module, name=meta.get("name"))
+    if recipe.get("kind") in ("zoo", "import"):
+        model.meta["architecture"] = recipe
+    check_keys(model.module, tensors, str(path))
+    with torch.no_grad():
+        model.module.load_state_dict(tensors)
+    batchnorm.install_all(model.module)
+    if meta.get("trainable"):
+        apply_trainable_state(model.module, meta["trainable"])
+    return model

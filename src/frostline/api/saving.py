@@ -1,0 +1,163 @@
+"""Saving and loading models: safetensors weights plus JSON metadata, never pickle.
+
+The metadata says how to rebuild the architecture (a zoo name, a
+``package.module:factory`` import path with its arguments, or an ``fl.Sequential``
+of standard torch layers), the trainable state of every layer, the BatchNorm
+policy and the frostline version. Nothing in a frostline file can execute code on
+load: an import path is followed only for modules you trust (``frostline``,
+``torch``, ``torchvision``, ``timm`` and what you pass as ``trusted_modules``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from frostline._version import __version__
+from frostline.core import freezing
+from frostline.core.freezing import trainable_state
+from frostline.core.state import module_flag, view_of
+from frostline.io.atomic import CheckpointError, load_safetensors, save_safetensors
+from frostline.io.checkpoint import check_keys
+
+META_KEY = "frostline_model"
+FORMAT = "frostline.model"
+TRUSTED = ("frostline", "torch", "torchvision", "timm")
+_SKIP_ARGS = {"self", "device", "dtype", "args", "kwargs"}
+
+
+# -- trainable state ------------------------------------------------------------------
+def apply_trainable_state(module: nn.Module, state: dict[str, Any]) -> None:
+    """:func:`frostline.core.freezing.apply_trainable_state`, unknown names as a CheckpointError."""
+    try:
+        freezing.apply_trainable_state(module, state)
+    except KeyError as e:
+        raise CheckpointError(e.args[0]) from None
+
+
+# -- architecture recipes -------------------------------------------------------------
+def _jsonable(value):
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    if isinstance(value, tuple | list):
+        items = [_jsonable(v) for v in value]
+        return None if any(i is _NOPE for i in items) else items
+    return _NOPE
+
+
+_NOPE = object()
+
+
+def _layer_recipe(module: nn.Module) -> dict | None:
+    """Constructor arguments of a standard torch layer, read back from its attributes."""
+    model = view_of(module)
+    if model is not None and model.meta.get("architecture"):
+        return model.meta["architecture"]
+    cls = type(module)
+    if isinstance(module, nn.Sequential) and cls.forward is nn.Sequential.forward:
+        children = []
+        for name, child in module.named_children():
+            r = _layer_recipe(child)
+            if r is None:
+                return None
+            children.append({"name": name, "layer": r})
+        return {
+            "kind": "sequential",
+            "class": f"{cls.__module__}.{cls.__qualname__}",
+            "layers": children,
+        }
+    if not cls.__module__.startswith("torch.nn"):
+        return None
+    kwargs = {}
+    for pname, param in inspect.signature(cls.__init__).parameters.items():
+        if pname in _SKIP_ARGS or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if not hasattr(module, pname):
+            if param.default is inspect.Parameter.empty:
+                return None
+            continue
+        value = getattr(module, pname)
+        if pname in ("bias", "affine", "elementwise_affine") and (
+            value is None or isinstance(value, torch.Tensor)
+        ):
+            value = value is not None
+        v = _jsonable(value)
+        if v is _NOPE:
+            return None
+        kwargs[pname] = v
+    return {"kind": "layer", "class": f"{cls.__module__}.{cls.__qualname__}", "kwargs": kwargs}
+
+
+def architecture_of(model) -> dict | None:
+    """How to rebuild ``model`` (None when frostline cannot tell)."""
+    if model.meta.get("architecture"):
+        return model.meta["architecture"]
+    return _layer_recipe(model.module)
+
+
+# -- files --------------------------------------------------------------------------
+def save_model(model, path: str | os.PathLike) -> Path:
+    """Write ``model`` to one safetensors file (atomic), metadata in its header."""
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"model files end in .safetensors, got {str(path)!r}")
+    meta = {
+        "format": FORMAT,
+        "version": 1,
+        "frostline_version": __version__,
+        "name": model.name,
+        "class": type(model).__name__,
+        "architecture": architecture_of(model),
+        "trainable": trainable_state(model.module),
+        "root_trainable": module_flag(model.module),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_safetensors(model.module.state_dict(), path, {META_KEY: json.dumps(meta)})
+
+
+def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and frostline metadata of a model file (errors name the file and the defect)."""
+    tensors, header = load_safetensors(path)
+    raw = header.get(META_KEY)
+    if raw is None:
+        return tensors, {}
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: frostline metadata is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: not a frostline model file (metadata format {meta.get('format') if isinstance(meta, dict) else meta!r})"
+        )
+    return tensors, meta
+
+
+def load_weights(model, path: str | os.PathLike, *, strict: bool = True) -> None:
+    """Load weights (and trainable state, when the file has it) into ``model``."""
+    tensors, meta = read(path)
+    if strict:
+        check_keys(model.module, tensors, str(path))
+    with torch.no_grad():
+        model.module.load_state_dict(tensors, strict=strict)
+    if meta.get("trainable"):
+        apply_trainable_state(model.module, meta["trainable"])
+
+
+__all__ = [
+    "FORMAT",
+    "META_KEY",
+    "TRUSTED",
+    "apply_trainable_state",
+    "architecture_of",
+    "load_weights",
+    "read",
+    "save_model",
+    "trainable_state",
+]

@@ -1,0 +1,1 @@
+"""The command-line app: frostline demo / fit / summary, run directories and reports."""

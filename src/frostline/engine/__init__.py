@@ -1,0 +1,1 @@
+"""The engine: the training loop, the frozen-part runner and its activation cache, data, distribution, the live optimizer."""

@@ -1,0 +1,237 @@
+"""The live optimizer: one torch optimizer that never goes stale.
+
+Before every step it brings its parameter groups in line with the model's trainable
+set: frozen parameters leave it (state dropped, ``.grad`` cleared, so they stay
+bitwise unchanged), newly trainable ones join it fresh (with their own learning rate
+when one was given), and the rest keep their state. It is built from any *spec*: an
+object with ``learning_rate`` and ``build(groups) -> torch.optim.Optimizer``
+(:mod:`frostline.api.optimizers`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from frostline.core.state import learning_rate_of
+
+
+class OptimizerSpec(Protocol):
+    """What the live optimizer needs from a spec."""
+
+    learning_rate: float
+
+    def build(self, groups: list[dict]) -> torch.optim.Optimizer: ...
+
+
+def _named_trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    seen: set[int] = set()
+    out = []
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append((name, p))
+    return out
+
+
+SchedulerFactory = Callable[[torch.optim.Optimizer], "torch.optim.lr_scheduler.LRScheduler"]
+
+
+class LiveOptimizer:
+    """One torch optimizer kept in step with a module's trainable set.
+
+    Call :meth:`sync` before each step (``fit`` does); it returns True when the set
+    changed. ``scale`` multiplies every group's base rate (what Keras-style
+    ``LearningRateScheduler``/``ReduceLROnPlateau`` change); a torch scheduler factory
+    is rebuilt and fast-forwarded whenever groups change, so LambdaLR/OneCycleLR
+    keep working as layers are unfrozen.
+
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    >>> from frostline.api.optimizers import Adam
+    >>> live = LiveOptimizer(Adam(0.01), net)
+    >>> live.sync(), len(live.optimizer.param_groups[0]["params"])
+    (True, 4)
+    >>> _ = net[0].requires_grad_(False); live.sync(), len(live.optimizer.param_groups[0]["params"])
+    (True, 2)
+    """
+
+    def __init__(
+        self, spec: OptimizerSpec, module: nn.Module, *, scheduler: SchedulerFactory | None = None
+    ) -> None:
+        self.spec = spec
+        self.module = module
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scale = 1.0
+        self.scheduler_factory = scheduler
+        self.scheduler = None
+        self.scheduler_steps = 0
+        self._key: tuple[int, ...] | None = None
+        self.names: dict[int, str] = {}
+        self.changes = 0
+
+    # -- the trainable set ---------------------------------------------------------
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return _named_trainable(self.module)
+
+    def _lr_for(self, p: torch.Tensor) -> float:
+        own = learning_rate_of(p)
+        return float(self.spec.learning_rate if own is None else own)
+
+    def sync(self) -> bool:
+        """Bring the optimizer in line with ``requires_grad``; True if anything changed."""
+        current = self.trainable()
+        key = tuple(id(p) for _, p in current)
+        if key == self._key:
+            return False
+        if not current:
+            raise RuntimeError(
+                "nothing to train: every parameter of the model is frozen (trainable_weights is empty). "
+                "Unfreeze something first, e.g. model.trainable = True or model.unfreeze(fl.select.last(5))."
+            )
+        self.names = {id(p): n for n, p in current}
+        wanted = {id(p) for _, p in current}
+        if self.optimizer is None:
+            self.optimizer = self.spec.build(self._groups([p for _, p in current]))
+        else:
+            self._remove(wanted)
+            present = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+            new = [p for _, p in current if id(p) not in present]
+            for group in self._groups(new):
+                self.optimizer.add_param_group(group)
+        self._key = key
+        self.changes += 1
+        self._rebuild_scheduler()
+        return True
+
+    def _groups(self, params: Iterable[torch.Tensor]) -> list[dict]:
+        by_lr: dict[float, list] = {}
+        for p in params:
+            by_lr.setdefault(self._lr_for(p), []).append(p)
+        return [{"params": ps, "lr": lr * self.scale, "base_lr": lr} for lr, ps in by_lr.items()]
+
+    def _remove(self, wanted: set[int]) -> None:
+        opt = self.optimizer
+        assert opt is not None
+        for group in opt.param_groups:
+            keep = []
+            for p in group["params"]:
+                if id(p) in wanted:
+                    keep.append(p)
+                else:
+                    opt.state.pop(p, None)
+                    p.grad = None
+            group["params"] = keep
+        opt.param_groups[:] = [g for g in opt.param_groups if g["params"]]
+
+    def regroup(self) -> bool:
+        """Put every parameter in the group of its own rate (after per-parameter rates changed).
+
+        Optimizer state is kept. Returns True when the groups changed.
+
+        >>> from frostline.api.optimizers import Adam
+        >>> from frostline.core.state import set_learning_rate
+        >>> net = nn.Linear(2, 1); live = LiveOptimizer(Adam(0.01), net); _ = live.sync()
+        >>> set_learning_rate(net.weight, 0.001)
+        >>> live.regroup(), sorted(g["lr"] for g in live.optimizer.param_groups)
+        (True, [0.001, 0.01])
+        """
+        opt = self.optimizer
+        if opt is None:
+            return False
+        default = self.spec.learning_rate
+        if all(
+            self._lr_for(p) == g.get("base_lr", default)
+            for g in opt.param_groups
+            for p in g["params"]
+        ):
+            return False
+        template = {
+            k: v
+            for k, v in opt.param_groups[0].items()
+            if k not in ("params", "lr", "base_lr", "initial_lr")
+        }
+        by_lr: dict[float, list] = {}
+        for g in opt.param_groups:
+            for p in g["params"]:
+                by_lr.setdefault(self._lr_for(p), []).append(p)
+        opt.param_groups.clear()
+        for lr, params in by_lr.items():
+            opt.add_param_group(
+                {**template, "params": params, "lr": lr * self.scale, "base_lr": lr}
+            )
+        self._rebuild_scheduler()
+        return True
+
+    # -- learning rates ------------------------------------------------------------
+    @property
+    def learning_rate(self) -> float:
+        """The spec's rate times the current scale (what schedules report)."""
+        return self.spec.learning_rate * self.scale
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Set the headline rate; every group keeps its ratio to it (discriminative rates survive)."""
+        if (
+            not isinstance(lr, int | float)
+            or isinstance(lr, bool)
+            or not math.isfinite(lr)
+            or lr < 0
+        ):
+            raise ValueError(f"learning rate must be a finite number >= 0, got {lr!r}")
+        self.scale = lr / self.spec.learning_rate if self.spec.learning_rate else 1.0
+        if self.optimizer is not None:
+            for g in self.optimizer.param_groups:
+                g["lr"] = g.get("base_lr", self.spec.learning_rate) * self.scale
+
+    def _rebuild_scheduler(self) -> None:
+        if self.scheduler_factory is None or self.optimizer is None:
+            return
+        for g in self.optimizer.param_groups:
+            g.pop("initial_lr", None)
+            g["lr"] = g.get("base_lr", self.spec.learning_rate) * self.scale
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.scheduler = self.scheduler_factory(self.optimizer)
+            for _ in range(self.scheduler_steps):
+                self.scheduler.step()
+
+    def scheduler_step(self) -> None:
+        if self.scheduler is not None:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
+                self.scheduler.step()
+            self.scheduler_steps += 1
+
+    # -- stepping ------------------------------------------------------------------
+    def step(self) -> None:
+        assert self.optimizer is not None, "call sync() before step()"
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def state_numel(self) -> int:
+        """Scalars held in optimizer state (Keras' 'Optimizer params')."""
+        if self.optimizer is None:
+            return 0
+        return sum(
+            v.numel()
+            for st in self.optimizer.state.values()
+            for v in st.values()
+            if isinstance(v, torch.Tensor) and v.dim() > 0
+        )
+
+    def state_bytes(self) -> int:
+        if self.optimizer is None:
+            return 0
+        return sum(
+            v.numel() * v.element_size()
+            for st in self.optimizer.state.values()
+            for v in st.values()
+            if isinstance(v, torch.Tensor) and v.dim() > 0
+        )

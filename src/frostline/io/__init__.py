@@ -1,0 +1,1 @@
+"""Persistence: atomic files and directories, safetensors I/O, the checkpoint directory format."""

@@ -1,0 +1,1 @@
+"""Workflows built on the model API: two-phase recipes, freezing schedules, distillation."""
