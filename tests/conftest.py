@@ -15,7 +15,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import torch._dynamo  # noqa: E402, F401
 
 # Scripts run as subprocesses by the tests (crash loops, torchrun workers) must never be imported.
-collect_ignore_glob = ["_*.py", "dist_scripts/*"]
+collect_ignore_glob = ["_*.py", "*/_*.py", "*/dist_scripts/*"]
 
 
 @pytest.fixture(scope="module")

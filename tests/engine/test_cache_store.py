@@ -24,7 +24,7 @@ from frostline.engine.activations import (
     weights_version,
 )
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def _prefix() -> torch.nn.Module:

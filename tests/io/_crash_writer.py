@@ -1,10 +1,10 @@
-"""Checkpoint writer that tests/test_checkpoint_store.py kills with SIGKILL.
+"""Checkpoint writer that tests/io/test_checkpoint_store.py kills with SIGKILL.
 
-``python tests/_crash_writer.py write <seed> <directory>`` is one writer: it prints
+``python tests/io/_crash_writer.py write <seed> <directory>`` is one writer: it prints
 ``ready`` once imported, resumes from ``CheckpointManager.latest()`` and saves ~1 MB
 checkpoints back to back until it is killed.
 
-``python tests/_crash_writer.py serve`` imports frostline/torch once, prints ``ready``,
+``python tests/io/_crash_writer.py serve`` imports frostline/torch once, prints ``ready``,
 then reads commands from stdin:
 
 * ``start <seed> <directory>`` forks a fresh writer process and prints ``pid <pid>``.
@@ -32,7 +32,7 @@ from pathlib import Path
 try:
     import frostline.io.checkpoint  # noqa: F401
 except ImportError:  # running from a source checkout without installation
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 import numpy as np
 import torch

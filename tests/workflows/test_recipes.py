@@ -370,7 +370,7 @@ def test_forgetting_report_arguments():
 
 def test_docs_recipes_examples_run(capsys):
     """Every code block of docs/recipes.md runs, in order, in one namespace."""
-    doc = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
+    doc = Path(__file__).resolve().parents[2] / "docs" / "recipes.md"
     blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
     assert len(blocks) >= 7
     ns: dict = {}

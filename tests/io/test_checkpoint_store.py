@@ -638,7 +638,7 @@ def _env() -> dict[str, str]:
 
 
 class _Server:
-    """Drives tests/_crash_writer.py (a warm process that forks writer children)."""
+    """Drives tests/io/_crash_writer.py (a warm process that forks writer children)."""
 
     def __init__(self) -> None:
         env = _env()

@@ -1,4 +1,4 @@
-"""Trains with checkpoints forever (resuming when it can); tests/test_crash_fit.py SIGKILLs it."""
+"""Trains with checkpoints forever (resuming when it can); tests/engine/test_crash_fit.py SIGKILLs it."""
 
 import sys
 
