@@ -6,6 +6,8 @@ import json
 import os
 import pickle
 import stat
+import subprocess
+import sys
 
 import pytest
 import safetensors.torch
@@ -423,3 +425,39 @@ def test_random_flips_anywhere_error_or_identical(fuzz_file, data):
     p = d / "any.safetensors"
     p.write_bytes(mutated)
     _load_or_error(p)
+
+
+def test_new_files_and_dirs_follow_the_umask_without_reading_it(tmp_path, monkeypatch):
+    """The kernel applies the umask; frostline never calls os.umask (a process-wide setting)."""
+    import frostline.io.atomic as atomic_mod
+
+    def no_umask(*_a):
+        raise AssertionError("os.umask must not be called: it changes the whole process")
+
+    old = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", no_umask)
+        atomic_mod.atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_mod.atomic_directory(tmp_path / "run") as d:
+            (d / "f").write_text("y")
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(tmp_path / "run").st_mode) == 0o750
+
+
+def test_import_calls_no_umask():
+    """`import frostline` never calls os.umask (reading it means setting it, process-wide)."""
+    code = (
+        "import os\n"
+        "def boom(*a):\n"
+        "    raise SystemExit('os.umask called at import')\n"
+        "os.umask = boom\n"
+        "import frostline\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (
+        out.stderr[-2000:] + out.stdout[-500:]
+    )

@@ -34,7 +34,6 @@ import secrets
 import shutil
 import stat
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -72,9 +71,6 @@ class CheckpointError(ValueError):
 
 # --------------------------------------------------------------------------- helpers
 
-# Read the process umask once (os.umask can only be read by setting it).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[A-Za-z0-9_]+$")
 
@@ -121,22 +117,52 @@ def _remove(path: PathLike) -> None:
             os.unlink(path)
 
 
+def _create_temp_file(parent: Path, prefix: str) -> tuple[int, str]:
+    """A new file with a random name, opened O_EXCL with mode 0o666 less the umask.
+
+    Unlike ``tempfile.mkstemp`` (always 0o600), the kernel applies the process umask,
+    so nothing here needs to read (and so briefly change) it.
+    """
+    for _ in range(100):
+        name = os.path.join(parent, prefix + secrets.token_hex(6))
+        try:
+            return os.open(
+                name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666
+            ), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a unique temp file in {parent}")
+
+
+def _create_temp_dir(parent: Path, prefix: str) -> Path:
+    """A new directory with a random name, mode 0o777 less the umask (see :func:`_create_temp_file`)."""
+    for _ in range(100):
+        path = parent / (prefix + secrets.token_hex(6))
+        try:
+            os.mkdir(path, 0o777)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a unique temp directory in {parent}")
+
+
 def _write_chunks_atomic(path: PathLike, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
     """Shared implementation of the atomic file writers (chunks avoid one big copy)."""
     path = Path(path)
     parent = path.parent
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
+        mode: int | None = stat.S_IMODE(os.stat(path).st_mode)
     except FileNotFoundError:
-        mode = 0o666 & ~_UMASK
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.tmp-")
+        mode = None  # a new file: created 0o666 and the kernel applies the process umask
+    fd, tmp = _create_temp_file(parent, f".{path.name}.tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -293,10 +319,9 @@ def atomic_directory(final_path: PathLike) -> Iterator[Path]:
     if final.name in ("", ".", ".."):
         raise ValueError(f"atomic_directory needs a path with a final name, got {final_path!r}")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    tmp = _create_temp_dir(final.parent, f".{final.name}.tmp-")
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_UMASK)
         _fsync_tree(tmp)
         _move_into_place(tmp, final)
     except BaseException:
