@@ -1,0 +1,966 @@
+"""The frozen part of any model, found from its dataflow graph.
+
+:func:`trace` records a model's forward as a ``torch.fx`` graph: first with
+module-level symbolic tracing (``torch.nn`` layers and timm's no-trace modules stay
+``call_module`` nodes, so BatchNorm policy hooks and Conv+BN folding keep working; a
+submodule that cannot be traced becomes a leaf of its own), and where that fails with
+``torch.export`` (ATen-level; how Hugging Face models trace). Python bools such as
+``self.training`` are baked into a trace, so a trace belongs to one set of module modes.
+
+:func:`partition` marks every value that depends only on the inputs, frozen parameters
+and buffers, and takes the *frontier*: the frozen, per-sample tensors that trainable
+computation (or the output) consumes, one tensor or several (skips, attention masks).
+It returns a frozen ``GraphModule`` (inputs -> tuple of frontier tensors) and a
+trainable module (frontier tensors -> the model's output) that hold the user's own
+submodules and ``nn.Parameter`` objects by reference, so the optimizer, saving and the
+user's module see one set of weights. Frozen values that are not per-sample tensors
+(shapes, constants computed from frozen weights, non-batch-first tensors) are recomputed
+on the trainable side instead of being cached.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 2), nn.Linear(4, 2)
+    ...     def forward(self, x):
+    ...         h = torch.relu(self.a(x))
+    ...         return self.head(h) + self.b(h)
+    >>> net = Net()
+    >>> net.a.requires_grad_(False); net.b.requires_grad_(False)  # doctest: +ELLIPSIS
+    Linear(...)
+    Linear(...)
+    >>> x = torch.randn(3, 4)
+    >>> part = partition(trace(net, x))
+    >>> part.boundary
+    ('relu', 'b')
+    >>> torch.allclose(part.trainable(*part.frozen(x)), net(x))
+    True
+    >>> any(p is net.head.weight for p in part.trainable.parameters())  # the user's own
+    True
+"""
+
+from __future__ import annotations
+
+import inspect
+import keyword
+import math
+import operator
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+__all__ = [
+    "GraphError",
+    "Partition",
+    "Traced",
+    "call_model",
+    "inputs_of",
+    "mode_key",
+    "partition",
+    "stochastic_module",
+    "trace",
+]
+
+
+class GraphError(RuntimeError):
+    """The model could not be traced or partitioned; ``str(err)`` says why."""
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def inputs_of(module: nn.Module, x: Any) -> tuple[tuple[str, ...], tuple[Any, ...], bool]:
+    """How ``module`` takes the batch ``x``: (argument names, values, as keywords).
+
+    A dict whose keys the module's ``forward`` accepts is passed as keyword arguments
+    (``input_ids`` + ``attention_mask``), a tuple as positional arguments, anything else
+    (a tensor, a list, a dict the forward takes as one argument) as one argument.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> names, values, kw = inputs_of(nn.Linear(2, 2), torch.zeros(1, 2))
+        >>> names, kw
+        (('input',), False)
+    """
+    params = _forward_params(module)
+    if isinstance(x, Mapping) and _accepts_keywords(params, list(x)):
+        return tuple(str(k) for k in x), tuple(x.values()), True
+    if isinstance(x, tuple):
+        values = tuple(x)
+    else:
+        values = (x,)
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = tuple(positional[: len(values)])
+    if len(names) < len(values):
+        names += tuple(f"input_{i}" for i in range(len(names), len(values)))
+    return names, values, False
+
+
+def call_model(module: nn.Module, x: Any) -> Any:
+    """Call ``module`` with the batch ``x`` as :func:`inputs_of` reads it.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> call_model(nn.Linear(2, 3), torch.zeros(4, 2)).shape
+        torch.Size([4, 3])
+    """
+    names, values, kw = inputs_of(module, x)
+    if kw:
+        return module(**dict(zip(names, values)))
+    return module(*values)
+
+
+def _forward_params(module: nn.Module) -> list[inspect.Parameter]:
+    try:
+        return list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return []
+
+
+def _accepts_keywords(params: list[inspect.Parameter], keys: list) -> bool:
+    if not keys or not all(isinstance(k, str) for k in keys):
+        return False
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return True
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return set(keys) <= named
+
+
+def mode_key(module: nn.Module) -> tuple[bool, ...]:
+    """Every submodule's ``training`` flag: a trace is valid for one such key.
+
+    Example:
+        >>> from torch import nn
+        >>> mode_key(nn.Sequential(nn.Linear(1, 1)).eval())
+        (False, False)
+    """
+    return tuple(m.training for m in module.modules())
+
+
+# --------------------------------------------------------------------------- tracing
+
+
+def _timm_leaves() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+    try:
+        from timm.layers._fx import get_notrace_functions, get_notrace_modules
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return (), ()
+    fns = tuple(f for f in get_notrace_functions() if callable(f))
+    return tuple(get_notrace_modules()), fns
+
+
+class _Tracer(fx.Tracer):
+    """Module-level tracer: torch.nn layers, timm no-trace modules and ``extra`` are leaves."""
+
+    def __init__(self, extra_leaves: set[str]) -> None:
+        leaves, fns = _timm_leaves()
+        super().__init__(autowrap_functions=fns)
+        self.timm_leaves = leaves
+        self.extra_leaves = extra_leaves
+        self.stack: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.extra_leaves:
+            return True
+        if self.timm_leaves and isinstance(m, self.timm_leaves):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: Any, kwargs: Any) -> Any:
+        path = self.path_of_module(m)
+        self.stack.append(path)
+        out = super().call_module(m, forward, args, kwargs)
+        self.stack.pop()
+        return out
+
+
+class _Root(nn.Module):
+    """Holds the user's model as ``model``; its generated forward takes named inputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+
+def _root_for(module: nn.Module, names: tuple[str, ...], kw: bool) -> _Root:
+    for n in names:
+        if not n.isidentifier() or keyword.iskeyword(n) or n in ("self", "model"):
+            raise GraphError(f"input name {n!r} is not usable as an argument name")
+    call = ", ".join(f"{n}={n}" for n in names) if kw else ", ".join(names)
+    src = f"def forward(self, {', '.join(names)}):\n    return self.model({call})\n"
+    scope: dict[str, Any] = {}
+    exec(compile(src, "<frostline.graph>", "exec"), scope)  # noqa: S102 - fixed template
+    cls = type("TracedModel", (_Root,), {"forward": scope["forward"]})
+    return cls(module)
+
+
+@dataclass
+class Traced:
+    """One trace of a model, valid for the module modes in ``modes``.
+
+    ``gm`` computes ``model(*inputs)`` from the flat inputs named ``input_names``;
+    ``out_spec`` (export traces) turns the graph's flat outputs back into the model's
+    output structure. ``meta`` maps node names to ``(kind, per_sample_shape)`` learned
+    from two probe batches: kind ``"batch"`` (a tensor with the batch along dim 0),
+    ``"tensor"`` (another tensor) or ``"other"``.
+    """
+
+    module: nn.Module
+    gm: fx.GraphModule
+    backend: str
+    input_names: tuple[str, ...]
+    keywords: bool
+    modes: tuple[bool, ...]
+    out_spec: Any = None
+    meta: dict[str, tuple[str, tuple[int, ...] | None]] = field(default_factory=dict)
+    leaves: tuple[str, ...] = ()
+    example: tuple[Any, ...] | None = None
+
+    def flat(self, x: Any) -> tuple[Any, ...]:
+        """The batch ``x`` as this trace's flat inputs."""
+        names, values, _ = inputs_of(self.module, x)
+        if names != self.input_names:
+            raise GraphError(f"inputs {names} differ from the traced inputs {self.input_names}")
+        return values
+
+    def run(self, x: Any) -> Any:
+        """The traced forward (for checks)."""
+        out = self.gm(*self.flat(x))
+        return out if self.out_spec is None else pytree.tree_unflatten(out, self.out_spec)
+
+
+def trace(module: nn.Module, example: Any, *, max_leaves: int = 32) -> Traced:
+    """Trace ``module`` as called with ``example`` (one batch of at least one sample).
+
+    Tries module-level ``torch.fx`` first, making a submodule that fails to trace a leaf
+    (up to ``max_leaves`` times), then ``torch.export`` with a dynamic batch dimension.
+    The trace is checked against the real forward on ``example`` (and on one sample
+    fewer) and probed for which values are per-sample tensors.
+
+    Raises:
+        GraphError: neither tracer reproduced the model; the message says why.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> t = trace(nn.Sequential(nn.Linear(3, 4), nn.ReLU()), torch.randn(3, 3))
+        >>> t.backend, t.input_names
+        ('fx', ('input',))
+    """
+    names, values, kw = inputs_of(module, example)
+    batch = _batch_size(values)
+    if batch is None or batch < 1:
+        raise GraphError("the inputs hold no tensor with a batch dimension")
+    errors = []
+    for backend in ("fx", "export"):
+        try:
+            t = _trace_fx(module, names, kw, max_leaves) if backend == "fx" else None
+            if t is None:
+                t = _trace_export(module, names, values, kw)
+            _probe(t, values)
+            return t
+        except GraphError as e:
+            errors.append(f"{backend}: {e}")
+        except Exception as e:  # any tracer failure means: try the next, else fall back
+            errors.append(f"{backend}: {type(e).__name__}: {_short(e)}")
+    raise GraphError("; ".join(errors))
+
+
+def _short(e: BaseException, limit: int = 160) -> str:
+    s = str(e).strip().splitlines()
+    line = s[0] if s else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _trace_fx(module: nn.Module, names: tuple[str, ...], kw: bool, max_leaves: int) -> Traced:
+    root = _root_for(module, names, kw)
+    leaves: set[str] = set()
+    for _ in range(max_leaves + 1):
+        tracer = _Tracer(leaves)
+        try:
+            graph = tracer.trace(root)
+        except Exception as e:
+            inner = [p for p in tracer.stack if p not in leaves]
+            if not inner or inner[-1] in ("", "model"):
+                raise GraphError(f"{type(e).__name__}: {_short(e)}") from e
+            leaves.add(inner[-1])
+            continue
+        gm = fx.GraphModule(root, graph)
+        return Traced(module, gm, "fx", names, kw, mode_key(module), leaves=tuple(sorted(leaves)))
+    raise GraphError(f"more than {max_leaves} submodules could not be traced")
+
+
+def _trace_export(module: nn.Module, names: tuple[str, ...], values: tuple, kw: bool) -> Traced:
+    from torch.export import Dim
+
+    batch = Dim("batch", min=1)
+    shapes = [{0: batch} if isinstance(v, Tensor) and v.dim() >= 1 else None for v in values]
+    flags = [(m, m.training) for m in module.modules()]
+    with _restored_state(module):
+        if kw:
+            ep = torch.export.export(
+                module,
+                (),
+                dict(zip(names, values)),
+                dynamic_shapes=dict(zip(names, shapes)),
+                strict=False,
+            )
+        else:
+            ep = torch.export.export(
+                module, tuple(values), dynamic_shapes=tuple(shapes), strict=False
+            )
+    for m, t in flags:  # export may flip modes while tracing
+        m.training = t
+    gm = ep.module()
+    # a flat graph: the pytree (de)serialisation of ep.module() is done by Traced.run
+    out_spec = gm._out_spec if hasattr(gm, "_out_spec") else None
+    flat = fx.GraphModule(gm, _flat_graph(gm.graph))
+    _check_shared_weights(module, flat)
+    return Traced(module, flat, "export", names, kw, mode_key(module), out_spec=out_spec)
+
+
+def _flat_graph(graph: fx.Graph) -> fx.Graph:
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in graph.nodes:
+        if n.op == "output":
+            g.output(pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, n.args[0]))
+        else:
+            env[n] = g.node_copy(n, lambda a: env[a])
+    return g
+
+
+def _check_shared_weights(module: nn.Module, gm: nn.Module) -> None:
+    own = {id(t) for t in (*module.parameters(), *module.buffers())}
+    for name, p in gm.named_parameters():
+        if id(p) not in own:
+            raise GraphError(f"the exported graph holds a copy of parameter {name!r}")
+
+
+class _restored_state:
+    """Buffers and RNG put back as they were (probes must not change the model)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.buffers = [(b, b.detach().clone()) for b in self.module.buffers()]
+        devices = sorted({b.device.index for b in self.buffers_devices() if b.type == "cuda"})
+        self.rng = torch.random.fork_rng(devices=devices)
+        self.rng.__enter__()
+
+    def buffers_devices(self) -> set[torch.device]:
+        return {t.device for t in (*self.module.parameters(), *self.module.buffers())}
+
+    def __exit__(self, *exc: object) -> None:
+        self.rng.__exit__(None, None, None)
+        with torch.no_grad():
+            for b, saved in self.buffers:
+                if b.shape == saved.shape and not torch.equal(b, saved):
+                    b.copy_(saved)
+
+
+def _batch_size(values: Iterable[Any]) -> int | None:
+    for v in pytree.tree_leaves(list(values)):
+        if isinstance(v, Tensor) and v.dim() >= 1:
+            return int(v.shape[0])
+    return None
+
+
+def _take(values: tuple, rows: Tensor) -> tuple:
+    return tuple(
+        pytree.tree_map(
+            lambda v: v[rows.to(v.device)] if isinstance(v, Tensor) and v.dim() else v, v
+        )
+        for v in values
+    )
+
+
+def _probe_rows(batch: int) -> tuple[Tensor, Tensor]:
+    return torch.arange(3) % batch, torch.arange(2) % batch
+
+
+def _probe(t: Traced, values: tuple) -> None:
+    """Check the trace against the model on two batch sizes; learn which nodes are per-sample."""
+    batch = _batch_size(values)
+    assert batch is not None
+    runs = []
+    for rows in _probe_rows(batch):
+        inputs = _take(values, rows)
+        if t.example is None:
+            t.example = inputs  # three samples: what partition() checks frontiers on
+        with _restored_state(t.module), torch.no_grad():
+            ref = call_model(
+                t.module, inputs if not t.keywords else dict(zip(t.input_names, inputs))
+            )
+        with _restored_state(t.module), torch.no_grad():
+            rec = _Recorder(t.gm)
+            out = rec.run(*inputs)
+        if t.out_spec is not None:
+            out = pytree.tree_unflatten(out, t.out_spec)
+        if not same_outputs(ref, out):
+            raise GraphError("the traced graph does not reproduce the model's output")
+        runs.append((len(rows), rec.values))
+    (b1, v1), (b2, v2) = runs
+    meta: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+    for name, a in v1.items():
+        b = v2.get(name)
+        if isinstance(a, Tensor) and isinstance(b, Tensor):
+            if (
+                a.dim() >= 1
+                and a.shape[0] == b1
+                and b.shape[0] == b2
+                and a.shape[1:] == b.shape[1:]
+            ):
+                meta[name] = ("batch", tuple(a.shape[1:]))
+            else:
+                meta[name] = ("tensor", None)
+        else:
+            meta[name] = ("other", None)
+    t.meta = meta
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a graph and keeps a small summary (tensors as empty stand-ins) of every value."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.values[n.name] = (
+            torch.empty(out.shape, device="meta", dtype=out.dtype)
+            if isinstance(out, Tensor)
+            else None
+        )
+        return out
+
+
+def same_outputs(ref: Any, y: Any, rtol: float = 1e-4, atol: float = 1e-5) -> bool:
+    """Tensors, or dicts/lists/tuples/ModelOutputs of them, equal within tolerance.
+
+    Example:
+        >>> import torch
+        >>> same_outputs({"a": torch.ones(2)}, {"a": torch.ones(2)})
+        True
+        >>> same_outputs(torch.ones(2), torch.zeros(2))
+        False
+    """
+    if isinstance(ref, Tensor):
+        if not isinstance(y, Tensor) or ref.shape != y.shape or ref.dtype != y.dtype:
+            return False
+        if not ref.is_floating_point() and not ref.is_complex():
+            return bool(torch.equal(ref, y))
+        return bool(torch.allclose(ref, y, rtol=rtol, atol=atol, equal_nan=True))
+    if isinstance(ref, Mapping):
+        return (
+            isinstance(y, Mapping)
+            and list(ref) == list(y)
+            and all(same_outputs(ref[k], y[k], rtol, atol) for k in ref)
+        )
+    if isinstance(ref, list | tuple):
+        return (
+            isinstance(y, list | tuple)
+            and len(ref) == len(y)
+            and all(same_outputs(a, b, rtol, atol) for a, b in zip(ref, y))
+        )
+    return ref == y if isinstance(ref, int | float | bool | str | type(None)) else False
+
+
+# ------------------------------------------------------------------------ partition
+
+_RANDOM_FUNCTIONS: frozenset = frozenset(
+    {
+        torch.bernoulli,
+        torch.rand,
+        torch.rand_like,
+        torch.randn,
+        torch.randn_like,
+        torch.randint,
+        torch.randint_like,
+        torch.randperm,
+        torch.normal,
+        torch.multinomial,
+        torch.poisson,
+    }
+)
+_DROPOUT_FUNCTIONS: dict[Any, tuple[int, str, bool]] = {
+    # function: (position of the training flag, its keyword, its default)
+    F.dropout: (2, "training", True),
+    F.dropout1d: (2, "training", True),
+    F.dropout2d: (2, "training", True),
+    F.dropout3d: (2, "training", True),
+    F.alpha_dropout: (2, "training", False),
+    F.feature_alpha_dropout: (2, "training", False),
+    torch.dropout: (2, "train", True),
+    torch.alpha_dropout: (2, "train", True),
+    torch.feature_dropout: (2, "train", True),
+}
+_RANDOM_METHODS = frozenset(
+    {"bernoulli", "bernoulli_", "uniform_", "normal_", "exponential_", "random_", "geometric_"}
+    | {"cauchy_", "log_normal_"}
+)
+_INPLACE_OPERATORS = frozenset(
+    {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv}
+    | {operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor}
+    | {operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
+)
+
+
+def stochastic_module(m: nn.Module) -> str | None:
+    """Why a call of ``m`` (a leaf of the graph) is not a pure function of its input.
+
+    Example:
+        >>> from torch import nn
+        >>> stochastic_module(nn.Dropout(0.5))
+        'Dropout'
+        >>> stochastic_module(nn.Dropout(0.5).eval()) is None
+        True
+    """
+    for sub in m.modules():
+        bn = isinstance(sub, nn.modules.batchnorm._NormBase)
+        if bn and sub.running_mean is None:
+            return f"{type(sub).__name__} in batch-statistics mode (no running statistics)"
+        if not sub.training:
+            continue
+        if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p > 0:
+            return type(sub).__name__
+        if (
+            type(sub).__name__ in ("DropPath", "StochasticDepth")
+            and float(getattr(sub, "drop_prob", getattr(sub, "p", 0)) or 0) > 0
+        ):
+            return type(sub).__name__
+        if bn and sub.track_running_stats and not _runs_inference(sub):
+            return f"{type(sub).__name__} in batch-statistics mode"
+    return None
+
+
+def _runs_inference(m: nn.Module) -> bool:
+    """A BatchNorm whose policy makes it use running statistics even in train mode."""
+    try:
+        from frostline.batchnorm import runs_inference  # the policy, where it is installed
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(runs_inference(m))
+
+
+def _arg(n: fx.Node, pos: int, name: str, default: Any) -> Any:
+    if name in n.kwargs:
+        return n.kwargs[name]
+    return n.args[pos] if len(n.args) > pos else default
+
+
+def _random_op(n: fx.Node, root: nn.Module) -> str | None:
+    """Why node ``n`` draws random numbers (None when it does not)."""
+    if n.op == "call_module":
+        return stochastic_module(root.get_submodule(str(n.target)))
+    if n.op == "call_method":
+        return f"Tensor.{n.target}" if n.target in _RANDOM_METHODS else None
+    if n.op != "call_function":
+        return None
+    t = n.target
+    if t in _DROPOUT_FUNCTIONS:
+        pos, name, default = _DROPOUT_FUNCTIONS[t]
+        p = _arg(n, 1, "p", 0.5)
+        return getattr(t, "__name__", str(t)) if _arg(n, pos, name, default) and p != 0 else None
+    if t is F.scaled_dot_product_attention:
+        return (
+            "scaled_dot_product_attention(dropout_p > 0)" if _arg(n, 4, "dropout_p", 0.0) else None
+        )
+    if t in _RANDOM_FUNCTIONS:
+        return getattr(t, "__name__", str(t))
+    if getattr(t, "__name__", "") == "stochastic_depth":  # torchvision.ops
+        return "stochastic_depth" if _arg(n, 3, "training", True) and _arg(n, 1, "p", 0) else None
+    if isinstance(t, torch._ops.OpOverload):
+        base = t.name()
+        if base in (
+            "aten::dropout",
+            "aten::native_dropout",
+            "aten::feature_dropout",
+            "aten::alpha_dropout",
+        ):
+            return base if _arg(n, 2, "train", True) and _arg(n, 1, "p", 0) else None
+        if base in (
+            "aten::batch_norm",
+            "aten::_native_batch_norm_legit",
+            "aten::native_batch_norm",
+        ):
+            return f"{base} in batch-statistics mode" if _batchnorm_trains(n, base) else None
+        if base == "aten::_native_batch_norm_legit_no_training":
+            return None
+        if base == "aten::scaled_dot_product_attention":
+            return base if _arg(n, 4, "dropout_p", 0.0) else None
+        if torch.Tag.nondeterministic_seeded in t.tags:
+            return base
+    return None
+
+
+def _batchnorm_trains(n: fx.Node, base: str) -> bool:
+    pos = {
+        "aten::batch_norm": 5,
+        "aten::native_batch_norm": 5,
+        "aten::_native_batch_norm_legit": 5,
+    }[base]
+    if base == "aten::_native_batch_norm_legit" and len(n.args) == 6:  # no running stats overload
+        return True
+    return bool(_arg(n, pos, "training", True))
+
+
+def _inplace(n: fx.Node, root: nn.Module) -> bool:
+    """Whether ``n`` writes into its first argument."""
+    if n.op == "call_method":
+        name = str(n.target)
+        return name.endswith("_") and not name.endswith("__")
+    if n.op == "call_module":
+        return bool(getattr(root.get_submodule(str(n.target)), "inplace", False))
+    if n.op == "call_function":
+        if n.target in _INPLACE_OPERATORS or n.kwargs.get("inplace") is True:
+            return True
+        t = n.target
+        if isinstance(t, torch._ops.OpOverload):
+            return any(
+                a.alias_info is not None and a.alias_info.is_write for a in t._schema.arguments
+            )
+    return False
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass
+class Partition:
+    """A model split at the frontier of its frozen part.
+
+    ``frozen`` maps the flat inputs to a tuple of frontier tensors (``None`` when nothing
+    is frozen: then ``trainable`` takes the flat inputs); ``trainable`` maps those tensors
+    to the model's output. ``boundary`` names each frontier tensor (the module that made
+    it, ``#op`` for a function inside a module, ``input:NAME`` for a raw input).
+    ``random`` says why the frozen part draws random numbers, ``stateful`` why it writes
+    to state, ``mixes_samples`` which frontier rows depend on other samples of the batch
+    (all ``None`` when the frontier can be cached per sample), and
+    ``frozen_modules`` lists the modules all of whose computation is frozen.
+    """
+
+    traced: Traced
+    frozen: fx.GraphModule | None
+    trainable: nn.Module
+    boundary: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    random: str | None
+    stateful: str | None
+    mixes_samples: str | None
+    frozen_modules: tuple[str, ...]
+    frozen_nodes: int
+    trainable_nodes: int
+
+    def run_frozen(self, x: Any) -> tuple[Any, ...]:
+        """The frontier tensors for the batch ``x`` (no autograd recording)."""
+        values = self.traced.flat(x)
+        if self.frozen is None:
+            return values
+        with torch.no_grad():
+            return tuple(self.frozen(*values))
+
+
+class _Trainable(nn.Module):
+    """Frontier tensors -> the model's output, with the model's own modules and weights."""
+
+    def __init__(self, gm: fx.GraphModule, out_spec: Any) -> None:
+        super().__init__()
+        self.graph_module = gm
+        self.out_spec = out_spec
+
+    def forward(self, *frontier: Any) -> Any:
+        out = self.graph_module(*frontier)
+        return out if self.out_spec is None else pytree.tree_unflatten(out, self.out_spec)
+
+
+def partition(traced: Traced) -> Partition:
+    """Split ``traced`` at the frontier of what depends only on inputs and frozen weights.
+
+    Frozen means: no trainable (``requires_grad``) parameter flows into the value.
+
+    Raises:
+        GraphError: a value the trainable part needs cannot be handed over (an input
+            that is not a per-sample tensor) or the split would reorder a write into a
+            frozen value that trainable computation reads first.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> net[0].requires_grad_(False)  # doctest: +ELLIPSIS
+        Linear(...)
+        >>> part = partition(trace(net, torch.randn(3, 4)))
+        >>> part.boundary, part.shapes
+        (('1',), ((4,),))
+    """
+    gm = traced.gm
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    dep_in: dict[fx.Node, bool] = {}
+    train: dict[fx.Node, bool] = {}
+    for n in nodes:
+        ins = n.all_input_nodes
+        if n.op == "placeholder":
+            dep_in[n], train[n] = True, False
+        elif n.op == "get_attr":
+            v = _fetch(gm, str(n.target))
+            dep_in[n], train[n] = False, isinstance(v, Tensor) and v.requires_grad
+        elif n.op == "output":
+            continue
+        else:
+            dep_in[n] = any(dep_in[i] for i in ins)
+            train[n] = any(train[i] for i in ins)
+            if n.op == "call_module":
+                m = gm.get_submodule(str(n.target))
+                train[n] = train[n] or any(p.requires_grad for p in m.parameters())
+    frozen_side = {n for n in nodes if n.op != "output" and dep_in[n] and not train[n]}
+    out_node = next(n for n in nodes if n.op == "output")
+
+    # what the frozen part does besides computing values
+    random = stateful = None
+    for n in nodes:
+        if n not in frozen_side:
+            continue
+        random = random or _random_op(n, gm)
+        if stateful is None and _inplace(n, gm) and n.args:
+            root_arg = _alias_root(n.args[0])
+            if isinstance(root_arg, fx.Node) and root_arg.op == "get_attr":
+                stateful = f"{n.name} writes into {root_arg.target}"
+
+    # a write into a frozen value must not move ahead of a trainable read of it
+    for n in nodes:
+        if n in frozen_side and _inplace(n, gm) and n.args:
+            target = n.args[0]
+            if isinstance(target, fx.Node) and any(
+                u not in frozen_side and order[u] < order[n] for u in target.users
+            ):
+                raise GraphError(f"{n.name} writes in place into a value the trainable part reads")
+
+    forced: set[fx.Node] = set()
+    mixes = None
+    for _attempt in range(4):
+        frontier, pulled = _frontier(traced, nodes, frozen_side, forced, gm)
+        frontier.sort(key=order.__getitem__)
+        frozen_gm = None
+        if frontier and any(n.op != "placeholder" for n in frontier):
+            frozen_gm = _frozen_module(gm, nodes, frozen_side, frontier, pulled)
+        if frozen_gm is None or random is not None or stateful is not None:
+            break
+        # a cached frontier row must depend on its own sample only (not arange(batch) etc.)
+        bad = _batch_dependent(frozen_gm, traced, frontier)
+        if not bad:
+            mixes = None
+            break
+        mixes = ", ".join(_describe(gm, n) for n in bad)
+        forced |= set(bad)
+    if frozen_gm is None:
+        frontier = [n for n in nodes if n.op == "placeholder"]  # nothing frozen to hand over
+        pulled = set()
+    trainable_side = [
+        n for n in nodes if n.op != "output" and (n not in frozen_side or n in pulled)
+    ]
+    trainable_gm = _trainable_module(gm, trainable_side, frontier, out_node, frozen_gm is None)
+    frozen_computed = [n for n in nodes if n in frozen_side and n not in pulled]
+    return Partition(
+        traced=traced,
+        frozen=frozen_gm,
+        trainable=_Trainable(trainable_gm, traced.out_spec),
+        boundary=tuple(_describe(gm, n) for n in frontier) if frozen_gm is not None else (),
+        shapes=tuple(traced.meta.get(n.name, ("", ()))[1] or () for n in frontier)
+        if frozen_gm is not None
+        else (),
+        random=random,
+        stateful=stateful,
+        mixes_samples=mixes,
+        frozen_modules=_frozen_modules(gm, nodes, frozen_side, pulled),
+        frozen_nodes=sum(1 for n in frozen_computed if n.op not in ("placeholder", "get_attr"))
+        if frozen_gm is not None
+        else 0,
+        trainable_nodes=sum(1 for n in trainable_side if n.op not in ("placeholder", "get_attr")),
+    )
+
+
+def _frontier(
+    traced: Traced,
+    nodes: list[fx.Node],
+    frozen_side: set[fx.Node],
+    forced: set[fx.Node],
+    gm: fx.GraphModule,
+) -> tuple[list[fx.Node], set[fx.Node]]:
+    """The frozen values handed over (per-sample tensors) and those recomputed after them."""
+    work = [n for n in nodes if n in frozen_side and any(u not in frozen_side for u in n.users)]
+    frontier: list[fx.Node] = []
+    pulled: set[fx.Node] = set()
+    while work:
+        n = work.pop()
+        if n in pulled or n in frontier:
+            continue
+        kind = traced.meta.get(n.name, ("other", None))[0]
+        if n.op == "placeholder" or (kind == "batch" and n not in forced and not _inplace(n, gm)):
+            if n.op == "placeholder" and kind != "batch":
+                raise GraphError(f"input {n.target!r} is not a per-sample tensor")
+            frontier.append(n)
+            continue
+        pulled.add(n)  # recomputed on the trainable side
+        work.extend(i for i in n.all_input_nodes if i in frozen_side)
+    return frontier, pulled
+
+
+def _batch_dependent(
+    frozen_gm: fx.GraphModule, traced: Traced, frontier: list[fx.Node]
+) -> list[fx.Node]:
+    """Frontier values whose row for a sample changes with the other samples in the batch."""
+    example = traced.example
+    if example is None:
+        return []
+    with _restored_state(traced.module), torch.no_grad():
+        a = frozen_gm(*example)
+        b = frozen_gm(*_take(example, torch.tensor([1, 2])))
+    return [
+        n
+        for n, x, y in zip(frontier, a, b)
+        if n.op != "placeholder" and not same_outputs(x[1:], y, rtol=1e-3, atol=1e-4)
+    ]
+
+
+def _alias_root(a: Any) -> Any:
+    """Follow views (``view``, ``getitem``, ...) back to the value they alias."""
+    views = {"view", "reshape", "transpose", "permute", "squeeze", "unsqueeze", "flatten", "expand"}
+    while (
+        isinstance(a, fx.Node)
+        and a.args
+        and (
+            (a.op == "call_method" and a.target in views)
+            or (a.op == "call_function" and a.target in (operator.getitem, torch.flatten))
+        )
+    ):
+        a = a.args[0]
+    return a
+
+
+def _copy_into(g: fx.Graph, n: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node:
+    return g.node_copy(n, lambda a: env[a])
+
+
+def _frozen_module(
+    gm: fx.GraphModule,
+    nodes: list[fx.Node],
+    frozen_side: set[fx.Node],
+    frontier: list[fx.Node],
+    pulled: set[fx.Node],
+) -> fx.GraphModule:
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    needed: set[fx.Node] = set()
+    # the frontier, frozen writes and checks (nodes nobody reads), and what they read
+    stack = list(frontier) + [
+        n for n in nodes if n in frozen_side and n not in pulled and not n.users
+    ]
+    while stack:
+        n = stack.pop()
+        if n in needed:
+            continue
+        needed.add(n)
+        stack.extend(n.all_input_nodes)
+    for n in nodes:
+        if n in needed:
+            env[n] = _copy_into(g, n, env)
+    g.output(tuple(env[n] for n in frontier))
+    return fx.GraphModule(gm, g)
+
+
+def _trainable_module(
+    gm: fx.GraphModule,
+    trainable_side: list[fx.Node],
+    frontier: list[fx.Node],
+    out_node: fx.Node,
+    raw_inputs: bool,
+) -> fx.GraphModule:
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, n in enumerate(frontier):
+        env[n] = g.placeholder(n.name if raw_inputs else f"frontier_{i}")
+        env[n].meta = dict(n.meta)
+    for n in trainable_side:
+        if n in env:
+            continue
+        if n.op == "placeholder":
+            continue  # an unused raw input (handed over only when needed)
+        env[n] = _copy_into(g, n, env)
+    g.output(pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, out_node.args[0]))
+    return fx.GraphModule(gm, g)
+
+
+def _scope(n: fx.Node) -> list[str]:
+    stack = n.meta.get("nn_module_stack") or {}
+    paths = [str(v[0]) if isinstance(v, tuple) else str(v) for v in stack.values()]
+    if n.op == "call_module":
+        paths.append(str(n.target))
+    return paths
+
+
+def _strip(path: str) -> str:
+    return path[len("model.") :] if path.startswith("model.") else ("" if path == "model" else path)
+
+
+def _describe(gm: fx.GraphModule, n: fx.Node) -> str:
+    if n.op == "placeholder":
+        return f"input:{n.target}"
+    if n.op == "call_module":
+        return _strip(str(n.target))
+    scope = [p for p in map(_strip, _scope(n)) if p]
+    op = getattr(n.target, "__name__", None) or str(n.target).split(".")[-1]
+    return f"{scope[-1]}#{op}" if scope else op
+
+
+def _frozen_modules(
+    gm: fx.GraphModule, nodes: list[fx.Node], frozen_side: set[fx.Node], pulled: set[fx.Node]
+) -> tuple[str, ...]:
+    """Modules every node of which runs in the frozen part (for inference-mode runs)."""
+    state: dict[str, bool] = {}
+    for n in nodes:
+        if n.op in ("placeholder", "output", "get_attr"):
+            continue
+        frozen = n in frozen_side and n not in pulled
+        for p in _scope(n):
+            state[p] = state.get(p, True) and frozen
+    return tuple(sorted(_strip(p) for p, ok in state.items() if ok and _strip(p)))
+
+
+def describe_boundary(names: Iterable[str]) -> str:
+    """One line for logs: ``'layer3' + 'input:attention_mask'``.
+
+    Example:
+        >>> describe_boundary(["layer3", "input:mask"])
+        "'layer3' + 'input:mask'"
+    """
+    return " + ".join(repr(n) for n in names) or "(none)"
+
+
+def nbytes_per_sample(part: Partition, dtypes: Iterable[torch.dtype]) -> int:
+    """Bytes one sample's frontier takes in the given dtypes.
+
+    Example:
+        >>> nbytes_per_sample.__name__
+        'nbytes_per_sample'
+    """
+    return sum(
+        math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in zip(part.shapes, dtypes)
+    )

@@ -1,0 +1,370 @@
+"""The frozen part from the dataflow graph (frostline.engine.graph), on many architectures.
+
+For each model (tiny configs, random init): freeze all but the head (phase 1) or all but
+the last few weights (phase 2), trace, partition, and check that
+* ``trainable(*frozen(x))`` equals the model's forward (eval; train where nothing random),
+* the trainable part holds the user's own Parameter objects (``p is q``),
+* the frozen part is non-trivial and its frontier is per-sample.
+"""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from frostline import batchnorm
+from frostline.engine.graph import (
+    GraphError,
+    call_model,
+    inputs_of,
+    partition,
+    same_outputs,
+    trace,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class SkipShared(nn.Module):
+    """Skips and one layer used twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.shared = nn.Linear(8, 8)
+        self.mid = nn.Linear(8, 8)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        a = torch.relu(self.inp(x))
+        b = self.shared(a)
+        c = self.shared(torch.relu(self.mid(b)) + a)
+        return self.head(torch.cat([b, c], 1))
+
+
+def hf_bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+def hf_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    cfg = GPT2Config(
+        vocab_size=100,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        num_labels=3,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        use_cache=False,
+    )
+    return GPT2ForSequenceClassification(cfg)
+
+
+def images() -> torch.Tensor:
+    return torch.randn(4, 3, 32, 32)
+
+
+def tokens() -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, 100, (4, 12))
+    mask = torch.ones(4, 12, dtype=torch.long)
+    mask[0, 9:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+ARCHS = {
+    "timm_vit": (
+        lambda: timm.create_model(
+            "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=3
+        ),
+        images,
+    ),
+    "timm_convnext": (
+        lambda: timm.create_model(
+            "convnext_atto", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=3
+        ),
+        images,
+    ),
+    "timm_resnet": (lambda: timm.create_model("resnet10t", num_classes=3), images),
+    "timm_efficientnet": (lambda: timm.create_model("efficientnet_b0", num_classes=3), images),
+    "timm_mobilenetv3": (
+        lambda: timm.create_model("mobilenetv3_small_050", num_classes=3),
+        images,
+    ),
+    "timm_regnet": (lambda: timm.create_model("regnetx_002", num_classes=3), images),
+    "tv_resnet18": (lambda: torchvision.models.resnet18(num_classes=3), images),
+    "tv_mobilenet_v3_small": (
+        lambda: torchvision.models.mobilenet_v3_small(num_classes=3),
+        images,
+    ),
+    "tv_efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(num_classes=3), images),
+    "tv_densenet": (
+        lambda: torchvision.models.DenseNet(
+            growth_rate=8, block_config=(2, 2), num_init_features=8, num_classes=3
+        ),
+        images,
+    ),
+    "tv_squeezenet": (lambda: torchvision.models.squeezenet1_1(num_classes=3), images),
+    "hf_bert": (hf_bert, tokens),
+    "hf_gpt2": (hf_gpt2, tokens),
+    "skip_shared": (SkipShared, lambda: torch.randn(4, 6)),
+}
+
+
+def freeze_all_but_last(model: nn.Module, k: int) -> None:
+    params = list(model.parameters())
+    model.requires_grad_(False)
+    for p in params[-k:]:
+        p.requires_grad_(True)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("phase", [1, 2])
+def test_partition_reproduces_the_model(arch: str, phase: int) -> None:
+    torch.manual_seed(0)
+    build, data = ARCHS[arch]
+    model, x = build(), data()
+    freeze_all_but_last(model, 2 if phase == 1 else 6)
+    batchnorm.install_all(model)  # as fit does: frozen BatchNorm uses running statistics
+    own = {id(p) for p in model.parameters()}
+    for training in (False, True):
+        model.train(training)
+        part = partition(trace(model, x))
+        assert part.frozen is not None, f"{arch}: no frozen part"
+        assert part.frozen_nodes > part.trainable_nodes or phase == 2
+        # the trainable part holds the user's own weights, the trainable ones among them
+        mine = list(part.trainable.parameters())
+        assert all(id(p) in own for p in mine)
+        assert {id(p) for p in model.parameters() if p.requires_grad} <= {id(p) for p in mine}
+        frontier = part.run_frozen(x)
+        assert all(not t.requires_grad for t in frontier if isinstance(t, torch.Tensor))
+        assert all(t.shape[0] == 4 for t in frontier)
+        if training and part.random is not None:
+            continue  # random masks are drawn in another order; checked in eval mode
+        torch.manual_seed(1)
+        ref = call_model(model, x)
+        torch.manual_seed(1)
+        out = part.trainable(*frontier)
+        assert same_outputs(ref, out), f"{arch} phase {phase} training={training}"
+        if part.random is None and part.stateful is None:
+            assert part.mixes_samples is None, part.mixes_samples
+
+
+def test_phase_one_frontier_is_the_pooled_features() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    freeze_all_but_last(model, 2)
+    part = partition(trace(model, images()))
+    assert part.boundary == ("flatten",) and part.shapes == ((512,),)
+    freeze_all_but_last(model, 5)  # layer4.1.conv2, layer4.1.bn2, fc
+    part = partition(trace(model, images()))
+    # the residual input and bn1 (its in-place ReLU is shared, so it is recomputed after)
+    assert part.boundary == ("layer4.0#add", "layer4.1.bn1")
+
+
+def test_gradients_reach_the_users_parameters() -> None:
+    torch.manual_seed(0)
+    model = SkipShared()
+    freeze_all_but_last(model, 2)
+    x = torch.randn(5, 6)
+    part = partition(trace(model, x))
+    part.trainable(*part.run_frozen(x)).sum().backward()
+    assert model.head.weight.grad is not None
+    assert all(p.grad is None for p in model.shared.parameters())
+
+
+def test_shared_layer_trainable_in_one_use_is_trainable_in_both() -> None:
+    torch.manual_seed(0)
+    model = SkipShared()
+    model.requires_grad_(False)
+    model.shared.requires_grad_(True)
+    model.head.requires_grad_(True)
+    x = torch.randn(5, 6)
+    part = partition(trace(model, x))
+    assert part.boundary == ("relu",)  # right below the first use of the shared layer
+    assert same_outputs(part.trainable(*part.run_frozen(x)), model(x))
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow in a submodule: that submodule becomes a leaf."""
+
+    class Gate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.lin(x)
+            return -self.lin(x)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(4, 4)
+        self.gate = self.Gate()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.gate(torch.relu(self.stem(x))))
+
+
+def test_untraceable_submodule_becomes_a_leaf() -> None:
+    torch.manual_seed(0)
+    model = Branchy()
+    freeze_all_but_last(model, 2)
+    x = torch.randn(4, 4)
+    t = trace(model, x)
+    assert t.backend == "fx" and t.leaves == ("model.gate",)
+    part = partition(t)
+    assert part.boundary == ("gate",)
+    assert same_outputs(part.trainable(*part.run_frozen(x)), model(x))
+
+
+class RootBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        if y.sum() > 0:
+            return y
+        return -y
+
+
+def test_untraceable_root_raises_with_both_reasons() -> None:
+    with pytest.raises(GraphError, match="fx: .*export: "):
+        trace(RootBranch(), torch.randn(3, 4))
+
+
+class InplaceHazard(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f, self.head, self.g = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        a = self.f(x)
+        t = self.head(a)  # reads a before the frozen in-place write below
+        a.mul_(2)
+        return t + self.g(a)
+
+
+def test_inplace_write_after_a_trainable_read_is_refused() -> None:
+    model = InplaceHazard()
+    model.requires_grad_(False)
+    model.head.requires_grad_(True)
+    with pytest.raises(GraphError, match="in place"):
+        partition(trace(model, torch.randn(3, 4)))
+
+
+class BatchPosition(nn.Module):
+    """A frozen value that depends on the sample's position in the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.f(x)
+        pos = torch.arange(x.shape[0], dtype=h.dtype)
+        return self.head(h) + pos[:, None]
+
+
+def test_batch_position_values_are_recomputed_not_cached() -> None:
+    torch.manual_seed(0)
+    model = BatchPosition()
+    model.f.requires_grad_(False)
+    x = torch.randn(5, 4)
+    part = partition(trace(model, x))
+    assert part.mixes_samples is None
+    assert part.boundary == ("input:x", "f")  # x.shape[0] is recomputed from the raw input
+    # rows of the frontier depend on their sample only: a cache served in another order is exact
+    front = part.run_frozen(x)
+    order = torch.tensor([3, 1, 4])
+    assert same_outputs(part.trainable(*(t[order] for t in front)), model(x[order]))
+
+
+class Noisy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(nn.functional.dropout(self.f(x), 0.5, training=self.training))
+
+
+def test_functional_dropout_in_the_frozen_part_is_random_in_train_mode_only() -> None:
+    model = Noisy()
+    model.f.requires_grad_(False)
+    x = torch.randn(3, 4)
+    assert partition(trace(model.train(), x)).random == "dropout"
+    assert partition(trace(model.eval(), x)).random is None
+
+
+def test_batchnorm_in_batch_statistics_mode_is_flagged() -> None:
+    model = nn.Sequential(
+        nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2)
+    )
+    model[:2].requires_grad_(False)
+    part = partition(trace(model.eval(), torch.randn(3, 4)))
+    assert part.random is not None and "batch-statistics" in part.random
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 4)
+        self.num = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, ids, feats):
+        return self.head(self.emb(ids).mean(1) + self.num(feats))
+
+
+def test_several_positional_inputs_and_token_ids() -> None:
+    torch.manual_seed(0)
+    model = TwoInputs()
+    model.emb.requires_grad_(False)
+    model.num.requires_grad_(False)
+    x = (torch.randint(0, 20, (4, 5)), torch.randn(4, 3))
+    names, _, kw = inputs_of(model, x)
+    assert names == ("ids", "feats") and not kw
+    part = partition(trace(model, x))
+    assert part.boundary == ("add",)
+    assert same_outputs(part.trainable(*part.run_frozen(x)), model(*x))
+
+
+def test_dict_inputs_are_keywords_when_forward_takes_them() -> None:
+    class Kw(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(2, 2)
+
+        def forward(self, left, right=None):
+            return self.a(left) + right
+
+    class OneDict(nn.Module):
+        def forward(self, batch):
+            return batch["left"]
+
+    x = {"left": torch.ones(2, 2), "right": torch.ones(2, 2)}
+    assert inputs_of(Kw(), x)[2] is True
+    assert inputs_of(OneDict(), x)[2] is False
+    assert call_model(OneDict(), x) is x["left"]
