@@ -15,7 +15,7 @@ import torch
 import torchvision
 from torch import nn
 
-from frostline import batchnorm
+from frostline.core import batchnorm
 from frostline.engine.graph import (
     GraphError,
     call_model,

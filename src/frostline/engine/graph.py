@@ -57,6 +57,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from frostline.core import batchnorm
+
 __all__ = [
     "GraphError",
     "Partition",
@@ -548,11 +550,7 @@ def stochastic_module(m: nn.Module) -> str | None:
 
 def _runs_inference(m: nn.Module) -> bool:
     """A BatchNorm whose policy makes it use running statistics even in train mode."""
-    try:
-        from frostline.batchnorm import runs_inference  # the policy, where it is installed
-    except ImportError:  # pragma: no cover
-        return False
-    return bool(runs_inference(m))
+    return batchnorm.is_batchnorm(m) and batchnorm.runs_inference(m)
 
 
 def _arg(n: fx.Node, pos: int, name: str, default: Any) -> Any:
