@@ -145,6 +145,16 @@ class Model(Layer):
         return self._config is not None
 
     @property
+    def compile_config(self) -> CompileConfig | None:
+        """What ``compile`` set (optimizer spec, objective, device, precision, ...), or None."""
+        return self._config
+
+    @property
+    def live_optimizer(self) -> LiveOptimizer | None:
+        """The optimizer that follows the trainable set (None before ``compile``)."""
+        return self._live
+
+    @property
     def optimizer(self) -> torch.optim.Optimizer | None:
         """The torch optimizer ``fit`` uses (None before the first step)."""
         return self._live.optimizer if self._live is not None else None

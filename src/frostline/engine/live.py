@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from frostline.core.state import learning_rate_of
+from frostline.io.checkpoint import optimizer_state_from_tensors, optimizer_state_to_tensors
 
 
 class OptimizerSpec(Protocol):
@@ -27,6 +28,8 @@ class OptimizerSpec(Protocol):
     learning_rate: float
 
     def build(self, groups: list[dict]) -> torch.optim.Optimizer: ...
+
+    def get_config(self) -> dict: ...
 
 
 def _named_trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -205,6 +208,60 @@ class LiveOptimizer:
                 warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
                 self.scheduler.step()
             self.scheduler_steps += 1
+
+    # -- state ---------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """``(tensors, JSON-able meta)``: optimizer state by parameter name, rate scale,
+        scheduler position and spec. Pickle-free, so it can go into safetensors.
+
+        >>> from frostline.api.optimizers import Adam
+        >>> net = nn.Linear(2, 1); live = LiveOptimizer(Adam(0.01), net); _ = live.sync()
+        >>> net(torch.ones(1, 2)).sum().backward(); live.step()
+        >>> tensors, meta = live.state_dict()
+        >>> other = LiveOptimizer(Adam(0.01), net); other.load_state_dict(tensors, meta)
+        >>> torch.equal(other.optimizer.state[net.weight]["exp_avg"], live.optimizer.state[net.weight]["exp_avg"])
+        True
+        """
+        meta: dict = {
+            "scale": self.scale,
+            "scheduler_steps": self.scheduler_steps,
+            "spec": self.spec.get_config(),
+        }
+        if self.optimizer is None:
+            return {}, meta
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        tensors, meta["optimizer"] = optimizer_state_to_tensors(self.optimizer, names)
+        return {k: v.detach().clone() for k, v in tensors.items()}, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Restore what :meth:`state_dict` returned (parameters matched by name)."""
+        self.scale = float(meta.get("scale", 1.0))
+        self.scheduler_steps = int(meta.get("scheduler_steps", 0))
+        if "optimizer" not in meta:
+            return
+        params = dict(self.module.named_parameters())
+        unknown = [
+            n for g in meta["optimizer"]["param_groups"] for n in g["params"] if n not in params
+        ]
+        if unknown:
+            raise KeyError(
+                f"the optimizer state names parameters this model does not have: {unknown[:10]}"
+            )
+        groups = [
+            {
+                "params": [params[n] for n in g["params"]],
+                "lr": g["lr"],
+                "base_lr": g.get("base_lr", g["lr"]),
+            }
+            for g in meta["optimizer"]["param_groups"]
+        ]
+        optimizer = self.spec.build(groups)
+        optimizer_state_from_tensors(optimizer, tensors, meta["optimizer"], params)
+        self.optimizer = optimizer
+        current = self.trainable()
+        self._key = tuple(id(p) for _, p in current)
+        self.names = {id(p): n for n, p in current}
+        self._rebuild_scheduler()
 
     # -- stepping ------------------------------------------------------------------
     def step(self) -> None:

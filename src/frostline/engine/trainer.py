@@ -150,14 +150,14 @@ class Trainer:
                 runner.suffix,
                 self.ctx,
                 device,
-                find_unused_parameters=self.model._config.find_unused_parameters,
+                find_unused_parameters=self.model.compile_config.find_unused_parameters,
             )
             self._wrapped_key = key
         return self._wrapped
 
     def _sync(self) -> bool:
         """Optimizer + prefix boundary in line with the trainable set; True if it changed."""
-        live = self.model._live
+        live = self.model.live_optimizer
         assert live is not None and self.runner is not None
         try:
             changed = live.sync()
@@ -203,7 +203,7 @@ class Trainer:
         on_nan: str = "raise",
     ) -> History:
         model = self.model
-        cfg = model._config
+        cfg = model.compile_config
         if cfg is None:
             raise TrainingError("call model.compile(optimizer=..., loss=...) before fit()")
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
@@ -300,7 +300,7 @@ class Trainer:
             logs = distributed.same_logs(logs, self.ctx)
             cblist.on_epoch_end(epoch, logs)
             self._progress.close({k: v for k, v in logs.items() if k != "epoch_time"}, notes)
-            live = model._live
+            live = model.live_optimizer
             if live is not None and cfg.scheduler_interval == "epoch":
                 live.scheduler_step()
             if manager is not None and self.ctx.is_main:
@@ -337,10 +337,10 @@ class Trainer:
         terminate_on_nan,
     ):
         model = self.model
-        cfg = model._config
+        cfg = model.compile_config
         device = cfg.device
         objective = cfg.objective
-        live = model._live
+        live = model.live_optimizer
         runner = self.runner
         assert live is not None and runner is not None
         objective.reset()
@@ -461,7 +461,7 @@ class Trainer:
     def _prefix(self, x):
         runner = self.runner
         assert runner is not None
-        cfg = self.model._config
+        cfg = self.model.compile_config
         with _autocast(cfg.device, cfg.precision):
             return runner.run_prefix(x)
 
@@ -474,7 +474,7 @@ class Trainer:
     # -- evaluate / predict ------------------------------------------------------------
     def _evaluate_data(self, data, fp, batch_size: int, role: str) -> dict[str, float]:
         model = self.model
-        cfg = model._config
+        cfg = model.compile_config
         device = cfg.device
         module = model.module
         objective = cfg.objective
@@ -519,11 +519,11 @@ class Trainer:
         self, x=None, y=None, *, batch_size=None, verbose="auto", return_dict=False, callbacks=None
     ):
         model = self.model
-        if model._config is None:
+        if model.compile_config is None:
             raise TrainingError("call model.compile(optimizer=..., loss=...) before evaluate()")
         batch_size = data_mod.check_batch_size(batch_size)
         data = data_mod.prepare(x, y)
-        model.module.to(model._config.device)
+        model.module.to(model.compile_config.device)
         self._runner(self.runner.cache_setting if self.runner is not None else "auto", None)
         assert self.runner is not None
         self.runner.refresh()
@@ -544,11 +544,11 @@ class Trainer:
         batch_size = data_mod.check_batch_size(batch_size)
         data = data_mod.prepare(x, None)
         device = (
-            model._config.device
-            if model._config is not None
+            model.compile_config.device
+            if model.compile_config is not None
             else next((p.device for p in model.module.parameters()), torch.device("cpu"))
         )
-        precision = model._config.precision if model._config is not None else None
+        precision = model.compile_config.precision if model.compile_config is not None else None
         module = model.module
         was = module.training
         module.eval()

@@ -23,8 +23,6 @@ from frostline.io.checkpoint import (
     capture_rng,
     check_keys,
     load_checkpoint,
-    optimizer_state_from_tensors,
-    optimizer_state_to_tensors,
     resolve_checkpoint,
     restore_rng,
 )
@@ -74,7 +72,7 @@ def snapshot(
     module = model.module
     names = {id(p): n for n, p in module.named_parameters()}
     tensors: dict[str, dict[str, torch.Tensor]] = {"model": dict(module.state_dict())}
-    live = model._live
+    live = model.live_optimizer
     state: dict[str, Any] = {
         "frostline_version": __version__,
         "epoch": epoch,
@@ -85,14 +83,9 @@ def snapshot(
         "model_meta": {k: model.meta[k] for k in RECIPE_META if k in model.meta},
     }
     if live is not None and live.optimizer is not None:
-        opt_tensors, opt_meta = optimizer_state_to_tensors(live.optimizer, names)
-        tensors["optimizer"] = {k: v.detach().clone() for k, v in opt_tensors.items()}
-        state["optimizer"] = opt_meta
-        state["live"] = {
-            "scale": live.scale,
-            "scheduler_steps": live.scheduler_steps,
-            "spec": live.spec.get_config(),
-        }
+        tensors["optimizer"], meta = live.state_dict()
+        state["optimizer"] = meta.pop("optimizer")
+        state["live"] = meta
     rng_tensors, rng_meta = capture_rng()
     tensors["rng"] = rng_tensors
     state["rng"] = rng_meta
@@ -115,28 +108,15 @@ def restore(model, resume, cblist) -> dict[str, Any]:
     model.meta.update(
         {k: v for k, v in (state.get("model_meta") or {}).items() if k in RECIPE_META}
     )
-    live = model._live
+    live = model.live_optimizer
     if live is not None and "optimizer" in state:
-        params = dict(module.named_parameters())
-        groups = []
-        for g in state["optimizer"]["param_groups"]:
-            groups.append(
-                {
-                    "params": [params[n] for n in g["params"]],
-                    "lr": g["lr"],
-                    "base_lr": g.get("base_lr", g["lr"]),
-                }
+        try:
+            live.load_state_dict(
+                ckpt.tensors.get("optimizer", {}),
+                {**state["live"], "optimizer": state["optimizer"]},
             )
-        optimizer = live.spec.build(groups)
-        optimizer_state_from_tensors(
-            optimizer, ckpt.tensors.get("optimizer", {}), state["optimizer"], params
-        )
-        live.optimizer = optimizer
-        live.scale = state["live"]["scale"]
-        live.scheduler_steps = state["live"]["scheduler_steps"]
-        live._key = tuple(id(p) for _, p in live.trainable())
-        live.names = {id(p): n for n, p in live.trainable()}
-        live._rebuild_scheduler()
+        except KeyError as e:
+            raise CheckpointError(f"checkpoint {ckpt.path}: {e.args[0]}") from None
     cblist.restore(state.get("callbacks", []))
     restore_rng(ckpt.tensors.get("rng", {}), state.get("rng", {}))
     return state

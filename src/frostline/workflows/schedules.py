@@ -462,7 +462,7 @@ class GradualUnfreezing(_BaseSchedule):
 
 def _regroup(model: Model) -> bool:
     """Move each parameter of the live optimizer into the group of its own rate (state kept)."""
-    live = model._live
+    live = model.live_optimizer
     return live is not None and live.regroup()
 
 
