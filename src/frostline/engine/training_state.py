@@ -9,6 +9,7 @@ that was never stopped — with the same layers frozen as when it stopped.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -27,16 +28,21 @@ from frostline.io.checkpoint import (
     restore_rng,
 )
 
-#: what a recipe keeps in ``model.meta`` so a checkpoint knows where in the recipe it was
-RECIPE_META = ("phase", "phase_boundary", "phase1_history")
 
+def callback_state(resume, class_name: str) -> dict[str, Any] | None:
+    """The saved state of the first callback named ``class_name`` in the newest complete
+    checkpoint under ``resume`` (None when it had none); no tensors are read.
 
-def recipe_state(resume) -> dict[str, Any]:
-    """The recipe fields of the newest complete checkpoint under ``resume`` (no tensors read)."""
-    import json
-
+    >>> import tempfile
+    >>> callback_state(tempfile.mkdtemp(), "EarlyStopping")  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    CheckpointError: no complete checkpoint
+    """
     state = json.loads((resolve_checkpoint(resume) / "state.json").read_text())
-    return dict(state.get("model_meta") or {})
+    for entry in state.get("callbacks", []):
+        if entry.get("class") == class_name:
+            return dict(entry.get("state") or {})
+    return None
 
 
 class CheckpointWriter:
@@ -80,7 +86,6 @@ def snapshot(
         "trainable": trainable_state(module),
         "callbacks": cblist.states(),
         "ever_trainable_names": sorted(names[i] for i in ever_trainable if i in names),
-        "model_meta": {k: model.meta[k] for k in RECIPE_META if k in model.meta},
     }
     if live is not None and live.optimizer is not None:
         tensors["optimizer"], meta = live.state_dict()
@@ -105,9 +110,6 @@ def restore(model, resume, cblist) -> dict[str, Any]:
         apply_trainable_state(module, state["trainable"])
     except KeyError as e:
         raise CheckpointError(e.args[0]) from None
-    model.meta.update(
-        {k: v for k, v in (state.get("model_meta") or {}).items() if k in RECIPE_META}
-    )
     live = model.live_optimizer
     if live is not None and "optimizer" in state:
         try:

@@ -39,7 +39,7 @@ from frostline.core import batchnorm
 from frostline.core.state import own_weights
 from frostline.engine.progress import resolve_verbose
 from frostline.engine.stages import Stage, register_stages
-from frostline.engine.training_state import recipe_state
+from frostline.engine.training_state import callback_state
 from frostline.engine.verify import Fingerprint, FrozenWeightsChanged, Report, fingerprint
 from frostline.workflows.distill import DistillationLoss, distill
 
@@ -50,6 +50,7 @@ __all__ = [
     "ForgettingRow",
     "FrozenCheck",
     "MultiTaskModule",
+    "RecipePhase",
     "StrategyPlan",
     "TwoPhaseResult",
     "VerifyFrozen",
@@ -187,6 +188,40 @@ def _join(h1: History, h2: History) -> dict[str, list]:
     return out
 
 
+class RecipePhase(Callback):
+    """Where a two-phase run is: its phase, the epoch phase 2 starts at, phase 1's History.
+
+    Its state goes into every checkpoint, so ``two_phase(..., resume=DIR)`` resumes in
+    the phase the run stopped in.
+
+    >>> p = RecipePhase(); p.enter(2, boundary=3, phase1_history={"epoch": [0, 1, 2]})
+    >>> RecipePhase().set_state(p.get_state()) is None, p.get_state()["phase"]
+    (True, 2)
+    """
+
+    def __init__(self) -> None:
+        self.phase = 1
+        self.boundary = 0
+        self.phase1_history: dict = {}
+
+    def enter(self, phase: int, *, boundary: int = 0, phase1_history: dict | None = None) -> None:
+        """Mark the start of ``phase`` (2: after ``boundary`` epochs of phase 1)."""
+        self.phase, self.boundary = phase, boundary
+        self.phase1_history = dict(phase1_history or {})
+
+    def get_state(self) -> dict:
+        return {
+            "phase": self.phase,
+            "phase_boundary": self.boundary,
+            "phase1_history": self.phase1_history,
+        }
+
+    def set_state(self, state: dict) -> None:
+        self.phase = int(state.get("phase", 1))
+        self.phase1_history = dict(state.get("phase1_history") or {})
+        self.boundary = int(state.get("phase_boundary", len(self.phase1_history.get("epoch", []))))
+
+
 def two_phase(
     model: Model | nn.Module,
     base: Layer | nn.Module | str,
@@ -283,10 +318,11 @@ def two_phase(
     )
 
     resume = fit_args.pop("resume", None)
+    phase = RecipePhase()
     resumed_phase = None
     if resume is not None:
-        resumed = recipe_state(resume)
-        resumed_phase = resumed.get("phase", 1)
+        phase.set_state(callback_state(resume, RecipePhase.__name__) or {})
+        resumed_phase = phase.phase
 
     # phase 1: feature extraction
     freeze_plan = layer.freeze()
@@ -301,17 +337,17 @@ def two_phase(
         )
     if resumed_phase == 2:  # phase 1 had finished: its History travels in the checkpoint
         h1 = History()
-        h1.set_state(resumed.get("phase1_history") or {})
-        done = int(resumed.get("phase_boundary", len(h1.epoch)))
+        h1.set_state(phase.phase1_history)
+        done = phase.boundary
         if show:
             print(f"Phase 1/2: finished before the checkpoint ({done} epoch(s)); resuming phase 2")
     else:
-        model.meta["phase"] = 1
+        phase.enter(1)
         h1 = model.fit(
             x,
             y,
             epochs=n1,
-            callbacks=user_cbs + _early_stopping(early_stopping, has_val),
+            callbacks=[phase, *user_cbs, *_early_stopping(early_stopping, has_val)],
             resume=resume,
             **fit_args,
         )
@@ -328,18 +364,16 @@ def two_phase(
             f"Phase 2/2: fine-tuning {unfreeze_plan.selector} of {layer.name!r} ({len(unfreeze_plan.matched)} leaf layers, {n:,} params unfrozen), lr {spec2.learning_rate:g}"
         )
     model.stop_training = False
-    model.meta.update(phase=2, phase_boundary=done, phase1_history=h1.get_state())
+    phase.enter(2, boundary=done, phase1_history=h1.get_state())
     h2 = model.fit(
         x,
         y,
         epochs=done + n2,
         initial_epoch=done,
-        callbacks=user_cbs + _early_stopping(early_stopping, has_val),
+        callbacks=[phase, *user_cbs, *_early_stopping(early_stopping, has_val)],
         resume=resume if resumed_phase == 2 else None,
         **fit_args,
     )
-    for key in ("phase", "phase_boundary", "phase1_history"):
-        model.meta.pop(key, None)
     return TwoPhaseResult(
         h1,
         h2,
