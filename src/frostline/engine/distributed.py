@@ -19,7 +19,6 @@ See ``docs/distributed.md``.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import math
 import os
 import socket
@@ -32,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from frostline._version import __version__
+from frostline.core.digest import text_digest
 
 #: environment variable: seconds a collective (and start-up) may wait for the other ranks
 TIMEOUT_ENV = "FROSTLINE_DIST_TIMEOUT"
@@ -312,10 +312,6 @@ def _signature(module: nn.Module) -> list[str]:
     return out
 
 
-def _digest(items) -> str:
-    return hashlib.blake2b("\n".join(map(str, items)).encode(), digest_size=16).hexdigest()
-
-
 def first_difference(a: list[str], b: list[str]) -> str:
     """Describe the first entry where two signatures differ.
 
@@ -363,7 +359,7 @@ def agree(
     """
     if not ctx.enabled:
         return
-    digests = _gather(_digest(items), ctx)
+    digests = _gather(text_digest(items), ctx)
     if len(set(digests)) == 1:
         return
     every = _gather(items, ctx)  # every rank saw the mismatch, so every rank gathers
@@ -492,7 +488,7 @@ def same_trainable(key: tuple[int, ...] | None, ctx: DistContext) -> None:
     cached = ctx.trainable_digest
     if cached is None or cached[0] != key:
         names = _trainable_names(key or (), ctx)
-        cached = ctx.trainable_digest = (key, int(_digest(names)[:12], 16), names)
+        cached = ctx.trainable_digest = (key, int(text_digest(names)[:12], 16), names)
     h = float(cached[1])
     t = torch.tensor([h, -h], dtype=torch.float64, device=_collective_device(ctx))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)

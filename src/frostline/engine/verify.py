@@ -16,30 +16,17 @@ True
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from frostline.core import batchnorm
+from frostline.core.digest import tensor_digest
 
 
 class FrozenWeightsChanged(RuntimeError):
     """A weight that was frozen changed value."""
-
-
-def _digest(t: torch.Tensor) -> str:
-    data = t.detach()
-    if data.device.type != "cpu":
-        data = data.cpu()
-    data = data.contiguous()
-    if data.dtype == torch.bfloat16:
-        data = data.view(torch.int16)
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str((tuple(data.shape), str(data.dtype))).encode())
-    h.update(data.numpy().tobytes() if data.numel() else b"")
-    return h.hexdigest()
 
 
 def _frozen_named(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -105,7 +92,7 @@ class Fingerprint:
                 report.exempt += 1
                 continue
             report.checked += 1
-            if _digest(t) != digest:
+            if tensor_digest(t) != digest:
                 report.moved.append(name)
         if raise_error and not report.ok:
             raise FrozenWeightsChanged(str(report))
@@ -117,7 +104,7 @@ def fingerprint(model) -> Fingerprint:
     module = model.module if hasattr(model, "module") else model
     named = _frozen_named(module)
     return Fingerprint(
-        {n: _digest(t) for n, t in named.items()}, {n: id(t) for n, t in named.items()}
+        {n: tensor_digest(t) for n, t in named.items()}, {n: id(t) for n, t in named.items()}
     )
 
 

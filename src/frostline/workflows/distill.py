@@ -44,9 +44,10 @@ from frostline.api.layer import Layer
 from frostline.api.losses import Loss, SparseCategoricalCrossentropy
 from frostline.api.metrics import Metric
 from frostline.api.model import Model
+from frostline.core.digest import tensor_digest
 from frostline.core.freezing import set_module_trainable
 from frostline.core.state import own_flag, set_own_flag
-from frostline.engine.verify import FrozenWeightsChanged, _digest
+from frostline.engine.verify import FrozenWeightsChanged
 
 __all__ = ["DistillationLoss", "DistillationModule", "distill"]
 
@@ -207,10 +208,10 @@ def _module_of(obj: Any, what: str) -> nn.Module:
 
 
 def _digests(module: nn.Module) -> dict[str, str]:
-    out = {n: _digest(p) for n, p in module.named_parameters(remove_duplicate=False)}
+    out = {n: tensor_digest(p) for n, p in module.named_parameters(remove_duplicate=False)}
     out.update(
         {
-            f"{n} (buffer)": _digest(b)
+            f"{n} (buffer)": tensor_digest(b)
             for n, b in module.named_buffers(remove_duplicate=False)
             if b is not None
         }

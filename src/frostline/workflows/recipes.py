@@ -33,6 +33,7 @@ from frostline.api import optimizers as optimizers_mod
 from frostline.api import select
 from frostline.api.callbacks import Callback, EarlyStopping, History
 from frostline.api.layer import Layer
+from frostline.api.metrics import Accuracy
 from frostline.api.model import Model
 from frostline.api.select import Change, Plan
 from frostline.core import batchnorm
@@ -789,15 +790,10 @@ class ForgettingReport:
 
 
 def _accuracy(y_pred: np.ndarray, y_true: np.ndarray) -> float:
-    y_pred = np.asarray(y_pred)
-    y_true = np.asarray(y_true).reshape(len(y_true), -1)
-    labels = y_true[:, 0] if y_true.shape[1] == 1 else y_true.argmax(1)
-    pred = (
-        y_pred.argmax(1)
-        if y_pred.ndim > 1 and y_pred.shape[1] > 1
-        else (y_pred.reshape(-1) > 0.5).astype(labels.dtype)
-    )
-    return float((pred == labels).mean())
+    """Keras' ``"accuracy"`` (:class:`~frostline.api.metrics.Accuracy`) over whole arrays."""
+    metric = Accuracy()
+    metric.update(torch.as_tensor(np.asarray(y_pred)), torch.as_tensor(np.asarray(y_true)))
+    return metric.result()
 
 
 def _score(module: nn.Module, x: Any, y: Any, metric: Callable, batch_size: int) -> float:

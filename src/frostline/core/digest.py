@@ -1,0 +1,46 @@
+"""Digests of tensors and of plain values: one place for the hashing frostline does.
+
+Tensor digests are exact (they read every byte), so they see writes that bypass
+torch's version counter (``p.data.copy_``).
+
+>>> import torch
+>>> tensor_digest(torch.ones(2)) == tensor_digest(torch.ones(2)), len(text_digest(["a", 1]))
+(True, 32)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import torch
+
+__all__ = ["tensor_digest", "text_digest"]
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """BLAKE2b-128 of one tensor's shape, dtype and bytes (any device, bfloat16 included).
+
+    >>> import torch
+    >>> a = torch.zeros(3); d = tensor_digest(a); a[0] = 1.0; tensor_digest(a) == d
+    False
+    """
+    data = t.detach()
+    if data.device.type != "cpu":
+        data = data.cpu()
+    data = data.contiguous()
+    if data.dtype == torch.bfloat16:
+        data = data.view(torch.int16)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str((tuple(data.shape), str(data.dtype))).encode())
+    h.update(data.numpy().tobytes() if data.numel() else b"")
+    return h.hexdigest()
+
+
+def text_digest(items: Iterable[object]) -> str:
+    """BLAKE2b-128 of the ``str`` of each item, one per line (for structure descriptions).
+
+    >>> text_digest(["layer.0", (3, 4)]) == text_digest(["layer.0", (3, 4)])
+    True
+    """
+    return hashlib.blake2b("\n".join(map(str, items)).encode(), digest_size=16).hexdigest()
