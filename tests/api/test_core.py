@@ -226,7 +226,7 @@ def test_leaf_layers_order():
     model = fl.wrap(HandWritten())
     leaves = model.leaf_layers()
     assert [leaf.path for leaf in leaves] == [
-        "",
+        "scale",
         "embed",
         "encoder.0",
         "encoder.1",
@@ -234,9 +234,9 @@ def test_leaf_layers_order():
         "heads.a",
         "heads.b",
     ]
-    # the root owns the 'scale' buffer, so it is a leaf itself (first, in module order)
-    assert leaves[0].module is model.module
-    assert [leaf.name for leaf in leaves[1:]] == ["embed", "0", "1", "norm", "a", "b"]
+    # the root owns the 'scale' buffer beside its children: a named leaf of its own, first
+    assert leaves[0].module is model.module and leaves[0].class_name == "Buffer"
+    assert [leaf.name for leaf in leaves] == ["scale", "embed", "0", "1", "norm", "a", "b"]
     resnet = fl.wrap(torchvision.models.resnet18(weights=None))
     paths = [leaf.path for leaf in resnet.leaf_layers()]
     owning = [n for n, m in resnet.module.named_modules() if own_weights(m)]

@@ -78,6 +78,11 @@ def build(spec) -> nn.Module:
 # ------------------------------------------------------------------------ reference
 
 
+def weights_of(m: nn.Module) -> list[torch.Tensor]:
+    ts = [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+    return [t for t in ts if t is not None and t.is_floating_point()]
+
+
 def unique_weights(root: nn.Module) -> list[torch.Tensor]:
     out, seen = [], set()
     for m in root.modules():
@@ -107,6 +112,10 @@ class Reference:
                 self.grad[id(p)] = value
 
     def flag(self, module: nn.Module) -> bool:
+        own = list(module.parameters(recurse=False))
+        below = [t for m in module.modules() if m is not module for t in weights_of(m)]
+        if own and not below:  # SPEC 10: a leaf reads its parameters (one tensor, one state)
+            return any(self.grad[id(p)] for p in own)
         if id(module) in self.flags:
             return self.flags[id(module)]
         params = list(module.parameters())

@@ -19,6 +19,7 @@ from torch import nn
 from frostline.api import select
 from frostline.core import batchnorm
 from frostline.core.freezing import set_module_trainable
+from frostline.core.leaves import LeafEntry, leaf_entries, own_named_weights
 from frostline.core.state import module_flag, own_weights, tensor_numel, unique_tensors, view_of
 
 
@@ -199,21 +200,19 @@ class Layer:
         return layer
 
     def leaf_layers(self) -> list[Layer]:
-        """Every module below that owns weights directly, in registration order.
+        """Every leaf layer below, in registration order (what selectors count).
 
-        Deep networks whose direct children are coarse blocks are selected through
-        these (see :mod:`frostline.api.select`).
+        A module that owns weights and has none below it is a leaf; a weight a module
+        owns beside weighted children (ViT ``cls_token``, ConvNeXt ``gamma``) is a leaf
+        of its own (an :class:`OwnWeight`, path ``"<module path>.<attribute>"``). Deep
+        networks whose direct children are coarse blocks are selected through these
+        (see :mod:`frostline.api.select`).
 
         >>> m = Layer(nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), nn.Linear(2, 1)))
         >>> [leaf.path for leaf in m.leaf_layers()]
         ['0.0', '1']
         """
-        out = []
-        for path, module in self._module.named_modules():
-            if own_weights(module):
-                full = ".".join(p for p in (self._path, path) if p)
-                out.append(Layer(module, name=path.rsplit(".", 1)[-1] or self.name, path=full))
-        return out
+        return [leaf_view(e, self.name) for e in leaf_entries(self._module, self._path)]
 
     # -- weights -------------------------------------------------------------------
     @property
@@ -271,6 +270,102 @@ class Layer:
         2
         """
         return select.apply(self, selector, True, dry_run=dry_run, learning_rate=learning_rate)
+
+
+class OwnWeight(Layer):
+    """One weight a module owns beside its children (ViT ``cls_token``, ConvNeXt ``gamma``)
+    as a leaf layer: ``module`` is the owner, ``trainable`` is the tensor's own state, and
+    setting it never changes the owner's flag.
+
+    >>> class Scaled(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__(); self.scale = nn.Parameter(torch.ones(2)); self.lin = nn.Linear(2, 2)
+    >>> m = Layer(Scaled()); scale = m.leaf_layers()[0]
+    >>> scale.path, scale.class_name, scale.count_params()
+    ('scale', 'Parameter', 2)
+    >>> scale.trainable = False; m.trainable, m.module.scale.requires_grad
+    (True, False)
+    """
+
+    def __init__(self, owner: nn.Module, attribute: str, path: str) -> None:
+        super().__init__(owner, name=attribute, path=path)
+        self._attribute = attribute
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The weight itself."""
+        for n, t in own_named_weights(self._module):
+            if n == self._attribute:
+                return t
+        raise AttributeError(
+            f"{type(self._module).__name__} at {self._path!r} no longer has a weight {self._attribute!r}"
+        )
+
+    @property
+    def is_parameter(self) -> bool:
+        """False for a buffer (which never trains)."""
+        tensor = self.tensor
+        return any(p is tensor for p in self._module.parameters(recurse=False))
+
+    @property
+    def class_name(self) -> str:
+        """``"Parameter"`` or ``"Buffer"``."""
+        return "Parameter" if self.is_parameter else "Buffer"
+
+    @property
+    def trainable(self) -> bool:
+        """True when this weight trains (a buffer never does)."""
+        return self.is_parameter and self.tensor.requires_grad
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(
+                f"trainable must be a bool (True or False), got {type(value).__name__}: {value!r}"
+            )
+        if self.is_parameter:
+            self.tensor.requires_grad_(value)
+            if not value:
+                self.tensor.grad = None
+
+    @property
+    def layers(self) -> LayerList:
+        return LayerList([], owner=repr(self.name))
+
+    @property
+    def weights(self) -> list[torch.Tensor]:
+        return [self.tensor]
+
+    @property
+    def trainable_weights(self) -> list[torch.Tensor]:
+        return [self.tensor] if self.trainable else []
+
+    @property
+    def non_trainable_weights(self) -> list[torch.Tensor]:
+        return [] if self.trainable else [self.tensor]
+
+    def leaf_entry(self) -> LeafEntry:
+        """This weight as the one leaf selectors see under it."""
+        return LeafEntry("", self._module, self._attribute)
+
+    def leaf_layers(self) -> list[Layer]:
+        return [self]
+
+    def set_batchnorm_mode(self, mode: str) -> None:
+        raise TypeError(f"{self._path!r} is a single weight, not a module with BatchNorm layers")
+
+
+def leaf_view(entry: LeafEntry, root_name: str | None = None) -> Layer:
+    """The layer view of one leaf (a leaf that is the root itself is named ``root_name``).
+
+    >>> leaf_view(LeafEntry("0", nn.Linear(1, 1))).name
+    '0'
+    """
+    path, module = entry
+    if entry.weight is not None:
+        return OwnWeight(module, entry.weight, path)
+    name = path.rsplit(".", 1)[-1] or root_name or snake_case(type(module).__name__)
+    return Layer(module, name=name, path=path)
 
 
 class SequentialModule(nn.Sequential):

@@ -247,12 +247,24 @@ class Model(Layer):
         input_shape: Sequence[int] | None = None,
         line_length: int = 100,
         print_fn: Callable[[str], object] | None = None,
+        input_dtype: torch.dtype | None = None,
     ) -> None:
         """Print the Keras-style table and Total/Trainable/Non-trainable lines.
 
         ``depth=None`` shows every level; ``leaves=True`` lists the leaf layers with
         their index (what ``fl.select.first/last/between`` count);
-        ``input_shape=(3, 224, 224)`` adds output shapes.
+        ``input_shape=(3, 224, 224)`` adds output shapes, from a zero example of
+        ``input_dtype`` (default: ``torch.long`` when the first weighted layer is an
+        Embedding, else the parameters' dtype). Every table adds up to its Total line:
+        weights a module owns beside its children get rows of their own, and a tensor
+        shared by several rows (tied embeddings) is counted in the first and noted in
+        the others.
+
+        >>> import frostline as fl
+        >>> fl.wrap(nn.Sequential(nn.Embedding(9, 4), nn.Linear(4, 2))).summary(input_shape=(5,))
+        ... # doctest: +ELLIPSIS
+        Model: "sequential"
+        ...
         """
         print_summary(
             self.summary_text(
@@ -260,6 +272,7 @@ class Model(Layer):
                 expand_nested=expand_nested,
                 leaves=leaves,
                 input_shape=input_shape,
+                input_dtype=input_dtype,
                 line_length=line_length,
             ),
             print_fn,

@@ -24,7 +24,8 @@ from typing import Protocol
 from torch import nn
 
 from frostline.core.freezing import set_module_trainable
-from frostline.core.state import module_flag, own_weights, set_learning_rate, set_own_flag
+from frostline.core.leaves import LeafEntry, is_module_leaf, leaf_entries, leaf_state
+from frostline.core.state import set_learning_rate, set_own_flag
 
 
 class LayerView(Protocol):
@@ -41,7 +42,11 @@ class SelectionError(ValueError):
 
 
 class Selector:
-    """Picks leaf layers out of an ordered list of ``(path, module)`` leaves."""
+    """Picks leaf layers out of an ordered list of ``(path, module)`` leaves.
+
+    A weight a module owns beside its children is a leaf of its own: its path is the
+    weight's (``"cls_token"``, ``"stages.0.blocks.0.gamma"``), its module the owner.
+    """
 
     def __init__(self, description: str, pick: Callable[[list[tuple[str, nn.Module]]], list[int]]):
         self.description = description
@@ -202,20 +207,40 @@ def as_selector(spec: Selector | str | int | Iterable | None) -> Selector:
     )
 
 
-def leaves_of(root: nn.Module) -> _Leaves:
-    """``(path, module)`` for each module under ``root`` that owns weights, in order."""
-    out = _Leaves((p, m) for p, m in root.named_modules() if own_weights(m))
-    out.root = root
+def leaves_of(root: nn.Module | LayerView) -> _Leaves:
+    """The leaves under ``root`` in order, as :class:`~frostline.core.leaves.LeafEntry`
+    ``(path, module)`` pairs (see :func:`frostline.core.leaves.leaf_entries`).
+
+    >>> [p for p, _ in leaves_of(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)))]
+    ['0', '2']
+    """
+    single = getattr(root, "leaf_entry", None)
+    if single is not None:  # one weight viewed as a layer
+        out = _Leaves([single()])
+        out.root = getattr(root, "module", None)
+        return out
+    module = root if isinstance(root, nn.Module) else root.module
+    out = _Leaves(leaf_entries(module))
+    out.root = module
     return out
 
 
 @dataclass
 class Change:
+    """One leaf whose state a plan changes.
+
+    ``shared_with`` names the selected leaves it shares a tensor with when it changes
+    only through them (tied weights: one tensor, one state); ``params`` counts its
+    weights not already counted by an earlier change, so a plan's total counts each
+    tensor once.
+    """
+
     path: str
     class_name: str
     params: int
     before: str
     after: str
+    shared_with: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -239,12 +264,16 @@ class Plan:
 
     def __str__(self) -> str:
         lines = [("" if self.applied else "[dry run] ") + self.summary_line()]
-        width = max([len(c.path) for c in self.changes] + [5])
+        width = max([len(c.path or "(root)") for c in self.changes] + [5])
         for c in self.changes:
-            lines.append(
-                f"  {c.path:<{width}}  {c.class_name:<20} {c.params:>12,}  {c.before} -> {c.after}"
+            via = (
+                f"  (via a tensor shared with {', '.join(c.shared_with)})" if c.shared_with else ""
             )
-        unchanged = len(self.matched) - len(self.changes)
+            lines.append(
+                f"  {c.path or '(root)':<{width}}  {c.class_name:<20} {c.params:>12,}  "
+                f"{c.before} -> {c.after}{via}"
+            )
+        unchanged = len(self.matched) - len([c for c in self.changes if not c.shared_with])
         if unchanged:
             state = "frozen" if self.action == "freeze" else "trainable"
             lines.append(f"  ({unchanged} matched layer(s) already {state})")
@@ -254,18 +283,10 @@ class Plan:
         return f"<Plan {self.summary_line()}>"
 
 
-def _state(module: nn.Module) -> str:
-    params = list(module.parameters(recurse=False))
-    if not params:
-        return "trainable" if module_flag(module) else "frozen"
-    on = sum(p.requires_grad for p in params)
-    return "trainable" if on == len(params) else "frozen" if on == 0 else "partial"
-
-
-def resolve(layer: LayerView, selector=None) -> list[tuple[str, nn.Module]]:
-    """The ``(path, module)`` leaves a selector picks under ``layer``; error when none."""
+def resolve(layer: LayerView, selector=None) -> list[LeafEntry]:
+    """The leaves a selector picks under ``layer``; error when none."""
     sel = as_selector(selector)
-    leaves = leaves_of(layer.module)
+    leaves = leaves_of(layer)
     picked = [leaves[i] for i in sel.indices(leaves)]
     if not picked:
         shown = ", ".join(p or "(root)" for p, _ in leaves[:12])
@@ -277,6 +298,43 @@ def resolve(layer: LayerView, selector=None) -> list[tuple[str, nn.Module]]:
     return picked
 
 
+def plan_changes(leaves: list[LeafEntry], picked: list[LeafEntry], trainable: bool) -> list[Change]:
+    """What setting ``picked`` to ``trainable`` changes: the picked leaves, then every other
+    leaf owning one of their parameters (one tensor, one state), in leaf order.
+
+    >>> emb, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    >>> head.weight = emb.weight
+    >>> ls = leaves_of(nn.ModuleDict({"emb": emb, "head": head}))
+    >>> [(c.path, c.params, c.shared_with) for c in plan_changes(ls, ls[:1], False)]
+    [('emb', 40, []), ('head', 0, ['emb'])]
+    """
+    target = "trainable" if trainable else "frozen"
+    moved = {id(p): trainable for e in picked for p in e.params()}
+    picked_keys = {e.key for e in picked}
+    counted: set[int] = set()
+    changes: list[Change] = []
+
+    def add(entry: LeafEntry, before: str, after: str, via: list[str]) -> None:
+        fresh = [t for t in entry.tensors() if id(t) not in counted]
+        counted.update(id(t) for t in fresh)
+        n = sum(t.numel() for t in fresh)
+        changes.append(Change(entry.path, entry.class_name, n, before, after, via))
+
+    for e in picked:
+        before = leaf_state(e)
+        if before not in (target, "buffer"):
+            add(e, before, target, [])
+    for e in leaves:
+        mine = {id(p) for p in e.params()}
+        if e.key in picked_keys or not mine & moved.keys():
+            continue
+        before, after = leaf_state(e), leaf_state(e, moved)
+        if before != after:
+            via = [p.path for p in picked if mine & {id(q) for q in p.params()}]
+            add(e, before, after, via)
+    return changes
+
+
 def apply(
     layer: LayerView,
     selector,
@@ -285,45 +343,61 @@ def apply(
     dry_run: bool = False,
     learning_rate: float | None = None,
 ) -> Plan:
-    """Set the selected leaves to ``trainable``; containers fully covered follow them."""
+    """Set the selected leaves to ``trainable``; modules whose leaves all follow get the flag.
+
+    A parameter shared with leaves outside the selection (tied embeddings) has one
+    state: those leaves change too, and the plan lists them, saying through which.
+    A weight a module owns beside its children changes alone: the owner's flag moves
+    only when every leaf below it does.
+    """
     sel = as_selector(selector)
     picked = resolve(layer, sel)
+    leaves = leaves_of(layer)
     action = "unfreeze" if trainable else "freeze"
-    target = "trainable" if trainable else "frozen"
     plan = Plan(action=action, selector=sel.description, matched=[p for p, _ in picked])
-    for path, module in picked:
-        before = _state(module)
-        if before != target:
-            n = sum(t.numel() for t in own_weights(module))
-            plan.changes.append(Change(path, type(module).__name__, n, before, target))
+    plan.changes = plan_changes(leaves, picked, trainable)
     if dry_run:
         return plan
     if learning_rate is not None and (
         not isinstance(learning_rate, int | float) or learning_rate <= 0
     ):
         raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
-    picked_ids = {id(m) for _, m in picked}
-    for _, module in picked:
-        set_module_trainable(module, trainable, recurse=False)
+    for entry in picked:
+        if entry.weight is None:
+            set_module_trainable(entry.module, trainable, recurse=False)
+        else:
+            for p in entry.params():
+                p.requires_grad_(trainable)
+                if not trainable:
+                    p.grad = None
         if learning_rate is not None and trainable:
-            for p in module.parameters(recurse=False):
+            for p in entry.params():
                 set_learning_rate(p, float(learning_rate))
-    _sync_containers(layer.module, picked_ids, trainable)
+    target = "trainable" if trainable else "frozen"
+    changed = {c.path for c in plan.changes}
+    done = {e.key for e in picked}
+    done |= {e.key for e in leaves if e.path in changed and leaf_state(e) == target}
+    _sync_containers(leaves, done, trainable)
     plan.applied = True
     return plan
 
 
-def _sync_containers(root: nn.Module, picked_ids: set[int], trainable: bool) -> None:
-    """Give a container the new flag when every leaf below it was selected."""
-
-    def covered(m: nn.Module) -> bool:
-        leaves = [x for x in m.modules() if own_weights(x)]
-        return bool(leaves) and all(id(x) in picked_ids for x in leaves)
-
+def _sync_containers(leaves: _Leaves, done: set, trainable: bool) -> None:
+    """Give a module that is not a leaf the new flag when every leaf below it (its own
+    weights included) now has it; weightless modules below it follow."""
+    root = leaves.root
+    if root is None:
+        return
+    by_module: dict[int, list[tuple]] = {}
+    for e in leaves:
+        by_module.setdefault(id(e.module), []).append(e.key)
     for m in root.modules():
-        if not own_weights(m) and covered(m):
+        if is_module_leaf(m):
+            continue
+        keys = [k for sub in m.modules() for k in by_module.get(id(sub), [])]
+        if keys and all(k in done for k in keys):
             for sub in m.modules():
-                if not own_weights(sub):
+                if not is_module_leaf(sub):
                     set_own_flag(sub, trainable)
 
 
@@ -353,6 +427,7 @@ def parse(spec: str) -> Selector:
 
 __all__ = [
     "Change",
+    "LeafEntry",
     "Plan",
     "SelectionError",
     "Selector",
@@ -366,6 +441,7 @@ __all__ = [
     "name",
     "of_type",
     "parse",
+    "plan_changes",
     "regex",
     "resolve",
 ]

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from frostline.api.layer import Layer
+from frostline.api.layer import Layer, OwnWeight
+from frostline.core.leaves import is_module_leaf, own_named_weights
 from frostline.core.state import module_flag, own_weights, unique_tensors
 
 
@@ -57,7 +58,6 @@ def counts(module: nn.Module) -> Counts:
 
 def trainable_status(module: nn.Module) -> str:
     """``Y`` (all parameters train), ``N`` (none), ``k/n`` (partly), flag for weightless layers."""
-
     params = unique_tensors(module.parameters())
     if not params:
         return "Y" if module_flag(module) else "N"
@@ -79,7 +79,33 @@ def _shape_str(out) -> str:
     return "?"
 
 
-def output_shapes(module: nn.Module, modules: Sequence[nn.Module], input_shape) -> dict[int, str]:
+def example_dtype(module: nn.Module, input_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of the example input: ``input_dtype``, else integers (``torch.long``) for a
+    model whose first weighted layer is an Embedding, else the parameters' float dtype.
+
+    >>> example_dtype(nn.Sequential(nn.Embedding(9, 4), nn.Linear(4, 2)), None)
+    torch.int64
+    """
+    if input_dtype is not None:
+        if not isinstance(input_dtype, torch.dtype):
+            raise TypeError(
+                "input_dtype must be a torch.dtype (e.g. torch.long), "
+                f"got {type(input_dtype).__name__}: {input_dtype!r}"
+            )
+        return input_dtype
+    first = next((m for m in module.modules() if is_module_leaf(m)), None)
+    if isinstance(first, nn.Embedding | nn.EmbeddingBag):
+        return torch.long
+    param = next(module.parameters(), None)
+    return param.dtype if param is not None and param.is_floating_point() else torch.float32
+
+
+def output_shapes(
+    module: nn.Module,
+    modules: Sequence[nn.Module],
+    input_shape,
+    input_dtype: torch.dtype | None = None,
+) -> dict[int, str]:
     """Run one example through ``module`` (eval, no grad) and record each module's output shape."""
     shapes: dict[int, str] = {}
     handles = []
@@ -90,17 +116,28 @@ def output_shapes(module: nn.Module, modules: Sequence[nn.Module], input_shape) 
 
         return hook
 
+    dtype = example_dtype(module, input_dtype)
+    param = next(module.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    example = torch.zeros((1, *input_shape), device=device, dtype=dtype)
     for m in modules:
         handles.append(m.register_forward_hook(recorder(id(m))))
     modes = {m: m.training for m in module.modules()}
     try:
-        param = next(module.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-        example = torch.zeros((1, *input_shape), device=device, dtype=dtype)
         module.eval()
         with torch.no_grad():
             module(example)
+    except (RuntimeError, TypeError, IndexError, ValueError) as e:
+        hint = (
+            "pass input_dtype=torch.long if the model takes token ids"
+            if dtype.is_floating_point
+            else "pass input_dtype=torch.float32 if the model takes real values"
+        )
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(
+            f"summary ran the model on a {dtype} example of shape {tuple(example.shape)} and it "
+            f"failed ({why}). Check input_shape (one sample, no batch axis), or {hint}"
+        ) from e
     finally:
         for h in handles:
             h.remove()
@@ -109,19 +146,60 @@ def output_shapes(module: nn.Module, modules: Sequence[nn.Module], input_shape) 
     return shapes
 
 
+def own_rows(layer: Layer) -> list[Layer]:
+    """The weights ``layer``'s module owns beside its children, one row each."""
+    module = layer.module
+    if next(module.children(), None) is None:
+        return []
+    base = layer.path
+    return [
+        OwnWeight(module, n, f"{base}.{n}" if base else n) for n, _ in own_named_weights(module)
+    ]
+
+
 def _rows(layer: Layer, depth: int | None, expand_nested: bool) -> list[tuple[int, Layer]]:
     rows: list[tuple[int, Layer]] = []
 
     def walk(node: Layer, level: int) -> None:
+        rows.extend((level, own) for own in own_rows(node))
         for child in node.layers:
             rows.append((level, child))
             nested_model = type(child) is not Layer  # a wrapped nested Model is one layer
             deeper = depth is None or level + 1 < depth
-            if deeper and (expand_nested or not nested_model):
+            if deeper and (expand_nested or not nested_model) and len(child.layers):
                 walk(child, level + 1)
 
     walk(layer, 0)
     return rows
+
+
+def row_counts(entries: list[tuple[int, Layer]], labels: list[str]) -> list[tuple[int, str | None]]:
+    """Each row's parameter count with every tensor counted once: a tensor already counted
+    by an earlier row that is not an ancestor (a tied weight) is left out and named.
+
+    So the top-level rows add up to Total, and an expanded row's children add up to it.
+    """
+    out: list[tuple[int, str | None]] = []
+    stack: list[set[int]] = [set()]
+    first_row: dict[int, str] = {}
+    for (level, layer), label in zip(entries, labels):
+        del stack[level + 1 :]
+        while len(stack) <= level:
+            stack.append(set(stack[-1]))
+        before = stack[level]
+        weights = unique_tensors(layer.weights)
+        fresh = [t for t in weights if id(t) not in before]
+        shared = [t for t in weights if id(t) in before]
+        for t in fresh:
+            first_row[id(t)] = label  # the deepest row counting it (rows nest in order)
+        stack[level] = before | {id(t) for t in fresh}
+        stack.append(set(before))
+        note = None
+        if shared:
+            owners = sorted({first_row.get(id(t), "an earlier row") for t in shared})
+            note = f"[{sum(t.numel() for t in shared):,} params shared with {', '.join(owners)}]"
+        out.append((sum(t.numel() for t in fresh), note))
+    return out
 
 
 def render(
@@ -131,6 +209,7 @@ def render(
     expand_nested: bool = False,
     leaves: bool = False,
     input_shape: Sequence[int] | None = None,
+    input_dtype: torch.dtype | None = None,
     line_length: int = 100,
     optimizer_line: str | None = None,
     savings_line: str | None = None,
@@ -144,18 +223,27 @@ def render(
         entries = _rows(layer, depth, expand_nested)
     shapes: dict[int, str] = {}
     if input_shape is not None:
-        shapes = output_shapes(layer.module, [e.module for _, e in entries], input_shape)
+        shapes = output_shapes(
+            layer.module,
+            [e.module for _, e in entries if not isinstance(e, OwnWeight)],
+            input_shape,
+            input_dtype,
+        )
     show_shape = bool(shapes)
 
     cols = ["Layer (type)"] + (["Output Shape"] if show_shape else []) + ["Param #", "Trainable"]
     table: list[list[str]] = []
-    for i, (level, entry) in enumerate(entries):
+    labels = [entry.path if leaves else (entry.path or entry.name) for _, entry in entries]
+    numbers = row_counts(entries, labels)
+    for i, ((level, entry), (n, note)) in enumerate(zip(entries, numbers)):
         label = entry.path if leaves else entry.name
         prefix = f"{i:>3}  " if leaves else "  " * level
-        first = f"{prefix}{label} ({entry.class_name})"
-        n = entry.count_params()
-        row = [first] + ([shapes.get(id(entry.module), "-")] if show_shape else [])
-        row += [f"{n:,}", trainable_status(entry.module)]
+        first = f"{prefix}{label} ({entry.class_name})" + (f" {note}" if note else "")
+        own = isinstance(entry, OwnWeight)
+        shape = "-" if own else shapes.get(id(entry.module), "-")
+        row = [first] + ([shape] if show_shape else [])
+        flag = ("Y" if entry.trainable else "N") if own else trainable_status(entry.module)
+        row += [f"{n:,}", flag]
         table.append(row)
 
     widths = [len(c) for c in cols]

@@ -35,7 +35,6 @@ import frostline as fl
 from frostline.api.summary import counts
 from frostline.app import report
 from frostline.app.imagefolder import InputError
-from frostline.core.state import own_weights
 
 __all__ = [
     "DemoConfig",
@@ -155,8 +154,8 @@ def leaf_states(model: fl.Model) -> list[dict]:
     """Every leaf layer: path, class name, parameter count, trainable now."""
     out = []
     for leaf in model.leaf_layers():
-        params = list(leaf.module.parameters(recurse=False))
-        n = sum(t.numel() for t in own_weights(leaf.module))
+        params = [t for t in leaf.weights if isinstance(t, nn.Parameter)]
+        n = leaf.count_params()
         out.append(
             {
                 "path": leaf.path,

@@ -9,7 +9,7 @@ the same thing) under one private key each; nothing else reads those keys.
 >>> from torch import nn
 >>> lin = nn.Linear(2, 2)
 >>> set_own_flag(lin, False)
->>> module_flag(lin), lin.weight.requires_grad
+>>> own_flag(lin), lin.weight.requires_grad
 (False, True)
 """
 
@@ -24,6 +24,7 @@ from torch import nn
 
 __all__ = [
     "clear_learning_rates",
+    "has_weighted_descendant",
     "is_weight_buffer",
     "learning_rate_of",
     "module_flag",
@@ -109,15 +110,34 @@ def set_own_flag(module: nn.Module, value: bool | None) -> None:
         module.__dict__[_FLAG] = bool(value)
 
 
+def has_weighted_descendant(module: nn.Module) -> bool:
+    """Whether a module below ``module`` owns weights (so ``module`` is not a leaf itself).
+
+    >>> has_weighted_descendant(nn.Sequential(nn.Linear(1, 1))), has_weighted_descendant(nn.Linear(1, 1))
+    (True, False)
+    """
+    return any(own_weights(m) for m in module.modules() if m is not module)
+
+
 def module_flag(module: nn.Module) -> bool:
     """The module's ``trainable`` flag.
 
-    Never set: derived from ``requires_grad`` (False only when it has parameters and
-    none of them requires grad), so a model frozen in plain PyTorch reads as frozen.
+    A leaf module that owns parameters (none below it) reads the flag from them: True
+    when any of them trains. So a tensor shared by several modules (tied embeddings)
+    gives every owner the same answer, and plain PyTorch ``requires_grad_`` is seen.
+    Any other module keeps the flag the setter gave it (``base`` reads False after
+    ``base.trainable = False`` even when a child was set back, as in Keras); never set,
+    it is derived from ``requires_grad`` (False only when it has parameters and none
+    of them requires grad), so a model frozen in plain PyTorch reads as frozen.
 
     >>> lin = nn.Linear(2, 2); _ = lin.requires_grad_(False); module_flag(lin)
     False
+    >>> set_own_flag(lin, True); module_flag(lin)  # its parameters say otherwise
+    False
     """
+    own = list(module.parameters(recurse=False))
+    if own and not has_weighted_descendant(module):
+        return any(p.requires_grad for p in own)
     flag = own_flag(module)
     if flag is not None:
         return flag

@@ -37,7 +37,7 @@ from frostline.api.metrics import Accuracy
 from frostline.api.model import Model
 from frostline.api.select import Change, Plan
 from frostline.core import batchnorm
-from frostline.core.state import own_weights
+from frostline.core.leaves import leaf_state
 from frostline.engine.progress import resolve_verbose
 from frostline.engine.stages import Stage, register_stages
 from frostline.engine.training_state import callback_state
@@ -529,16 +529,17 @@ def apply_strategy(
         frozen=[p for p, _ in leaves[:k]],
         trainable=[p for p, _ in leaves[k:]],
     )
-    for i, (path, module) in enumerate(leaves):
+    for i, entry in enumerate(leaves):
         target = "frozen" if i < k else "trainable"
-        state = select._state(module)
-        numel = sum(t.numel() for t in own_weights(module))
+        state = leaf_state(entry)
+        n_params = sum(p.numel() for p in entry.params())
         if target == "frozen":
-            plan.frozen_params += sum(p.numel() for p in module.parameters(recurse=False))
+            plan.frozen_params += n_params
         else:
-            plan.trainable_params += sum(p.numel() for p in module.parameters(recurse=False))
-        if state != target:
-            plan.changes.append(Change(path, type(module).__name__, numel, state, target))
+            plan.trainable_params += n_params
+        if state not in (target, "buffer"):
+            numel = sum(t.numel() for t in entry.tensors())
+            plan.changes.append(Change(entry.path, entry.class_name, numel, state, target))
     if not dry_run:
         if k < n:
             select.apply(layer, select.between(k, None), True)

@@ -41,13 +41,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from frostline.api import select
 from frostline.api.callbacks import Callback
 from frostline.api.layer import Layer
 from frostline.api.select import SelectionError, Selector
-from frostline.core.state import set_learning_rate
+from frostline.core.state import set_learning_rate, unique_tensors
 
 if TYPE_CHECKING:
     from frostline.api.model import Model
@@ -85,6 +86,11 @@ class Group:
         leaves = select.leaves_of(base)
         return [leaves[i][1] for i in self.indices]
 
+    def params(self, base: nn.Module) -> list[torch.Tensor]:
+        """The group's parameters, each once (a weight owned beside children: just that one)."""
+        leaves = select.leaves_of(base)
+        return list(unique_tensors(p for i in self.indices for p in leaves[i].params()))
+
 
 def _as_layer(base: Layer | nn.Module, what: str = "base") -> Layer:
     if isinstance(base, Layer):
@@ -102,7 +108,11 @@ def _child_groups(root: nn.Module) -> list[Group]:
     leaves = select.leaves_of(root)
     prefix, module = "", root
     while True:
-        own = [i for i, (p, _) in enumerate(leaves) if p == prefix]
+        own = [
+            i
+            for i, e in enumerate(leaves)
+            if e.path == prefix or (e.weight is not None and e.module is module)
+        ]
         kids = []
         for name, child in module.named_children():
             path = f"{prefix}.{name}" if prefix else name
@@ -209,17 +219,6 @@ def _check_lr(value: object, what: str = "learning_rate") -> float | None:
     ):
         raise ValueError(f"{what} must be a positive number or None, got {value!r}")
     return float(value)
-
-
-def _params_of(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
-    seen: set[int] = set()
-    out = []
-    for m in modules:
-        for p in m.parameters(recurse=False):
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    return out
 
 
 def _trainable_count(model: Model) -> int:
@@ -544,7 +543,7 @@ class DiscriminativeLR(_BaseSchedule):
         rates = self.compute_rates(top)
         self.rates = {}
         for g, lr in zip(self.groups, rates):
-            for p in _params_of(g.modules(self.base.module)):
+            for p in g.params(self.base.module):
                 set_learning_rate(p, float(lr))
             self.rates[g.name] = float(lr)
         moved = _regroup(self.model)
@@ -617,7 +616,7 @@ class ProgressiveFreezing(_BaseSchedule):
 
     def _leaves_something(self, k: int) -> bool:
         assert self.base is not None
-        frozen = {id(p) for g in self.groups[:k] for p in _params_of(g.modules(self.base.module))}
+        frozen = {id(p) for g in self.groups[:k] for p in g.params(self.base.module)}
         return any(p.requires_grad and id(p) not in frozen for p in self.model.module.parameters())
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
