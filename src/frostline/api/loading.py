@@ -109,6 +109,7 @@ def load_model(path: str | os.PathLike, *, trusted_modules=()):
             "then call model.load_weights(path)"
         )
     module = _build(recipe, trusted)
+    model: Model
     if recipe.get("kind") == "sequential" and meta.get("class") == "Sequential":
         model = Sequential(name=meta.get("name"))
         for name, child in module.named_children():

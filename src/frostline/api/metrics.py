@@ -6,6 +6,8 @@ passed too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -124,7 +126,7 @@ class TorchMetric(Metric):
         return float(self.metric.compute())
 
 
-_STRINGS = {
+_STRINGS: dict[str, Callable[[], Metric]] = {
     "accuracy": Accuracy,
     "acc": Accuracy,
     "sparse_categorical_accuracy": lambda: Accuracy("sparse_categorical_accuracy"),

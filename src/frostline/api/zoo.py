@@ -495,7 +495,7 @@ def data_config(name: str) -> dict[str, Any]:
     if name == LITE0:
         return dict(_LITE0_DATA_CONFIG)
     cfg = _pretrained_cfg(name)
-    out = dict(_IMAGENET_DEFAULT)
+    out: dict[str, Any] = dict(_IMAGENET_DEFAULT)
     if cfg is not None:
         for key in out:
             value = getattr(cfg, key, None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -71,7 +71,7 @@ class LiveOptimizer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scale = 1.0
         self.scheduler_factory = scheduler
-        self.scheduler = None
+        self.scheduler: Any = None
         self.scheduler_steps = 0
         self._key: tuple[int, ...] | None = None
         self.names: dict[int, str] = {}

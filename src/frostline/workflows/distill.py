@@ -129,7 +129,7 @@ class DistillationModule(nn.Sequential):
 
     def train(self, mode: bool = True) -> DistillationModule:
         super().train(mode)
-        self.teacher.eval()
+        self[0].eval()  # the teacher stage
         return self
 
 
