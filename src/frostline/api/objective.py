@@ -1,9 +1,17 @@
 """What ``compile`` asks to minimise and report: losses (one per output) and metrics.
 
 Single output: ``loss="sparse_categorical_crossentropy", metrics=["accuracy"]``.
-Several outputs (a model returning a dict or tuple): ``loss={"a": ..., "b": ...}``,
-``loss_weights={"a": 1.0, "b": 0.5}``, ``metrics={"a": ["accuracy"]}``; logs get
-Keras names (``a_loss``, ``a_accuracy``).
+Several outputs (a model returning a dict or tuple): ``loss={"a": ..., "b": ...}``
+or ``loss=[..., ...]``, ``loss_weights={"a": 1.0, "b": 0.5}``,
+``metrics={"a": ["accuracy"]}``; logs get Keras names (``a_loss``, ``a_accuracy``,
+``0_loss`` for the first of a tuple).
+
+Outputs meet targets as in Keras: a list or tuple of outputs by position (targets as
+a list, a tuple, ``{0: ya, 1: yb}``, or a Dataset yielding several targets), a dict by
+name (or by position, in the model's output order), and a one-key dict or Hugging
+Face ``ModelOutput`` as its tensor, so one loss just works on
+``BertForSequenceClassification``. Every mismatch names what the model gave and what
+the targets were.
 """
 
 from __future__ import annotations
@@ -16,6 +24,25 @@ from torch import nn
 
 from frostline.api import losses as losses_mod
 from frostline.api import metrics as metrics_mod
+
+
+def describe(obj) -> str:
+    """What a model gave or a batch held, for error messages.
+
+    >>> describe((torch.zeros(8, 3), {"a": torch.zeros(8)}))
+    "a tuple of 2: [0] a tensor (8, 3), [1] a dict: 'a' a tensor (8,)"
+    """
+    if obj is None:
+        return "nothing (None)"
+    if isinstance(obj, torch.Tensor):
+        return f"a tensor {tuple(obj.shape)}"
+    if isinstance(obj, Mapping):
+        kind = "a dict" if type(obj) is dict else f"a {type(obj).__name__}"
+        return f"{kind}: " + ", ".join(f"{k!r} {describe(v)}" for k, v in obj.items())
+    if isinstance(obj, list | tuple):
+        items = ", ".join(f"[{i}] {describe(v)}" for i, v in enumerate(obj))
+        return f"a {type(obj).__name__} of {len(obj)}: {items}"
+    return type(obj).__name__
 
 
 class Objective:
@@ -85,37 +112,92 @@ class Objective:
     def _name(self, key, base: str) -> str:
         return base if key is None else f"{key}_{base}"
 
-    def _pick(self, outputs, key, what: str):
+    def _wanted(self) -> str:
+        if not self.multi:
+            return "one loss"
+        if isinstance(self.keys[0], int):
+            return f"a list of {len(self.keys)} losses (by position)"
+        return "losses for " + ", ".join(repr(k) for k in self.keys)
+
+    def _mismatch(self, problem: str, outputs, targets) -> ValueError:
+        return ValueError(
+            f"{problem}. The model gave {describe(outputs)}; the targets came as "
+            f"{describe(targets)}; compile() has {self._wanted()}. Outputs meet targets as in "
+            "Keras: lists and tuples by position, dicts by name, a one-key dict or ModelOutput "
+            "as its tensor"
+        )
+
+    def _output(self, outputs, key, targets):
+        """The model output the loss for ``key`` (None: the only loss) is computed on."""
         if key is None:
-            if isinstance(outputs, Mapping | list | tuple):
-                raise ValueError(
-                    f"the model returns several {what} ({type(outputs).__name__}); compile with one loss per output, "
-                    "e.g. loss={'head_a': 'mse', 'head_b': 'sparse_categorical_crossentropy'}"
-                )
-            return outputs
-        try:
-            return outputs[key]
-        except (KeyError, IndexError, TypeError):
-            avail = (
-                list(outputs.keys())
+            if isinstance(outputs, torch.Tensor):
+                return outputs
+            if isinstance(outputs, Mapping | list | tuple) and len(outputs) == 1:
+                return next(iter(outputs.values())) if isinstance(outputs, Mapping) else outputs[0]
+            example = (
+                "loss={" + ", ".join(f"{k!r}: ..." for k in outputs) + "}"
                 if isinstance(outputs, Mapping)
-                else (
-                    f"{len(outputs)} outputs"
-                    if isinstance(outputs, list | tuple)
-                    else "a single tensor"
-                )
+                else "loss=[" + ", ".join("..." for _ in outputs) + "]"
+                if isinstance(outputs, list | tuple)
+                else "a loss for a tensor output"
             )
-            raise ValueError(f"no {what} named {key!r}: the model gives {avail}") from None
+            raise self._mismatch(
+                f"one loss for several outputs: compile with one loss per output, e.g. {example}",
+                outputs,
+                targets,
+            )
+        if isinstance(outputs, Mapping):
+            if key in outputs:
+                return outputs[key]
+            if isinstance(key, int) and 0 <= key < len(outputs):
+                return list(outputs.values())[key]
+        elif isinstance(outputs, list | tuple):
+            if isinstance(key, int) and 0 <= key < len(outputs):
+                return outputs[key]
+        elif isinstance(outputs, torch.Tensor) and len(self.keys) == 1:
+            return outputs
+        raise self._mismatch(f"there is a loss for output {key!r} but no such output", outputs, targets)
+
+    def _target(self, targets, key, outputs):
+        """The targets for the loss of ``key``: by position, by name, or the only one."""
+        if targets is None:
+            raise ValueError("fit needs targets y for the loss (got y=None)")
+        if isinstance(targets, torch.Tensor):
+            if len(self.keys) == 1:
+                return targets
+            raise self._mismatch(
+                f"1 target for {len(self.keys)} losses: give one target per output", outputs, targets
+            )
+        n = len(targets)
+        if key is None:
+            if n == 1:
+                return next(iter(targets.values())) if isinstance(targets, Mapping) else targets[0]
+            raise self._mismatch(f"{n} targets for one loss", outputs, targets)
+        if isinstance(targets, Mapping):
+            for k in (key, str(key)):
+                if k in targets:
+                    return targets[k]
+            if n == 1 and len(self.keys) == 1:
+                return next(iter(targets.values()))
+            raise self._mismatch(f"no target named {key!r}", outputs, targets)
+        # a list or tuple: by position (output order for dict outputs, else loss order)
+        order = list(self.keys)
+        if isinstance(outputs, Mapping) and n == len(outputs) and key in outputs:
+            order = list(outputs)
+        if n != len(order):
+            what = f"{n} target" + ("s" if n != 1 else "")
+            raise self._mismatch(f"{what} for {len(order)} outputs", outputs, targets)
+        return targets[order.index(key)]
 
     # -- loss ----------------------------------------------------------------------
     def __call__(self, outputs, targets) -> tuple[torch.Tensor, dict[str, float]]:
         total = None
         parts: dict[str, float] = {}
         for k in self.keys:
-            pred = self._pick(outputs, k, "outputs")
-            true = self._pick(targets, k, "targets") if targets is not None else None
-            if true is None:
-                raise ValueError("fit needs targets y for the loss (got y=None)")
+            pred = self._output(outputs, k, targets)
+            true = self._target(targets, k, outputs)
+            if not isinstance(pred, torch.Tensor):
+                raise self._mismatch(f"output {k!r} is not a tensor", outputs, targets)
             value = self.losses[k](
                 pred.float() if pred.dtype in (torch.float16, torch.bfloat16) else pred, true
             )
@@ -143,8 +225,8 @@ class Objective:
         for k, ms in self.metrics.items():
             if not ms:
                 continue
-            pred = self._pick(outputs, k, "outputs")
-            true = self._pick(targets, k, "targets")
+            pred = self._output(outputs, k, targets)
+            true = self._target(targets, k, outputs)
             for m in ms:
                 m.update(pred.float(), true)
 

@@ -22,7 +22,7 @@ class DataError(ValueError):
     """Input data that cannot be used (says which input and what was expected)."""
 
 
-Target = torch.Tensor | dict[str, torch.Tensor] | None
+Target = torch.Tensor | dict | tuple | None
 
 
 def to_tensor(a, what: str, *, check_finite: bool = True) -> torch.Tensor:
@@ -82,20 +82,47 @@ def check_finite_values(t: torch.Tensor, what: str, *, chunk: int = 1 << 22) -> 
     raise DataError(f"{what} contains {kind} values ({bad_count} in all; first in sample {first})")
 
 
+def _key(k):
+    return int(k) if isinstance(k, int | np.integer) and not isinstance(k, bool) else str(k)
+
+
+def is_several(y) -> bool:
+    """A list or tuple of arrays/tensors is one target per output (as in Keras).
+
+    >>> is_several([np.zeros(3), np.ones(3)]), is_several([0, 1, 2])
+    (True, False)
+    """
+    return (
+        isinstance(y, list | tuple)
+        and len(y) > 0
+        and all(isinstance(v, np.ndarray | torch.Tensor) and v.ndim > 0 for v in y)
+    )
+
+
 def _targets(y, what: str = "y") -> Target:
+    """Targets as a tensor, a dict (by output name, or ``{0: ya, 1: yb}``) or a tuple (by position)."""
     if y is None:
         return None
     if isinstance(y, Mapping):
         if not y:
             raise DataError(f"{what} is an empty dict; expected one array per output")
-        return {str(k): to_tensor(v, f"{what}[{k!r}]") for k, v in y.items()}
+        return {_key(k): to_tensor(v, f"{what}[{k!r}]") for k, v in y.items()}
+    if is_several(y):
+        return tuple(to_tensor(v, f"{what}[{i}]") for i, v in enumerate(y))
     return to_tensor(y, what)
 
 
-def _length(y: Target) -> int:
+def _parts(y: Target) -> list[tuple[str, torch.Tensor]]:
     if isinstance(y, dict):
-        return len(next(iter(y.values())))
-    return len(y) if y is not None else 0
+        return [(f"[{k!r}]", v) for k, v in y.items()]
+    if isinstance(y, tuple):
+        return [(f"[{i}]", v) for i, v in enumerate(y)]
+    return [("", y)] if y is not None else []
+
+
+def _length(y: Target) -> int:
+    parts = _parts(y)
+    return len(parts[0][1]) if parts else 0
 
 
 def _index(y: Target, idx):
@@ -103,7 +130,28 @@ def _index(y: Target, idx):
         return None
     if isinstance(y, dict):
         return {k: v[idx] for k, v in y.items()}
+    if isinstance(y, tuple):
+        return tuple(v[idx] for v in y)
     return y[idx]
+
+
+def split_sample(batch) -> tuple:
+    """A Dataset/DataLoader item -> ``(x, y)``: ``(x, y)``, ``(x, ya, yb)`` (several targets,
+    by position), ``{"x": ..., "y": ...}`` or a bare ``x``.
+
+    >>> x, y = split_sample((torch.zeros(2), torch.ones(2), torch.ones(2))); type(y).__name__
+    'tuple'
+    """
+    if isinstance(batch, list | tuple):
+        if len(batch) > 2:
+            return batch[0], tuple(batch[1:])
+        y = batch[1] if len(batch) > 1 else None
+        if isinstance(y, list):  # default_collate turns a sample's (ya, yb) into a list
+            y = tuple(y)
+        return batch[0], y
+    if isinstance(batch, dict) and "x" in batch:
+        return batch["x"], batch.get("y")
+    return batch, None
 
 
 class ArrayDataset(Dataset):
@@ -118,16 +166,16 @@ class ArrayDataset(Dataset):
     def __init__(self, x, y=None) -> None:
         self.x = to_tensor(x, "x")
         self.y = _targets(y)
-        if self.y is not None:
-            if isinstance(self.y, dict):
-                for k, v in self.y.items():
-                    if len(v) != len(self.x):
-                        raise DataError(
-                            f"x has {len(self.x)} samples but y[{k!r}] has {len(v)}; they must match"
-                        )
-            elif len(self.y) != len(self.x):
+        for where, v in _parts(self.y):
+            if len(v) != len(self.x):
+                hint = (
+                    " (a list or tuple of arrays is one target per output; for one target pass "
+                    "a single array)"
+                    if isinstance(self.y, tuple)
+                    else ""
+                )
                 raise DataError(
-                    f"x has {len(self.x)} samples but y has {len(self.y)}; they must match"
+                    f"x has {len(self.x)} samples but y{where} has {len(v)}; they must match{hint}"
                 )
 
     def __len__(self) -> int:
@@ -153,13 +201,9 @@ class IndexedData:
         if isinstance(ds, ArrayDataset):
             return ds.gather(idx)
         if isinstance(ds, TensorDataset):
-            ts = [t[idx] for t in ds.tensors]
-            return ts[0], (ts[1] if len(ts) > 1 else None)
+            return split_sample([t[idx] for t in ds.tensors])
         items = [ds[int(i)] for i in idx]
-        batch = default_collate(items)
-        if isinstance(batch, list | tuple):
-            return batch[0], (batch[1] if len(batch) > 1 else None)
-        return batch, None
+        return split_sample(default_collate(items))
 
     def targets(self, idx: torch.Tensor):
         """Only the targets of these samples (no input loading when the dataset allows)."""
@@ -167,19 +211,14 @@ class IndexedData:
         if isinstance(ds, ArrayDataset):
             return _index(ds.y, idx)
         if isinstance(ds, TensorDataset):
-            return ds.tensors[1][idx] if len(ds.tensors) > 1 else None
+            return split_sample([None, *(t[idx] for t in ds.tensors[1:])])[1]
         return self.gather(idx)[1]
 
     def inputs(self) -> tuple:
         """The raw arrays, for fingerprinting (None when not in memory)."""
         ds = self.dataset
         if isinstance(ds, ArrayDataset):
-            ys = (
-                list(ds.y.values())
-                if isinstance(ds.y, dict)
-                else ([ds.y] if ds.y is not None else [])
-            )
-            return (ds.x, *ys)
+            return (ds.x, *(v for _, v in _parts(ds.y)))
         if isinstance(ds, TensorDataset):
             return tuple(ds.tensors)
         return ()
@@ -222,12 +261,7 @@ class LoaderData:
 
     def batches(self) -> Iterator[tuple[torch.Tensor, Target]]:
         for batch in self.loader:
-            if isinstance(batch, list | tuple):
-                yield batch[0], (batch[1] if len(batch) > 1 else None)
-            elif isinstance(batch, dict) and "x" in batch:
-                yield batch["x"], batch.get("y")
-            else:
-                yield batch, None
+            yield split_sample(batch)
 
 
 Data = IndexedData | LoaderData
