@@ -156,7 +156,9 @@ class Objective:
                 return outputs[key]
         elif isinstance(outputs, torch.Tensor) and len(self.keys) == 1:
             return outputs
-        raise self._mismatch(f"there is a loss for output {key!r} but no such output", outputs, targets)
+        raise self._mismatch(
+            f"there is a loss for output {key!r} but no such output", outputs, targets
+        )
 
     def _target(self, targets, key, outputs):
         """The targets for the loss of ``key``: by position, by name, or the only one."""
@@ -166,7 +168,9 @@ class Objective:
             if len(self.keys) == 1:
                 return targets
             raise self._mismatch(
-                f"1 target for {len(self.keys)} losses: give one target per output", outputs, targets
+                f"1 target for {len(self.keys)} losses: give one target per output",
+                outputs,
+                targets,
             )
         n = len(targets)
         if key is None:
