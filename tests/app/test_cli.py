@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from frostline.app import cli, report
+from frostline.app.commands import fit
 from frostline.app.imagefolder import InputError, load_npz, stratified_split
 
 RUN_FILES = {
@@ -30,6 +31,7 @@ RUN_FILES = {
     "curves.png",
     "freeze_map.png",
     "model.safetensors",
+    "preprocessing.json",
 }
 COLORS = ("red", "green", "blue")
 
@@ -373,17 +375,17 @@ def test_config_file_and_override(tmp_path):
         'model = "efficientnet_lite0"\nepochs1 = 3\nlr1 = 0.01\nfreeze = ["blocks.0*"]\nunfreeze-last = 2\n'
     )
     ns = cli.build_parser().parse_args(["fit", "data", "--config", str(toml), "--epochs1", "7"])
-    opts = cli.resolve_fit_options(ns)
-    assert opts["epochs1"] == 7 and opts["lr1"] == 0.01 and opts["unfreeze_last"] == 2
-    assert opts["freeze"] == ["blocks.0*"] and opts["freeze_all"] is False
+    opts = fit.options(ns)
+    assert opts.epochs1 == 7 and opts.lr1 == 0.01 and opts.unfreeze_last == 2
+    assert opts.freeze == ["blocks.0*"] and opts.freeze_all is False
     yaml_file = tmp_path / "fit.yaml"
     yaml_file.write_text("data: imgs\nfreeze_type: [BatchNorm2d]\nbatch_size: 8\n")
-    opts = cli.resolve_fit_options(
+    opts = fit.options(
         cli.build_parser().parse_args(["fit", "--config", str(yaml_file), "--freeze-all"])
     )
-    assert opts["data"] == "imgs" and opts["batch_size"] == 8 and opts["freeze_all"] is True
-    opts = cli.resolve_fit_options(cli.build_parser().parse_args(["fit", "imgs"]))
-    assert opts["freeze_all"] is True and opts["epochs1"] == 5
+    assert opts.data == "imgs" and opts.batch_size == 8 and opts.freeze_all is True
+    opts = fit.options(cli.build_parser().parse_args(["fit", "imgs"]))
+    assert opts.freeze_all is True and opts.epochs1 == 5
 
 
 def test_config_errors(tmp_path, capsys):

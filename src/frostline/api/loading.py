@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,37 +21,68 @@ from frostline.core import batchnorm
 from frostline.io.atomic import CheckpointError
 from frostline.io.checkpoint import check_keys
 
-__all__ = ["build", "load_model"]
+__all__ = ["ImportPathError", "build", "import_path", "load_model"]
+
+
+class ImportPathError(ValueError):
+    """An import path that does not name an importable callable, or names an untrusted package."""
+
+
+def import_path(target: str, trusted: Sequence[str] | None = None) -> Callable:
+    """The callable that ``"package.module:attr"`` names: frostline's one import-path resolver.
+
+    With ``trusted``, only a target whose top-level package is listed is imported.
+    Errors (:class:`ImportPathError`) say which part failed.
+
+    >>> import_path("torch.nn:Linear").__name__
+    'Linear'
+    >>> import_path("os.path:join", trusted=["torch"])
+    Traceback (most recent call last):
+    ...
+    frostline.api.loading.ImportPathError: 'os.path:join' is in package 'os', which is not trusted (trusted: torch)
+    """
+    if not isinstance(target, str) or target.count(":") != 1 or "" in target.split(":"):
+        raise ImportPathError(
+            f"{target!r} is not an import path; expected 'package.module:factory'"
+        )
+    mod_name, attr = target.split(":")
+    root = mod_name.split(".")[0]
+    if trusted is not None and root not in trusted:
+        raise ImportPathError(
+            f"{target!r} is in package {root!r}, which is not trusted (trusted: {', '.join(trusted)})"
+        )
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ImportPathError(f"cannot import module {mod_name!r} ({e})") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ImportPathError(f"module {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ImportPathError(f"{target!r} is a {type(obj).__name__}, not a callable")
+    return obj
 
 
 def _import(target: str, trusted: tuple[str, ...]):
+    """:func:`import_path` for a name read from a file: only trusted packages, file-worded errors."""
     if not isinstance(target, str) or target.count(":") != 1:
         raise CheckpointError(
             f"bad import path {target!r} in file metadata; expected 'package.module:factory'"
         )
-    mod_name, attr = target.split(":")
-    root = mod_name.split(".")[0]
+    root = target.split(":")[0].split(".")[0]
     if root not in trusted:
         raise CheckpointError(
             f"the file asks to import {target!r}; frostline does not import code named by a file unless you trust "
             f"its package: fl.load(path, trusted_modules=[{root!r}]) (trusted now: {', '.join(trusted)})"
         )
     try:
-        module = importlib.import_module(mod_name)
-    except ImportError as e:
+        return import_path(target, trusted)
+    except ImportPathError as e:
         raise CheckpointError(
-            f"the file's architecture names {target!r}, but module {mod_name!r} cannot be imported ({e})"
+            f"the file's architecture names {target!r}, but it {'cannot be imported' if 'cannot import' in str(e) else 'does not resolve'}: {e}"
         ) from None
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise CheckpointError(
-                f"the file's architecture names {target!r}, but {mod_name!r} has no attribute {attr!r}"
-            )
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise CheckpointError(f"{target!r} is not callable")
-    return obj
 
 
 def _build(recipe: dict, trusted: tuple[str, ...]) -> nn.Module:

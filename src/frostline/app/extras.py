@@ -34,12 +34,10 @@ def require(module: str, purpose: str) -> ModuleType:
     """Import ``module``, or raise :class:`MissingExtra` naming the extra that installs it."""
     try:
         return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        top = module.split(".")[0]
-        if e.name is None or e.name.split(".")[0] != top:
-            raise
-        dist = PROVIDERS.get(top, top)
+    except ModuleNotFoundError as e:  # the module, or one it needs (matplotlib needs Pillow)
+        missing = (e.name or module).split(".")[0]
+        dist = PROVIDERS.get(missing, missing)
         raise MissingExtra(
             f"{purpose} needs {dist}, which is not installed; install the app's extras with "
-            f"pip install \"frostline[{EXTRA}]\" (or pip install {dist})"
+            f'pip install "frostline[{EXTRA}]" (or pip install {dist})'
         ) from None

@@ -38,9 +38,13 @@ __all__ = [
     "DataSet",
     "ImageArrayDataset",
     "InputError",
+    "fit_square",
+    "image_files",
     "load_data",
     "load_image_folder",
     "load_npz",
+    "read_images",
+    "resize_images",
     "stratified_split",
 ]
 
@@ -65,6 +69,7 @@ class DataSet:
     source: str
     is_images: bool
     warnings: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)  # one per sample, for image folders
 
     @property
     def num_classes(self) -> int:
@@ -130,9 +135,19 @@ class ImageArrayDataset(Dataset):
         return (x - self.mean) / self.std, self.labels
 
 
-def _fit_square(img, size: int):
-    """Centre-crop to a square and resize to ``size`` (bicubic), as RGB."""
-    from PIL import Image, ImageOps
+def _pil():
+    from frostline.app.extras import require
+
+    return require("PIL.Image", "reading images")
+
+
+def fit_square(img, size: int):
+    """Centre-crop a PIL image to a square and resize it to ``size`` (bicubic), as RGB.
+
+    The one resizing of the app: ``fit``, ``demo``, ``predict`` and ``evaluate`` all use it.
+    """
+    Image = _pil()
+    from PIL import ImageOps
 
     img = img.convert("RGB")
     return ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
@@ -142,15 +157,68 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name.startswith("__")
 
 
-def load_image_folder(path: str | os.PathLike, image_size: int) -> DataSet:
+def image_files(root: Path) -> list[Path]:
+    """Every non-hidden file below ``root`` (hidden folders skipped), sorted."""
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(_is_hidden(q) for q in p.relative_to(root).parts)
+    )
+
+
+def read_images(
+    files: Sequence[Path], image_size: int, root: Path | None = None
+) -> tuple[np.ndarray, list[Path], list[str]]:
+    """Read ``files`` as ``image_size`` square RGB uint8 images: ``(images, files read, warnings)``.
+
+    A few unreadable files are skipped with a warning; more than
+    ``MAX_UNREADABLE_FRACTION`` of them (or all) is an :class:`InputError`.
+    """
+    Image = _pil()
+    images: list[np.ndarray] = []
+    kept: list[Path] = []
+    bad: list[tuple[Path, str]] = []
+    for p in files:
+        try:
+            with Image.open(p) as img:
+                img.load()
+                arr = np.asarray(fit_square(img, image_size), dtype=np.uint8)
+        except (
+            Image.UnidentifiedImageError,
+            OSError,
+            ValueError,
+            SyntaxError,
+            Image.DecompressionBombError,
+        ) as e:
+            bad.append((p, str(e).splitlines()[0] if str(e) else type(e).__name__))
+            continue
+        images.append(arr)
+        kept.append(p)
+    warnings: list[str] = []
+    if bad:
+        first, why = bad[0]
+        rel = first.relative_to(root) if root is not None else first
+        where = f"in {str(root)!r} " if root is not None else ""
+        if len(bad) > MAX_UNREADABLE_FRACTION * len(files) or not images:
+            raise InputError(
+                f"{len(bad)} of {len(files)} files {where}could not be read as images "
+                f"(first: {str(rel)!r}: {why}); expected PNG/JPEG (or another format Pillow reads)"
+            )
+        warnings.append(
+            f"skipped {len(bad)} unreadable file(s) of {len(files)} (first: {str(rel)!r}: {why})"
+        )
+    x = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
+    return x, kept, warnings
+
+
+def load_image_folder(path: str | os.PathLike, image_size: int, *, min_classes: int = 2) -> DataSet:
     """Read ``path/<class>/<image>`` into a :class:`DataSet` of ``image_size`` square RGB images.
 
     Raises :class:`InputError` (one line: what was found, what is needed) for a missing
-    folder, no class subfolders, a single class, a class without readable images, or
-    too many unreadable files. A few unreadable files are skipped with a warning.
+    folder, no class subfolders, fewer than ``min_classes`` classes, a class without
+    readable images, or too many unreadable files. A few unreadable files are skipped
+    with a warning.
     """
-    from PIL import Image, UnidentifiedImageError
-
     root = Path(path)
     need = "a folder with one subfolder of images per class (DATA/cat/1.png, DATA/dog/2.jpg, ...)"
     if not root.exists():
@@ -168,18 +236,14 @@ def load_image_folder(path: str | os.PathLike, image_size: int) -> DataSet:
         raise InputError(
             f"data folder {str(root)!r} has no class subfolders (found {found}); expected {need}"
         )
-    if len(classes) == 1:
+    if len(classes) < min_classes:
         raise InputError(
             f"data folder {str(root)!r} has a single class subfolder ({classes[0].name!r}); "
             "classification needs at least 2 classes, one subfolder each"
         )
     files: list[tuple[int, Path]] = []
     for label, cdir in enumerate(classes):
-        entries = sorted(
-            p
-            for p in cdir.rglob("*")
-            if p.is_file() and not any(_is_hidden(q) for q in p.relative_to(cdir).parts)
-        )
+        entries = image_files(cdir)
         if not entries:
             raise InputError(
                 f"class folder {str(cdir)!r} is empty (0 files); every class needs at least one image "
@@ -187,39 +251,9 @@ def load_image_folder(path: str | os.PathLike, image_size: int) -> DataSet:
             )
         files += [(label, p) for p in entries]
 
-    images: list[np.ndarray] = []
-    labels: list[int] = []
-    bad: list[tuple[Path, str]] = []
-    for label, p in files:
-        try:
-            with Image.open(p) as img:
-                img.load()
-                arr = np.asarray(_fit_square(img, image_size), dtype=np.uint8)
-        except (
-            UnidentifiedImageError,
-            OSError,
-            ValueError,
-            SyntaxError,
-            Image.DecompressionBombError,
-        ) as e:
-            bad.append((p, str(e).splitlines()[0] if str(e) else type(e).__name__))
-            continue
-        images.append(arr)
-        labels.append(label)
-
-    y = np.asarray(labels, dtype=np.int64)
-    warnings: list[str] = []
-    if bad:
-        first, why = bad[0]
-        rel = first.relative_to(root)
-        if len(bad) > MAX_UNREADABLE_FRACTION * len(files) or not images:
-            raise InputError(
-                f"{len(bad)} of {len(files)} files in {str(root)!r} could not be read as images "
-                f"(first: {str(rel)!r}: {why}); expected PNG/JPEG (or another format Pillow reads)"
-            )
-        warnings.append(
-            f"skipped {len(bad)} unreadable file(s) of {len(files)} (first: {str(rel)!r}: {why})"
-        )
+    label_of = {p: label for label, p in files}
+    x, kept, warnings = read_images([p for _, p in files], image_size, root)
+    y = np.asarray([label_of[p] for p in kept], dtype=np.int64)
     for label, cdir in enumerate(classes):
         if not (y == label).any():
             raise InputError(
@@ -227,20 +261,26 @@ def load_image_folder(path: str | os.PathLike, image_size: int) -> DataSet:
                 f"({sum(1 for lb, _ in files if lb == label)} file(s), none could be read as an image); "
                 "every class needs at least one PNG/JPEG image"
             )
-    x = np.stack(images)
-    return DataSet(x, y, [c.name for c in classes], str(root), True, warnings)
+    return DataSet(
+        x, y, [c.name for c in classes], str(root), True, warnings, [str(p) for p in kept]
+    )
 
 
-def _resize_batch(x: np.ndarray, size: int) -> np.ndarray:
-    from PIL import Image
-
+def resize_images(x: np.ndarray, size: int) -> np.ndarray:
+    """uint8 NHWC RGB images, each through :func:`fit_square` to ``size`` (as they are when already that size)."""
+    Image = _pil()
     if x.shape[1] == size and x.shape[2] == size:
         return x
-    return np.stack([np.asarray(_fit_square(Image.fromarray(a), size)) for a in x])
+    return np.stack([np.asarray(fit_square(Image.fromarray(a), size)) for a in x])
 
 
-def load_npz(path: str | os.PathLike, image_size: int) -> DataSet:
-    """Read ``x`` and ``y`` from an ``.npz`` file (see the module docstring for the layouts)."""
+def load_npz(
+    path: str | os.PathLike, image_size: int, *, need_labels: bool = True, min_classes: int = 2
+) -> DataSet:
+    """Read ``x`` and ``y`` from an ``.npz`` file (see the module docstring for the layouts).
+
+    ``need_labels=False`` reads ``x`` alone (``y`` is then all zeros, with no class names).
+    """
     p = Path(path)
     if not p.exists():
         raise InputError(
@@ -249,11 +289,13 @@ def load_npz(path: str | os.PathLike, image_size: int) -> DataSet:
     try:
         with np.load(p, allow_pickle=False) as npz:
             keys = list(npz.keys())
-            if "x" not in keys or "y" not in keys:
+            if "x" not in keys or (need_labels and "y" not in keys):
                 raise InputError(
-                    f"{str(p)!r} holds arrays {keys}; expected arrays named 'x' (inputs) and 'y' (labels)"
+                    f"{str(p)!r} holds arrays {keys}; expected arrays named 'x' (inputs)"
+                    + (" and 'y' (labels)" if need_labels else "")
                 )
-            x, y = npz["x"], npz["y"]
+            x = npz["x"]
+            y = npz["y"] if need_labels else np.zeros(len(x), np.int64)
     except InputError:
         raise
     except (OSError, ValueError, EOFError) as e:
@@ -283,7 +325,9 @@ def load_npz(path: str | os.PathLike, image_size: int) -> DataSet:
         )
     values, labels = np.unique(y, return_inverse=True)
     names = [v.decode() if isinstance(v, bytes) else str(v) for v in values.tolist()]
-    if len(values) < 2:
+    if not need_labels:
+        names = []
+    elif len(values) < min_classes:
         raise InputError(
             f"y in {str(p)!r} holds a single class ({names[0]!r}); classification needs at least 2 classes"
         )
@@ -304,7 +348,7 @@ def load_npz(path: str | os.PathLike, image_size: int) -> DataSet:
             )
         if x.shape[3] == 1:
             x = np.repeat(x, 3, axis=3)
-        x = _resize_batch(np.ascontiguousarray(x), image_size)
+        x = resize_images(np.ascontiguousarray(x), image_size)
         return DataSet(x, labels, names, str(p), True)
     if x.dtype.kind != "f":
         raise InputError(

@@ -7,10 +7,8 @@ never from guesses about the model.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import numpy as np
 
 from frostline.app import imagefolder
 from frostline.app.imagefolder import InputError
+from frostline.app.models import cwd_importable
 from frostline.app.runinfo import Preprocessing, RunInfoError
 
 __all__ = ["Inputs", "Run", "load_run", "read_inputs", "read_labelled"]
@@ -43,28 +42,17 @@ class Run:
             out = self.model.predict(data, batch_size=batch_size)
         else:
             out = self.model.predict(x, batch_size=batch_size)
-        if not isinstance(out, np.ndarray) or out.ndim != 2 or out.shape[1] != self.info.num_classes:
+        if (
+            not isinstance(out, np.ndarray)
+            or out.ndim != 2
+            or out.shape[1] != self.info.num_classes
+        ):
             shape = getattr(out, "shape", type(out).__name__)
             raise RunInfoError(
                 f"the model in {str(self.path)!r} gives outputs of shape {shape}; its run records "
                 f"{self.info.num_classes} classes, so one score per class was expected"
             )
         return torch.softmax(torch.from_numpy(out).double(), dim=1).numpy()
-
-
-@contextlib.contextmanager
-def _cwd_importable() -> Iterator[None]:
-    """Let a factory in the current directory be imported (as ``fit --model mod:f`` allowed)."""
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        yield
-    finally:
-        if added:
-            with contextlib.suppress(ValueError):
-                sys.path.remove(cwd)
 
 
 def load_run(run_dir: str | os.PathLike, trust: Sequence[str] = ()) -> Run:
@@ -83,7 +71,7 @@ def load_run(run_dir: str | os.PathLike, trust: Sequence[str] = ()) -> Run:
         )
     weights = path / info.model.get("file", "model.safetensors")
     try:
-        with _cwd_importable():
+        with cwd_importable():
             model = fl.load(weights, trusted_modules=tuple(trust))
     except CheckpointError as e:
         raise RunInfoError(f"cannot rebuild the model of {str(path)!r}: {e}") from None

@@ -112,6 +112,45 @@ def resolve_types(target, names: Sequence[str]) -> list:
     return out
 
 
+def freeze_selectors(
+    target,
+    *,
+    freeze_all: bool,
+    freeze: Sequence[str] = (),
+    freeze_type: Sequence[str] = (),
+    head_excluded: bool = False,
+) -> list:
+    """The selectors the freezing flags name, in the order they apply.
+
+    ``--freeze-all`` is ``None`` (everything), or every leaf but the last when
+    ``head_excluded``; ``--freeze type:X`` and ``--freeze-type X`` match subclasses too.
+    """
+    import frostline as fl
+
+    sels: list[Any] = []
+    try:
+        if freeze_all:
+            sels.append(~fl.select.last(1) if head_excluded else None)
+        for spec in freeze:
+            if spec.startswith("type:"):
+                sels.append(fl.select.of_type(*resolve_types(target, split_types([spec[5:]]))))
+            else:
+                sels.append(fl.select.parse(spec))
+        types = split_types(freeze_type)
+        if types:
+            sels.append(fl.select.of_type(*resolve_types(target, types)))
+    except fl.SelectionError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise UsageError(one_line(e)) from None
+    return sels
+
+
+def apply_selection(target, **flags: Any) -> list:
+    """Freeze on ``target`` as the flags ask (see :func:`freeze_selectors`); returns the Plans."""
+    return [target.freeze(sel) for sel in freeze_selectors(target, **flags)]
+
+
 def freeze_selector(target, **flags: Any):
     """What ``two_phase(freeze=...)`` takes for the flags: None (all of ``target``), ``[]`` (nothing)
     or the union of the flags' selectors, each checked to match a layer of ``target`` by itself."""

@@ -13,6 +13,8 @@ What a run writes (``record`` is the dict both commands fill in):
 * ``freeze_map.png`` -- every leaf layer's parameter count (log scale), coloured
   by its trainable state in each phase;
 * ``model.safetensors`` -- the trained weights (written by the command);
+* ``preprocessing.json`` -- image size, normalisation, class names and model, which
+  ``frostline predict`` and ``frostline evaluate`` read;
 * ``report.md`` -- a summary linking all of the above.
 """
 
@@ -24,17 +26,22 @@ import datetime as _dt
 import json
 import math
 import os
-import shutil
-import tempfile
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from frostline.io.atomic import atomic_directory
+
 __all__ = [
+    "FILES",
     "RunDirectory",
+    "RunDirectoryError",
     "default_run_dir",
     "plot_curves",
     "plot_freeze_map",
+    "pyplot",
+    "warn",
     "write_metrics",
     "write_report",
 ]
@@ -46,6 +53,7 @@ FILES = (
     "curves.png",
     "freeze_map.png",
     "model.safetensors",
+    "preprocessing.json",
 )
 
 _COLORS = {
@@ -59,12 +67,6 @@ _LABELS = {"frozen": "frozen throughout", "trainable": "trainable throughout"}
 
 class RunDirectoryError(ValueError):
     """The run directory cannot be used (exists and is not empty, not writable)."""
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def timestamp() -> str:
@@ -97,10 +99,12 @@ def check_run_dir(path: str | os.PathLike) -> Path:
 
 
 class RunDirectory:
-    """Write into ``.<name>.tmp-*`` beside ``final``; :meth:`commit` renames it into place.
+    """A run directory written through :func:`frostline.io.atomic.atomic_directory`.
 
-    Used as a context manager, an exception removes the temporary folder (and the
-    parent folders this object created), so nothing half-written stays behind.
+    Files go into ``.<name>.tmp-*`` beside ``final``; when the ``with`` block ends
+    without an exception every file and the folder are fsynced and the folder is
+    renamed into place. An exception removes the temporary folder and the parent
+    folders this run created, so nothing half-written stays behind.
 
     >>> import tempfile, pathlib
     >>> root = pathlib.Path(tempfile.mkdtemp())
@@ -112,44 +116,35 @@ class RunDirectory:
 
     def __init__(self, final: str | os.PathLike) -> None:
         self.final = check_run_dir(final)
-        self._created_parents: list[Path] = []
-        parent = self.final.parent
-        missing = []
-        while not parent.exists():
-            missing.append(parent)
-            parent = parent.parent
-        for d in reversed(missing):
-            d.mkdir()
-            self._created_parents.append(d)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
-        os.chmod(self.path, 0o777 & ~_umask())  # mkdtemp makes it private; a run directory is not
-        self.committed = False
-
-    def commit(self) -> Path:
-        """Move the finished directory to its final path and return that path."""
-        check_run_dir(self.final)
-        if self.final.exists():
-            self.final.rmdir()  # empty (checked above)
-        os.replace(self.path, self.final)
-        self.committed = True
-        return self.final
-
-    def abort(self) -> None:
-        """Remove the temporary folder and any parent folder this run created (if empty)."""
-        shutil.rmtree(self.path, ignore_errors=True)
-        for d in reversed(self._created_parents):
-            with contextlib.suppress(OSError):
-                d.rmdir()
+        self.path = self.final  # the temporary folder while the block runs
+        self._created: list[Path] = []
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> RunDirectory:
+        parent = self.final.parent
+        while not parent.exists():
+            self._created.append(parent)
+            parent = parent.parent
+        self.path = self._stack.enter_context(atomic_directory(self.final))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None or not self.committed:
+        try:
             if exc_type is None:
-                self.commit()
-            else:
-                self.abort()
+                check_run_dir(self.final)  # nobody filled it meanwhile
+            self._stack.__exit__(exc_type, exc, tb)
+        except BaseException:
+            self._remove_created()
+            raise
+        if exc_type is not None:
+            self._remove_created()
+        else:
+            self.path = self.final
+
+    def _remove_created(self) -> None:
+        for d in self._created:  # innermost first
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 # --------------------------------------------------------------------------- metrics
@@ -235,8 +230,16 @@ def write_metrics(directory: str | os.PathLike, record: dict) -> None:
 # --------------------------------------------------------------------------- plots
 
 
-def _pyplot():
-    import matplotlib
+def warn(message: str) -> None:
+    """``frostline: warning: ...`` on stderr."""
+    print(f"frostline: warning: {message}", file=sys.stderr, flush=True)
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
+    from frostline.app.extras import require
+
+    matplotlib = require("matplotlib", "the run directory's plots")
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -246,7 +249,7 @@ def _pyplot():
 
 def plot_curves(path: str | os.PathLike, record: dict) -> None:
     """Loss and accuracy per epoch for every phase (boundaries marked) and the baseline."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     phases = record.get("phases", [])
@@ -342,7 +345,7 @@ def plot_freeze_map(path: str | os.PathLike, leaves: list[dict], title: str = ""
     ``leaves``: dicts with ``path``, ``class_name``, ``params`` and ``trainable`` (one
     bool per phase).
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import Patch
 
     n = len(leaves)
@@ -504,6 +507,8 @@ def write_report(path: str | os.PathLike, record: dict) -> None:
         "freeze_map.png": "trainable state of every leaf layer",
         "model.safetensors": "trained weights"
         + (f" ({record['weights_note']})" if record.get("weights_note") else ""),
+        "preprocessing.json": "image size, normalisation, class names and model: what "
+        "`frostline predict` and `frostline evaluate` read",
     }
     for name in record.get("files", list(descriptions)):
         if name in descriptions:

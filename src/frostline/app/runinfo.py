@@ -10,6 +10,7 @@ guess any of it.
 >>> run = pathlib.Path(tempfile.mkdtemp())
 >>> info = Preprocessing.for_images(["cat", "dog"], 32, (0.5,) * 3, (0.5,) * 3, model="efficientnet_lite0")
 >>> info.write(run)
+>>> _ = (run / "model.safetensors").write_bytes(b"")  # fit writes the model beside it
 >>> Preprocessing.read(run).class_names
 ['cat', 'dog']
 """

@@ -16,7 +16,9 @@ from collections.abc import Collection, Sequence
 __all__ = ["csv_text", "table"]
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: Collection[int] = ()) -> str:
+def table(
+    headers: Sequence[str], rows: Sequence[Sequence[object]], right: Collection[int] = ()
+) -> str:
     """Columns padded to their widest cell; columns in ``right`` are right-aligned."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
@@ -26,7 +28,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: Colle
             c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))
         ).rstrip()
 
-    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
+    return "\n".join(
+        [line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]]
+    )
 
 
 def csv_text(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -23,7 +23,6 @@ from frostline.api.callbacks import Callback
 from frostline.api.summary import counts
 from frostline.app import report
 from frostline.app.runinfo import Preprocessing
-from frostline.core.state import own_weights
 
 __all__ = [
     "PhaseRecorder",
@@ -34,6 +33,7 @@ __all__ = [
     "format_rate",
     "leaf_states",
     "merge_leaf_states",
+    "train_plain",
     "train_two_phase",
     "write_run",
 ]
@@ -71,8 +71,8 @@ def leaf_states(model: fl.Model) -> list[dict]:
     """Every leaf layer: path, class name, parameter count, trainable now."""
     out = []
     for leaf in model.leaf_layers():
-        params = list(leaf.module.parameters(recurse=False))
-        n = sum(t.numel() for t in own_weights(leaf.module))
+        params = [t for t in leaf.weights if isinstance(t, nn.Parameter)]
+        n = leaf.count_params()
         out.append(
             {
                 "path": leaf.path,
@@ -265,9 +265,7 @@ def train_two_phase(
     )
     phases = recorder.finish()
     plans = [result.freeze_plan, result.unfreeze_plan]
-    for i, (phase, title, lr, n) in enumerate(
-        zip(phases, titles, (lr1, lr2), (epochs1, epochs2))
-    ):
+    for i, (phase, title, lr, n) in enumerate(zip(phases, titles, (lr1, lr2), (epochs1, epochs2))):
         phase.update(
             name=f"phase {i + 1}",
             title=title,
@@ -278,6 +276,48 @@ def train_two_phase(
             plan=plans[i].summary_line() if plans[i] is not None else "",
         )
     return phases, recorder, result
+
+
+def train_plain(
+    model: fl.Model,
+    x: Any,
+    y: Any = None,
+    *,
+    name: str,
+    title: str,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    verbose: Any = "auto",
+) -> dict:
+    """One ``compile(Adam(lr))`` + ``fit`` (the demo's from-scratch baseline), recorded as a phase."""
+    recorder = PhaseRecorder([])
+    model.compile(
+        optimizer=fl.optimizers.Adam(lr),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    model.fit(
+        x,
+        y,
+        epochs=epochs,
+        batch_size=batch_size,
+        callbacks=[recorder],
+        verbose=verbose,
+        seed=seed,
+    )
+    phase = recorder.finish()[0]
+    phase.update(
+        name=name,
+        title=title,
+        optimizer=f"Adam({format_rate(lr)})",
+        learning_rate=lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        plan="",
+    )
+    return phase
 
 
 def base_record(kind: str, command: str, threads: int) -> dict:

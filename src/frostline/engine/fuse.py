@@ -18,6 +18,9 @@ fusion + channels_last is ~2.9x faster than the plain eval modules, so both are 
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,23 +30,35 @@ from torch import Tensor, nn
 
 __all__ = ["InferenceCopy", "inference_copy"]
 
-try:
-    from timm.layers.norm_act import BatchNormAct2d as _BatchNormAct2d
-except ImportError:  # pragma: no cover
-    _BatchNormAct2d = None  # type: ignore[assignment,misc]
-try:
-    import importlib
+_NO_TIMM: tuple[Any, Any, tuple[type, ...], tuple[Any, ...]] = (None, None, (), ())
 
-    _Conv2dSame: type | None = importlib.import_module("timm.layers.conv2d_same").Conv2dSame
-except (ImportError, AttributeError):  # pragma: no cover
-    _Conv2dSame = None
-try:
-    from timm.layers._fx import get_notrace_functions, get_notrace_modules
 
-    _TIMM_LEAVES: tuple[type, ...] = tuple(get_notrace_modules())
-    _TIMM_AUTOWRAP: tuple[Any, ...] = tuple(get_notrace_functions())
-except ImportError:  # pragma: no cover
-    _TIMM_LEAVES, _TIMM_AUTOWRAP = (), ()
+@functools.cache
+def _import_timm_specials() -> tuple[Any, Any, tuple[type, ...], tuple[Any, ...]]:
+    try:
+        from timm.layers.norm_act import BatchNormAct2d
+    except ImportError:  # pragma: no cover
+        BatchNormAct2d = None  # noqa: N806
+    try:
+        conv_same = importlib.import_module("timm.layers.conv2d_same").Conv2dSame
+    except (ImportError, AttributeError):  # pragma: no cover
+        conv_same = None
+    try:
+        from timm.layers._fx import get_notrace_functions, get_notrace_modules
+
+        leaves, autowrap = tuple(get_notrace_modules()), tuple(get_notrace_functions())
+    except ImportError:  # pragma: no cover
+        leaves, autowrap = (), ()
+    return BatchNormAct2d, conv_same, leaves, autowrap
+
+
+def _timm_specials() -> tuple[Any, Any, tuple[type, ...], tuple[Any, ...]]:
+    """timm's BatchNormAct2d, Conv2dSame, untraceable modules and functions.
+
+    A model can hold timm classes only once timm is imported, so timm is never imported
+    here (``import frostline`` stays free of timm and what timm imports).
+    """
+    return _import_timm_specials() if "timm" in sys.modules else _NO_TIMM
 
 
 class InferenceCopy(nn.Module):
@@ -145,9 +160,8 @@ def inference_copy(
 def _is_foldable_conv(m: nn.Module) -> bool:
     if not isinstance(m, nn.Conv2d):
         return False
-    return type(m).forward is nn.Conv2d.forward or (
-        _Conv2dSame is not None and type(m) is _Conv2dSame
-    )
+    conv_same = _timm_specials()[1]
+    return type(m).forward is nn.Conv2d.forward or (conv_same is not None and type(m) is conv_same)
 
 
 def _is_foldable_bn(m: nn.Module) -> bool:
@@ -155,7 +169,8 @@ def _is_foldable_bn(m: nn.Module) -> bool:
         return False
     if type(m).forward is nn.BatchNorm2d.forward:
         return True
-    return _BatchNormAct2d is not None and type(m) is _BatchNormAct2d
+    bn_act = _timm_specials()[0]
+    return bn_act is not None and type(m) is bn_act
 
 
 def _fold_weights(
@@ -181,7 +196,8 @@ def _fold_weights(
 
 
 def _bn_replacement(bn: nn.Module) -> nn.Module:
-    if _BatchNormAct2d is not None and isinstance(bn, _BatchNormAct2d):
+    bn_act = _timm_specials()[0]
+    if bn_act is not None and isinstance(bn, bn_act):
         parts = [p for p in (bn.drop, bn.act) if not isinstance(p, nn.Identity)]
         if parts:
             return nn.Sequential(*parts).eval()
@@ -206,12 +222,13 @@ def _fold_pair(root: nn.Module, conv: nn.Conv2d, bn: nn.BatchNorm2d, bn_path: st
 
 class _Tracer(fx.Tracer):
     def __init__(self) -> None:
-        super().__init__(autowrap_functions=_TIMM_AUTOWRAP)
+        _, _, self.timm_leaves, autowrap = _timm_specials()
+        super().__init__(autowrap_functions=autowrap)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, (nn.Conv2d, nn.modules.batchnorm._BatchNorm)):
             return True
-        if _TIMM_LEAVES and isinstance(m, _TIMM_LEAVES):
+        if self.timm_leaves and isinstance(m, self.timm_leaves):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

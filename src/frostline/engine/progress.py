@@ -1,4 +1,8 @@
-"""Progress output: a rich progress bar per epoch on a terminal, one line per epoch otherwise."""
+"""Progress output: a rich progress bar per epoch on a terminal, one line per epoch otherwise.
+
+rich is optional (the ``app`` extra installs it): without it a terminal gets the
+one-line-per-epoch output too.
+"""
 
 from __future__ import annotations
 
@@ -41,13 +45,17 @@ class EpochProgress:
         self.start = time.perf_counter()
         self._bar = None
         if self.verbose == 1:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
+            try:
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    TextColumn,
+                    TimeElapsedColumn,
+                )
+            except ModuleNotFoundError:  # rich is optional: plain lines instead of a bar
+                self.verbose = 2
+                return
 
             self._bar = Progress(
                 TextColumn(f"Epoch {epoch + 1}/{epochs}"),

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from frostline.app.config import UsageError, option, positive_int
+from frostline.app.config import UsageError, option, positive_int, resolve
 
 NAME = "evaluate"
 HELP = "accuracy, per-class table and confusion matrix of a run on held-out data"
@@ -62,7 +62,10 @@ class Options:
         help="allow importing PACKAGE to rebuild a model fit built from 'package.module:factory' (repeatable)",
     )
     threads: int | None = option(
-        None, parse=positive_int, metavar="N", help="CPU threads for torch (default: torch's choice)"
+        None,
+        parse=positive_int,
+        metavar="N",
+        help="CPU threads for torch (default: torch's choice)",
     )
 
 
@@ -141,7 +144,9 @@ def plot_confusion(path: Path, matrix: list[list[int]], classes: list[str], titl
                     )
     ax.set_xticks(range(n))
     ax.set_yticks(range(n))
-    ax.set_xticklabels(classes, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center", fontsize=8)
+    ax.set_xticklabels(
+        classes, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center", fontsize=8
+    )
     ax.set_yticklabels(classes, fontsize=8)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
@@ -150,6 +155,10 @@ def plot_confusion(path: Path, matrix: list[list[int]], classes: list[str], titl
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def options(ns) -> Options:
+    return resolve(Options, ns)
 
 
 def run(opts: Options, command: str) -> int:
@@ -184,10 +193,18 @@ def run(opts: Options, command: str) -> int:
     print(f"accuracy: {s['accuracy']:.1%} ({correct} of {len(data)})\n")
     hdr = ["class", "precision", "recall", "f1", "support"]
     per_class = [
-        [classes[i], f"{s['precision'][i]:.3f}", f"{s['recall'][i]:.3f}", f"{s['f1'][i]:.3f}", s["support"][i]]
+        [
+            classes[i],
+            f"{s['precision'][i]:.3f}",
+            f"{s['recall'][i]:.3f}",
+            f"{s['f1'][i]:.3f}",
+            s["support"][i],
+        ]
         for i in range(info.num_classes)
     ]
-    print(text.table(hdr, [r for i, r in enumerate(per_class) if s["support"][i]], right={1, 2, 3, 4}))
+    print(
+        text.table(hdr, [r for i, r in enumerate(per_class) if s["support"][i]], right={1, 2, 3, 4})
+    )
     absent = [classes[i] for i in range(info.num_classes) if not s["support"][i]]
     if absent:
         print(f"(no held-out samples of: {', '.join(absent)})")
@@ -209,5 +226,7 @@ def run(opts: Options, command: str) -> int:
         )
         (tmp / "per_class.csv").write_text(text.csv_text(hdr, per_class), encoding="utf-8")
         (tmp / "evaluation.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    print(f"\nconfusion matrix: {out / 'confusion_matrix.png'} (and per_class.csv, evaluation.json)")
+    print(
+        f"\nconfusion matrix: {out / 'confusion_matrix.png'} (and per_class.csv, evaluation.json)"
+    )
     return 0

@@ -99,10 +99,20 @@ class Options:
         5, parse=count, metavar="N", group=TRAINING, help="phase 2 epochs, with --unfreeze-last"
     )
     lr1: float = option(
-        1e-3, parse=rate, metavar="LR", group=TRAINING, help="phase 1 Adam learning rate"
+        1e-3,
+        parse=rate,
+        metavar="LR",
+        group=TRAINING,
+        help="phase 1 Adam learning rate",
+        default_help="1e-3",
     )
     lr2: float = option(
-        1e-5, parse=rate, metavar="LR", group=TRAINING, help="phase 2 Adam learning rate"
+        1e-5,
+        parse=rate,
+        metavar="LR",
+        group=TRAINING,
+        help="phase 2 Adam learning rate",
+        default_help="1e-5",
     )
     batch_size: int = option(32, parse=positive_int, metavar="N", group=TRAINING, help="batch size")
     image_size: int | None = option(
@@ -173,14 +183,21 @@ def run(opts: Options, command: str) -> int:
     import frostline as fl
     from frostline.api.summary import counts
     from frostline.app import imagefolder, report, training
-    from frostline.app.models import build_import_model, freeze_selector, is_import_path
+    from frostline.app.extras import require
+    from frostline.app.models import (
+        build_import_model,
+        freeze_selector,
+        import_factory,
+        is_import_path,
+    )
     from frostline.app.runinfo import Preprocessing
 
+    require("matplotlib", "the run directory's plots")  # before hours of training, not after
     t_start, cpu_start = time.perf_counter(), time.process_time()
     spec = opts.model
     importing = is_import_path(spec)
     if importing:
-        build_import_model(spec, None, check_only=True)  # fail fast, before reading the data
+        import_factory(spec)  # fail fast, before reading the data
         mean, std = imagefolder.IMAGENET_MEAN, imagefolder.IMAGENET_STD
         default_size = 224
     else:

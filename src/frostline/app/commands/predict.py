@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from frostline.app.config import option, positive_int
+from frostline.app.config import option, positive_int, resolve
 
 NAME = "predict"
 HELP = "classify new images with the model of a run directory"
@@ -56,7 +56,10 @@ class Options:
         help="allow importing PACKAGE to rebuild a model fit built from 'package.module:factory' (repeatable)",
     )
     threads: int | None = option(
-        None, parse=positive_int, metavar="N", help="CPU threads for torch (default: torch's choice)"
+        None,
+        parse=positive_int,
+        metavar="N",
+        help="CPU threads for torch (default: torch's choice)",
     )
 
 
@@ -85,6 +88,10 @@ def headers(k: int) -> list[str]:
     return ["image"] + [h for i in range(1, k + 1) for h in (f"class_{i}", f"prob_{i}")]
 
 
+def options(ns) -> Options:
+    return resolve(Options, ns)
+
+
 def run(opts: Options, command: str) -> int:
     import torch
 
@@ -110,7 +117,9 @@ def run(opts: Options, command: str) -> int:
             raise UsageError(f"--csv {opts.csv!r} is a folder; expected a file path")
         atomic_write_text(path, text.csv_text(hdr, table_rows))
     if sys.stdout.isatty():
-        shown = [[r[0]] + [f"{c} ({float(p):.1%})" for c, p in zip(r[1::2], r[2::2])] for r in table_rows]
+        shown = [
+            [r[0]] + [f"{c} ({float(p):.1%})" for c, p in zip(r[1::2], r[2::2])] for r in table_rows
+        ]
         print(text.table(["image"] + [f"top {i}" for i in range(1, k + 1)], shown))
         if opts.csv:
             print(f"\n{len(table_rows)} prediction(s) written to {opts.csv}")

@@ -148,6 +148,7 @@ def two_phase(
     y: Any = None,
     *,
     unfreeze: int | Any = 10,
+    freeze: Any = None,
     phase1_epochs: int = 10,
     phase2_epochs: int = 10,
     phase1_lr: float = 1e-3,
@@ -162,21 +163,24 @@ def two_phase(
     early_stopping: bool | Mapping = False,
     callbacks: Iterable[Callback] | None = None,
     verbose: Any = "auto",
-    bn_inference: bool = True,
+    bn_inference: bool | str = True,
     compile_options: Mapping[str, Any] | None = None,
     **fit_kwargs: Any,
 ) -> TwoPhaseResult:
     """Feature extraction, then fine-tuning: the seeds' two-phase transfer learning in one call.
 
-    Phase 1 freezes ``base`` and trains the rest of ``model`` (the head) at
+    Phase 1 freezes ``base`` (or the part of it that the selector ``freeze`` picks;
+    ``freeze=[]`` freezes nothing) and trains the rest of ``model`` (the head) at
     ``phase1_lr``. Phase 2 unfreezes ``unfreeze`` of the base (an int: its last k leaf
     layers, as :func:`frostline.api.select.last`; or any selector / glob, relative to the
     base; None: all of it) and recompiles at ``phase2_lr`` (frostline picks up the
     unfrozen layers without a recompile; the recipe recompiles only to set the new rate,
-    as the seeds do) and trains on, epochs numbered after phase 1's. With
+    as the seeds do) and trains on, epochs numbered after phase 1's;
+    ``phase2_epochs=0`` stops after phase 1 (nothing is unfrozen). With
     ``bn_inference`` (default) the base's BatchNorm layers stay in inference mode in
     phase 2 while their scale/shift train (the Keras guide's advice; undo with
-    ``base.set_batchnorm_mode("auto")``). ``early_stopping=True`` (or a dict of
+    ``base.set_batchnorm_mode("auto")``); a mode name (``"inference"``,
+    ``"batch_stats"``, ``"auto"``) sets that mode instead, ``False`` leaves it as it is. ``early_stopping=True`` (or a dict of
     :class:`~frostline.api.callbacks.EarlyStopping` options) adds early stopping with
     ``restore_best_weights`` to each phase, on ``val_loss`` when there is validation
     data. ``optimizer`` is a name or spec (its rate is replaced by each phase's);
@@ -224,6 +228,14 @@ def two_phase(
     else:
         selector = select.as_selector(unfreeze)
     select.resolve(layer, selector)  # a selector that matches nothing fails before any training
+    freeze_nothing = isinstance(freeze, list | tuple) and not freeze
+    if not freeze_nothing and freeze is not None:
+        select.resolve(layer, freeze)
+    bn_mode = "inference" if bn_inference is True else bn_inference or None
+    if bn_mode is not None and bn_mode not in batchnorm.MODES:
+        raise ValueError(
+            f"bn_inference must be True, False or a BatchNorm mode ({', '.join(batchnorm.MODES)}), got {bn_inference!r}"
+        )
     user_cbs = list(callbacks or [])
     has_val = validation_data is not None or bool(validation_split)
     copts = dict(compile_options or {})
@@ -244,16 +256,22 @@ def two_phase(
         resumed_phase = phase.phase
 
     # phase 1: feature extraction
-    freeze_plan = layer.freeze()
+    if freeze_nothing:
+        freeze_plan = Plan(action="freeze", selector="nothing", matched=[], applied=True)
+    else:
+        freeze_plan = layer.freeze(freeze)
     if not any(p.requires_grad for p in model.module.parameters()):
         raise ValueError(
             f"with base {layer.name!r} frozen nothing is left to train: the model needs a head outside the base"
         )
     model.compile(optimizer=spec1, loss=loss, metrics=metrics, loss_weights=loss_weights, **copts)
     if show:
-        print(
-            f"Phase 1/2: training the head, base {layer.name!r} frozen ({count_params(layer.module):,} params), lr {spec1.learning_rate:g}"
-        )
+        if freeze is None:
+            what = f"training the head, base {layer.name!r} frozen ({count_params(layer.module):,} params)"
+        else:
+            frozen = count_params(layer.module, trainable=False)
+            what = f"training with {freeze_plan.selector} of base {layer.name!r} frozen ({frozen:,} params)"
+        print(f"Phase 1/2: {what}, lr {spec1.learning_rate:g}")
     if resumed_phase == 2:  # phase 1 had finished: its History travels in the checkpoint
         h1 = History()
         h1.set_state(phase.phase1_history)
@@ -273,9 +291,22 @@ def two_phase(
         done = len(h1.epoch)
 
     # phase 2: fine-tuning
+    if n2 == 0 and resumed_phase != 2:
+        if show:
+            print("Phase 2/2: skipped (phase2_epochs=0)")
+        return TwoPhaseResult(
+            h1,
+            History(),
+            _join(h1, History()),
+            done,
+            freeze_plan,
+            layer.unfreeze(selector, dry_run=True),
+            spec1.learning_rate,
+            spec2.learning_rate,
+        )
     unfreeze_plan = layer.unfreeze(selector)
-    if bn_inference and any(batchnorm.is_batchnorm(m) for m in layer.module.modules()):
-        layer.set_batchnorm_mode("inference")
+    if bn_mode and any(batchnorm.is_batchnorm(m) for m in layer.module.modules()):
+        layer.set_batchnorm_mode(bn_mode)
     model.compile(optimizer=spec2, loss=loss, metrics=metrics, loss_weights=loss_weights, **copts)
     if show:
         n = sum(c.params for c in unfreeze_plan.changes)
