@@ -70,7 +70,7 @@ def one_line_error(err: str) -> str:
 def trained(tmp_path_factory):
     """``frostline fit`` on 3 classes x 6 PNGs with the tiny factory (1+1 epochs, 12 px)."""
     tmp = tmp_path_factory.mktemp("predict")
-    (tmp / "tiny_factory.py").write_text(FACTORY)
+    (tmp / "predict_nets.py").write_text(FACTORY)
     write_images(tmp / "train")
     write_images(tmp / "held_out", per_class=3, seed=1)
     cwd, path = os.getcwd(), list(sys.path)
@@ -81,7 +81,7 @@ def trained(tmp_path_factory):
                 "fit",
                 "train",
                 "--model",
-                "tiny_factory:build",
+                "predict_nets:build",
                 "--image-size",
                 "12",
                 "--epochs1",
@@ -113,7 +113,7 @@ def here(trained, monkeypatch):
 def by_hand(run_dir: Path, files: list[Path]) -> np.ndarray:
     """The run's model on ``files``, prepared from preprocessing.json by this test's own code."""
     info = json.loads((run_dir / "preprocessing.json").read_text())
-    model = fl.load(run_dir / "model.safetensors", trusted_modules=["tiny_factory"])
+    model = fl.load(run_dir / "model.safetensors", trusted_modules=["predict_nets"])
     s = info["image_size"]
     xs = []
     for f in files:
@@ -140,7 +140,7 @@ def test_fit_records_the_preprocessing(here):
     assert info["mean"] == pytest.approx([0.485, 0.456, 0.406]) and len(info["std"]) == 3
     assert info["model"] == {
         "file": "model.safetensors",
-        "spec": "tiny_factory:build",
+        "spec": "predict_nets:build",
         "kind": "import",
     }
 
@@ -155,7 +155,7 @@ def test_predict_matches_the_recorded_preprocessing(here, capsys):
             "--top-k",
             "2",
             "--trust",
-            "tiny_factory",
+            "predict_nets",
             "--csv",
             out_csv,
         ],
@@ -186,7 +186,7 @@ def test_predict_reads_what_the_run_recorded(here, capsys, tmp_path):
     outs = []
     for run_dir in (here / "runs/tiny", copy):
         code, out, err = run(
-            ["predict", run_dir, img[0], "--top-k", "3", "--trust", "tiny_factory"], capsys
+            ["predict", run_dir, img[0], "--top-k", "3", "--trust", "predict_nets"], capsys
         )
         assert code == 0, err
         outs.append([float(v) for v in out.splitlines()[1].split(",")[2::2]])
@@ -195,7 +195,7 @@ def test_predict_reads_what_the_run_recorded(here, capsys, tmp_path):
 
 def test_predict_prints_csv_when_piped_and_a_table_on_a_terminal(here, capsys, monkeypatch):
     code, out, err = run(
-        ["predict", "runs/tiny", "held_out/red", "--trust", "tiny_factory"], capsys
+        ["predict", "runs/tiny", "held_out/red", "--trust", "predict_nets"], capsys
     )
     assert code == 0, err
     lines = out.splitlines()
@@ -205,7 +205,7 @@ def test_predict_prints_csv_when_piped_and_a_table_on_a_terminal(here, capsys, m
     assert len(lines) == 4
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     code, out, err = run(
-        ["predict", "runs/tiny", "held_out/red", "--trust", "tiny_factory", "--top-k", "1"], capsys
+        ["predict", "runs/tiny", "held_out/red", "--trust", "predict_nets", "--top-k", "1"], capsys
     )
     assert code == 0, err
     assert out.splitlines()[0].split() == ["image", "top", "1"]
@@ -213,7 +213,7 @@ def test_predict_prints_csv_when_piped_and_a_table_on_a_terminal(here, capsys, m
 
 
 def test_evaluate_accuracy_table_and_confusion_matrix(here, capsys):
-    code, out, err = run(["evaluate", "runs/tiny", "held_out", "--trust", "tiny_factory"], capsys)
+    code, out, err = run(["evaluate", "runs/tiny", "held_out", "--trust", "predict_nets"], capsys)
     assert code == 0, err
     files = sorted((here / "held_out").rglob("*.png"))
     truth = np.array([CLASSES.index(f.parent.name) for f in files])
@@ -236,12 +236,12 @@ def test_evaluate_accuracy_table_and_confusion_matrix(here, capsys):
         assert im.format == "PNG" and min(im.size) > 200
     # a second evaluation (one class of the three) replaces the first; --out writes elsewhere
     shutil.copytree(here / "held_out/red", here / "only_red/red", dirs_exist_ok=True)
-    code, out, err = run(["evaluate", "runs/tiny", "only_red", "--trust", "tiny_factory"], capsys)
+    code, out, err = run(["evaluate", "runs/tiny", "only_red", "--trust", "predict_nets"], capsys)
     assert code == 0, err
     assert json.loads((ev / "evaluation.json").read_text())["samples"] == 3
     assert "no held-out samples of: blue, green" in out
     code, _, err = run(
-        ["evaluate", "runs/tiny", "held_out", "--trust", "tiny_factory", "--out", "elsewhere/e"],
+        ["evaluate", "runs/tiny", "held_out", "--trust", "predict_nets", "--out", "elsewhere/e"],
         capsys,
     )
     assert code == 0, err
@@ -254,7 +254,7 @@ def test_bad_input_is_one_line_with_exit_code_2(here, capsys, tmp_path):
         assert code == 2, err
         return one_line_error(err)
 
-    trust = ["--trust", "tiny_factory"]
+    trust = ["--trust", "predict_nets"]
     assert "does not exist" in error(["predict", tmp_path / "nope", "held_out", *trust])
     bare = tmp_path / "bare"
     shutil.copytree(here / "runs/tiny", bare)
@@ -268,7 +268,7 @@ def test_bad_input_is_one_line_with_exit_code_2(here, capsys, tmp_path):
     line = error(["evaluate", "runs/tiny", unknown, *trust])
     assert "'zebra'" in line and "not trained on" in line and "blue, green, red" in line
     line = error(["predict", "runs/tiny", "held_out"])
-    assert "tiny_factory:build" in line and "--trust tiny_factory" in line
+    assert "predict_nets:build" in line and "--trust predict_nets" in line
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
@@ -284,7 +284,7 @@ def test_bad_input_is_one_line_with_exit_code_2(here, capsys, tmp_path):
 
 def test_arrays_run_evaluates_npz(tmp_path, capsys, monkeypatch):
     """A run fit on float arrays takes an .npz with x (and y) and refuses images."""
-    (tmp_path / "tiny_factory.py").write_text(FACTORY)
+    (tmp_path / "predict_nets.py").write_text(FACTORY)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
     rng = np.random.default_rng(0)
@@ -293,7 +293,7 @@ def test_arrays_run_evaluates_npz(tmp_path, capsys, monkeypatch):
     np.savez(tmp_path / "train.npz", x=x, y=y)
     np.savez(tmp_path / "test.npz", x=x[:6], y=y[:6])
     np.savez(tmp_path / "wide.npz", x=np.zeros((2, 7), np.float32))
-    argv = ["fit", "train.npz", "--model", "tiny_factory:mlp", "--epochs1", 3, "--out", "run"]
+    argv = ["fit", "train.npz", "--model", "predict_nets:mlp", "--epochs1", 3, "--out", "run"]
     code, _, err = run(argv, capsys)
     assert code == 0, err
     info = json.loads((tmp_path / "run/preprocessing.json").read_text())
@@ -302,10 +302,10 @@ def test_arrays_run_evaluates_npz(tmp_path, capsys, monkeypatch):
         and info["input_shape"] == [6]
         and info["class_names"] == ["cat", "dog"]
     )
-    code, out, err = run(["evaluate", "run", "test.npz", "--trust", "tiny_factory"], capsys)
+    code, out, err = run(["evaluate", "run", "test.npz", "--trust", "predict_nets"], capsys)
     assert code == 0, err
     assert "6 samples of 2 class(es)" in out
-    code, out, err = run(["predict", "run", "test.npz", "--trust", "tiny_factory"], capsys)
+    code, out, err = run(["predict", "run", "test.npz", "--trust", "predict_nets"], capsys)
     assert code == 0 and len(out.splitlines()) == 7, err
-    code, _, err = run(["predict", "run", "wide.npz", "--trust", "tiny_factory"], capsys)
+    code, _, err = run(["predict", "run", "wide.npz", "--trust", "predict_nets"], capsys)
     assert code == 2 and "shape (7,)" in one_line_error(err)
