@@ -137,9 +137,13 @@ def load_model(path: str | os.PathLike, *, trusted_modules=()):
     tensors, meta = read(path)
     recipe = meta.get("architecture")
     if not recipe:
+        call = meta.get("rebuild_call") or "YourModel(...)"
         raise CheckpointError(
-            f"{path} does not say how to rebuild its architecture (a custom module): build the model yourself, "
-            "then call model.load_weights(path)"
+            f"{path} does not record how to rebuild its architecture (it was saved from "
+            f"{call.split('(')[0]}, whose arguments frostline could not read back). Build the "
+            f"model the way you did, then load the weights: model = fl.wrap({call}); "
+            f"model.load_weights({str(path)!r}). To have fl.load rebuild it, build it with "
+            "fl.saving.build('package.module:factory', *args, **kwargs) before saving"
         )
     module = _build(recipe, trusted)
     model: Model

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from frostline._version import __version__
+from frostline.api import rebuild
 from frostline.core import freezing
 from frostline.core.freezing import trainable_state
 from frostline.core.state import module_flag, view_of
@@ -73,7 +74,7 @@ def _layer_recipe(module: nn.Module) -> dict | None:
             "layers": children,
         }
     if not cls.__module__.startswith("torch.nn"):
-        return None
+        return rebuild.recipe_for(module)  # timm / torchvision: registry name and arguments
     kwargs = {}
     for pname, param in inspect.signature(cls.__init__).parameters.items():
         if pname in _SKIP_ARGS or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
@@ -95,10 +96,23 @@ def _layer_recipe(module: nn.Module) -> dict | None:
 
 
 def architecture_of(model) -> dict | None:
-    """How to rebuild ``model`` (None when frostline cannot tell)."""
+    """How to rebuild ``model`` (None when frostline cannot tell).
+
+    Zoo models and ``fl.saving.build`` record it when built; an ``fl.Sequential`` of
+    standard layers, a timm model (``timm.create_model(name, **kwargs)``) and a torchvision
+    model (builder name and arguments) have it read back from the module and verified
+    against its structure. What was read back is remembered for the module's current
+    structure (a changed head is read again).
+    """
     if model.meta.get("architecture"):
         return model.meta["architecture"]
-    return _layer_recipe(model.module)
+    digest = rebuild.structure_digest(model.module)
+    cached = model.meta.get("inferred_architecture")
+    if isinstance(cached, dict) and cached.get("structure") == digest:
+        return cached.get("recipe")
+    recipe = _layer_recipe(model.module)
+    model.meta["inferred_architecture"] = {"structure": digest, "recipe": recipe}
+    return recipe
 
 
 # -- files --------------------------------------------------------------------------
@@ -108,13 +122,15 @@ def save_model(model, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"model files end in .safetensors, got {str(path)!r}")
+    architecture = architecture_of(model)
     meta = {
         "format": FORMAT,
         "version": 1,
         "frostline_version": __version__,
         "name": model.name,
         "class": type(model).__name__,
-        "architecture": architecture_of(model),
+        "architecture": architecture,
+        "rebuild_call": None if architecture else rebuild.rebuild_call(model.module),
         "trainable": trainable_state(model.module),
         "root_trainable": module_flag(model.module),
     }

@@ -72,13 +72,16 @@ class EpochProgress:
         if self._bar is not None:
             self._bar.update(self._task, completed=step + 1, logs=_fmt(logs))
 
-    def close(self, logs: dict, note: str = "") -> float:
-        elapsed = time.perf_counter() - self.start
+    def close(self, logs: dict, note: str = "", elapsed: float | None = None) -> float:
+        """End the epoch's display. ``elapsed``: the epoch's whole time as recorded in the
+        History (cache build and validation included); shown as given, so the printed
+        time and ``history["epoch_time"]`` agree. Default: time since this display began."""
+        if elapsed is None:
+            elapsed = time.perf_counter() - self.start
         if self._bar is not None:
             self._bar.update(self._task, logs=_fmt(logs))
             self._bar.stop()
-            if note:
-                print(f"  {note}")
+            print(f"  epoch time {elapsed:.2f}s" + (f" - {note}" if note else ""))
         elif self.verbose == 2:
             line = f"Epoch {self.epoch + 1}/{self.epochs} - {elapsed:.2f}s - {_fmt(logs)}"
             print(line + (f" - {note}" if note else ""), flush=True)

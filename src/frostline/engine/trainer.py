@@ -275,11 +275,11 @@ class Trainer:
         for epoch in range(initial_epoch, epochs):
             if model.stop_training:
                 break
+            t0 = time.perf_counter()  # the epoch's time counts all it does (cache build too)
             module.train()
             runner.new_fit()  # weights are re-read (content digest) once per epoch
             cblist.on_epoch_begin(epoch, logs)
             self._sync()
-            t0 = time.perf_counter()
             train_logs, notes = self._train_epoch(
                 train,
                 train_fp,
@@ -299,7 +299,11 @@ class Trainer:
             logs["epoch_time"] = time.perf_counter() - t0
             logs = distributed.same_logs(logs, self.ctx)
             cblist.on_epoch_end(epoch, logs)
-            self._progress.close({k: v for k, v in logs.items() if k != "epoch_time"}, notes)
+            self._progress.close(
+                {k: v for k, v in logs.items() if k != "epoch_time"},
+                notes,
+                elapsed=logs["epoch_time"],
+            )
             live = model.live_optimizer
             if live is not None and cfg.scheduler_interval == "epoch":
                 live.scheduler_step()
