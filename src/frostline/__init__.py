@@ -29,6 +29,7 @@ from frostline.api.loading import load_model as _load_model
 from frostline.api.model import Model, Sequential, wrap
 from frostline.api.select import Plan, SelectionError
 from frostline.engine.data import DataError
+from frostline.engine.tracking import OptimizerTracker, track
 from frostline.engine.trainer import TrainingError, seed_everything
 from frostline.engine.verify import FrozenWeightsChanged
 
@@ -54,6 +55,7 @@ __all__ = [
     "Layer",
     "LayerList",
     "Model",
+    "OptimizerTracker",
     "Plan",
     "SelectionError",
     "Sequential",
@@ -71,6 +73,7 @@ __all__ = [
     "schedules",
     "select",
     "stages",
+    "track",
     "verify",
     "wrap",
 ]

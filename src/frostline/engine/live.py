@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from frostline.core.state import learning_rate_of
+from frostline.engine.tracking import OptimizerTracker, named_trainable
 from frostline.io.checkpoint import optimizer_state_from_tensors, optimizer_state_to_tensors
 
 
@@ -30,16 +31,6 @@ class OptimizerSpec(Protocol):
     def build(self, groups: list[dict]) -> torch.optim.Optimizer: ...
 
     def get_config(self) -> dict: ...
-
-
-def _named_trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    seen: set[int] = set()
-    out = []
-    for name, p in module.named_parameters(remove_duplicate=False):
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            out.append((name, p))
-    return out
 
 
 SchedulerFactory = Callable[[torch.optim.Optimizer], "torch.optim.lr_scheduler.LRScheduler"]
@@ -73,63 +64,60 @@ class LiveOptimizer:
         self.scheduler_factory = scheduler
         self.scheduler: Any = None
         self.scheduler_steps = 0
-        self._key: tuple[int, ...] | None = None
+        self.tracker: OptimizerTracker | None = None
         self.names: dict[int, str] = {}
         self.changes = 0
 
     # -- the trainable set ---------------------------------------------------------
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
-        return _named_trainable(self.module)
+        return named_trainable(self.module)
 
     def _lr_for(self, p: torch.Tensor) -> float:
         own = learning_rate_of(p)
         return float(self.spec.learning_rate if own is None else own)
 
     def sync(self) -> bool:
-        """Bring the optimizer in line with ``requires_grad``; True if anything changed."""
+        """Bring the optimizer in line with ``requires_grad`` and own rates; True if anything changed.
+
+        The first call builds the optimizer from the spec; later calls go through the
+        same :class:`~frostline.engine.tracking.OptimizerTracker` that ``fl.track``
+        gives any optimizer (it owns every group here).
+        """
         current = self.trainable()
-        key = tuple(id(p) for _, p in current)
-        if key == self._key:
-            return False
         if not current:
             raise RuntimeError(
                 "nothing to train: every parameter of the model is frozen (trainable_weights is empty). "
                 "Unfreeze something first, e.g. model.trainable = True or model.unfreeze(fl.select.last(5))."
             )
-        self.names = {id(p): n for n, p in current}
-        wanted = {id(p) for _, p in current}
-        if self.optimizer is None:
-            self.optimizer = self.spec.build(self._groups([p for _, p in current]))
+        if self.tracker is None:
+            self.adopt(self.spec.build(self._groups([p for _, p in current])))
+            changed = True
         else:
-            self._remove(wanted)
-            present = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-            new = [p for _, p in current if id(p) not in present]
-            for group in self._groups(new):
-                self.optimizer.add_param_group(group)
-        self._key = key
-        self.changes += 1
-        self._rebuild_scheduler()
-        return True
+            changed = self.tracker.sync()
+        if changed:
+            self.names = {id(p): n for n, p in current}
+            self.changes += 1
+            self.rebuild_scheduler()
+        return changed
+
+    def adopt(self, optimizer: torch.optim.Optimizer) -> None:
+        """Use ``optimizer`` (built from this spec, e.g. from a checkpoint) from now on."""
+        self.optimizer = optimizer
+        self.tracker = OptimizerTracker(
+            optimizer,
+            self.module,
+            lr=self.spec.learning_rate,
+            owns_groups=True,
+            factor=lambda: self.scale,
+        )
+        self.tracker.sync()
+        self.names = {id(p): n for n, p in self.trainable()}
 
     def _groups(self, params: Iterable[torch.Tensor]) -> list[dict]:
         by_lr: dict[float, list] = {}
         for p in params:
             by_lr.setdefault(self._lr_for(p), []).append(p)
         return [{"params": ps, "lr": lr * self.scale, "base_lr": lr} for lr, ps in by_lr.items()]
-
-    def _remove(self, wanted: set[int]) -> None:
-        opt = self.optimizer
-        assert opt is not None
-        for group in opt.param_groups:
-            keep = []
-            for p in group["params"]:
-                if id(p) in wanted:
-                    keep.append(p)
-                else:
-                    opt.state.pop(p, None)
-                    p.grad = None
-            group["params"] = keep
-        opt.param_groups[:] = [g for g in opt.param_groups if g["params"]]
 
     def regroup(self) -> bool:
         """Put every parameter in the group of its own rate (after per-parameter rates changed).
@@ -143,32 +131,9 @@ class LiveOptimizer:
         >>> live.regroup(), sorted(g["lr"] for g in live.optimizer.param_groups)
         (True, [0.001, 0.01])
         """
-        opt = self.optimizer
-        if opt is None:
+        if self.tracker is None:
             return False
-        default = self.spec.learning_rate
-        if all(
-            self._lr_for(p) == g.get("base_lr", default)
-            for g in opt.param_groups
-            for p in g["params"]
-        ):
-            return False
-        template = {
-            k: v
-            for k, v in opt.param_groups[0].items()
-            if k not in ("params", "lr", "base_lr", "initial_lr")
-        }
-        by_lr: dict[float, list] = {}
-        for g in opt.param_groups:
-            for p in g["params"]:
-                by_lr.setdefault(self._lr_for(p), []).append(p)
-        opt.param_groups.clear()
-        for lr, params in by_lr.items():
-            opt.add_param_group(
-                {**template, "params": params, "lr": lr * self.scale, "base_lr": lr}
-            )
-        self._rebuild_scheduler()
-        return True
+        return self.sync()
 
     # -- learning rates ------------------------------------------------------------
     @property
@@ -190,7 +155,7 @@ class LiveOptimizer:
             for g in self.optimizer.param_groups:
                 g["lr"] = g.get("base_lr", self.spec.learning_rate) * self.scale
 
-    def _rebuild_scheduler(self) -> None:
+    def rebuild_scheduler(self) -> None:
         if self.scheduler_factory is None or self.optimizer is None:
             return
         for g in self.optimizer.param_groups:
@@ -257,11 +222,8 @@ class LiveOptimizer:
         ]
         optimizer = self.spec.build(groups)
         optimizer_state_from_tensors(optimizer, tensors, meta["optimizer"], params)
-        self.optimizer = optimizer
-        current = self.trainable()
-        self._key = tuple(id(p) for _, p in current)
-        self.names = {id(p): n for n, p in current}
-        self._rebuild_scheduler()
+        self.adopt(optimizer)
+        self.rebuild_scheduler()
 
     # -- stepping ------------------------------------------------------------------
     def step(self) -> None:

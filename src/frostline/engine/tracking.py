@@ -1,0 +1,481 @@
+"""Keep any torch optimizer in step with a module's trainable set.
+
+:class:`OptimizerTracker` wraps an optimizer someone else built (a plain loop's
+``torch.optim.AdamW``, Lightning's ``configure_optimizers``, the Hugging Face
+Trainer's) and, on :meth:`~OptimizerTracker.sync`, brings its parameter groups in line
+with ``requires_grad``:
+
+* parameters that stay trainable keep their optimizer state and their group;
+* frozen parameters leave the optimizer: their state is dropped and ``.grad`` cleared,
+  so the next ``step()`` cannot move them (momentum and weight decay included);
+* newly trainable parameters join as new groups, at their own learning rate (given
+  with ``unfreeze(..., learning_rate=...)``) or the tracker's default rate, following
+  the learning-rate schedule of the optimizer's first group;
+* a parameter whose own rate changed moves to a group at that rate, state kept.
+
+The groups the optimizer had when tracking began are never removed (an LR scheduler
+zips over them), only emptied; groups the tracker added go when they empty.
+:class:`~frostline.engine.live.LiveOptimizer` (what ``fit`` uses) is built on the same
+tracker, owning every group.
+
+>>> import torch
+>>> from torch import nn
+>>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+>>> _ = net[0].requires_grad_(False)
+>>> opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+>>> tracker = OptimizerTracker(opt, net)
+>>> _ = net[0].requires_grad_(True); tracker.sync()
+True
+>>> [len(g["params"]) for g in opt.param_groups]
+[2, 2]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from frostline.core.state import learning_rate_of
+
+__all__ = ["OptimizerTracker", "named_trainable", "track"]
+
+GroupOptions = Callable[[str, nn.Parameter], dict]
+
+# keys a saved layout never carries (tensors and what the tracker recomputes)
+_LAYOUT_SKIP = ("params", "param_names")
+
+
+def named_trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` for every parameter that requires grad, each tensor once.
+
+    >>> net = nn.Linear(2, 1); _ = net.bias.requires_grad_(False)
+    >>> [n for n, _ in named_trainable(net)]
+    ['weight']
+    """
+    seen: set[int] = set()
+    out = []
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append((name, p))
+    return out
+
+
+def _own_rate(p: torch.Tensor) -> float | None:
+    value = learning_rate_of(p)
+    return None if value is None else float(value)
+
+
+def _innermost(optimizer: Any) -> Any:
+    """The optimizer inside wrappers that keep it as ``.optimizer`` (accelerate, Lightning)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _check_rate(value: object, what: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+class OptimizerTracker:
+    """An existing torch optimizer, kept in step with ``module``'s trainable set.
+
+    ``lr``: the rate of newly trainable parameters that have none of their own
+    (default: the optimizer's constructor rate, ``optimizer.defaults["lr"]``).
+    ``group_options``: ``(name, param) -> dict`` of extra options for the group a new
+    parameter joins (e.g. ``{"weight_decay": 0.0}`` for biases); other options come
+    from ``optimizer.defaults``, as with ``add_param_group``. ``owns_groups=True``:
+    every group is the tracker's (removed when empty, all rates its own).
+    ``factor``: what multiplies a tracker group's base rate (default: the ratio of the
+    first original group's current rate to its initial one, so added groups follow the
+    optimizer's LR schedule). ``scheduler``: the LR scheduler built on this optimizer,
+    kept in step with the groups (see :meth:`fit_scheduler`).
+
+    >>> net = nn.Linear(2, 1)
+    >>> opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    >>> tracker = OptimizerTracker(opt, net)
+    >>> _ = net.bias.requires_grad_(False); tracker.sync(), opt.param_groups[0]["params"] == [net.weight]
+    (True, True)
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        module: nn.Module,
+        *,
+        lr: float | None = None,
+        group_options: GroupOptions | None = None,
+        owns_groups: bool = False,
+        factor: Callable[[], float] | None = None,
+        scheduler: Any = None,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"expected a torch.optim.Optimizer, got {type(optimizer).__module__}.{type(optimizer).__name__}"
+            )
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"expected the torch.nn.Module whose parameters the optimizer trains, "
+                f"got {type(module).__module__}.{type(module).__name__}"
+            )
+        if group_options is not None and not callable(group_options):
+            raise TypeError(
+                f"group_options must be a callable (name, param) -> dict, got {group_options!r}"
+            )
+        if lr is None:
+            if "lr" not in optimizer.defaults:
+                raise ValueError(
+                    f"{type(optimizer).__name__} has no default 'lr'; pass lr= for newly unfrozen parameters"
+                )
+            lr = optimizer.defaults["lr"]
+            if isinstance(lr, torch.Tensor):
+                lr = float(lr)
+        self.optimizer = optimizer
+        self.module = module
+        self.lr = _check_rate(lr, "lr")
+        self.group_options = group_options
+        self._fixed = 0 if owns_groups else len(optimizer.param_groups)
+        self._reference = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+        self._factor = factor
+        if scheduler is not None and _innermost(getattr(scheduler, "optimizer", None)) is not (
+            _innermost(optimizer)
+        ):
+            raise ValueError(
+                f"scheduler {type(scheduler).__name__} does not drive this optimizer "
+                "(pass the LR scheduler built on the same optimizer)"
+            )
+        self.scheduler = scheduler
+        self._key: tuple | None = None
+        self._hook: Any = None
+        self.changes = 0
+        #: ids of every parameter that was trainable while tracked (verification exempts them)
+        self.ever_trainable: set[int] = {id(p) for _, p in named_trainable(module)}
+
+    # -- rates --------------------------------------------------------------------------
+    def rate_of(self, p: torch.Tensor) -> float:
+        """The base rate ``p`` trains at: its own rate, else the tracker's ``lr``."""
+        own = _own_rate(p)
+        return self.lr if own is None else own
+
+    def factor(self) -> float:
+        """What multiplies the base rates of the tracker's groups right now."""
+        if self._factor is not None:
+            return float(self._factor())
+        for g, ref in zip(self.optimizer.param_groups[: self._fixed], self._reference):
+            if ref > 0:
+                lr = g["lr"]
+                return float(lr) / ref
+        return 1.0
+
+    def refresh_rates(self) -> None:
+        """Set each tracker group's ``lr`` to its base rate times :meth:`factor`."""
+        f = self.factor()
+        for g in self.optimizer.param_groups[self._fixed :]:
+            if "base_lr" in g:
+                g["lr"] = g["base_lr"] * f
+
+    # -- sync ---------------------------------------------------------------------------
+    def _options(self, name: str, p: nn.Parameter) -> dict:
+        if self.group_options is None:
+            return {}
+        out = self.group_options(name, p)
+        if not isinstance(out, dict):
+            raise TypeError(f"group_options must return a dict, got {out!r} for {name!r}")
+        return out
+
+    def _fits(self, group: dict, p: torch.Tensor) -> bool:
+        """Whether ``p`` may stay in ``group`` (a group not made by a tracker keeps what has no own rate)."""
+        if "base_lr" not in group:
+            return _own_rate(p) is None
+        return group["base_lr"] == self.rate_of(p)
+
+    def sync(self) -> bool:
+        """Bring the optimizer in line with ``requires_grad`` and own rates; True if anything changed.
+
+        >>> net = nn.Linear(2, 1); opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> t = OptimizerTracker(opt, net); t.sync()
+        False
+        """
+        current = named_trainable(self.module)
+        key = tuple((id(p), _own_rate(p)) for _, p in current)
+        if key == self._key:
+            return False
+        opt = self.optimizer
+        wanted = {id(p): n for n, p in current}
+        changed = False
+        placed: set[int] = set()
+        moving: list[tuple[str, nn.Parameter]] = []
+        for group in opt.param_groups:
+            keep = []
+            for p in group["params"]:
+                if id(p) not in wanted:
+                    opt.state.pop(p, None)
+                    p.grad = None
+                    changed = True
+                elif id(p) in placed:  # a parameter twice in one optimizer: keep the first
+                    changed = True
+                elif not self._fits(group, p):
+                    moving.append((wanted[id(p)], p))  # state kept: only the group changes
+                    placed.add(id(p))
+                    changed = True
+                else:
+                    keep.append(p)
+                    placed.add(id(p))
+            group["params"] = keep
+        new = [(n, p) for n, p in current if id(p) not in placed]
+        for _, p in new:
+            opt.state.pop(p, None)  # a newly trainable parameter starts fresh
+        if moving:
+            self._add(moving, merge=True)
+        if new:
+            self._add(new, merge=False)
+            changed = True
+        if any(not g["params"] for g in opt.param_groups[self._fixed :]):
+            opt.param_groups[:] = opt.param_groups[: self._fixed] + [
+                g for g in opt.param_groups[self._fixed :] if g["params"]
+            ]
+        self._key = key
+        self.ever_trainable.update(wanted)
+        if changed:
+            self.changes += 1
+            self.fit_scheduler()
+        return changed
+
+    def fit_scheduler(self) -> None:
+        """Give the LR scheduler one entry per group (torch zips them strictly).
+
+        Groups the tracker added follow the first group's schedule from their own
+        base rate: ``base_lrs`` come from each group's ``initial_lr``, a ``LambdaLR``'s
+        or ``MultiplicativeLR``'s lambda for them is the first group's.
+        """
+        s = self.scheduler
+        if s is None:
+            return
+        groups = self.optimizer.param_groups
+        if isinstance(getattr(s, "base_lrs", None), list):
+            s.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in groups]
+        lambdas = getattr(s, "lr_lambdas", None)
+        if isinstance(lambdas, list) and lambdas:
+            keep = lambdas[: self._fixed]
+            first = lambdas[0]
+
+            def follow(step, _first=first):  # a plain function: not pickled into state_dict
+                return _first(step)
+
+            s.lr_lambdas = keep + [follow] * (len(groups) - len(keep))
+
+    def _add(self, params: Iterable[tuple[str, nn.Parameter]], *, merge: bool) -> None:
+        """New groups for ``params`` by rate and options; ``merge``: join a matching tracker group if any."""
+        opt = self.optimizer
+        f = self.factor()
+        with_initial = any("initial_lr" in g for g in opt.param_groups)
+        buckets: dict[tuple, list[nn.Parameter]] = {}
+        options: dict[tuple, dict] = {}
+        for name, p in params:
+            extra = self._options(name, p)
+            rate = self.rate_of(p)
+            bucket = (rate, tuple(sorted(extra.items())))
+            buckets.setdefault(bucket, []).append(p)
+            options[bucket] = extra
+        for bucket, ps in buckets.items():
+            rate = bucket[0]
+            target = None
+            for g in opt.param_groups[self._fixed :] if merge else []:
+                if g.get("base_lr") == rate and all(
+                    g.get(k) == v for k, v in options[bucket].items()
+                ):
+                    target = g
+                    break
+            if target is not None:
+                target["params"].extend(ps)
+                continue
+            group = {**options[bucket], "params": ps, "lr": rate * f, "base_lr": rate}
+            group.update(self._scheduled_keys(rate))
+            if with_initial:
+                group["initial_lr"] = rate
+            opt.add_param_group(group)
+
+    def _scheduled_keys(self, rate: float) -> dict[str, Any]:
+        """Keys a scheduler keeps in the groups (OneCycleLR's ``max_lr``, ``max_momentum``), from the first group.
+
+        Rates (``*_lr``) are scaled to ``rate``; other values are copied.
+        """
+        if not self._fixed or not self._reference[0]:
+            return {}
+        g0 = self.optimizer.param_groups[0]
+        scale = rate / self._reference[0]
+        out: dict[str, Any] = {}
+        for k, v in g0.items():
+            if k in self.optimizer.defaults or k in ("params", "lr", "base_lr", "initial_lr"):
+                continue
+            if k.endswith("_lr") and isinstance(v, int | float) and not isinstance(v, bool):
+                out[k] = float(v) * scale
+            elif isinstance(v, int | float | bool | str | tuple) or v is None:
+                out[k] = v
+        return out
+
+    # -- layout (resume) ----------------------------------------------------------------
+    def names(self) -> dict[int, str]:
+        """``{id(param): name}`` for the module's parameters."""
+        return {id(p): n for n, p in self.module.named_parameters()}
+
+    def layout(self) -> list[dict[str, Any]]:
+        """JSON-able groups: parameter names and scalar options (what :meth:`restore_layout` takes).
+
+        >>> net = nn.Linear(2, 1); t = OptimizerTracker(torch.optim.SGD(net.parameters(), lr=0.1), net)
+        >>> t.layout()[0]["names"], t.layout()[0]["lr"]
+        (['weight', 'bias'], 0.1)
+        """
+        names = self.names()
+        out = []
+        for gi, g in enumerate(self.optimizer.param_groups):
+            missing = [tuple(p.shape) for p in g["params"] if id(p) not in names]
+            if missing:
+                raise ValueError(
+                    f"optimizer param_groups[{gi}] holds parameters of shapes {missing} that are not "
+                    f"parameters of the tracked {type(self.module).__name__}"
+                )
+            entry: dict[str, Any] = {"names": [names[id(p)] for p in g["params"]]}
+            for k, v in g.items():
+                if k in _LAYOUT_SKIP:
+                    continue
+                if isinstance(v, bool | int | float | str) or v is None:
+                    entry[k] = v
+                elif isinstance(v, tuple) and all(isinstance(x, int | float) for x in v):
+                    entry[k] = {"tuple": list(v)}
+                elif isinstance(v, torch.Tensor) and v.numel() == 1:
+                    entry[k] = float(v)
+            out.append(entry)
+        return out
+
+    def restore_layout(self, layout: list[dict[str, Any]]) -> None:
+        """Regroup the optimizer exactly as ``layout`` (from :meth:`layout`) says, state dropped.
+
+        Used on resume, before a checkpoint's optimizer state is loaded into the
+        optimizer: the state then lands on the right parameters.
+
+        >>> net = nn.Linear(2, 1); opt = torch.optim.SGD([net.weight], lr=0.1)
+        >>> t = OptimizerTracker(opt, net); t.restore_layout([{"names": ["weight"]}, {"names": ["bias"], "lr": 0.01}])
+        >>> [len(g["params"]) for g in opt.param_groups], opt.param_groups[1]["lr"]
+        ([1, 1], 0.01)
+        """
+        if not isinstance(layout, list) or not all(
+            isinstance(g, dict) and isinstance(g.get("names"), list) for g in layout
+        ):
+            raise ValueError(
+                f"layout must be a list of dicts with a 'names' list (from OptimizerTracker.layout()), got {layout!r}"
+            )
+        params = dict(self.module.named_parameters())
+        unknown = [n for g in layout for n in g["names"] if n not in params]
+        if unknown:
+            raise ValueError(
+                f"the saved optimizer layout names parameters the model does not have: {unknown[:10]}"
+            )
+        if len(layout) < self._fixed:
+            raise ValueError(
+                f"the saved optimizer layout has {len(layout)} group(s), fewer than the "
+                f"{self._fixed} the optimizer was built with"
+            )
+        opt = self.optimizer
+        opt.state.clear()
+        groups = []
+        for i, saved in enumerate(layout):
+            options = {
+                k: (tuple(v["tuple"]) if isinstance(v, dict) and "tuple" in v else v)
+                for k, v in saved.items()
+                if k != "names"
+            }
+            base = dict(opt.param_groups[i]) if i < len(opt.param_groups) else dict(opt.defaults)
+            base.update(options)
+            base["params"] = [params[n] for n in saved["names"]]
+            groups.append(base)
+        opt.param_groups.clear()
+        for g in groups:
+            opt.add_param_group(g)
+        self._key = None
+        self.sync()
+        self.fit_scheduler()
+
+    # -- step hook ----------------------------------------------------------------------
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        self.sync()
+        self.refresh_rates()
+
+    def attach(self) -> OptimizerTracker:
+        """Sync before every ``optimizer.step()`` (a step pre-hook on this optimizer only)."""
+        if self._hook is None:
+            self._hook = self.optimizer.register_step_pre_hook(self._before_step)
+        return self
+
+    def remove(self) -> None:
+        """Remove the step hook (the optimizer keeps its current groups)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def __enter__(self) -> OptimizerTracker:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (
+            f"OptimizerTracker({type(self.optimizer).__name__}, groups={len(self.optimizer.param_groups)}, "
+            f"changes={self.changes}, hooked={self._hook is not None})"
+        )
+
+
+def track(
+    optimizer: torch.optim.Optimizer,
+    model: Any,
+    *,
+    lr: float | None = None,
+    group_options: GroupOptions | None = None,
+    scheduler: Any = None,
+    hook: bool = True,
+) -> OptimizerTracker:
+    """Make ``optimizer`` (any ``torch.optim`` optimizer you built) follow ``model``'s trainable set.
+
+    With ``hook=True`` (default) the optimizer syncs itself before every ``step()``
+    (a step pre-hook on this optimizer only; ``tracker.remove()`` takes it off, and
+    ``with fl.track(...):`` scopes it). With ``hook=False`` call ``tracker.sync()``
+    yourself before ``step()``. ``scheduler``: the LR scheduler on this optimizer, if
+    any: it gets an entry for each added group, which follows the first group's
+    schedule from its own base rate. Under a ``GradScaler`` call ``tracker.sync()`` right
+    after changing the trainable set, so new parameters are in the optimizer before
+    ``scaler.unscale_``. ``model``: a ``torch.nn.Module`` or a frostline Layer/Model.
+
+    >>> import frostline as fl, torch
+    >>> from torch import nn
+    >>> model = fl.wrap(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+    >>> model.layers[0].trainable = False
+    >>> opt = torch.optim.AdamW(model.trainable_weights, lr=1e-3)
+    >>> tracker = fl.track(opt, model)
+    >>> _ = model.unfreeze(fl.select.first(1), learning_rate=1e-4)
+    >>> model.module(torch.randn(3, 4)).sum().backward(); opt.step()
+    >>> sorted(g["lr"] for g in opt.param_groups)
+    [0.0001, 0.001]
+    """
+    module = model if isinstance(model, nn.Module) else getattr(model, "module", None)
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"model must be a torch.nn.Module or a frostline Layer/Model, got {type(model).__name__}: {model!r}"
+        )
+    tracker = OptimizerTracker(
+        optimizer, module, lr=lr, group_options=group_options, scheduler=scheduler
+    )
+    if hook:
+        tracker.attach()
+    return tracker
