@@ -217,3 +217,29 @@ def test_formulas_match_keras_in_float64(name):
         np.testing.assert_allclose(w.detach().numpy(), var.numpy(), atol=1e-8, rtol=0)
     finally:
         keras.backend.set_floatx("float32")
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_fit_with_unfreeze_matches_keras(name, one_thread):
+    """End to end: ``fl.optimizers.X`` spec, ``compile`` and ``fit``, first layer unfrozen
+    between two fits without recompiling, momentum options and weight decay on."""
+    import frostline as fl
+
+    lr, momentum = OPTIMIZERS[name]
+    opts = {"learning_rate": lr, "weight_decay": 0.05, **momentum}
+    net = torch_model()
+    model = fl.wrap(net)
+    model.layers[0].trainable = False
+    spec = getattr(fl.optimizers, name)(
+        lr, **{k: v for k, v in opts.items() if k != "learning_rate"}
+    )
+    model.compile(optimizer=spec, loss="mse")
+    x, y = data()
+    frozen = [p.detach().clone() for p in net[0].parameters()]
+    model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    assert all(torch.equal(a, b) for a, b in zip(frozen, net[0].parameters()))
+    model.layers[0].trainable = True
+    model.fit(x, y, batch_size=BATCH, epochs=EPOCHS - 2, shuffle=False, verbose=0)
+    assert model.optimizer.iterations == EPOCHS * N // BATCH
+    ours = [t.detach().numpy() for layer in (net[0], net[2]) for t in (layer.weight, layer.bias)]
+    compare(ours, run_keras(name, opts, "unfreeze", torch_model()))

@@ -28,7 +28,7 @@ Updates are vectorised with ``torch._foreach_*`` (one kernel per operation and g
 >>> w = torch.nn.Parameter(torch.ones(2))
 >>> opt = Adam([w], lr=0.1)
 >>> w.grad = torch.tensor([1.0, -1.0]); opt.step()
->>> [round(x, 6) for x in w.detach().tolist()], opt.iterations
+>>> [round(x, 4) for x in w.detach().tolist()], opt.iterations
 ([0.9, 1.1], 1)
 """
 
@@ -315,7 +315,7 @@ class Adam(KerasOptimizer):
     (torch adds it after), default 1e-7 (torch: 1e-8).
 
     >>> w = torch.nn.Parameter(torch.zeros(1)); opt = Adam([w], lr=0.1, amsgrad=True)
-    >>> w.grad = torch.ones(1); opt.step(); round(w.item(), 6)
+    >>> w.grad = torch.ones(1); opt.step(); round(w.item(), 4)
     -0.1
     """
 

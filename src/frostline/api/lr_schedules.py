@@ -252,7 +252,9 @@ class CosineDecay(LearningRateSchedule):
         self.initial_learning_rate = _rate(initial_learning_rate, "initial_learning_rate")
         self.decay_steps = _steps(decay_steps, "decay_steps")
         self.alpha = _rate(alpha, "alpha")
-        self.warmup_target = None if warmup_target is None else _rate(warmup_target, "warmup_target")
+        self.warmup_target = (
+            None if warmup_target is None else _rate(warmup_target, "warmup_target")
+        )
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         self.warmup_steps = warmup_steps

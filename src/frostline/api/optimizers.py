@@ -1,7 +1,13 @@
 """Optimizer specs with Keras names: ``fl.optimizers.Adam(1e-3)`` says *how* to optimise.
 
-The engine's :class:`~frostline.engine.live.LiveOptimizer` builds the torch optimizer
-from a spec and keeps it in step with the trainable set.
+``SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adamax``, ``Nadam``, ``Adagrad`` and
+``Lion`` build the Keras 3 update rules of :mod:`frostline.api.keras_optimizers`
+(Keras defaults, decoupled ``weight_decay`` on trainable weights, ``clipnorm`` /
+``clipvalue`` / ``global_clipnorm``, ``learning_rate`` a float or a schedule from
+``fl.optimizers.schedules``); :class:`TorchOptimizer` (what a ``torch.optim`` class,
+partial or instance given to ``compile`` becomes) keeps torch's own math. The engine's
+:class:`~frostline.engine.live.LiveOptimizer` builds the torch optimizer from a spec
+and keeps it in step with the trainable set.
 """
 
 from __future__ import annotations
@@ -9,31 +15,62 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from frostline.api import keras_optimizers
+from frostline.api import lr_schedules as schedules
+
+Rate = float | Callable[[int], float]
+
 
 class Optimizer:
-    """Base spec: a torch optimizer class, a learning rate and options.
+    """Base spec: a torch optimizer class, a learning rate (or schedule) and options.
+
+    ``learning_rate`` is the nominal rate (a schedule's initial/peak rate, see
+    docs/optimizers.md); ``schedule`` the schedule, or None. Setting
+    ``learning_rate`` to a number drops the schedule.
 
     >>> spec = SGD(0.1, momentum=0.9)
     >>> spec.learning_rate, spec.slots
     (0.1, 1)
+    >>> Adam(schedules.ExponentialDecay(0.01, 100, 0.5)).learning_rate_at(100)
+    0.005
     """
 
     torch_class: type[torch.optim.Optimizer] = torch.optim.SGD
     #: tensors of optimizer state per parameter (for memory estimates)
     slots: int = 0
 
-    def __init__(self, learning_rate: float = 0.001, **options) -> None:
-        if isinstance(learning_rate, bool) or not isinstance(learning_rate, int | float):
-            raise TypeError(
-                f"learning_rate must be a number, got {type(learning_rate).__name__}: {learning_rate!r}"
-            )
-        if not math.isfinite(learning_rate) or learning_rate < 0:
-            raise ValueError(f"learning_rate must be a finite number >= 0, got {learning_rate!r}")
-        self.learning_rate = float(learning_rate)
+    def __init__(self, learning_rate: Rate = 0.001, **options) -> None:
+        self.schedule: Callable[[int], float] | None = None
+        if callable(learning_rate) and not isinstance(learning_rate, bool):
+            self.schedule = learning_rate
+            self._rate = schedules.nominal_rate(learning_rate)
+        else:
+            self.learning_rate = learning_rate  # type: ignore[assignment]
         self.options = options
+
+    @property
+    def learning_rate(self) -> float:
+        return self._rate
+
+    @learning_rate.setter
+    def learning_rate(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(
+                f"learning_rate must be a number or a schedule (callable of the step), "
+                f"got {type(value).__name__}: {value!r}"
+            )
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"learning_rate must be a finite number >= 0, got {value!r}")
+        self._rate = float(value)
+        self.schedule = None
+
+    def learning_rate_at(self, step: int) -> float:
+        """The headline rate at optimizer step ``step`` (the schedule's value, or the rate)."""
+        return self._rate if self.schedule is None else float(self.schedule(step))
 
     def torch_options(self) -> dict:
         return dict(self.options)
@@ -42,105 +79,176 @@ class Optimizer:
         """A torch optimizer over ``groups`` (each a dict with ``params`` and ``lr``)."""
         return self.torch_class(groups, lr=self.learning_rate, **self.torch_options())
 
+    def _rate_config(self) -> Any:
+        return (
+            self.learning_rate
+            if self.schedule is None
+            else schedules.schedule_config(self.schedule)
+        )
+
     def get_config(self) -> dict:
-        return {"class": type(self).__name__, "learning_rate": self.learning_rate, **self.options}
+        return {"class": type(self).__name__, "learning_rate": self._rate_config(), **self.options}
 
     def __repr__(self) -> str:
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
-        return f"{type(self).__name__}({self.learning_rate}{opts})"
+        rate = self.learning_rate if self.schedule is None else self.schedule
+        return f"{type(self).__name__}({rate}{opts})"
 
 
-class SGD(Optimizer):
-    """SGD with Keras' signature: ``SGD(learning_rate=0.01, momentum=0.0, nesterov=False, weight_decay=0.0)``."""
+class KerasSpec(Optimizer):
+    """A spec that builds one of the Keras-math optimizers (options passed through as given)."""
 
-    torch_class = torch.optim.SGD
+    torch_class: type[torch.optim.Optimizer] = keras_optimizers.SGD
 
     def __init__(
         self,
-        learning_rate: float = 0.01,
+        learning_rate: Rate,
+        *,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+        **options,
+    ) -> None:
+        clips = {"clipnorm": clipnorm, "clipvalue": clipvalue, "global_clipnorm": global_clipnorm}
+        super().__init__(
+            learning_rate, **options, **{k: v for k, v in clips.items() if v is not None}
+        )
+        # validate now (a bad option fails at construction, not at the first fit)
+        probe = torch.nn.Parameter(torch.zeros(1))
+        self.build([{"params": [probe], "lr": self.learning_rate}])
+
+    def build(self, groups: list[dict]) -> torch.optim.Optimizer:
+        rate: Rate = self.learning_rate if self.schedule is None else self.schedule
+        return self.torch_class(groups, rate, **self.torch_options())
+
+
+class SGD(KerasSpec):
+    """Keras SGD: ``SGD(learning_rate=0.01, momentum=0.0, nesterov=False, weight_decay=0.0)``.
+
+    >>> SGD(0.1, momentum=0.9, nesterov=True).build([{"params": [torch.zeros(1)]}]).defaults["nesterov"]
+    True
+    """
+
+    torch_class = keras_optimizers.SGD
+
+    def __init__(
+        self,
+        learning_rate: Rate = 0.01,
         momentum: float = 0.0,
         nesterov: bool = False,
-        weight_decay: float = 0.0,
+        weight_decay: float | None = 0.0,
+        *,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
     ):
-        if nesterov and momentum <= 0:
+        if nesterov and not (isinstance(momentum, int | float) and momentum > 0):
             raise ValueError(f"nesterov=True needs momentum > 0, got momentum={momentum!r}")
         super().__init__(
-            learning_rate, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
+            learning_rate,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
         )
         self.slots = 1 if momentum else 0
 
 
-class Adam(Optimizer):
-    """Adam: ``Adam(learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, weight_decay=0.0)``."""
+class Adam(KerasSpec):
+    """Keras Adam: ``Adam(learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False)``.
 
-    torch_class = torch.optim.Adam
-    slots = 2
+    >>> Adam(amsgrad=True).slots
+    3
+    """
+
+    torch_class = keras_optimizers.Adam
 
     def __init__(
         self,
-        learning_rate: float = 0.001,
+        learning_rate: Rate = 0.001,
         beta_1: float = 0.9,
         beta_2: float = 0.999,
         epsilon: float = 1e-7,
-        weight_decay: float = 0.0,
         amsgrad: bool = False,
+        weight_decay: float | None = 0.0,
+        *,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
     ):
         super().__init__(
             learning_rate,
             beta_1=beta_1,
             beta_2=beta_2,
             epsilon=epsilon,
-            weight_decay=weight_decay,
             amsgrad=amsgrad,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
         )
-
-    def torch_options(self) -> dict:
-        o = self.options
-        return {
-            "betas": (o["beta_1"], o["beta_2"]),
-            "eps": o["epsilon"],
-            "weight_decay": o["weight_decay"],
-            "amsgrad": o["amsgrad"],
-        }
+        self.slots = 3 if amsgrad else 2
 
 
-class AdamW(Adam):
-    """AdamW: ``AdamW(learning_rate=0.001, weight_decay=0.004, ...)`` (Keras defaults)."""
+class AdamW(KerasSpec):
+    """Keras AdamW: ``AdamW(learning_rate=0.001, weight_decay=0.004, beta_1=0.9, beta_2=0.999, epsilon=1e-7)``.
 
-    torch_class = torch.optim.AdamW
+    >>> AdamW(1e-3).options["weight_decay"]
+    0.004
+    """
+
+    torch_class = keras_optimizers.AdamW
 
     def __init__(
         self,
-        learning_rate: float = 0.001,
+        learning_rate: Rate = 0.001,
         weight_decay: float = 0.004,
         beta_1: float = 0.9,
         beta_2: float = 0.999,
         epsilon: float = 1e-7,
         amsgrad: bool = False,
+        *,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
     ):
         super().__init__(
             learning_rate,
+            weight_decay=weight_decay,
             beta_1=beta_1,
             beta_2=beta_2,
             epsilon=epsilon,
-            weight_decay=weight_decay,
             amsgrad=amsgrad,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
         )
+        self.slots = 3 if amsgrad else 2
 
 
-class RMSprop(Optimizer):
-    """RMSprop: ``RMSprop(learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False)``."""
+class RMSprop(KerasSpec):
+    """Keras RMSprop: ``RMSprop(learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False)``.
 
-    torch_class = torch.optim.RMSprop
+    >>> RMSprop(momentum=0.5, centered=True).slots
+    3
+    """
+
+    torch_class = keras_optimizers.RMSprop
 
     def __init__(
         self,
-        learning_rate: float = 0.001,
+        learning_rate: Rate = 0.001,
         rho: float = 0.9,
         momentum: float = 0.0,
         epsilon: float = 1e-7,
         centered: bool = False,
-        weight_decay: float = 0.0,
+        weight_decay: float | None = 0.0,
+        *,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
     ):
         super().__init__(
             learning_rate,
@@ -149,18 +257,143 @@ class RMSprop(Optimizer):
             epsilon=epsilon,
             centered=centered,
             weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
         )
         self.slots = 1 + (1 if momentum else 0) + (1 if centered else 0)
 
-    def torch_options(self) -> dict:
-        o = self.options
-        return {
-            "alpha": o["rho"],
-            "momentum": o["momentum"],
-            "eps": o["epsilon"],
-            "centered": o["centered"],
-            "weight_decay": o["weight_decay"],
-        }
+
+class Adamax(KerasSpec):
+    """Keras Adamax: ``Adamax(learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7)``.
+
+    >>> Adamax().slots
+    2
+    """
+
+    torch_class = keras_optimizers.Adamax
+    slots = 2
+
+    def __init__(
+        self,
+        learning_rate: Rate = 0.001,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-7,
+        weight_decay: float | None = 0.0,
+        *,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+    ):
+        super().__init__(
+            learning_rate,
+            beta_1=beta_1,
+            beta_2=beta_2,
+            epsilon=epsilon,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+        )
+
+
+class Nadam(KerasSpec):
+    """Keras Nadam: ``Nadam(learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7)``.
+
+    >>> Nadam(2e-3).learning_rate
+    0.002
+    """
+
+    torch_class = keras_optimizers.Nadam
+    slots = 2
+
+    def __init__(
+        self,
+        learning_rate: Rate = 0.001,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-7,
+        weight_decay: float | None = 0.0,
+        *,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+    ):
+        super().__init__(
+            learning_rate,
+            beta_1=beta_1,
+            beta_2=beta_2,
+            epsilon=epsilon,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+        )
+
+
+class Adagrad(KerasSpec):
+    """Keras Adagrad: ``Adagrad(learning_rate=0.001, initial_accumulator_value=0.1, epsilon=1e-7)``.
+
+    >>> Adagrad().slots
+    1
+    """
+
+    torch_class = keras_optimizers.Adagrad
+    slots = 1
+
+    def __init__(
+        self,
+        learning_rate: Rate = 0.001,
+        initial_accumulator_value: float = 0.1,
+        epsilon: float = 1e-7,
+        weight_decay: float | None = 0.0,
+        *,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+    ):
+        super().__init__(
+            learning_rate,
+            initial_accumulator_value=initial_accumulator_value,
+            epsilon=epsilon,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+        )
+
+
+class Lion(KerasSpec):
+    """Keras Lion: ``Lion(learning_rate=0.001, beta_1=0.9, beta_2=0.99)``.
+
+    >>> Lion(3e-4).slots
+    1
+    """
+
+    torch_class = keras_optimizers.Lion
+    slots = 1
+
+    def __init__(
+        self,
+        learning_rate: Rate = 0.001,
+        beta_1: float = 0.9,
+        beta_2: float = 0.99,
+        weight_decay: float | None = 0.0,
+        *,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+    ):
+        super().__init__(
+            learning_rate,
+            beta_1=beta_1,
+            beta_2=beta_2,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+        )
 
 
 class TorchOptimizer(Optimizer):
@@ -212,6 +445,10 @@ _STRINGS: dict[str, Callable[[], Optimizer]] = {
     "adam": Adam,
     "adamw": AdamW,
     "rmsprop": RMSprop,
+    "adamax": Adamax,
+    "nadam": Nadam,
+    "adagrad": Adagrad,
+    "lion": Lion,
 }
 
 
@@ -255,11 +492,17 @@ def get(identifier) -> Optimizer:
 
 
 __all__ = [
+    "Adagrad",
     "Adam",
     "AdamW",
+    "Adamax",
+    "KerasSpec",
+    "Lion",
+    "Nadam",
     "Optimizer",
     "RMSprop",
     "SGD",
+    "schedules",
     "TorchOptimizer",
     "get",
 ]

@@ -28,6 +28,8 @@ class OptimizerSpec(Protocol):
 
     learning_rate: float
 
+    def learning_rate_at(self, step: int) -> float: ...
+
     def build(self, groups: list[dict]) -> torch.optim.Optimizer: ...
 
     def get_config(self) -> dict: ...
@@ -41,7 +43,8 @@ class LiveOptimizer:
 
     Call :meth:`sync` before each step (``fit`` does); it returns True when the set
     changed. ``scale`` multiplies every group's base rate (what Keras-style
-    ``LearningRateScheduler``/``ReduceLROnPlateau`` change); a torch scheduler factory
+    ``LearningRateScheduler``/``ReduceLROnPlateau`` change; with a Keras schedule it
+    multiplies the scheduled rate); a torch scheduler factory
     is rebuilt and fast-forwarded whenever groups change, so LambdaLR/OneCycleLR
     keep working as layers are unfrozen.
 
@@ -136,10 +139,15 @@ class LiveOptimizer:
         return self.sync()
 
     # -- learning rates ------------------------------------------------------------
+    def _headline(self) -> float:
+        """The spec's rate now: its schedule's value at the optimizer's step count, or its rate."""
+        step = int(getattr(self.optimizer, "iterations", 0))
+        return float(self.spec.learning_rate_at(step))
+
     @property
     def learning_rate(self) -> float:
-        """The spec's rate times the current scale (what schedules report)."""
-        return self.spec.learning_rate * self.scale
+        """The spec's current rate (a schedule's value now) times the scale callbacks set."""
+        return self._headline() * self.scale
 
     def set_learning_rate(self, lr: float) -> None:
         """Set the headline rate; every group keeps its ratio to it (discriminative rates survive)."""
@@ -150,7 +158,8 @@ class LiveOptimizer:
             or lr < 0
         ):
             raise ValueError(f"learning rate must be a finite number >= 0, got {lr!r}")
-        self.scale = lr / self.spec.learning_rate if self.spec.learning_rate else 1.0
+        headline = self._headline()
+        self.scale = lr / headline if headline else 1.0
         if self.optimizer is not None:
             for g in self.optimizer.param_groups:
                 g["lr"] = g.get("base_lr", self.spec.learning_rate) * self.scale
@@ -184,7 +193,7 @@ class LiveOptimizer:
         >>> net(torch.ones(1, 2)).sum().backward(); live.step()
         >>> tensors, meta = live.state_dict()
         >>> other = LiveOptimizer(Adam(0.01), net); other.load_state_dict(tensors, meta)
-        >>> torch.equal(other.optimizer.state[net.weight]["exp_avg"], live.optimizer.state[net.weight]["exp_avg"])
+        >>> torch.equal(other.optimizer.state[net.weight]["momentum"], live.optimizer.state[net.weight]["momentum"])
         True
         """
         meta: dict = {
