@@ -19,6 +19,7 @@ from hypothesis.extra import numpy as hnp
 from frostline.engine.activations import (
     ActivationStore,
     CacheKey,
+    StepCounter,
     data_fingerprint,
     weights_checksum,
     weights_version,
@@ -367,10 +368,13 @@ def _tensors(model: torch.nn.Module) -> list[torch.Tensor]:
 def test_weights_version_changes_after_optimizer_step(make_opt) -> None:
     model = _model()
     opt = make_opt(model.parameters())
+    steps = StepCounter()  # counts this optimizer's steps only; no process-wide hook
+    steps.watch(opt)
     model(torch.randn(5, 4)).sum().backward()
-    before = weights_version(model.parameters())
+    before = weights_version(model.parameters(), steps=steps)
     opt.step()
-    assert weights_version(model.parameters()) != before
+    assert weights_version(model.parameters(), steps=steps) != before
+    steps.detach()
 
 
 def test_frozen_parameters_in_optimizer_keep_their_version() -> None:

@@ -200,11 +200,29 @@ def test_only_exclusive_forward_order_pairs_are_folded() -> None:
 
 
 def test_non_tensor_output_returns_none() -> None:
-    class Pair(nn.Module):
-        def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-            return x, x
+    class Named(nn.Module):
+        def forward(self, x: Tensor) -> dict[str, Tensor]:
+            return {"x": x}
 
-    assert inference_copy([nn.Conv2d(3, 3, 1), Pair()], example=X) is None
+    assert inference_copy([nn.Conv2d(3, 3, 1), Named()], example=X) is None
+
+
+def test_several_inputs_and_outputs_are_a_graph_frontier() -> None:
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x: Tensor, skip: Tensor) -> tuple[Tensor, Tensor]:
+            return self.bn(self.conv(x)), skip * 2
+
+    pair = Pair().eval()
+    fused = inference_copy(pair, example=(X, X))
+    assert fused is not None and fused.folded == [("conv", "bn")]
+    out = fused(X, X)
+    with torch.no_grad():
+        ref = pair(X, X)
+    assert isinstance(out, tuple) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out, ref))
 
 
 @settings(max_examples=25, deadline=None)

@@ -9,12 +9,14 @@ the last few weights (phase 2), trace, partition, and check that
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import timm
 import torch
 import torchvision
 from torch import nn
 
+import frostline as fl
 from frostline.core import batchnorm
 from frostline.engine.graph import (
     GraphError,
@@ -24,6 +26,7 @@ from frostline.engine.graph import (
     same_outputs,
     trace,
 )
+from frostline.engine.runner import CacheState, OffReason
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -368,3 +371,77 @@ def test_dict_inputs_are_keywords_when_forward_takes_them() -> None:
     assert inputs_of(Kw(), x)[2] is True
     assert inputs_of(OneDict(), x)[2] is False
     assert call_model(OneDict(), x) is x["left"]
+
+
+# ------------------------------------------------------------------ through fit
+
+
+def _fit_data(arch: str):
+    rng = np.random.default_rng(0)
+    if arch.startswith("hf_"):
+        ids = rng.integers(3, 100, (12, 12)).astype(np.int64)
+        mask = np.ones((12, 12), dtype=np.int64)
+        mask[::3, 9:] = 0
+        return {"input_ids": ids, "attention_mask": mask}, rng.integers(0, 3, 12)
+    if arch == "skip_shared":
+        return rng.standard_normal((12, 6)).astype(np.float32), rng.integers(0, 3, 12)
+    return rng.standard_normal((12, 3, 32, 32)).astype(np.float32), rng.integers(0, 3, 12)
+
+
+def _fit(arch: str, **kw) -> tuple[fl.Model, list[float], list]:
+    torch.manual_seed(0)
+    model = fl.wrap(ARCHS[arch][0]())
+    model.trainable = False
+    model.unfreeze(fl.select.last(1))
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    x, y = _fit_data(arch)
+    statuses = []
+
+    class Record(fl.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            statuses.append(self.model._trainer.runner.status["train"])
+
+    history = model.fit(x, y, epochs=2, batch_size=4, seed=0, verbose=0, callbacks=[Record()], **kw)
+    return model, history.history["loss"], statuses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_fit_with_the_cache_equals_fit_without(arch: str) -> None:
+    cached, losses, statuses = _fit(arch)
+    plain, plain_losses, plain_statuses = _fit(arch, cache=False)
+    np.testing.assert_allclose(losses, plain_losses, rtol=1e-4, atol=1e-5)
+    assert all(s.reason is OffReason.DISABLED for s in plain_statuses)
+    for (name, a), b in zip(cached.module.state_dict().items(), plain.module.state_dict().values()):
+        if not torch.is_floating_point(a):
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    if statuses[0].reason is OffReason.STOCHASTIC:
+        # dropout in the frozen part: off by default, cacheable in inference mode
+        inf, inf_losses, inf_statuses = _fit(arch, frozen_inference=True)
+        _, ref_losses, _ = _fit(arch, frozen_inference=True, cache=False)
+        np.testing.assert_allclose(inf_losses, ref_losses, rtol=1e-4, atol=1e-5)
+        statuses = inf_statuses
+        assert all(s.frozen_mode == "inference" for s in statuses)
+    assert [s.state for s in statuses] == [CacheState.BUILT, CacheState.REUSED], statuses
+    assert statuses[0].boundary and statuses[0].samples == 12
+
+
+def _global_hooks() -> dict[str, int]:
+    from torch.nn.modules import module as nn_module
+    from torch.optim import optimizer as optim_module
+
+    dicts = {n: getattr(nn_module, n) for n in dir(nn_module) if n.startswith("_global_")}
+    dicts.update(
+        {n: getattr(optim_module, n) for n in dir(optim_module) if n.startswith("_global_")}
+    )
+    return {n: len(d) for n, d in dicts.items() if isinstance(d, dict)}
+
+
+def test_fit_leaves_no_process_wide_hooks() -> None:
+    before = _global_hooks()
+    assert any("optimizer" in n for n in before) and any("registration" in n for n in before)
+    model, _, _ = _fit("skip_shared", frozen_inference=True)
+    assert _global_hooks() == before
+    # the step counter watched the model's own optimizer only, and let go when fit returned
+    assert not model._live.optimizer._optimizer_step_post_hooks

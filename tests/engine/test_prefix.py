@@ -145,9 +145,9 @@ def test_frozen_prefix_activation_is_detached_even_for_inputs_that_require_grad(
     model = fl.Sequential([base, nn.Linear(6, 3)])
     base.trainable = False
     runner = Runner(model.module)
-    runner.refresh()
     x = torch.randn(4, 3, 8, 8, requires_grad=True)
-    out = runner.run_prefix(x)
+    runner.verify(x.detach())
+    (out,) = runner.run_prefix(x)
     assert out.grad_fn is None and not out.requires_grad
     assert out.shape == (4, 6)
 
@@ -172,7 +172,7 @@ def test_boundary_of_sequential_base_head(capsys):
     model.trainable = True
     notes = fit_notes(model, x, y, capsys)
     assert boundary(model) == "(none)"
-    assert notes[0] == "off (no frozen prefix: the first stage is trainable)"
+    assert notes[0] == "off (no frozen part: the first computation is trainable)"
 
 
 @pytest.mark.parametrize(
@@ -191,8 +191,8 @@ def test_boundary_of_timm_models_with_frozen_leading_blocks(arch, frozen, expect
     model.freeze(fl.select.name(*frozen))
     model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
     notes = fit_notes(model, x, y, capsys)
-    assert boundary(model) == expected
-    assert notes[0].startswith(f"built (16 samples after '{expected}'"), notes
+    assert boundary(model).startswith(expected)  # the block's output (its residual add, ...)
+    assert notes[0].startswith(f"built (16 samples after '{expected}"), notes
 
 
 def test_boundary_of_leaf_selection_on_mobilenetv2(capsys):
@@ -207,11 +207,13 @@ def test_boundary_of_leaf_selection_on_mobilenetv2(capsys):
     base.unfreeze(fl.select.last(10))
     model.compile(optimizer=fl.optimizers.Adam(1e-5), loss="sparse_categorical_crossentropy")
     notes = fit_notes(model, x, y, capsys)
-    # the first unfrozen leaf is blocks.5.2.conv_pwl: the prefix ends with the block before
+    # the first unfrozen leaf is blocks.5.2.conv_pwl: the frozen part ends right below it,
+    # with the block's input kept for its residual connection
     first = next(leaf for leaf in base.leaf_layers() if leaf.trainable)
     assert first.path == "blocks.5.2.conv_pwl"
-    assert boundary(model) == "mobilenetv2_100.blocks.5.1"
-    assert notes[0].startswith("built (16 samples after 'mobilenetv2_100.blocks.5.1'"), notes
+    assert boundary(model) == "mobilenetv2_100.blocks.5.1#add + mobilenetv2_100.blocks.5.2.se"
+    after = "'mobilenetv2_100.blocks.5.1#add' + 'mobilenetv2_100.blocks.5.2.se'"
+    assert notes[0].startswith(f"built (16 samples after {after}"), notes
     assert sum(p.numel() for p in model.trainable_weights) == 1_052_810
     # frozen BatchNorms inside the partly trainable block keep inference mode in the suffix
     stats = base.module.blocks[5][2].bn1.running_mean.clone()
@@ -238,7 +240,7 @@ def test_boundary_follows_structure_changes_between_fits(capsys):
     model.module.linear = nn.Linear(3 * 8 * 8, 16)
     model.layers[0].trainable = False
     fit_notes(model, flat, y5, capsys)
-    got = model._trainer.runner.run_prefix(torch.from_numpy(flat[:4]))
+    (got,) = model._trainer.runner.run_prefix(torch.from_numpy(flat[:4]))
     with torch.no_grad():
         want = torch.relu(model.module.linear(torch.from_numpy(flat[:4])))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
@@ -281,10 +283,9 @@ def test_optimised_prefix_matches_the_unoptimised_forward(arch):
     model = fl.Sequential([base, nn.Linear(net.num_features, 4)])
     base.trainable = False
     runner = Runner(model.module)
-    runner.refresh()
     x = torch.randn(8, 3, 48, 48)
     runner.verify(x)
-    fast = runner.run_prefix(x)
+    (fast,) = runner.run_prefix(x)
     assert runner._fused is not None and runner._fused.folded  # BatchNorm really folded
     with torch.no_grad():
         ref = net.eval()(x)
@@ -328,7 +329,7 @@ def test_gradients_flow_through_frozen_layers_to_earlier_trainable_ones(capsys):
     model.compile(optimizer=fl.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
     with GradRecorder(model.module) as rec:
         notes = fit_notes(model, x, y, capsys)
-    assert notes[0] == "off (no frozen prefix: the first stage is trainable)"
+    assert notes[0] == "off (no frozen part: the first computation is trainable)"
     assert boundary(model) == "(none)"
     assert rec.seen == {"linear.weight", "linear.bias", "linear_2.weight", "linear_2.bias"}
     assert not torch.equal(first.module.weight, w_first)  # trained through the frozen middle
@@ -347,7 +348,7 @@ def test_gradients_flow_through_a_frozen_conv_block(capsys):
     model.compile(optimizer=fl.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
     with GradRecorder(model.module) as rec:
         notes = fit_notes(model, x, y, capsys)
-    assert notes[0] == "off (no frozen prefix: the first stage is trainable)"
+    assert notes[0] == "off (no frozen part: the first computation is trainable)"
     assert rec.seen == {"conv2d.weight", "conv2d.bias", "linear.weight", "linear.bias"}
     assert not torch.equal(model.layers[0].module.weight, w_first)
     for k, v in body.state_dict().items():  # frozen BatchNorm statistics untouched too
@@ -372,4 +373,4 @@ def test_uncached_dataset_samples_are_read_once_per_epoch():
     model.compile("adam", "sparse_categorical_crossentropy")
     ds = Counting()  # not declared deterministic: no cache, every batch read from the dataset
     model.fit(ds, epochs=2, batch_size=8, verbose=0)
-    assert ds.reads <= 2 * 24 + 2  # two epochs, plus the 2-sample probe that checks the input
+    assert ds.reads <= 2 * 24 + 4  # two epochs, plus the 4-sample probe that traces the model

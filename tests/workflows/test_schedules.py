@@ -279,7 +279,7 @@ def test_progressive_freezing_freezes_from_the_bottom_and_caches_the_prefix(caps
     assert notes == ["off", "built", "extended", "extended", "reused"]
     out = capsys.readouterr().out.splitlines()
     assert (
-        "cache: off (no frozen prefix" in out[0]
+        "cache: off (no frozen part" in out[0]
         and "cache: built" in out[1]
         and "cache: reused" in out[4]
     )

@@ -50,6 +50,7 @@ __all__ = [
     "INHERIT",
     "ActivationStore",
     "CacheKey",
+    "StepCounter",
     "data_fingerprint",
     "weights_checksum",
     "weights_version",
@@ -277,6 +278,119 @@ class ActivationStore:
                 store.close()
             raise
         return store
+
+    @classmethod
+    def build_many(
+        cls,
+        fn: Callable[..., Sequence[Tensor]],
+        batches: Iterable[tuple[Tensor, Sequence[Tensor]]],
+        n: int,
+        *,
+        memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+        spill_dir: str | Path | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        free_bytes: int | None = None,
+    ) -> list[ActivationStore]:
+        """:meth:`build` for a function of several inputs returning several tensors.
+
+        ``fn(*inputs)`` returns a tuple of tensors; each gets a store. The memory budget
+        is shared: when all of them together exceed it, all spill to disk. ``dtype``
+        applies to floating-point outputs only (integer outputs are stored as they are).
+
+        Raises:
+            MemoryError: the outputs exceed the budget and ``free_bytes`` (the space
+                left where spill files go), so they fit neither in memory nor on disk.
+
+        Example:
+            >>> import torch
+            >>> x = torch.randn(6, 2)
+            >>> stores = ActivationStore.build_many(
+            ...     lambda t: (t * 2, t.argmax(1)), [(torch.arange(6), (x,))], 6)
+            >>> [tuple(s.sample_shape) for s in stores], stores[1].dtype
+            ([(2,), ()], torch.int64)
+            >>> for s in stores: s.close()
+        """
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        if memory_budget_bytes < 0:
+            raise ValueError(f"memory_budget_bytes must be >= 0, got {memory_budget_bytes}")
+        filled = torch.zeros(n, dtype=torch.bool)
+        stores: list[ActivationStore] | None = None
+        try:
+            with torch.no_grad():
+                for indices, inputs in batches:
+                    idx = _as_index(indices)
+                    _check_new_indices(idx, filled)
+                    outs = tuple(fn(*inputs))
+                    for out in outs:
+                        if not isinstance(out, Tensor):
+                            raise TypeError(f"fn must return tensors, got {type(out).__name__}")
+                        if out.dim() == 0 or out.shape[0] != idx.numel():
+                            raise ValueError(
+                                f"fn returned shape {tuple(out.shape)} for a batch of "
+                                f"{idx.numel()} indices; the first dimension must match"
+                            )
+                    if stores is None:
+                        stores = cls._allocate_many(
+                            n, outs, memory_budget_bytes, spill_dir, dtype, device, free_bytes
+                        )
+                    for store, out in zip(stores, outs):
+                        store._write(idx, out)
+                    filled[idx] = True
+            if stores is None:
+                raise ValueError("batches was empty: cannot infer the output shape")
+            missing = n - int(filled.sum())
+            if missing:
+                first = torch.nonzero(~filled).flatten()[:5].tolist()
+                raise ValueError(
+                    f"{missing} of {n} sample indices were never filled (first missing: {first})"
+                )
+        except BaseException:
+            for store in stores or ():
+                store.close()
+            raise
+        return stores
+
+    @classmethod
+    def _allocate_many(
+        cls,
+        n: int,
+        outs: Sequence[Tensor],
+        budget: int,
+        spill_dir: str | Path | None,
+        dtype: torch.dtype | None,
+        device: torch.device | str,
+        free_bytes: int | None,
+    ) -> list[ActivationStore]:
+        def storage(out: Tensor) -> torch.dtype:
+            return dtype if dtype is not None and out.is_floating_point() else out.dtype
+
+        total = sum(
+            n * math.prod(o.shape[1:]) * torch.empty((), dtype=storage(o)).element_size()
+            for o in outs
+        )
+        if total > budget and free_bytes is not None and total > free_bytes:
+            raise MemoryError(
+                f"the cache needs {total} bytes: more than the memory budget ({budget}) "
+                f"and the free space for spill files ({free_bytes})"
+            )
+        shared = budget if total <= budget else 0  # all in memory, or all spilled
+        stores: list[ActivationStore] = []
+        try:
+            for o in outs:
+                options = _Options(
+                    max(shared, total) if shared else 0,
+                    spill_dir,
+                    storage(o) if o.is_floating_point() else None,
+                    torch.device(device),
+                )
+                stores.append(cls._allocate(n, o.shape[1:], o.dtype, options))
+        except BaseException:
+            for store in stores:
+                store.close()
+            raise
+        return stores
 
     def _write(self, idx: Tensor, out: Tensor) -> None:
         data = self._require_open()
@@ -534,25 +648,51 @@ def data_fingerprint(*arrays: np.ndarray | Tensor, workers: int | None = None) -
     return root.hexdigest()
 
 
-# Fused optimizers (``fused=True``) update parameters without bumping
-# ``Tensor._version``; a process-wide post-step hook counts their steps instead.
-_OPTIMIZER_STEPS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-_STEP_HOOK: Any = None
+class StepCounter:
+    """Counts optimizer steps per parameter, for the optimizers it watches.
 
+    Fused optimizers (``fused=True``) update parameters without bumping
+    ``Tensor._version``; :func:`weights_version` adds these counts so it still sees
+    their steps. The hook is registered on each watched optimizer only (never
+    process-wide) and removed by :meth:`detach`.
 
-def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is not None:  # torch optimizers skip parameters without a grad
-                _OPTIMIZER_STEPS[p] = _OPTIMIZER_STEPS.get(p, 0) + 1
+    Example:
+        >>> import torch
+        >>> p = torch.nn.Parameter(torch.ones(2))
+        >>> opt = torch.optim.SGD([p], lr=0.1)
+        >>> steps = StepCounter(); steps.watch(opt)
+        >>> p.grad = torch.ones(2); opt.step()
+        >>> steps[p]
+        1
+        >>> steps.detach(); opt.step(); steps[p]
+        1
+    """
 
+    def __init__(self) -> None:
+        self._counts: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._watched: list[tuple[weakref.ref, Any]] = []
 
-def _ensure_step_hook() -> None:
-    global _STEP_HOOK
-    if _STEP_HOOK is None:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
+    def watch(self, optimizer: torch.optim.Optimizer) -> None:
+        """Count the steps of ``optimizer`` from now on (idempotent)."""
+        if any(ref() is optimizer for ref, _ in self._watched):
+            return
+        handle = optimizer.register_step_post_hook(self._count)
+        self._watched.append((weakref.ref(optimizer), handle))
 
-        _STEP_HOOK = register_optimizer_step_post_hook(_count_optimizer_step)
+    def _count(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:  # torch optimizers skip parameters without a grad
+                    self._counts[p] = self._counts.get(p, 0) + 1
+
+    def __getitem__(self, tensor: Tensor) -> int:
+        return self._counts.get(tensor, 0)
+
+    def detach(self) -> None:
+        """Remove the hooks from every watched optimizer."""
+        for _, handle in self._watched:
+            handle.remove()
+        self._watched.clear()
 
 
 def _version_of(t: Tensor) -> int | tuple[int, ...]:
@@ -562,12 +702,14 @@ def _version_of(t: Tensor) -> int | tuple[int, ...]:
         return weights_checksum([t])[0]
 
 
-def weights_version(tensors: Iterable[Tensor], *, checksum: bool = False) -> tuple:
+def weights_version(
+    tensors: Iterable[Tensor], *, checksum: bool = False, steps: StepCounter | None = None
+) -> tuple:
     """A cheap key that changes whenever one of ``tensors`` is modified.
 
     Per tensor: ``id``, ``data_ptr``, ``_version``, the number of optimizer steps
-    that updated it (counted by a global optimizer post-step hook installed on first
-    use, because fused optimizers do not bump ``_version``), shape, dtype, device.
+    that updated it as counted by ``steps`` (a :class:`StepCounter` watching the
+    optimizers: fused optimizers do not bump ``_version``), shape, dtype, device.
     O(#tensors), no data read, no device sync. Blind to writes that bypass the
     version counter (``p.data.copy_(...)``, numpy/DLPack/storage aliases); with
     ``checksum=True`` the key also includes :func:`weights_checksum`, which sees
@@ -586,7 +728,6 @@ def weights_version(tensors: Iterable[Tensor], *, checksum: bool = False) -> tup
         >>> weights_version(layer.parameters()) == key
         False
     """
-    _ensure_step_hook()
     ts = list(tensors)
     for t in ts:
         if not isinstance(t, Tensor):
@@ -596,7 +737,7 @@ def weights_version(tensors: Iterable[Tensor], *, checksum: bool = False) -> tup
             id(t),
             t.data_ptr(),
             _version_of(t),
-            _OPTIMIZER_STEPS.get(t, 0),
+            steps[t] if steps is not None else 0,
             tuple(t.shape),
             str(t.dtype),
             str(t.device),

@@ -112,6 +112,32 @@ def _targets(y, what: str = "y") -> Target:
     return to_tensor(y, what)
 
 
+def inputs_tensor(x, what: str = "x"):
+    """Model inputs: an array/tensor, a dict of them (keyword inputs such as ``input_ids`` and
+    ``attention_mask``) or a tuple of them (several positional inputs), as tensors.
+
+    >>> inputs_tensor({"ids": np.zeros((2, 3), "int64")})["ids"].dtype
+    torch.int64
+    """
+    if isinstance(x, Mapping):
+        if not x:
+            raise DataError(f"{what} is an empty dict; expected one array per model input")
+        out = {str(k): to_tensor(v, f"{what}[{k!r}]") for k, v in x.items()}
+    elif isinstance(x, tuple) and x and all(isinstance(v, np.ndarray | torch.Tensor) for v in x):
+        out = tuple(to_tensor(v, f"{what}[{i}]") for i, v in enumerate(x))
+    else:
+        return to_tensor(x, what)
+    parts = list(out.items()) if isinstance(out, dict) else list(enumerate(out))
+    n = len(parts[0][1])
+    for k, v in parts:
+        if len(v) != n:
+            raise DataError(
+                f"{what}[{parts[0][0]!r}] has {n} samples but {what}[{k!r}] has {len(v)}; "
+                "every model input needs one entry per sample"
+            )
+    return out
+
+
 def _parts(y: Target) -> list[tuple[str, torch.Tensor]]:
     if isinstance(y, dict):
         return [(f"[{k!r}]", v) for k, v in y.items()]
@@ -125,7 +151,7 @@ def _length(y: Target) -> int:
     return len(parts[0][1]) if parts else 0
 
 
-def _index(y: Target, idx):
+def _index(y, idx):
     if y is None:
         return None
     if isinstance(y, dict):
@@ -154,6 +180,14 @@ def split_sample(batch) -> tuple:
     return batch, None
 
 
+def _leaves(x) -> list:
+    if isinstance(x, dict):
+        return list(x.values())
+    if isinstance(x, tuple):
+        return list(x)
+    return [x]
+
+
 class ArrayDataset(Dataset):
     """In-memory ``(x, y)`` samples; deterministic (no random transforms), so cacheable.
 
@@ -164,10 +198,11 @@ class ArrayDataset(Dataset):
     deterministic = True
 
     def __init__(self, x, y=None) -> None:
-        self.x = to_tensor(x, "x")
+        self.x = inputs_tensor(x, "x")
+        n = len(_leaves(self.x)[0])
         self.y = _targets(y)
         for where, v in _parts(self.y):
-            if len(v) != len(self.x):
+            if len(v) != n:
                 hint = (
                     " (a list or tuple of arrays is one target per output; for one target pass "
                     "a single array)"
@@ -175,17 +210,17 @@ class ArrayDataset(Dataset):
                     else ""
                 )
                 raise DataError(
-                    f"x has {len(self.x)} samples but y{where} has {len(v)}; they must match{hint}"
+                    f"x has {n} samples but y{where} has {len(v)}; they must match{hint}"
                 )
 
     def __len__(self) -> int:
-        return len(self.x)
+        return len(_leaves(self.x)[0])
 
     def __getitem__(self, i):
-        return self.x[i], _index(self.y, i)
+        return _index(self.x, i), _index(self.y, i)
 
     def gather(self, idx: torch.Tensor):
-        return self.x[idx], _index(self.y, idx)
+        return _index(self.x, idx), _index(self.y, idx)
 
 
 @dataclass
@@ -218,7 +253,7 @@ class IndexedData:
         """The raw arrays, for fingerprinting (None when not in memory)."""
         ds = self.dataset
         if isinstance(ds, ArrayDataset):
-            return (ds.x, *(v for _, v in _parts(ds.y)))
+            return (*_leaves(ds.x), *(v for _, v in _parts(ds.y)))
         if isinstance(ds, TensorDataset):
             return tuple(ds.tensors)
         return ()
@@ -323,16 +358,17 @@ def split_validation(x, y, fraction: float):
         raise DataError(
             "validation_split works with arrays and tensors; for a Dataset or DataLoader pass validation_data"
         )
-    xt = to_tensor(x, "x")
+    xt = inputs_tensor(x, "x")
     yt = _targets(y)
-    n = len(xt)
+    n = len(_leaves(xt)[0])
     n_val = int(math.floor(n * fraction))
     if fraction and n_val == 0:
         raise DataError(f"validation_split={fraction} of {n} samples leaves no validation sample")
     if n_val >= n:
         raise DataError(f"validation_split={fraction} of {n} samples leaves no training sample")
     cut = n - n_val
-    return (xt[:cut], _index(yt, slice(0, cut))), (xt[cut:], _index(yt, slice(cut, n)))
+    train, val = slice(0, cut), slice(cut, n)
+    return (_index(xt, train), _index(yt, train)), (_index(xt, val), _index(yt, val))
 
 
 def unpack_validation(validation_data):

@@ -88,17 +88,24 @@ class InferenceCopy(nn.Module):
         """Ignored (stays in eval mode)."""
         return self
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = self.body(x)
+    def forward(self, *xs: Tensor) -> Any:
+        if self.channels_last:
+            xs = tuple(
+                x.contiguous(memory_format=torch.channels_last)
+                if isinstance(x, Tensor) and x.dim() == 4
+                else x
+                for x in xs
+            )
+        y = self.body(*xs)
+        if isinstance(y, tuple):
+            return tuple(t.contiguous() if isinstance(t, Tensor) else t for t in y)
         return y.contiguous() if isinstance(y, Tensor) else y
 
 
 def inference_copy(
     modules: Sequence[nn.Module] | nn.Module,
     *,
-    example: Tensor,
+    example: Tensor | tuple[Tensor, ...],
     channels_last: bool = True,
     rtol: float = 1e-3,
     atol: float = 1e-4,
@@ -127,15 +134,16 @@ def inference_copy(
     mods = [modules] if isinstance(modules, nn.Module) else list(modules)
     if not all(isinstance(m, nn.Module) for m in mods):
         raise TypeError("inference_copy expects nn.Module(s)")
+    args = tuple(example) if isinstance(example, tuple) else (example,)
     body: nn.Module = copy.deepcopy(mods[0] if len(mods) == 1 else nn.Sequential(*mods))
     body.eval()
     body.requires_grad_(False)
     try:
         with torch.no_grad():
-            ref = body(example.clone())
+            ref = body(*(a.clone() for a in args))
     except Exception:
         return None
-    if not isinstance(ref, Tensor):
+    if not _tensors(ref):
         return None
 
     try:
@@ -144,14 +152,33 @@ def inference_copy(
             body = body.to(memory_format=torch.channels_last)
         out_mod = InferenceCopy(body, channels_last=channels_last, folded=folded)
         with torch.no_grad():
-            out = out_mod(example.clone())
+            out = out_mod(*(a.clone() for a in args))
     except Exception:
         return None
-    if not isinstance(out, Tensor) or out.shape != ref.shape or out.dtype != ref.dtype:
-        return None
-    if not torch.allclose(out, ref, rtol=rtol, atol=atol):
+    if not _close(out, ref, rtol, atol):
         return None
     return out_mod
+
+
+def _tensors(y: Any) -> bool:
+    """A tensor, or a tuple of tensors (a graph's frontier)."""
+    return isinstance(y, Tensor) or (
+        isinstance(y, tuple) and bool(y) and all(isinstance(t, Tensor) for t in y)
+    )
+
+
+def _close(out: Any, ref: Any, rtol: float, atol: float) -> bool:
+    if isinstance(ref, tuple):
+        return (
+            isinstance(out, tuple)
+            and len(out) == len(ref)
+            and all(_close(a, b, rtol, atol) for a, b in zip(out, ref))
+        )
+    if not isinstance(out, Tensor) or out.shape != ref.shape or out.dtype != ref.dtype:
+        return False
+    if not ref.is_floating_point():
+        return bool(torch.equal(out, ref))
+    return bool(torch.allclose(out, ref, rtol=rtol, atol=atol))
 
 
 # --------------------------------------------------------------------------- folding

@@ -66,7 +66,10 @@ __all__ = [
     "call_model",
     "inputs_of",
     "mode_key",
+    "bridge",
+    "describe_boundary",
     "partition",
+    "same_outputs",
     "stochastic_module",
     "trace",
 ]
@@ -658,6 +661,7 @@ class Partition:
     frozen: fx.GraphModule | None
     trainable: nn.Module
     boundary: tuple[str, ...]
+    frontier: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     random: str | None
     stateful: str | None
@@ -731,17 +735,6 @@ def partition(traced: Traced) -> Partition:
     frozen_side = {n for n in nodes if n.op != "output" and dep_in[n] and not train[n]}
     out_node = next(n for n in nodes if n.op == "output")
 
-    # what the frozen part does besides computing values
-    random = stateful = None
-    for n in nodes:
-        if n not in frozen_side:
-            continue
-        random = random or _random_op(n, gm)
-        if stateful is None and _inplace(n, gm) and n.args:
-            root_arg = _alias_root(n.args[0])
-            if isinstance(root_arg, fx.Node) and root_arg.op == "get_attr":
-                stateful = f"{n.name} writes into {root_arg.target}"
-
     # a write into a frozen value must not move ahead of a trainable read of it
     for n in nodes:
         if n in frozen_side and _inplace(n, gm) and n.args:
@@ -759,6 +752,11 @@ def partition(traced: Traced) -> Partition:
         frozen_gm = None
         if frontier and any(n.op != "placeholder" for n in frontier):
             frozen_gm = _frozen_module(gm, nodes, frozen_side, frontier, pulled)
+        # what the frozen part does besides computing values (recomputed values run later,
+        # every step, on the trainable side: they do not count)
+        random, stateful = _side_effects(
+            gm, [n for n in nodes if n in frozen_side and n not in pulled]
+        )
         if frozen_gm is None or random is not None or stateful is not None:
             break
         # a cached frontier row must depend on its own sample only (not arange(batch) etc.)
@@ -781,6 +779,7 @@ def partition(traced: Traced) -> Partition:
         frozen=frozen_gm,
         trainable=_Trainable(trainable_gm, traced.out_spec),
         boundary=tuple(_describe(gm, n) for n in frontier) if frozen_gm is not None else (),
+        frontier=tuple(n.name for n in frontier),
         shapes=tuple(traced.meta.get(n.name, ("", ()))[1] or () for n in frontier)
         if frozen_gm is not None
         else (),
@@ -793,6 +792,18 @@ def partition(traced: Traced) -> Partition:
         else 0,
         trainable_nodes=sum(1 for n in trainable_side if n.op not in ("placeholder", "get_attr")),
     )
+
+
+def _side_effects(gm: fx.GraphModule, frozen: list[fx.Node]) -> tuple[str | None, str | None]:
+    """Why the frozen nodes draw random numbers, and why they write to model state."""
+    random = stateful = None
+    for n in frozen:
+        random = random or _random_op(n, gm)
+        if stateful is None and _inplace(n, gm) and n.args:
+            root_arg = _alias_root(n.args[0])
+            if isinstance(root_arg, fx.Node) and root_arg.op == "get_attr":
+                stateful = f"{n.name} writes into {root_arg.target}"
+    return random, stateful
 
 
 def _frontier(
@@ -836,6 +847,50 @@ def _batch_dependent(
         for n, x, y in zip(frontier, a, b)
         if n.op != "placeholder" and not same_outputs(x[1:], y, rtol=1e-3, atol=1e-4)
     ]
+
+
+def bridge(old: Partition, new: Partition) -> fx.GraphModule | None:
+    """A module from ``old``'s frontier tensors to ``new``'s, when ``new`` lies past ``old``.
+
+    Used to extend a cache when more of the model is frozen: the extra frozen computation
+    runs over the stored frontier instead of the raw data. ``None`` when the new frontier
+    needs anything but the old frontier (a raw input, another trace).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> t = trace(net, torch.randn(3, 4))
+        >>> _ = net[:3].requires_grad_(False); deep = partition(t)
+        >>> _ = net[2].requires_grad_(True); shallow = partition(t)
+        >>> step = bridge(shallow, deep)
+        >>> x = torch.randn(3, 4)
+        >>> torch.allclose(step(*shallow.run_frozen(x))[0], deep.run_frozen(x)[0])
+        True
+    """
+    if old.traced is not new.traced:
+        return None
+    gm = new.traced.gm
+    by_name = {n.name: n for n in gm.graph.nodes}
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, name in enumerate(old.frontier):
+        env[by_name[name]] = g.placeholder(f"cached_{i}")
+    needed: set[fx.Node] = set()
+    stack = [by_name[name] for name in new.frontier]
+    while stack:
+        n = stack.pop()
+        if n in needed or n in env:
+            continue
+        if n.op == "placeholder":
+            return None
+        needed.add(n)
+        stack.extend(n.all_input_nodes)
+    for n in gm.graph.nodes:
+        if n in needed:
+            env[n] = _copy_into(g, n, env)
+    g.output(tuple(env[by_name[name]] for name in new.frontier))
+    return fx.GraphModule(gm, g)
 
 
 def _alias_root(a: Any) -> Any:

@@ -1,98 +1,165 @@
-"""How a training step runs the model: frozen prefix, then the trainable rest.
+"""How a training step runs the model: the frozen part, then the trainable rest.
 
-The model is seen as an ordered list of stages (:mod:`frostline.engine.stages`). The
-stages before the first one holding a trainable parameter form the *frozen prefix*:
-they run under ``torch.no_grad`` (optionally as a BatchNorm-folded inference copy),
-and when the data is deterministic and the prefix has no active stochastic layer
-their outputs are cached across epochs and fits (:mod:`frostline.engine.activations`). The cache
-key holds the prefix boundary, a fingerprint of the data, the prefix weights'
-version and the prefix modes, so it is rebuilt, never silently stale, when any of
-them changes.
+The model is traced (:mod:`frostline.engine.graph`) and split at the frontier of its
+frozen part: every value that depends only on the inputs and frozen weights. The frozen
+part runs under ``torch.no_grad`` (as a verified BatchNorm-folded, channels_last copy
+where that works), and when the data is deterministic and the frozen part draws no
+random numbers, its frontier tensors are cached across epochs and fits
+(:mod:`frostline.engine.activations`). The cache key holds the frontier, a fingerprint
+of the data, a content digest of the frozen weights and the frozen part's modes, so the
+cache is rebuilt, never silently stale, when any of them changes.
+
+Where the model cannot be traced, the trace does not reproduce the model, or nothing is
+frozen, the runner runs the whole model as a plain loop would; :attr:`Runner.status`
+says why, as a :class:`CacheStatus` per data role.
 """
 
 from __future__ import annotations
 
+import enum
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from frostline.core import batchnorm
-from frostline.core.state import own_weights
 from frostline.engine.activations import (
     ActivationStore,
     CacheKey,
+    StepCounter,
     content_digest,
     data_fingerprint,
     weights_version,
 )
 from frostline.engine.fuse import inference_copy
-from frostline.engine.stages import Stage, stages_of, verify_stages
+from frostline.engine.graph import (
+    GraphError,
+    Partition,
+    Traced,
+    bridge,
+    call_model,
+    describe_boundary,
+    mode_key,
+    partition,
+    trace,
+)
 
-# Bumped whenever any module (re)registers a parameter, buffer or submodule (assignment
-# included), so per-step checks can reuse the prefix's tensor list until that happens.
-_STRUCTURE = [0]
+__all__ = ["CacheState", "CacheStatus", "OffReason", "Runner", "fingerprint_of"]
 
 
-def _structure_changed(*_args) -> None:
-    _STRUCTURE[0] += 1
+class CacheState(enum.Enum):
+    """What the activation cache did for one data role this epoch."""
+
+    BUILT = "built"
+    EXTENDED = "extended"
+    REUSED = "reused"
+    INVALIDATED = "invalidated"
+    OFF = "off"
 
 
-nn.modules.module.register_module_parameter_registration_hook(_structure_changed)
-nn.modules.module.register_module_buffer_registration_hook(_structure_changed)
-nn.modules.module.register_module_module_registration_hook(_structure_changed)
+class OffReason(enum.Enum):
+    """Why the cache is off (or was invalidated); the value is the log's wording."""
+
+    DISABLED = "cache=False"
+    NOT_TRACEABLE = "the model could not be traced"
+    NOT_VERIFIED = "the traced graph does not reproduce the model"
+    NO_FROZEN_PART = "no frozen part: the first computation is trainable"
+    NOT_DETERMINISTIC = (
+        "data is not declared deterministic: a DataLoader, or a Dataset without deterministic=True"
+    )
+    NO_FINGERPRINT = "data could not be fingerprinted"
+    STOCHASTIC = "the frozen part has an active stochastic layer"
+    STATEFUL = "the frozen part writes to model state"
+    MIXES_SAMPLES = "frozen values depend on other samples in the batch"
+    TOO_LARGE = "the frontier does not fit the memory budget nor the spill directory"
+    WEIGHTS_CHANGED = "frozen weights changed"
 
 
-class StageSequence(nn.Module):
-    """Stages applied in order, as one module (what DDP wraps when a prefix is frozen)."""
+@dataclass(frozen=True)
+class CacheStatus:
+    """The typed cache status of one data role ("train", "val", "evaluate").
 
-    def __init__(self, stages: list[Stage]) -> None:
+    ``boundary`` names the frontier tensors (empty when there is no frozen part),
+    ``reason`` says why the cache is off or was invalidated, ``detail`` adds specifics
+    (a module name, a tracing error). ``frozen_mode`` is ``"inference"`` when the frozen
+    part runs in inference mode (``fit(frozen_inference=True)``), else ``"as set"``.
+    ``str(status)`` is the epoch log's wording.
+
+    Example:
+        >>> s = CacheStatus(CacheState.OFF, reason=OffReason.DISABLED)
+        >>> str(s), s.cached
+        ('off (cache=False)', False)
+    """
+
+    state: CacheState
+    boundary: tuple[str, ...] = ()
+    reason: OffReason | None = None
+    detail: str = ""
+    samples: int = 0
+    nbytes: int = 0
+    location: str = ""
+    frozen_mode: str = "as set"
+
+    @property
+    def cached(self) -> bool:
+        """Whether the frozen part's outputs come from the cache."""
+        return self.state in (CacheState.BUILT, CacheState.EXTENDED, CacheState.REUSED)
+
+    def __str__(self) -> str:
+        mode = " (frozen part in inference mode)" if self.frozen_mode == "inference" else ""
+        if self.cached:
+            where = describe_boundary(self.boundary)
+            mb = self.nbytes / 2**20
+            return (
+                f"{self.state.value} ({self.samples} samples after {where}, "
+                f"{mb:.1f} MB in {self.location}){mode}"
+            )
+        assert self.reason is not None
+        text = self.reason.value + (f": {self.detail}" if self.detail else "")
+        return f"{self.state.value} ({text}){mode}"
+
+
+class WholeModel(nn.Module):
+    """The model called on a batch as it takes it (no frozen part split off)."""
+
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.stage_modules = nn.ModuleList([s.module for s in stages if s.module is not None])
-        # A stage that is its module is called through ``stage_modules`` (an int here), so a
-        # module swapped there is the one that runs: inference_copy folds a BatchNorm stage
-        # into the conv stage before it by putting an Identity in the BatchNorm's place.
-        self._fns: list = []
-        slot = 0
-        for s in stages:
-            self._fns.append(slot if s.module is not None and s.fn is s.module else s.fn)
-            slot += s.module is not None
+        self.model = model
 
-    def forward(self, x):
-        for fn in self._fns:
-            x = self.stage_modules[fn](x) if isinstance(fn, int) else fn(x)
-        return x
-
-
-def _stochastic_active(module: nn.Module) -> str | None:
-    """Name of the first module that would make a train-mode forward non-deterministic."""
-    for m in module.modules():
-        if batchnorm.is_batchnorm(m) and m.running_mean is None:  # batch statistics in any mode
-            return f"{type(m).__name__} in batch-statistics mode (no running statistics)"
-        if not m.training:
-            continue
-        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
-            return type(m).__name__
-        if (
-            type(m).__name__ in ("DropPath", "StochasticDepth")
-            and float(getattr(m, "drop_prob", getattr(m, "p", 0)) or 0) > 0
-        ):
-            return type(m).__name__
-        if batchnorm.is_batchnorm(m) and not batchnorm.runs_inference(m) and m.track_running_stats:
-            return f"{type(m).__name__} in batch-statistics mode"
-    return None
+    def forward(self, x: Any) -> Any:
+        return call_model(self.model, x)
 
 
 @dataclass
-class CacheEntry:
+class _Entry:
     key: CacheKey
-    store: ActivationStore
-    local: torch.Tensor | None  # global sample index -> row in the store (sharded data)
-    version: tuple  # cheap per-step weights key (torch version counters), checked every batch
+    stores: list[ActivationStore]
+    local: Tensor | None  # global sample index -> row in the stores (sharded data)
+    version: tuple  # cheap per-step weights key, checked every batch
+    partition: Partition
 
 
 class Runner:
-    """Runs a module as frozen prefix + trainable suffix, with an activation cache."""
+    """Runs a module as frozen part + trainable part, with an activation cache.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> _ = net[0].requires_grad_(False)
+        >>> runner = Runner(net)
+        >>> runner.verify(torch.randn(4, 4))
+        >>> _ = runner.refresh()
+        >>> runner.boundary_name
+        "'1'"
+        >>> front = runner.run_prefix(torch.randn(3, 4))
+        >>> runner.suffix(*front).shape
+        torch.Size([3, 2])
+    """
 
     def __init__(
         self,
@@ -103,163 +170,204 @@ class Runner:
         cache_dtype: torch.dtype | None = None,
         spill_dir=None,
         fuse: bool = True,
+        frozen_inference: bool = False,
     ) -> None:
         if cache not in (True, False, "auto"):
             raise ValueError(f"cache must be True, False or 'auto', got {cache!r}")
+        if not isinstance(frozen_inference, bool):
+            raise TypeError(f"frozen_inference must be a bool, got {frozen_inference!r}")
         self.module = module
         self.cache_setting = cache
         self.memory_budget_bytes = memory_budget_bytes
         self.cache_dtype = cache_dtype
         self.spill_dir = spill_dir
         self.fuse = fuse
-        self.stages: list[Stage] | None = stages_of(module)
+        self.frozen_inference = frozen_inference
         self.verified = False
-        self.boundary = 0
+        self.example: Any = None
+        self.traces: dict[tuple, Traced] = {}
+        self.partitions: dict[tuple, Partition] = {}
+        self.part: Partition | None = None
+        self.failure: tuple[OffReason, str] | None = None
         self._key: tuple | None = None
-        self.suffix: nn.Module = module
-        self.prefix: StageSequence | None = None
-        self._fused = None
-        self._fused_key = None
-        self.entries: dict[str, CacheEntry] = {}
-        self._checksums: dict[tuple, tuple] = {}
-        self.status: dict[str, str] = {}
-        self.reason = (
-            ""
-            if self.stages
-            else "model is not decomposable into stages (see fl.stages.register_stages)"
-        )
+        self.whole = WholeModel(module)
+        self.suffix: nn.Module = self.whole
+        self._fused: Any = None
+        self._fused_key: Any = None
+        self.entries: dict[str, _Entry] = {}
+        self._digests: dict[tuple, str] = {}
+        self.status: dict[str, CacheStatus] = {}
+        self.steps = StepCounter()
+        self._flipped: list[nn.Module] = []
 
     # -- structure -----------------------------------------------------------------
-    def verify(self, example: torch.Tensor) -> None:
-        """Check once, on real input, that the stages compose to the model's forward."""
-        if self.verified or self.stages is None:
+    def verify(self, example: Any) -> None:
+        """Remember a real batch (a few samples) to trace and check the model on."""
+        if self.verified:
             return
         self.verified = True
-        try:
-            ok = verify_stages(self.module, self.stages, example[:2])
-        except Exception:  # any failure means: do not decompose
-            ok = False
-        if not ok:
-            self.stages = None
-            self.reason = "stage decomposition did not reproduce the model's output"
-            self._key = None
-            self.refresh()
-
-    def _owns_trainable(self, stage: Stage) -> bool:
-        return stage.module is not None and any(p.requires_grad for p in stage.module.parameters())
+        self.example = _head(example, 4)
+        self._key = None
+        self.refresh()
 
     def refresh(self) -> bool:
-        """Recompute the prefix boundary when the trainable set changed; True if it moved."""
-        memo = self.__dict__.get("_params_memo")
-        if (
-            memo is None or memo[0] != _STRUCTURE[0]
-        ):  # called every step: walk the module only after a change
-            memo = self._params_memo = (_STRUCTURE[0], list(self.module.parameters()))
-        key = tuple(id(p) for p in memo[1] if p.requires_grad)
+        """Re-split when the trainable set or the modes changed; True if the split moved."""
+        params = list(self.module.parameters())
+        key = (tuple(id(p) for p in params if p.requires_grad), _modes(self.module))
+        if self.example is None:
+            self._key = key
+            return False
         if key == self._key:
             return False
-        self._key = key
-        old = self.boundary
-        if self.stages is None:
-            self.boundary = 0
-        else:
-            self.boundary = next(
-                (i for i, s in enumerate(self.stages) if self._owns_trainable(s)), len(self.stages)
-            )
-            if self.boundary == len(
-                self.stages
-            ):  # nothing trainable: keep the last stage as the "suffix"
-                self.boundary = max(len(self.stages) - 1, 0)
-        if self.stages is None or self.boundary == 0:
-            self.prefix, self.suffix = None, self.module
-        else:
-            self.prefix = StageSequence(self.stages[: self.boundary])
-            self.suffix = StageSequence(self.stages[self.boundary :])
+        old = self.part
+        for _ in range(3):  # frozen_inference flips modes, which may re-split once more
+            self.part = self._partition(key)
+            self._key = key
+            if not (self.frozen_inference and self.part is not None and self._apply_inference()):
+                break
+            key = (key[0], _modes(self.module))
+        self.suffix = self.part.trainable if self.part is not None else self.whole
         self._fused = None
-        return self.boundary != old
+        return self.part is not old
+
+    def _partition(self, key: tuple) -> Partition | None:
+        if key in self.partitions:
+            return self.partitions[key]
+        modes = mode_key(self.module)  # what a trace bakes in
+        self.failure = None
+        traced = self.traces.get(modes)
+        if traced is None:
+            try:
+                traced = self.traces[modes] = trace(self.module, self.example)
+            except GraphError as e:
+                reason = (
+                    OffReason.NOT_VERIFIED
+                    if "does not reproduce" in str(e)
+                    else OffReason.NOT_TRACEABLE
+                )
+                self.failure = (reason, str(e))
+                return None
+        try:
+            part = partition(traced)
+        except GraphError as e:
+            self.failure = (OffReason.NOT_TRACEABLE, str(e))
+            return None
+        if part.frozen is None:
+            self.failure = (OffReason.NO_FROZEN_PART, "")
+            part = None
+        if part is not None:
+            self.partitions[key] = part
+        return part
+
+    def _apply_inference(self) -> bool:
+        """Put the modules of the frozen part in eval mode; True if any flag changed."""
+        assert self.part is not None
+        changed = False
+        for path in self.part.frozen_modules:
+            try:
+                m = self.module.get_submodule(path)
+            except AttributeError:  # a tracer's own scope name, not a module of the model
+                continue
+            if m.training:
+                m.training = False
+                self._flipped.append(m)
+                changed = True
+        return changed
+
+    def end_fit(self) -> None:
+        """Undo what fit set up: modes flipped for ``frozen_inference``, step counting."""
+        for m in self._flipped:
+            m.training = True
+        self._flipped.clear()
+        self.steps.detach()
+        self._key = None
+
+    @property
+    def trainable_ids(self) -> tuple[int, ...] | None:
+        """Ids of the trainable parameters at the last :meth:`refresh`."""
+        return self._key[0] if self._key is not None else None
+
+    @property
+    def prefix(self) -> nn.Module | None:
+        """The frozen part as a module (flat inputs -> tuple of frontier tensors)."""
+        return self.part.frozen if self.part is not None else None
+
+    @property
+    def boundary(self) -> tuple[str, ...]:
+        """Names of the frontier tensors (empty without a frozen part)."""
+        return self.part.boundary if self.part is not None else ()
 
     @property
     def boundary_name(self) -> str:
-        if not self.stages or self.boundary == 0:
-            return "(none)"
-        return self.stages[self.boundary - 1].path
+        """The frontier for people: ``"layer3"``, ``"a + b"``, ``"(none)"``."""
+        return " + ".join(self.boundary) or "(none)"
 
-    def prefix_tensors(self, fresh: bool = True) -> list[torch.Tensor]:
-        """The prefix's weights; ``fresh=False`` (per step) reuses the list until a registration."""
-        if self.prefix is None:
+    def prefix_tensors(self) -> list[Tensor]:
+        """The frozen part's weights (parameters and buffers), the user's own tensors."""
+        if self.part is None or self.part.frozen is None:
             return []
-        memo = self.__dict__.get("_tensors_memo")
-        if fresh or memo is None or memo[0] is not self.prefix or memo[1] != _STRUCTURE[0]:
-            memo = self._tensors_memo = (
-                self.prefix,
-                _STRUCTURE[0],
-                [t for m in self.prefix.modules() for t in own_weights(m)],
-            )
-        return memo[2]
+        return [*self.part.frozen.parameters(), *self.part.frozen.buffers()]
 
     # -- running -------------------------------------------------------------------
-    def run_prefix(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen prefix's output for raw inputs (no autograd recording)."""
-        if self.prefix is None:
-            return x
+    def run_prefix(self, x: Any) -> tuple[Any, ...]:
+        """What the trainable part takes for the raw batch ``x`` (no autograd recording)."""
+        if self.part is None:
+            return (x,)
+        values = self.part.traced.flat(x)
         with torch.no_grad():
-            fn = self._inference_prefix(x)
-            return fn(x)
+            return tuple(self._frozen_fn(values)(*values))
 
-    def _inference_prefix(self, x: torch.Tensor):
-        assert self.prefix is not None
-        if not self.fuse or self._stochastic() is not None or x.shape[0] < 2:
-            return self.prefix
-        key = (self.boundary, weights_version(self.prefix_tensors()), x.device, x.dtype)
+    def _frozen_fn(self, values: tuple):
+        part = self.part
+        assert part is not None and part.frozen is not None
+        if (
+            not self.fuse
+            or part.random is not None
+            or not any(isinstance(v, Tensor) and v.dim() == 4 for v in values)
+            or values[0].shape[0] < 2
+        ):
+            return part.frozen
+        first = values[0]
+        key = (id(part), weights_version(self.prefix_tensors()), first.device, first.dtype)
         if self._fused_key != key:
             self._fused_key = key
-            self._fused = None
             try:
-                self._fused = inference_copy(self.prefix, example=x[:4])
-            except Exception:
+                self._fused = inference_copy(part.frozen, example=tuple(v[:4] for v in values))
+            except Exception:  # folding is an optimisation: any failure runs the plain part
                 self._fused = None
-        return self._fused if self._fused is not None else self.prefix
+        return self._fused if self._fused is not None else part.frozen
 
-    def cacheable(self, deterministic: bool) -> str | None:
-        """None when the prefix output may be cached, else the reason it may not."""
+    def cacheable(self, deterministic: bool) -> CacheStatus | None:
+        """None when the frozen part's output may be cached, else the OFF status saying why."""
+        mode = "inference" if self.frozen_inference else "as set"
+
+        def off(reason: OffReason, detail: str = "") -> CacheStatus:
+            return CacheStatus(CacheState.OFF, self.boundary, reason, detail, frozen_mode=mode)
+
         if self.cache_setting is False:
-            return "off (cache=False)"
-        if self.stages is None:
-            return f"off ({self.reason})"
-        if self.prefix is None:
-            return "off (no frozen prefix: the first stage is trainable)"
+            return off(OffReason.DISABLED)
+        if self.part is None:
+            reason, detail = self.failure or (OffReason.NO_FROZEN_PART, "")
+            return off(reason, detail)
         if not deterministic:
-            return "off (data is not declared deterministic: a DataLoader, or a Dataset without deterministic=True)"
-        active = self._stochastic()
-        if active:
-            return f"off (the frozen prefix has an active stochastic layer: {active})"
+            return off(OffReason.NOT_DETERMINISTIC)
+        if self.part.random:
+            return off(OffReason.STOCHASTIC, self.part.random)
+        if self.part.stateful:
+            return off(OffReason.STATEFUL, self.part.stateful)
+        if self.part.mixes_samples:
+            return off(OffReason.MIXES_SAMPLES, self.part.mixes_samples)
         return None
 
-    def _stochastic(self) -> str | None:
-        """:func:`_stochastic_active` of the prefix, plus functional dropout stages (timm's
-        head dropout, ``"...#dropout"``), which read the model's training flag."""
-        assert self.prefix is not None and self.stages is not None
-        active = _stochastic_active(self.prefix)
-        if active is None and self.module.training:
-            active = next(
-                (
-                    f"dropout ({s.path!r})"
-                    for s in self.stages[: self.boundary]
-                    if s.module is None and s.path.endswith("#dropout")
-                ),
-                None,
+    def _mode_string(self, part: Partition) -> str:
+        assert part.frozen is not None
+        return (
+            ",".join(
+                f"{m.training}:{batchnorm.mode_of(m)}"
+                for m in part.frozen.modules()
+                if batchnorm.is_batchnorm(m)
             )
-        return active
-
-    def _mode_string(self, stages: list[Stage] | None = None) -> str:
-        assert self.prefix is not None
-        mods = (
-            self.prefix.modules()
-            if stages is None
-            else (m for s in stages if s.module is not None for m in s.module.modules())
-        )
-        return ",".join(
-            f"{m.training}:{batchnorm.mode_of(m)}" for m in mods if batchnorm.is_batchnorm(m)
+            + f"|{hash(part.traced.modes)}"
         )
 
     def ensure_cache(
@@ -267,123 +375,192 @@ class Runner:
         role: str,
         data,
         *,
-        indices: torch.Tensor | None,
+        indices: Tensor | None,
         device: torch.device,
         batch_size: int,
         fingerprint: str | None,
-    ) -> str:
-        """Build, extend or reuse the cache for ``role`` ("train"/"val"); returns a status line."""
-        reason = self.cacheable(getattr(data, "deterministic", False))
-        if reason is not None or fingerprint is None:
-            self.entries.pop(role, None)
-            self.status[role] = reason or "off (data could not be fingerprinted)"
-            return self.status[role]
+    ) -> CacheStatus:
+        """Build, extend or reuse the cache for ``role``; returns (and records) its status."""
+        status = self.cacheable(getattr(data, "deterministic", False))
+        if status is None and fingerprint is None:
+            status = CacheStatus(CacheState.OFF, self.boundary, OffReason.NO_FINGERPRINT)
+        if status is not None:
+            old = self.entries.pop(role, None)
+            if old is not None:
+                _close(old.stores)
+            self.status[role] = status
+            return status
+        part = self.part
+        assert part is not None
         rows = indices if indices is not None else torch.arange(data.n)
-        # the checksum catches writes that bypass torch's version counter (p.data.copy_)
         key = CacheKey(
-            self.boundary,
+            part.boundary,
             f"{fingerprint}:{hash(tuple(rows.tolist()))}",
             self._content_key(self.prefix_tensors()),
-            self._mode_string(),
+            self._mode_string(part),
         )
         entry = self.entries.get(role)
         if entry is not None and entry.key == key:
-            entry.version = weights_version(
-                self.prefix_tensors()
-            )  # same contents, maybe new counters
-            self.status[role] = f"reused ({self._describe(entry)})"
-            return self.status[role]
+            entry.version = self._version()  # same contents, maybe new counters
+            entry.partition = part
+            return self._record(role, CacheState.REUSED, entry)
         local = None
         if indices is not None:
             local = torch.full((data.n,), -1, dtype=torch.long)
             local[indices] = torch.arange(len(indices))
-        assert self.stages is not None
-        if (
-            entry is not None
-            and entry.key.data == key.data
-            and entry.key.boundary < self.boundary
-            and entry.key.mode
-            == self._mode_string(self.stages[: entry.key.boundary])  # the modes of the stored part
-            and entry.key.weights
-            == self._content_key(self._tensors_of(self.stages[: entry.key.boundary]))
-        ):
-            extra = StageSequence(self.stages[entry.key.boundary : self.boundary])
-            with torch.no_grad():
-                store = entry.store.map(lambda t: extra(t.to(device)), batch_size=batch_size)
-            self.entries[role] = CacheEntry(
-                key, store, local, weights_version(self.prefix_tensors())
-            )
-            self.status[role] = f"extended ({self._describe(self.entries[role])})"
-            return self.status[role]
+        extra = None
+        if entry is not None and entry.key.data == key.data:
+            extra = self._extension(entry, part)
+        if extra is not None and entry is not None:
+            stores = self._build(extra, _store_batches(entry.stores, batch_size, device), len(rows))
+            if stores is None:
+                return self._too_large(role)
+            _close(entry.stores)
+            self.entries[role] = _Entry(key, stores, local, self._version(), part)
+            return self._record(role, CacheState.EXTENDED, self.entries[role])
         self.entries.pop(role, None)
         if entry is not None:
-            entry.store.close()
+            _close(entry.stores)
 
-        def batches():
+        def batches() -> Iterator[tuple[Tensor, tuple]]:
             for chunk in torch.arange(len(rows)).split(batch_size):
                 x, _ = data.gather(rows[chunk])
-                yield chunk, x.to(device)
+                yield chunk, part.traced.flat(_to(x, device))
 
-        store = ActivationStore.build(
-            self.run_prefix,
-            batches(),
-            len(rows),
-            memory_budget_bytes=self.memory_budget_bytes,
-            spill_dir=self.spill_dir,
-            dtype=self.cache_dtype,
-        )
-        self.entries[role] = CacheEntry(key, store, local, weights_version(self.prefix_tensors()))
-        self.status[role] = f"built ({self._describe(self.entries[role])})"
-        return self.status[role]
+        frozen = part.frozen
+        assert frozen is not None
+        stores = self._build(lambda *v: self._frozen_fn(v)(*v), batches(), len(rows))
+        if stores is None:
+            return self._too_large(role)
+        self.entries[role] = _Entry(key, stores, local, self._version(), part)
+        return self._record(role, CacheState.BUILT, self.entries[role])
 
-    def _tensors_of(self, stages: list[Stage]) -> list[torch.Tensor]:
-        return [
-            t
-            for s in stages
-            if s.module is not None
-            for m in s.module.modules()
-            for t in own_weights(m)
-        ]
-
-    def _describe(self, entry: CacheEntry) -> str:
-        s = entry.store
-        mb = s.nbytes / 2**20
-        return f"{len(s)} samples after {self.boundary_name!r}, {mb:.1f} MB in {s.location}"
-
-    def cached_inputs(self, role: str, idx: torch.Tensor) -> torch.Tensor | None:
-        """Cached prefix outputs for these samples, or None when the cache cannot serve them."""
-        entry = self.entries.get(role)
-        if entry is None or entry.key.boundary != self.boundary:
+    def _extension(self, entry: _Entry, part: Partition):
+        """A graph from the stored frontier to the new one, when the new one lies past it."""
+        old = entry.partition
+        if old.traced is not part.traced or entry.key.boundary == part.boundary:
             return None
-        if entry.version != weights_version(self.prefix_tensors(fresh=False)):
+        if entry.key.mode.split("|")[-1] != self._mode_string(part).split("|")[-1]:
+            return None
+        tensors = old.frozen
+        assert tensors is not None
+        old_tensors = [*tensors.parameters(), *tensors.buffers()]
+        if entry.key.weights != self._content_key(old_tensors):
+            return None
+        if entry.key.mode.split("|")[0] != self._mode_string(old).split("|")[0]:
+            return None
+        return bridge(old, part)
+
+    def _build(self, fn, batches, n: int) -> list[ActivationStore] | None:
+        try:
+            return ActivationStore.build_many(
+                fn,
+                batches,
+                n,
+                memory_budget_bytes=self.memory_budget_bytes,
+                spill_dir=self.spill_dir,
+                dtype=self.cache_dtype,
+                free_bytes=_free_bytes(self.spill_dir),
+            )
+        except MemoryError:
+            return None
+
+    def _too_large(self, role: str) -> CacheStatus:
+        status = CacheStatus(CacheState.OFF, self.boundary, OffReason.TOO_LARGE)
+        self.status[role] = status
+        return status
+
+    def _record(self, role: str, state: CacheState, entry: _Entry) -> CacheStatus:
+        status = CacheStatus(
+            state,
+            entry.key.boundary,
+            samples=len(entry.stores[0]),
+            nbytes=sum(s.nbytes for s in entry.stores),
+            location="disk" if any(s.location == "disk" for s in entry.stores) else "memory",
+            frozen_mode="inference" if self.frozen_inference else "as set",
+        )
+        self.status[role] = status
+        return status
+
+    def _version(self) -> tuple:
+        return weights_version(self.prefix_tensors(), steps=self.steps)
+
+    def cached_inputs(self, role: str, idx: Tensor) -> tuple[Tensor, ...] | None:
+        """Cached frontier tensors for these samples, or None when the cache cannot serve them."""
+        entry = self.entries.get(role)
+        if entry is None or entry.partition is not self.part:
+            return None
+        if entry.version != self._version():
             self.entries.pop(role, None)  # weights changed under us: never serve stale outputs
-            self.status[role] = "invalidated (frozen-prefix weights changed)"
+            _close(entry.stores)
+            self.status[role] = CacheStatus(
+                CacheState.INVALIDATED, entry.key.boundary, OffReason.WEIGHTS_CHANGED
+            )
             return None
         rows = idx if entry.local is None else entry.local[idx]
         if (rows < 0).any():
             return None
-        return entry.store[rows]
+        return tuple(s[rows] for s in entry.stores)
 
     def new_fit(self) -> None:
         """Forget memoised digests: the next cache check reads the weights again."""
-        self._checksums.clear()
+        self._digests.clear()
 
-    def _content_key(self, tensors: list[torch.Tensor]) -> tuple:
-        """Weights key with a content digest (catches ``p.data.copy_``), read once per check.
-
-        ``fit`` calls :meth:`new_fit` before each epoch, so the train and validation
-        checks of one epoch share one read of the weights.
-        """
+    def _content_key(self, tensors: list[Tensor]) -> tuple:
+        """Weights key with a content digest (catches ``p.data.copy_``), read once per check."""
         plain = weights_version(tensors)
-        cached = self._checksums.get(plain)
-        if cached is None:
-            cached = self._checksums[plain] = (*plain, content_digest(tensors))
-        return cached
+        digest = self._digests.get(plain)
+        if digest is None:
+            digest = self._digests[plain] = content_digest(tensors)
+        return (*plain, digest)
 
     def drop(self) -> None:
         for e in self.entries.values():
-            e.store.close()
+            _close(e.stores)
         self.entries.clear()
+
+
+def _modes(module: nn.Module) -> tuple:
+    """Training flags and BatchNorm policies: what a split depends on besides the weights."""
+    return tuple((m.training, batchnorm.mode_of(m)) for m in module.modules())
+
+
+def _close(stores: list[ActivationStore]) -> None:
+    for s in stores:
+        s.close()
+
+
+def _store_batches(
+    stores: list[ActivationStore], batch_size: int, device: torch.device
+) -> Iterator[tuple[Tensor, tuple]]:
+    n = len(stores[0])
+    for start in range(0, n, batch_size):
+        idx = torch.arange(start, min(n, start + batch_size))
+        yield idx, tuple(s[idx].to(device) for s in stores)
+
+
+def _free_bytes(spill_dir) -> int | None:
+    try:
+        return shutil.disk_usage(spill_dir or tempfile.gettempdir()).free
+    except OSError:
+        return None
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj.to(device, non_blocking=True) if isinstance(obj, Tensor) else obj
+
+
+def _head(x: Any, n: int) -> Any:
+    """The first ``n`` samples of a batch (tensor, dict or tuple of tensors)."""
+    if isinstance(x, dict):
+        return {k: _head(v, n) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(_head(v, n) for v in x)
+    return x[:n] if isinstance(x, Tensor) and x.dim() else x
 
 
 def fingerprint_of(data) -> str | None:

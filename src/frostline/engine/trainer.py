@@ -24,7 +24,8 @@ from frostline.engine import data as data_mod
 from frostline.engine import distributed
 from frostline.engine.callbacks import CallbackList, History
 from frostline.engine.progress import EpochProgress, resolve_verbose
-from frostline.engine.runner import Runner, fingerprint_of
+from frostline.engine.graph import call_model
+from frostline.engine.runner import CacheState, Runner, WholeModel, fingerprint_of
 from frostline.engine.training_state import CheckpointWriter, restore
 from frostline.engine.verify import FrozenWeightsChanged, fingerprint
 
@@ -60,8 +61,19 @@ def _to(obj, device):
 
 def _batch_len(x) -> int:
     if isinstance(x, dict):
-        return len(next(iter(x.values())))
+        return _batch_len(next(iter(x.values())))
+    if isinstance(x, tuple | list) and x and not isinstance(x[0], int | float):
+        return _batch_len(x[0])
     return len(x)
+
+
+def _head(x, n: int):
+    """The first ``n`` samples of a batch (a tensor, or a dict/tuple of tensors)."""
+    if isinstance(x, dict):
+        return {k: _head(v, n) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(_head(v, n) for v in x)
+    return x[:n]
 
 
 def seed_everything(seed: int) -> None:
@@ -143,8 +155,8 @@ class Trainer:
         """The trainable part, DDP-wrapped when distributed (rebuilt when it changes)."""
         runner = self.runner
         assert runner is not None
-        key = (id(runner.suffix), runner._key)
-        distributed.same_trainable(runner._key, self.ctx)
+        key = (id(runner.suffix), runner.trainable_ids)
+        distributed.same_trainable(runner.trainable_ids, self.ctx)
         if self._wrapped is None or key != self._wrapped_key:
             self._wrapped = distributed.wrap_trainable(
                 runner.suffix,
@@ -163,6 +175,8 @@ class Trainer:
             changed = live.sync()
         except RuntimeError as e:
             raise TrainingError(str(e)) from None
+        if live.optimizer is not None:
+            self.runner.steps.watch(live.optimizer)  # scoped to this optimizer, removed at fit end
         moved = self.runner.refresh()
         if changed or moved:
             self._note_trainable(live.module)
@@ -201,6 +215,7 @@ class Trainer:
         resume=None,
         verify_frozen: bool = True,
         on_nan: str = "raise",
+        frozen_inference: bool = False,
     ) -> History:
         model = self.model
         cfg = model.compile_config
@@ -241,6 +256,7 @@ class Trainer:
                 "memory_budget_bytes": cache_memory_bytes,
                 "cache_dtype": cache_dtype,
                 "spill_dir": cache_dir,
+                "frozen_inference": frozen_inference,
             },
         )
         runner.new_fit()
@@ -269,56 +285,59 @@ class Trainer:
         val_fp = fingerprint_of(val) if isinstance(val, data_mod.IndexedData) else None
         terminate_on_nan = any(cb.stops_on_nan for cb in cbs) or on_nan == "stop"
 
-        logs: dict = {}
-        cblist.on_train_begin(logs)
-        epoch = initial_epoch - 1
-        for epoch in range(initial_epoch, epochs):
-            if model.stop_training:
-                break
-            t0 = time.perf_counter()  # the epoch's time counts all it does (cache build too)
-            module.train()
-            runner.new_fit()  # weights are re-read (content digest) once per epoch
-            cblist.on_epoch_begin(epoch, logs)
-            self._sync()
-            train_logs, notes = self._train_epoch(
-                train,
-                train_fp,
-                epoch,
-                epochs,
-                batch_size,
-                shuffle,
-                shuffle_seed,
-                cblist,
-                verbose,
-                terminate_on_nan,
-            )
-            logs = dict(train_logs)
-            if val is not None:
-                val_logs = self._evaluate_data(val, val_fp, batch_size, role="val")
-                logs.update({f"val_{k}": v for k, v in val_logs.items()})
-            logs["epoch_time"] = time.perf_counter() - t0
-            logs = distributed.same_logs(logs, self.ctx)
-            cblist.on_epoch_end(epoch, logs)
-            self._progress.close(
-                {k: v for k, v in logs.items() if k != "epoch_time"},
-                notes,
-                elapsed=logs["epoch_time"],
-            )
-            live = model.live_optimizer
-            if live is not None and cfg.scheduler_interval == "epoch":
-                live.scheduler_step()
-            if manager is not None and self.ctx.is_main:
-                manager.save(
-                    model,
+        try:
+            logs: dict = {}
+            cblist.on_train_begin(logs)
+            epoch = initial_epoch - 1
+            for epoch in range(initial_epoch, epochs):
+                if model.stop_training:
+                    break
+                t0 = time.perf_counter()  # the epoch's time counts all it does (cache build too)
+                module.train()
+                runner.new_fit()  # weights are re-read (content digest) once per epoch
+                cblist.on_epoch_begin(epoch, logs)
+                self._sync()
+                train_logs, notes = self._train_epoch(
+                    train,
+                    train_fp,
                     epoch,
-                    logs,
+                    epochs,
+                    batch_size,
+                    shuffle,
+                    shuffle_seed,
                     cblist,
-                    shuffle_seed=shuffle_seed,
-                    ever_trainable=self._ever_trainable,
+                    verbose,
+                    terminate_on_nan,
                 )
-            distributed.end_epoch(model, self.ctx)
-        cblist.on_train_end(logs)
-        distributed.barrier(self.ctx)  # ranks leave fit together: no collective left in flight
+                logs = dict(train_logs)
+                if val is not None:
+                    val_logs = self._evaluate_data(val, val_fp, batch_size, role="val")
+                    logs.update({f"val_{k}": v for k, v in val_logs.items()})
+                logs["epoch_time"] = time.perf_counter() - t0
+                logs = distributed.same_logs(logs, self.ctx)
+                cblist.on_epoch_end(epoch, logs)
+                self._progress.close(
+                    {k: v for k, v in logs.items() if k != "epoch_time"},
+                    notes,
+                    elapsed=logs["epoch_time"],
+                )
+                live = model.live_optimizer
+                if live is not None and cfg.scheduler_interval == "epoch":
+                    live.scheduler_step()
+                if manager is not None and self.ctx.is_main:
+                    manager.save(
+                        model,
+                        epoch,
+                        logs,
+                        cblist,
+                        shuffle_seed=shuffle_seed,
+                        ever_trainable=self._ever_trainable,
+                    )
+                distributed.end_epoch(model, self.ctx)
+            cblist.on_train_end(logs)
+            distributed.barrier(self.ctx)  # ranks leave fit together: no collective left in flight
+        finally:
+            runner.end_fit()  # what fit set up (step hooks, flipped modes) goes away
 
         if frozen_before is not None:
             report = frozen_before.check(model, exempt=self._ever_trainable)
@@ -361,8 +380,8 @@ class Trainer:
             )
             steps = len(batches)
             if not runner.verified:
-                x0, _ = train.gather(batches[0][:2])
-                self._verify(x0.to(device))
+                x0, _ = train.gather(batches[0][:4])
+                self._verify(_to(x0, device))
             shard = torch.cat(batches).unique() if ctx.enabled else None
             note = runner.ensure_cache(
                 "train",
@@ -375,7 +394,7 @@ class Trainer:
             source = ((idx, None) for idx in batches)
         else:
             steps = len(train.loader) if hasattr(train.loader, "__len__") else None
-            note = runner.cacheable(False) or "off"
+            note = None  # known once the first batch has been traced
             distributed.prepare_loader(train.loader, ctx, epoch)
             source = ((None, b) for b in train.batches())
         self._progress = EpochProgress(verbose, epoch, epochs, steps, enabled=ctx.is_main)
@@ -415,15 +434,18 @@ class Trainer:
             live.zero_grad()
             if cfg.scheduler_interval == "step":
                 live.scheduler_step()
-            objective.update(out, y, value, parts, _batch_len(xin))
+            objective.update(out, y, value, parts, _batch_len(xin[0]))
             batch_logs = objective.results()
             self._progress.update(step, batch_logs)
             cblist.on_train_batch_end(step, batch_logs)
         logs = self._epoch_logs(objective)
-        if isinstance(train, data_mod.IndexedData) and runner.status.get("train", "").startswith(
-            "invalidated"
-        ):
-            note = f"{runner.status['train']} mid-epoch (had {note})"  # the log says what really happened
+        if note is None:
+            note = runner.cacheable(False)  # loader data: never cached, says why
+            assert note is not None
+            runner.status["train"] = note
+        final = runner.status.get("train")
+        if final is not None and final.state is CacheState.INVALIDATED:
+            note = f"{final} mid-epoch (had {note})"  # the log says what really happened
         return logs, f"cache: {note}"
 
     def _indexed_inputs(self, role: str, data, idx: torch.Tensor, device: torch.device):
@@ -432,7 +454,7 @@ class Trainer:
         assert runner is not None
         cached = runner.cached_inputs(role, idx)
         if cached is not None:
-            return cached.to(device), data.targets(idx)
+            return tuple(t.to(device) for t in cached), data.targets(idx)
         xr, y = data.gather(idx)
         return self._prefix(_to(xr, device)), y
 
@@ -455,7 +477,7 @@ class Trainer:
             try:
                 module.eval()
                 with torch.no_grad():
-                    module(x[:1])
+                    call_model(module, _head(x, 1))
             except (RuntimeError, TypeError, ValueError) as e:
                 raise explain_input_error(module, x, e) from e
             finally:
@@ -469,11 +491,14 @@ class Trainer:
         with _autocast(cfg.device, cfg.precision):
             return runner.run_prefix(x)
 
-    def _forward(self, module: nn.Module, x):
+    def _forward(self, module: nn.Module, xin: tuple):
+        """``module(*xin)``: the trainable part on the frozen part's outputs (or the raw batch)."""
         try:
-            return module(x)
+            return module(*xin)
         except (RuntimeError, TypeError) as e:
-            raise explain_input_error(self.model.module, x, e) from e
+            if self.runner is not None and self.runner.part is not None:
+                raise  # the trainable part on frontier tensors: not a raw-input problem
+            raise explain_input_error(self.model.module, xin[0], e) from e
 
     # -- evaluate / predict ------------------------------------------------------------
     def _evaluate_data(self, data, fp, batch_size: int, role: str) -> dict[str, float]:
@@ -485,6 +510,7 @@ class Trainer:
         runner = self.runner
         was_training = module.training
         module.eval()
+        runner.refresh()  # the eval-mode trace (Python bools such as self.training differ)
         objective.reset()
         try:
             with torch.no_grad():
@@ -514,9 +540,10 @@ class Trainer:
                         out = self._forward(runner.suffix, xin)
                     y = _to(y, device)
                     loss, parts = objective(out, y)
-                    objective.update(out, y, float(loss), parts, _batch_len(xin))
+                    objective.update(out, y, float(loss), parts, _batch_len(xin[0]))
         finally:
             module.train(was_training)
+            runner.refresh()
         return self._epoch_logs(objective)
 
     def evaluate(
@@ -554,6 +581,7 @@ class Trainer:
         )
         precision = model.compile_config.precision if model.compile_config is not None else None
         module = model.module
+        whole = WholeModel(module)
         was = module.training
         module.eval()
         outs = []
@@ -564,10 +592,10 @@ class Trainer:
                 if isinstance(data, data_mod.IndexedData):
                     for idx in torch.arange(data.n).split(batch_size):
                         xr, _ = data.gather(idx)
-                        outs.append(self._forward(module, _to(xr, device)))
+                        outs.append(self._forward(whole, (_to(xr, device),)))
                 else:
                     for xr, _ in data.batches():
-                        outs.append(self._forward(module, _to(xr, device)))
+                        outs.append(self._forward(whole, (_to(xr, device),)))
         finally:
             module.train(was)
         cbl.on_predict_end({})

@@ -652,7 +652,7 @@ class ProgressiveFreezing(_BaseSchedule):
             [],
             0,
             0,
-            cache=status.get("train", "n/a"),
+            cache=str(status.get("train", "n/a")),
             epoch_time=(logs or {}).get("epoch_time"),
         )
 

@@ -98,7 +98,7 @@ class Recorder(fl.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         trainer = self.model._trainer
-        self.cache.append(trainer.runner.status.get("train", ""))
+        self.cache.append(str(trainer.runner.status.get("train", "")))
         w = trainer._wrapped
         self.wrapped.append(
             f"{type(w).__name__}(find_unused_parameters={getattr(w, 'find_unused_parameters', None)})"
