@@ -23,8 +23,8 @@ from frostline.core import batchnorm
 from frostline.engine import data as data_mod
 from frostline.engine import distributed
 from frostline.engine.callbacks import CallbackList, History
-from frostline.engine.progress import EpochProgress, resolve_verbose
 from frostline.engine.graph import call_model
+from frostline.engine.progress import EpochProgress, resolve_verbose
 from frostline.engine.runner import CacheState, Runner, WholeModel, fingerprint_of
 from frostline.engine.training_state import CheckpointWriter, restore
 from frostline.engine.verify import FrozenWeightsChanged, fingerprint
