@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import frostline as fl
-from frostline.io.atomic import CheckpointError
+from frostline.io.errors import CheckpointError
 
 X = np.random.default_rng(0).random((32, 4), dtype=np.float32)
 Y = np.arange(32) % 3
@@ -72,7 +72,7 @@ def test_not_a_model_file(tmp_path):
 def test_metadata_naming_missing_import_path(tmp_path):
     import json
 
-    from frostline.io.atomic import save_safetensors
+    from frostline.io.safetensors_io import save_safetensors
 
     meta = {
         "format": "frostline.model",

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import frostline as fl
-from frostline.io.atomic import CheckpointError, load_safetensors
+from frostline.io.errors import CheckpointError
+from frostline.io.safetensors_io import load_safetensors
 
 
 def small_model() -> fl.Sequential:

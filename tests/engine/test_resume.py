@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import frostline as fl
-from frostline.io.atomic import CheckpointError
+from frostline.io.errors import CheckpointError
 
 
 def make_model() -> fl.Sequential:

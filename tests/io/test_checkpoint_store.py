@@ -1,4 +1,4 @@
-"""Tests for frostline.io.checkpoint: CheckpointManager, optimizer/RNG flattening, crashes."""
+"""Tests for frostline.io.checkpoint, optimizer_state, rng_state: the manager, flattening, crashes."""
 
 from __future__ import annotations
 
@@ -22,19 +22,19 @@ import pytest
 import torch
 from torch import nn
 
-from frostline.io.atomic import CheckpointError
 from frostline.io.checkpoint import (
     Checkpoint,
     CheckpointManager,
-    CheckpointWarning,
-    capture_rng,
     load_checkpoint,
+    resolve_checkpoint,
+)
+from frostline.io.errors import CheckpointError, CheckpointWarning
+from frostline.io.optimizer_state import (
     optimizer_state_from_tensors,
     optimizer_state_to_tensors,
     parameter_names,
-    resolve_checkpoint,
-    restore_rng,
 )
+from frostline.io.rng_state import capture_rng, restore_rng
 
 TESTS = Path(__file__).resolve().parent
 

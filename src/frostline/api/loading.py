@@ -18,8 +18,8 @@ from frostline.api.model import Model, Sequential
 from frostline.api.saving import TRUSTED, apply_trainable_state, read
 from frostline.api.zoo import create_module
 from frostline.core import batchnorm
-from frostline.io.atomic import CheckpointError
 from frostline.io.checkpoint import check_keys
+from frostline.io.errors import CheckpointError
 
 __all__ = ["ImportPathError", "build", "import_path", "load_model"]
 

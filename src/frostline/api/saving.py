@@ -24,8 +24,9 @@ from frostline.api import rebuild
 from frostline.core import freezing
 from frostline.core.freezing import trainable_state
 from frostline.core.state import module_flag, view_of
-from frostline.io.atomic import CheckpointError, load_safetensors, save_safetensors
 from frostline.io.checkpoint import check_keys
+from frostline.io.errors import CheckpointError
+from frostline.io.safetensors_io import load_safetensors, save_safetensors
 
 META_KEY = "frostline_model"
 FORMAT = "frostline.model"

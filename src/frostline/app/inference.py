@@ -58,7 +58,7 @@ class Run:
 def load_run(run_dir: str | os.PathLike, trust: Sequence[str] = ()) -> Run:
     """Read ``preprocessing.json`` and rebuild ``model.safetensors`` (with ``fl.load``)."""
     import frostline as fl
-    from frostline.io.atomic import CheckpointError
+    from frostline.io.errors import CheckpointError
 
     path = Path(run_dir)
     info = Preprocessing.read(path)

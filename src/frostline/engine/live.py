@@ -20,7 +20,7 @@ from torch import nn
 
 from frostline.core.state import learning_rate_of
 from frostline.engine.tracking import OptimizerTracker, named_trainable
-from frostline.io.checkpoint import optimizer_state_from_tensors, optimizer_state_to_tensors
+from frostline.io.optimizer_state import optimizer_state_from_tensors, optimizer_state_to_tensors
 
 
 class OptimizerSpec(Protocol):

@@ -18,15 +18,14 @@ import torch
 
 from frostline._version import __version__
 from frostline.core.freezing import apply_trainable_state, trainable_state
-from frostline.io.atomic import CheckpointError
 from frostline.io.checkpoint import (
     CheckpointManager,
-    capture_rng,
     check_keys,
     load_checkpoint,
     resolve_checkpoint,
-    restore_rng,
 )
+from frostline.io.errors import CheckpointError
+from frostline.io.rng_state import capture_rng, restore_rng
 
 
 def callback_state(resume, class_name: str) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""Crash-safe, pickle-free checkpoints: flattening helpers and :class:`CheckpointManager`.
+"""Crash-safe, pickle-free checkpoint directories: :class:`CheckpointManager` and loading.
 
 A checkpoint is a directory ``<run>/epoch-00012/`` holding one safetensors file per
 tensor group (``model.safetensors``, ``optimizer.safetensors``, ``rng.safetensors``,
@@ -9,9 +9,8 @@ a checkpoint only counts when ``COMPLETE`` is valid and every hash matches, so a
 crash at any moment leaves the previous checkpoints loadable.
 
 Nothing here uses pickle: tensors go through safetensors, everything else through
-JSON. The helpers :func:`optimizer_state_to_tensors` / :func:`optimizer_state_from_tensors`
-and :func:`capture_rng` / :func:`restore_rng` turn optimizer and RNG state into
-``(tensors, json_meta)`` pairs for that purpose.
+JSON (:mod:`frostline.io.optimizer_state` and :mod:`frostline.io.rng_state` turn
+optimizer and RNG state into ``(tensors, json_meta)`` pairs for that purpose).
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import json
 import math
 import numbers
 import os
-import random
 import re
 import secrets
 import time
@@ -32,19 +30,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from frostline.io.atomic import (
-    CheckpointError,
-    _fsync_dir,
-    _parse_safetensors,
-    _remove,
-    _serialize_safetensors,
+    PathLike,
     atomic_directory,
     cleanup_stale_temps,
+    fsync_dir,
+    remove_path,
 )
+from frostline.io.errors import CheckpointError, CheckpointWarning
+from frostline.io.jsondata import json_bytes, to_json_data
+from frostline.io.safetensors_io import safetensors_bytes, tensors_from_checked_bytes
 
 try:  # POSIX advisory lock serializing writers of one checkpoint directory
     import fcntl
@@ -53,19 +51,11 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = [
     "Checkpoint",
-    "CheckpointError",
     "CheckpointManager",
-    "CheckpointWarning",
-    "capture_rng",
+    "check_keys",
     "load_checkpoint",
-    "optimizer_state_from_tensors",
-    "optimizer_state_to_tensors",
-    "parameter_names",
     "resolve_checkpoint",
-    "restore_rng",
 ]
-
-PathLike = str | os.PathLike[str]
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "state.json"
@@ -78,361 +68,6 @@ _ENTRY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _LOCK_NAME = ".frostline-checkpoints.lock"
 _MAX_COMPLETE_BYTES = 16 << 20
-
-
-class CheckpointWarning(UserWarning):
-    """Emitted when an incomplete or corrupted checkpoint is skipped or removed."""
-
-
-# ------------------------------------------------------------------------ JSON help
-
-
-def _jsonable(value: Any, where: str) -> Any:
-    """Return ``value`` as plain JSON data (tuples become lists) or raise TypeError."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise TypeError(
-                    f"{where}: key {k!r} is a {type(k).__name__}; JSON keys must be str"
-                )
-            out[k] = _jsonable(v, f"{where}[{k!r}]")
-        return out
-    raise TypeError(
-        f"{where} is a {type(value).__name__}, which is not JSON data "
-        "(allowed: dict with str keys, list, tuple, str, int, float, bool, None)"
-    )
-
-
-def _dumps(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-# ------------------------------------------------------------------ optimizer state
-
-
-def parameter_names(module: torch.nn.Module) -> dict[int, str]:
-    """Map ``id(param) -> name`` for ``module.named_parameters()`` (the ``names`` argument).
-
-    Tied parameters get the first name under which they appear.
-
-    Example:
-        >>> import torch
-        >>> m = torch.nn.Linear(2, 1)
-        >>> sorted(parameter_names(m).values())
-        ['bias', 'weight']
-    """
-    return {id(p): n for n, p in module.named_parameters()}
-
-
-def optimizer_state_to_tensors(
-    optimizer: torch.optim.Optimizer, names: Mapping[Any, str]
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Flatten ``optimizer.state_dict()`` into ``(tensors, json_meta)`` without pickle.
-
-    ``names`` maps each optimized parameter to a unique name; keys are ``id(param)``
-    (see :func:`parameter_names`) or the parameter tensors themselves. Tensor state
-    goes to ``tensors["state/<param name>/<key>"]`` (tensor-valued hyperparameters to
-    ``"param_groups/<i>/<key>"``); ``json_meta["param_groups"]`` lists every group
-    with ``params`` replaced by names and all hyperparameters as JSON (tuples such as
-    ``betas`` become lists and are restored as tuples); non-tensor state entries
-    (e.g. a python ``step``) go to ``json_meta["state"]``. The returned tensors are
-    the optimizer's live buffers: serialize them before the next ``step()``.
-
-    Example:
-        >>> import torch
-        >>> m = torch.nn.Linear(2, 1)
-        >>> opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-        >>> m(torch.ones(1, 2)).sum().backward(); opt.step()
-        >>> tensors, meta = optimizer_state_to_tensors(opt, parameter_names(m))
-        >>> sorted(tensors)[:3]
-        ['state/bias/exp_avg', 'state/bias/exp_avg_sq', 'state/bias/step']
-        >>> meta["param_groups"][0]["params"], meta["param_groups"][0]["betas"]
-        (['weight', 'bias'], [0.9, 0.999])
-    """
-    by_id: dict[int, str] = {}
-    for key, name in names.items():
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"parameter names must be non-empty str, got {name!r}")
-        by_id[key if isinstance(key, int) and not isinstance(key, bool) else id(key)] = name
-    sd = optimizer.state_dict()
-    index_to_name: dict[int, str] = {}
-    seen_names: dict[str, int] = {}
-    for gi, (g_sd, group) in enumerate(zip(sd["param_groups"], optimizer.param_groups)):
-        for index, param in zip(g_sd["params"], group["params"]):
-            name = by_id.get(id(param))
-            if name is None:
-                raise ValueError(
-                    f"optimizer param_groups[{gi}] holds a parameter of shape "
-                    f"{tuple(param.shape)} that has no entry in `names` "
-                    "(build names with parameter_names(model))"
-                )
-            if seen_names.setdefault(name, index) != index:
-                raise ValueError(f"two optimizer parameters share the name {name!r}")
-            index_to_name[index] = name
-
-    tensors: dict[str, torch.Tensor] = {}
-    groups: list[dict[str, Any]] = []
-    group_types: list[dict[str, str]] = []
-    for gi, g_sd in enumerate(sd["param_groups"]):
-        group: dict[str, Any] = {"params": [index_to_name[i] for i in g_sd["params"]]}
-        types: dict[str, str] = {}
-        for key, value in g_sd.items():
-            if key == "params":
-                continue
-            if isinstance(value, torch.Tensor):
-                tensors[f"param_groups/{gi}/{key}"] = value
-                group[key] = None
-                types[key] = "tensor"
-            else:
-                group[key] = _jsonable(value, f"optimizer param_groups[{gi}][{key!r}]")
-                if isinstance(value, tuple):
-                    types[key] = "tuple"
-        groups.append(group)
-        group_types.append(types)
-
-    state_meta: dict[str, dict[str, Any]] = {}
-    for index, entry in sd["state"].items():
-        if index not in index_to_name:
-            raise ValueError(f"optimizer state refers to unknown parameter index {index}")
-        name = index_to_name[index]
-        keys: list[str] = []
-        values: dict[str, Any] = {}
-        for key, value in entry.items():
-            if not isinstance(key, str):
-                raise TypeError(f"optimizer state key {key!r} of {name!r} is not a str")
-            keys.append(key)
-            if isinstance(value, torch.Tensor):
-                tensors[f"state/{name}/{key}"] = value
-            else:
-                values[key] = _jsonable(value, f"optimizer state[{name!r}][{key!r}]")
-        state_meta[name] = {"keys": keys, "values": values}
-    meta = {
-        "format": "frostline.optimizer",
-        "version": 1,
-        "optimizer": type(optimizer).__name__,
-        "param_groups": groups,
-        "param_group_types": group_types,
-        "state": state_meta,
-    }
-    return tensors, meta
-
-
-def optimizer_state_from_tensors(
-    optimizer: torch.optim.Optimizer,
-    tensors: Mapping[str, torch.Tensor],
-    meta: Mapping[str, Any],
-    params_by_name: Mapping[str, torch.Tensor],
-) -> None:
-    """Load state flattened by :func:`optimizer_state_to_tensors` into ``optimizer``.
-
-    ``optimizer`` must hold the same named parameters (``params_by_name``, e.g.
-    ``dict(model.named_parameters())``) in the same groups; the order inside a group
-    may differ. Otherwise a :class:`CheckpointError` lists every difference. Saved
-    hyperparameters (lr, betas, ...) replace the optimizer's, as with
-    ``load_state_dict``; the round trip is bitwise exact. The optimizer never shares
-    memory with ``tensors`` (they are copied).
-
-    Example:
-        >>> import torch
-        >>> m = torch.nn.Linear(2, 1)
-        >>> opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
-        >>> m(torch.ones(1, 2)).sum().backward(); opt.step()
-        >>> tensors, meta = optimizer_state_to_tensors(opt, parameter_names(m))
-        >>> opt2 = torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9)
-        >>> optimizer_state_from_tensors(opt2, tensors, meta, dict(m.named_parameters()))
-        >>> opt2.param_groups[0]["lr"]
-        0.1
-    """
-    if not isinstance(meta, Mapping) or meta.get("format") != "frostline.optimizer":
-        raise CheckpointError("optimizer meta is not frostline.optimizer data")
-    if meta.get("version") != 1:
-        raise CheckpointError(f"unsupported optimizer meta version {meta.get('version')!r}")
-    saved_groups = meta["param_groups"]
-    group_types = meta.get("param_group_types") or [{} for _ in saved_groups]
-    id_to_name = {id(p): n for n, p in params_by_name.items()}
-
-    problems: list[str] = []
-    target_names: list[list[str]] = []
-    for gi, group in enumerate(optimizer.param_groups):
-        names_here = []
-        for param in group["params"]:
-            name = id_to_name.get(id(param))
-            if name is None:
-                problems.append(
-                    f"param_groups[{gi}]: optimizer parameter of shape {tuple(param.shape)} "
-                    "is not in params_by_name"
-                )
-            else:
-                names_here.append(name)
-        target_names.append(names_here)
-    if len(saved_groups) != len(target_names):
-        problems.append(
-            f"checkpoint has {len(saved_groups)} param group(s), optimizer has {len(target_names)}"
-        )
-    for gi, (saved, target) in enumerate(zip(saved_groups, target_names)):
-        missing = [n for n in saved["params"] if n not in set(target)]
-        extra = [n for n in target if n not in set(saved["params"])]
-        if missing:
-            problems.append(f"param_groups[{gi}]: in checkpoint but not in optimizer: {missing}")
-        if extra:
-            problems.append(f"param_groups[{gi}]: in optimizer but not in checkpoint: {extra}")
-    if problems:
-        raise CheckpointError(
-            "optimizer does not match the checkpoint:\n  - " + "\n  - ".join(problems)
-        )
-
-    name_to_index: dict[str, int] = {}
-    sd_groups = []
-    for gi, (saved, target) in enumerate(zip(saved_groups, target_names)):
-        types = group_types[gi]
-        group: dict[str, Any] = {}
-        for key, value in saved.items():
-            if key in ("params", "param_names"):
-                # param_names describes how the *target* was built (torch keeps its own)
-                continue
-            kind = types.get(key)
-            if kind == "tensor":
-                tkey = f"param_groups/{gi}/{key}"
-                if tkey not in tensors:
-                    raise CheckpointError(f"optimizer tensors lack {tkey!r}")
-                group[key] = tensors[tkey]
-            elif kind == "tuple":
-                group[key] = tuple(value)
-            else:
-                group[key] = value
-        group["params"] = []
-        for name in target:
-            name_to_index[name] = len(name_to_index)
-            group["params"].append(name_to_index[name])
-        sd_groups.append(group)
-
-    state: dict[int, dict[str, Any]] = {}
-    for name, entry in meta["state"].items():
-        if name not in name_to_index:
-            raise CheckpointError(f"optimizer state for {name!r}, which is in no param group")
-        values = entry["values"]
-        restored: dict[str, Any] = {}
-        for key in entry["keys"]:
-            if key in values:
-                restored[key] = values[key]
-            else:
-                tkey = f"state/{name}/{key}"
-                if tkey not in tensors:
-                    raise CheckpointError(f"optimizer tensors lack {tkey!r}")
-                t = tensors[tkey]
-                # load_state_dict adopts tensors already on the right device without a
-                # copy; clone those so the optimizer never aliases the caller's tensors.
-                restored[key] = t.clone() if t.device == params_by_name[name].device else t
-        state[name_to_index[name]] = restored
-    optimizer.load_state_dict({"state": state, "param_groups": sd_groups})
-
-
-# ----------------------------------------------------------------------------- RNG
-
-
-def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Capture python ``random``, numpy's global RandomState, torch CPU and all CUDA RNGs.
-
-    Returns ``(tensors, json_meta)`` for :func:`restore_rng` (or a checkpoint).
-
-    Example:
-        >>> import random
-        >>> tensors, meta = capture_rng()
-        >>> a = random.random()
-        >>> restore_rng(tensors, meta)
-        >>> random.random() == a
-        True
-    """
-    version, internal, gauss_next = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
-    tensors = {
-        "python/state": torch.tensor(internal, dtype=torch.int64),
-        "numpy/keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64).copy()),
-        "torch/cpu": torch.get_rng_state(),
-    }
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    for i, s in enumerate(cuda_states):
-        tensors[f"cuda/{i}"] = s.cpu()
-    meta = {
-        "format": "frostline.rng",
-        "version": 1,
-        "python": {"version": version, "gauss_next": gauss_next},
-        "numpy": {
-            "bit_generator": str(np_name),
-            "pos": int(np_pos),
-            "has_gauss": int(np_has_gauss),
-            "cached_gaussian": float(np_cached),
-        },
-        "cuda": {"device_count": len(cuda_states)},
-    }
-    return tensors, meta
-
-
-def restore_rng(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-    """Restore RNG state captured by :func:`capture_rng` (all or nothing).
-
-    Everything is validated before any generator is touched. CUDA states for
-    devices that do not exist here are skipped with a warning.
-
-    Example:
-        >>> import numpy as np
-        >>> tensors, meta = capture_rng()
-        >>> a = np.random.rand()
-        >>> restore_rng(tensors, meta)
-        >>> np.random.rand() == a
-        True
-    """
-    if not isinstance(meta, Mapping) or meta.get("format") != "frostline.rng":
-        raise CheckpointError("rng meta is not frostline.rng data")
-    missing = [k for k in ("python/state", "numpy/keys", "torch/cpu") if k not in tensors]
-    n_cuda = int(meta.get("cuda", {}).get("device_count", 0))
-    missing += [f"cuda/{i}" for i in range(n_cuda) if f"cuda/{i}" not in tensors]
-    if missing:
-        raise CheckpointError(f"rng tensors lack {missing}")
-    py = tensors["python/state"]
-    keys = tensors["numpy/keys"]
-    cpu = tensors["torch/cpu"]
-    expected = {
-        "python/state": (py, torch.int64, len(random.getstate()[1])),
-        "numpy/keys": (keys, torch.int64, 624),
-        "torch/cpu": (cpu, torch.uint8, torch.get_rng_state().numel()),
-    }
-    for key, (t, dtype, n) in expected.items():
-        if t.dtype != dtype or tuple(t.shape) != (n,):
-            raise CheckpointError(
-                f"rng tensor {key!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} ({n},)"
-            )
-    py_state = (meta["python"]["version"], tuple(py.tolist()), meta["python"]["gauss_next"])
-    npm = meta["numpy"]
-    np_state = (
-        npm["bit_generator"],
-        keys.numpy().astype(np.uint32),
-        npm["pos"],
-        npm["has_gauss"],
-        npm["cached_gaussian"],
-    )
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    random.setstate(py_state)
-    np.random.set_state(np_state)
-    torch.set_rng_state(cpu.cpu())
-    for i in range(min(n_cuda, available)):
-        torch.cuda.set_rng_state(tensors[f"cuda/{i}"].cpu(), i)
-    if n_cuda > available:
-        warnings.warn(
-            f"rng state has {n_cuda} CUDA device(s), this machine has {available}; "
-            f"CUDA RNG of devices {list(range(available, n_cuda))} not restored",
-            CheckpointWarning,
-            stacklevel=2,
-        )
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -538,8 +173,8 @@ def _read_complete(ckpt: Path) -> dict[str, Any]:
     return complete
 
 
-def _check_file(ckpt: Path, name: str, info: Mapping[str, Any], *, keep: bool) -> bytes | None:
-    """Verify one listed file's size and SHA-256; return its bytes when ``keep``."""
+def _check_file(ckpt: Path, name: str, info: Mapping[str, Any], *, keep: bool) -> bytes:
+    """Verify one listed file's size and SHA-256; return its bytes when ``keep`` (else b"")."""
     path = ckpt / name
     try:
         with open(path, "rb") as f:
@@ -553,7 +188,7 @@ def _check_file(ckpt: Path, name: str, info: Mapping[str, Any], *, keep: bool) -
                 data = f.read()
                 digest = hashlib.sha256(data).hexdigest()
             else:
-                data = None
+                data = b""
                 h = hashlib.sha256()
                 while chunk := f.read(1 << 20):
                     h.update(chunk)
@@ -586,11 +221,8 @@ def _load_one(ckpt: Path) -> Checkpoint:
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for name in [n for n in blobs if n.endswith(".safetensors")]:
         data = blobs.pop(name)  # drop the raw bytes as soon as they are parsed
-        assert data is not None
         # The SHA-256 in COMPLETE already vouches for these bytes.
-        tensors[name[: -len(".safetensors")]], _ = _parse_safetensors(
-            data, ckpt / name, verify=False
-        )
+        tensors[name[: -len(".safetensors")]] = tensors_from_checked_bytes(data, ckpt / name)
         del data
     try:
         state = json.loads(blobs[STATE_FILE])
@@ -794,7 +426,7 @@ class CheckpointManager:
             raise TypeError(
                 f"tensors must be a dict of dicts of tensors, got {type(tensors).__name__}"
             )
-        files: dict[str, list[Any]] = {}
+        files: dict[str, bytes] = {}
         for group, group_tensors in tensors.items():
             if not isinstance(group, str) or not _ENTRY_RE.match(group):
                 raise ValueError(
@@ -802,12 +434,12 @@ class CheckpointManager:
                     " not starting with '.' or '-'"
                 )
             try:
-                files[f"{group}.safetensors"] = _serialize_safetensors(group_tensors, None)
+                files[f"{group}.safetensors"] = safetensors_bytes(group_tensors)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"tensors[{group!r}]: {e}") from None
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        files[STATE_FILE] = [_dumps(_jsonable(state, "state"))]
+        files[STATE_FILE] = json_bytes(to_json_data(state, "state"))
         if not isinstance(metrics, Mapping):
             raise TypeError(f"metrics must be a dict, got {type(metrics).__name__}")
         clean_metrics: dict[str, float] = {}
@@ -819,7 +451,7 @@ class CheckpointManager:
             if not isinstance(v, numbers.Real):
                 raise TypeError(f"metric {k!r} must be a real number, got {type(v).__name__}")
             clean_metrics[k] = float(v)
-        files[METRICS_FILE] = [_dumps(clean_metrics)]
+        files[METRICS_FILE] = json_bytes(clean_metrics)
 
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / f"epoch-{epoch:05d}"
@@ -827,15 +459,9 @@ class CheckpointManager:
             cleanup_stale_temps(self.directory, match=lambda n: _CKPT_RE.match(n) is not None)
             with atomic_directory(final) as tmp:
                 listing: dict[str, dict[str, Any]] = {}
-                for name, chunks in files.items():
-                    h = hashlib.sha256()
-                    size = 0
-                    with open(tmp / name, "wb") as f:
-                        for chunk in chunks:
-                            f.write(chunk)
-                            h.update(chunk)
-                            size += len(chunk)
-                    listing[name] = {"sha256": h.hexdigest(), "bytes": size}
+                for name, data in files.items():
+                    (tmp / name).write_bytes(data)
+                    listing[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
                 complete = {
                     "format": _FORMAT,
                     "version": _VERSION,
@@ -843,7 +469,7 @@ class CheckpointManager:
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "files": listing,
                 }
-                (tmp / COMPLETE).write_bytes(_dumps(complete))
+                (tmp / COMPLETE).write_bytes(json_bytes(complete))
             try:
                 self._prune(final)
             except OSError as e:  # the checkpoint itself is safely saved: do not fail
@@ -907,10 +533,10 @@ class CheckpointManager:
                 os.rename(path, trash)
             except FileNotFoundError:
                 continue
-            _remove(trash)
+            remove_path(trash)
             removed = True
         if removed:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
 
     def _best_of(self, candidates: list[Path], is_valid: Any) -> Path | None:
         scored = []
