@@ -165,6 +165,17 @@ def test_a_layout_restores_the_groups_so_a_saved_state_resumes_bitwise():
         assert torch.equal(v, w), k
 
 
+def test_parameters_that_are_not_the_modules_are_left_alone():
+    model = net()
+    temperature = nn.Parameter(torch.ones(()))
+    opt = torch.optim.SGD([*model.parameters(), temperature], lr=0.1)
+    tracker = fl.track(opt, model)
+    model[0].requires_grad_(False)
+    assert tracker.sync()
+    assert any(p is temperature for p in opt.param_groups[0]["params"])
+    assert not any(p is model[0].weight for p in opt.param_groups[0]["params"])
+
+
 def test_bad_inputs_say_what_was_given():
     model = net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -183,3 +183,15 @@ def test_resume_from_a_trainer_checkpoint_continues_with_the_trainable_state(tmp
     # the Trainer's own optimizer.pt still loads into a plain Trainer-built optimizer
     sd = torch.load(out / "checkpoint-8" / "optimizer.pt", weights_only=True)
     assert len(sd["param_groups"]) == 2 and "frostline" in sd
+
+
+def test_a_trainer_that_would_replace_the_callback_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="restore_callback_states_from_checkpoint"):
+        transformers.Trainer(
+            model=bert(),
+            args=args(tmp_path, 1, restore_callback_states_from_checkpoint=True),
+            train_dataset=Tokens(),
+            callbacks=[FreezeCallback(freeze="bert")],
+        )
+    with pytest.raises(TypeError, match="frostline callbacks"):
+        FreezeCallback("bert")

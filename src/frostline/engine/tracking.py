@@ -14,7 +14,8 @@ with ``requires_grad``:
 * a parameter whose own rate changed moves to a group at that rate, state kept.
 
 The groups the optimizer had when tracking began are never removed (an LR scheduler
-zips over them), only emptied; groups the tracker added go when they empty.
+zips over them), only emptied; groups the tracker added go when they empty. Parameters
+that are not the module's (a learnable loss temperature) are left as they are.
 :class:`~frostline.engine.live.LiveOptimizer` (what ``fit`` uses) is built on the same
 tracker, owning every group.
 
@@ -213,13 +214,16 @@ class OptimizerTracker:
             return False
         opt = self.optimizer
         wanted = {id(p): n for n, p in current}
+        own = {id(p) for p in self.module.parameters()}
         changed = False
         placed: set[int] = set()
         moving: list[tuple[str, nn.Parameter]] = []
         for group in opt.param_groups:
             keep = []
             for p in group["params"]:
-                if id(p) not in wanted:
+                if id(p) not in own:  # not the module's (a loss's temperature): left alone
+                    keep.append(p)
+                elif id(p) not in wanted:
                     opt.state.pop(p, None)
                     p.grad = None
                     changed = True

@@ -126,6 +126,12 @@ class FreezeCallback(TrainerCallback, ExportableState):
 
     # -- Trainer events -----------------------------------------------------------------
     def on_init_end(self, args, state, control, model=None, **kwargs):
+        if getattr(args, "restore_callback_states_from_checkpoint", False):
+            raise ValueError(
+                "FreezeCallback restores itself on resume; with "
+                "restore_callback_states_from_checkpoint=True the Trainer would replace it by a "
+                "copy without its schedules. Leave that argument at its default (False)."
+            )
         if model is not None:
             self.driver.bind(model)
 
