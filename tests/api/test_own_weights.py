@@ -40,6 +40,18 @@ def test_selecting_own_weights_never_flips_the_model_flag():
     assert not model.module.cls_token.requires_grad and model.trainable is False
 
 
+def test_get_layer_reaches_own_weights_by_their_leaf_path():
+    model = fl.wrap(convnext())
+    gamma = model.get_layer("stages.0.blocks.0.gamma")
+    assert gamma.class_name == "Parameter" and gamma.path == "stages.0.blocks.0.gamma"
+    assert gamma.weights[0] is model.module.stages[0].blocks[0].gamma
+    assert [leaf.path for leaf in model.leaf_layers()] == [
+        model.get_layer(leaf.path).path for leaf in model.leaf_layers()
+    ]
+    with pytest.raises(ValueError, match="stages.0.blocks.0.gamma"):
+        model.get_layer("stages.0.blocks.0.gama")
+
+
 def test_own_entry_setter_touches_only_its_tensor():
     model = fl.wrap(vit())
     entry = model.leaf_layers()[1]

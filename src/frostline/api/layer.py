@@ -174,6 +174,9 @@ class Layer:
     def get_layer(self, name: str | None = None, index: int | None = None) -> Layer:
         """One descendant by (dotted) ``name`` or by ``index`` among direct children.
 
+        A leaf path naming a weight owned beside children (``"cls_token"``) gives that
+        weight's :class:`OwnWeight` view.
+
         >>> m = Layer(nn.Sequential(nn.Sequential(nn.Linear(2, 2)), nn.ReLU()))
         >>> m.get_layer("0.0").class_name, m.get_layer(index=-1).class_name
         ('Linear', 'ReLU')
@@ -188,7 +191,8 @@ class Layer:
         if not isinstance(name, str):
             raise TypeError(f"get_layer name must be a str, got {type(name).__name__}")
         layer: Layer = self
-        for part in name.split("."):
+        parts = name.split(".")
+        for i, part in enumerate(parts):
             kids = layer.layers
             for child in kids:
                 if child.name == part:
@@ -197,7 +201,14 @@ class Layer:
             else:
                 if name in kids.names:
                     return kids[name]
+                if i == len(parts) - 1 and len(kids):  # a weight owned beside children
+                    for own, _ in own_named_weights(layer.module):
+                        if own == part:
+                            return OwnWeight(
+                                layer.module, own, ".".join(p for p in (layer.path, own) if p)
+                            )
                 known = [p for p, _ in self._module.named_modules() if p]
+                known += [e.path for e in leaf_entries(self._module) if e.weight is not None]
                 raise ValueError(_unknown_name_message(name, known, repr(self.name)))
         return layer
 
