@@ -35,6 +35,11 @@ def runs_inference(module: nn.Module) -> bool:
         return True
     if mode == "batch_stats":
         return False
+    # what module_flag says for a BatchNorm (a leaf: its affine parameters decide), read
+    # directly: this runs before every BatchNorm call
+    affine = [p for p in (module.weight, module.bias) if isinstance(p, nn.Parameter)]
+    if affine:
+        return not any(p.requires_grad for p in affine)
     return not module_flag(module)
 
 

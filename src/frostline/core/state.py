@@ -136,7 +136,7 @@ def module_flag(module: nn.Module) -> bool:
     False
     """
     own = list(module.parameters(recurse=False))
-    if own and not has_weighted_descendant(module):
+    if own and (next(module.children(), None) is None or not has_weighted_descendant(module)):
         return any(p.requires_grad for p in own)
     flag = own_flag(module)
     if flag is not None:
