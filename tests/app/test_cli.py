@@ -150,10 +150,16 @@ def test_fit_weights_load_back(fit_run):
 
 
 @pytest.mark.slow
-def test_demo_fast(tmp_path, capsys):
+def test_demo_fast(tmp_path, capsys, monkeypatch):
+    import frostline as fl
+
+    calls = []
+    real = fl.recipes.two_phase
+    monkeypatch.setattr(fl.recipes, "two_phase", lambda *a, **k: calls.append(k) or real(*a, **k))
     out = tmp_path / "demo"
     code, stdout, err = run(["demo", "--fast", "--out", out], capsys)
     assert code == 0, err
+    assert len(calls) == 1 and calls[0]["unfreeze"] == 5  # phases 1 and 2 are fl.recipes.two_phase
     assert {p.name for p in out.iterdir()} == RUN_FILES
     assert_png(out / "curves.png")
     assert_png(out / "freeze_map.png")
@@ -173,6 +179,13 @@ def test_demo_fast(tmp_path, capsys):
     assert re.search(r"\d+\.\d+ s/epoch", stdout)
     csv_runs = {row.split(",")[0] for row in (out / "metrics.csv").read_text().splitlines()[1:]}
     assert csv_runs == {"transfer", "scratch"}
+    # the demo's run directory classifies new digits
+    digit = Image.fromarray(np.kron(np.eye(8, dtype=np.uint8) * 255, np.ones((4, 4), np.uint8)))
+    digit.save(tmp_path / "seven.png")
+    code, stdout, err = run(["predict", out, tmp_path / "seven.png", "--top-k", "3"], capsys)
+    assert code == 0, err
+    row = stdout.splitlines()[1].split(",")
+    assert row[1] in [str(d) for d in range(10)] and 0 < float(row[2]) <= 1
 
 
 # ------------------------------------------------------------------------- summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import pytest
 
@@ -86,3 +87,37 @@ def test_run_directory_fsyncs_every_file_and_folder(tmp_path, monkeypatch):
     assert (final / "sub" / "b.txt").read_text() == "b"
     names = {os.path.basename(p) for p in synced}
     assert {"a.txt", "b.txt", "sub", tmp_name, "runs"} <= names, synced
+
+
+def test_fit_trains_through_two_phase(tmp_path, monkeypatch, capsys):
+    """The CLI's two phases are fl.recipes.two_phase, with the flags' freeze, unfreeze and rates."""
+    import numpy as np
+
+    import frostline as fl
+
+    (tmp_path / "two_phase_nets.py").write_text(
+        "from torch import nn\n"
+        "def build(num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6), nn.Linear(6, num_classes))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    rng = np.random.default_rng(0)
+    np.savez("d.npz", x=rng.normal(size=(16, 12)).astype("float32"), y=np.arange(16) % 2)
+    calls = []
+    real = fl.recipes.two_phase
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fl.recipes, "two_phase", spy)
+    argv = ["fit", "d.npz", "--model", "two_phase_nets:build", "--unfreeze-last", "1"]
+    argv += ["--epochs1", "1", "--epochs2", "2", "--lr2", "1e-4", "--batchnorm", "batch_stats"]
+    assert cli.main([*argv, "--out", "run"]) == 0, capsys.readouterr().err
+    (kw,) = calls
+    assert (kw["phase1_epochs"], kw["phase2_epochs"], kw["phase2_lr"]) == (1, 2, 1e-4)
+    assert kw["unfreeze"] == 2 and kw["bn_inference"] == "batch_stats"  # + the head, for a factory
+    assert kw["freeze"].description == "~(last(1))"  # --freeze-all keeps a factory's head
+    assert cli.main(["fit", "d.npz", "--model", "two_phase_nets:build", "--out", "run2"]) == 0
+    assert calls[1]["phase2_epochs"] == 0  # no --unfreeze-last: phase 1 only

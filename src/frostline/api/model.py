@@ -155,6 +155,19 @@ class Model(Layer):
         return self._live
 
     @property
+    def cache_status(self) -> dict[str, str]:
+        """What the activation cache did for each kind of data (``"train"``, ``"val"``) in the
+        last ``fit``/``evaluate``: ``"built (...)"``, ``"reused (...)"``, ``"off (why)"``...
+
+        >>> import frostline as fl
+        >>> from torch import nn
+        >>> fl.Sequential([nn.Linear(2, 2)]).cache_status
+        {}
+        """
+        runner = self._trainer.runner if self._trainer is not None else None
+        return dict(runner.status) if runner is not None else {}
+
+    @property
     def optimizer(self) -> torch.optim.Optimizer | None:
         """The torch optimizer ``fit`` uses (None before the first step)."""
         return self._live.optimizer if self._live is not None else None

@@ -221,7 +221,7 @@ def _parse_file(p: Path) -> Any:
             import tomllib
         except ModuleNotFoundError:  # Python 3.10
             try:
-                import tomli as tomllib  # type: ignore[no-redef]
+                import tomli as tomllib  # type: ignore[no-redef,import-not-found,unused-ignore]
             except ModuleNotFoundError:
                 raise UsageError(
                     "TOML config files need Python 3.11+ (tomllib) or the tomli package; use a .yaml file instead"

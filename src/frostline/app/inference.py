@@ -36,6 +36,7 @@ class Run:
         import torch
 
         if self.info.input == "images":
+            assert self.info.mean is not None and self.info.std is not None  # checked on read
             data = imagefolder.ImageArrayDataset(
                 x, np.zeros(len(x), np.int64), self.info.mean, self.info.std
             )

@@ -110,10 +110,7 @@ def format_rate(lr: float) -> str:
 
 def cache_status(model: fl.Model) -> str:
     """The activation cache's last status for train and validation data, as one line."""
-    # The runner keeps it as a dict of strings until it has a public, typed status (issue 14).
-    runner = getattr(getattr(model, "_trainer", None), "runner", None)
-    status = getattr(runner, "status", None)
-    return "; ".join(f"{k}: {v}" for k, v in dict(status or {}).items())
+    return "; ".join(f"{k}: {v}" for k, v in model.cache_status.items())
 
 
 class PhaseRecorder(Callback):

@@ -35,10 +35,11 @@ _NO_TIMM: tuple[Any, Any, tuple[type, ...], tuple[Any, ...]] = (None, None, (), 
 
 @functools.cache
 def _import_timm_specials() -> tuple[Any, Any, tuple[type, ...], tuple[Any, ...]]:
+    bn_act: Any
     try:
-        from timm.layers.norm_act import BatchNormAct2d
-    except ImportError:  # pragma: no cover
-        BatchNormAct2d = None  # noqa: N806
+        bn_act = importlib.import_module("timm.layers.norm_act").BatchNormAct2d
+    except (ImportError, AttributeError):  # pragma: no cover
+        bn_act = None
     try:
         conv_same = importlib.import_module("timm.layers.conv2d_same").Conv2dSame
     except (ImportError, AttributeError):  # pragma: no cover
@@ -49,7 +50,7 @@ def _import_timm_specials() -> tuple[Any, Any, tuple[type, ...], tuple[Any, ...]
         leaves, autowrap = tuple(get_notrace_modules()), tuple(get_notrace_functions())
     except ImportError:  # pragma: no cover
         leaves, autowrap = (), ()
-    return BatchNormAct2d, conv_same, leaves, autowrap
+    return bn_act, conv_same, leaves, autowrap
 
 
 def _timm_specials() -> tuple[Any, Any, tuple[type, ...], tuple[Any, ...]]:

@@ -207,9 +207,9 @@ def digits_data(per_class: int, image_size: int, seed: int, heldout: int | None 
         for c, idx in enumerate(rest):
             take += idx[: max(1, heldout // 10 + (1 if c < heldout % 10 else 0))].tolist()
         test = np.asarray(take[:heldout])
-    train, test = np.sort(np.asarray(train)), np.sort(test)
-    x = resize_images(images[np.concatenate([train, test])], image_size)
-    return x[: len(train)], y[train], x[len(train) :], y[test]
+    tr, te = np.sort(np.asarray(train)), np.sort(test)
+    x = resize_images(images[np.concatenate([tr, te])], image_size)
+    return x[: len(tr)], y[tr], x[len(tr) :], y[te]
 
 
 # --------------------------------------------------------------------------- demo

@@ -212,6 +212,7 @@ def run(opts: Options, command: str) -> int:
     threads, why = training.choose_threads(opts.threads)
     print(f"threads: {threads} ({why})")
     t = time.perf_counter()
+    assert opts.data is not None  # options() refuses a run without DATA
     data = imagefolder.load_data(opts.data, image_size)
     for w in data.warnings:
         report.warn(w)
