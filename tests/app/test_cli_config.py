@@ -121,3 +121,22 @@ def test_fit_trains_through_two_phase(tmp_path, monkeypatch, capsys):
     assert kw["freeze"].description == "~(last(1))"  # --freeze-all keeps a factory's head
     assert cli.main(["fit", "d.npz", "--model", "two_phase_nets:build", "--out", "run2"]) == 0
     assert calls[1]["phase2_epochs"] == 0  # no --unfreeze-last: phase 1 only
+
+
+def test_phase_record_reads_the_typed_cache_status():
+    import numpy as np
+    from torch import nn
+
+    import frostline as fl
+    from frostline.app import training
+
+    base = fl.wrap(nn.Sequential(nn.Linear(4, 4)), name="b")
+    model = fl.Sequential([base, nn.Linear(4, 2)])
+    base.trainable = False
+    x, y = np.random.default_rng(0).random((8, 4), dtype=np.float32), np.arange(8) % 2
+    phase = training.train_plain(
+        model, x, y, name="p", title="t", epochs=2, lr=1e-3, batch_size=4, seed=0, verbose=0
+    )
+    assert phase["cache_built"] and phase["cache"].startswith("train: reused")
+    assert "incl. building the activation cache" in training.describe_phase(phase, "validation")
+    assert phase["verified"] and len(phase["history"]["loss"]) == 2

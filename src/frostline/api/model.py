@@ -20,6 +20,7 @@ from frostline.api.summary import counts, format_size, print_summary, render
 from frostline.core import batchnorm
 from frostline.core.state import clear_learning_rates, set_view
 from frostline.engine.live import LiveOptimizer
+from frostline.engine.runner import CacheStatus
 from frostline.engine.trainer import Trainer
 
 
@@ -155,9 +156,9 @@ class Model(Layer):
         return self._live
 
     @property
-    def cache_status(self) -> dict[str, str]:
-        """What the activation cache did for each kind of data (``"train"``, ``"val"``) in the
-        last ``fit``/``evaluate``: ``"built (...)"``, ``"reused (...)"``, ``"off (why)"``...
+    def cache_status(self) -> dict[str, CacheStatus]:
+        """The typed cache status of each kind of data (``"train"``, ``"val"``, ``"evaluate"``)
+        in the last ``fit``/``evaluate``; ``str()`` of one is the epoch log's wording.
 
         >>> import frostline as fl
         >>> from torch import nn

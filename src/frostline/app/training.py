@@ -23,6 +23,7 @@ from frostline.api.callbacks import Callback
 from frostline.api.summary import counts
 from frostline.app import report
 from frostline.app.runinfo import Preprocessing
+from frostline.engine.runner import CacheState
 
 __all__ = [
     "PhaseRecorder",
@@ -164,7 +165,11 @@ class PhaseRecorder(Callback):
         self._t0 = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None) -> None:
-        h = self.phases[-1]["history"]
+        phase = self.phases[-1]
+        h = phase["history"]
+        if not h:  # the phase's first epoch: did it build the cache?
+            train = self.model.cache_status.get("train")
+            phase["cache_built"] = train is not None and train.state is CacheState.BUILT
         for k, v in (logs or {}).items():
             h.setdefault(k, []).append(float(v))
 
@@ -204,7 +209,7 @@ def describe_phase(phase: dict, val_name: str) -> str:
     if t is not None:
         timing = f"{phase['epochs']} epoch(s), {t:.2f} s/epoch"
         rest = phase.get("epoch_time_rest_mean_s")
-        if rest is not None and "built" in phase.get("cache", ""):
+        if rest is not None and phase.get("cache_built"):
             timing += f" (first {phase['epoch_time_first_s']:.2f} s incl. building the activation cache, then {rest:.2f} s)"
         elif rest is not None:
             timing += f" (first {phase['epoch_time_first_s']:.2f} s, then {rest:.2f} s)"
