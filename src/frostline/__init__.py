@@ -24,6 +24,7 @@ from frostline import (
 )
 from frostline._version import __version__
 from frostline.api.callbacks import Callback, History
+from frostline.api.features import FrozenFeatures
 from frostline.api.layer import Layer, LayerList
 from frostline.api.loading import load_model as _load_model
 from frostline.api.model import Model, Sequential, wrap
@@ -50,6 +51,7 @@ __all__ = [
     "__version__",
     "Callback",
     "DataError",
+    "FrozenFeatures",
     "FrozenWeightsChanged",
     "History",
     "Layer",
