@@ -164,3 +164,9 @@ def test_summary_input_dtype():
     assert "(None, 2)" in text
     with pytest.raises(TypeError, match="input_dtype"):
         model.summary(input_shape=(5,), input_dtype="long", print_fn=lambda s: None)
+
+
+def test_a_one_layer_model_has_its_row():
+    text = summary_text(fl.wrap(nn.Linear(4, 2)))
+    table = rows(text)
+    assert [r[1] for r in table] == ["linear (Linear)"] and table[0][2] == total_of(text) == 10

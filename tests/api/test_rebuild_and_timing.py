@@ -47,6 +47,16 @@ def test_load_rebuilds_timm_and_torchvision(tmp_path, factory):
     ]
 
 
+def test_sequential_around_a_timm_model_rebuilds(tmp_path):
+    import timm
+
+    model = fl.Sequential([fl.wrap(timm.create_model("resnet10t", num_classes=6)), nn.Linear(6, 2)])
+    model.save(tmp_path / "s.safetensors")
+    back = fl.load(tmp_path / "s.safetensors")
+    assert [layer.class_name for layer in back.layers] == ["ResNet", "Linear"]
+    assert same_state(back.module, model.module)
+
+
 def test_head_replaced_torchvision_model_rebuilds(tmp_path):
     net = torchvision.models.resnet18(weights=None)
     net.fc = nn.Linear(512, 4)

@@ -147,7 +147,14 @@ def output_shapes(
 
 
 def own_rows(layer: Layer) -> list[Layer]:
-    """The weights ``layer``'s module owns beside its children, one row each."""
+    """The weights ``layer``'s module owns beside its children, one row each.
+
+    >>> class Scaled(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__(); self.scale = nn.Parameter(torch.ones(2)); self.lin = nn.Linear(2, 2)
+    >>> [(r.name, r.class_name) for r in own_rows(Layer(Scaled()))]
+    [('scale', 'Parameter')]
+    """
     module = layer.module
     if next(module.children(), None) is None:
         return []
@@ -159,6 +166,8 @@ def own_rows(layer: Layer) -> list[Layer]:
 
 def _rows(layer: Layer, depth: int | None, expand_nested: bool) -> list[tuple[int, Layer]]:
     rows: list[tuple[int, Layer]] = []
+    if not len(layer.layers) and own_weights(layer.module):
+        return [(0, layer)]  # a model that is one layer (fl.wrap(nn.Linear(4, 2))): its own row
 
     def walk(node: Layer, level: int) -> None:
         rows.extend((level, own) for own in own_rows(node))
@@ -178,6 +187,12 @@ def row_counts(entries: list[tuple[int, Layer]], labels: list[str]) -> list[tupl
     by an earlier row that is not an ancestor (a tied weight) is left out and named.
 
     So the top-level rows add up to Total, and an expanded row's children add up to it.
+
+    >>> emb, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    >>> head.weight = emb.weight
+    >>> rows = [(0, Layer(emb)), (0, Layer(head))]
+    >>> row_counts(rows, ["emb", "head"])
+    [(40, None), (0, '[40 params shared with emb]')]
     """
     out: list[tuple[int, str | None]] = []
     stack: list[set[int]] = [set()]
