@@ -12,9 +12,14 @@ import torch
 
 
 class Metric:
-    """Running mean of a per-sample value. Subclasses define :meth:`values`."""
+    """Running mean of a per-sample value. Subclasses define :meth:`values`.
+
+    ``direction`` says which way is better (``"up"``, ``"down"``, or None when unknown),
+    as Keras metrics' ``_direction``: ``mode="auto"`` monitor callbacks read it.
+    """
 
     name = "metric"
+    direction: str | None = None
 
     def __init__(self, name: str | None = None) -> None:
         if name:
@@ -53,6 +58,7 @@ class Accuracy(Metric):
     """Keras' ``"accuracy"``: sparse, categorical or binary, chosen from the shapes."""
 
     name = "accuracy"
+    direction = "up"
 
     def __init__(self, name: str | None = None, *, from_logits: bool | None = None) -> None:
         super().__init__(name)
@@ -68,6 +74,7 @@ class Accuracy(Metric):
 
 class TopKAccuracy(Metric):
     name = "top_k_categorical_accuracy"
+    direction = "up"
 
     def __init__(self, k: int = 5, name: str | None = None) -> None:
         self.k = k
@@ -81,6 +88,7 @@ class TopKAccuracy(Metric):
 
 class MeanAbsoluteError(Metric):
     name = "mae"
+    direction = "down"
 
     def values(self, y_pred, y_true):
         return (
@@ -95,6 +103,7 @@ class MeanAbsoluteError(Metric):
 
 class MeanSquaredError(Metric):
     name = "mse"
+    direction = "down"
 
     def values(self, y_pred, y_true):
         return (
@@ -113,6 +122,8 @@ class TorchMetric(Metric):
     def __init__(self, metric, name: str | None = None) -> None:
         self.metric = metric
         self.name = name or type(metric).__name__.lower()
+        better = getattr(metric, "higher_is_better", None)  # torchmetrics says
+        self.direction = None if better is None else ("up" if better else "down")
         self.reset()
 
     def reset(self) -> None:

@@ -109,6 +109,23 @@ class Objective:
         return out
 
     # -- helpers -------------------------------------------------------------------
+    def direction(self, log_key: str) -> str | None:
+        """``"down"`` for a loss, the metric's ``direction`` for a metric, None if unknown.
+
+        >>> Objective("mse", metrics=["accuracy", "mae"]).direction("val_accuracy")
+        'up'
+        >>> Objective("mse").direction("val_loss"), Objective("mse").direction("lr")
+        ('down', None)
+        """
+        name = log_key.removeprefix("val_")
+        if name == "loss" or any(name == self._name(k, "loss") for k in self.keys):
+            return "down"
+        for k, ms in self.metrics.items():
+            for m in ms:
+                if self._name(k, m.name) == name:
+                    return m.direction
+        return None
+
     def _name(self, key, base: str) -> str:
         return base if key is None else f"{key}_{base}"
 

@@ -45,6 +45,13 @@ class Callback:
     def set_state(self, state: dict) -> None:
         """Restore what :meth:`get_state` returned."""
 
+    def get_tensors(self) -> dict[str, Any]:
+        """Tensors for checkpoints, stored with safetensors beside :meth:`get_state` (default: none)."""
+        return {}
+
+    def set_tensors(self, tensors: dict[str, Any]) -> None:
+        """Restore what :meth:`get_tensors` returned (called after :meth:`set_state`)."""
+
 
 class CallbackList(Callback):
     """Calls every callback in order."""
@@ -96,10 +103,23 @@ class CallbackList(Callback):
     def states(self) -> list[dict]:
         return [{"class": type(cb).__name__, "state": cb.get_state()} for cb in self.callbacks]
 
-    def restore(self, states: list[dict]) -> None:
-        for cb, st in zip(self.callbacks, states):
+    def tensors(self) -> dict[str, Any]:
+        """Every callback's :meth:`~Callback.get_tensors`, keys ``"<index>/<name>"``."""
+        return {
+            f"{i}/{k}": v
+            for i, cb in enumerate(self.callbacks)
+            for k, v in cb.get_tensors().items()
+        }
+
+    def restore(self, states: list[dict], tensors: dict[str, Any] | None = None) -> None:
+        tensors = tensors or {}
+        for i, (cb, st) in enumerate(zip(self.callbacks, states)):
             if st.get("class") == type(cb).__name__:
                 cb.set_state(st.get("state") or {})
+                prefix = f"{i}/"
+                cb.set_tensors(
+                    {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+                )
 
 
 class History(Callback):

@@ -2,7 +2,8 @@
 
 A checkpoint holds the weights, the trainable state of every layer, the optimizer's
 param groups and state, the learning-rate scale and scheduler position, the epoch,
-the shuffling seed, every callback's state (History included) and the RNG states.
+the shuffling seed, every callback's state (History included; tensors such as
+EarlyStopping's best weights in ``callbacks.safetensors``) and the RNG states.
 Resuming a run stopped after epoch k gives, on CPU, bitwise the weights of the run
 that was never stopped — with the same layers frozen as when it stopped.
 """
@@ -90,6 +91,9 @@ def snapshot(
         tensors["optimizer"], meta = live.state_dict()
         state["optimizer"] = meta.pop("optimizer")
         state["live"] = meta
+    callback_tensors = cblist.tensors()
+    if callback_tensors:  # EarlyStopping's best weights, ...
+        tensors["callbacks"] = {k: v.detach().contiguous() for k, v in callback_tensors.items()}
     rng_tensors, rng_meta = capture_rng()
     tensors["rng"] = rng_tensors
     state["rng"] = rng_meta
@@ -118,6 +122,6 @@ def restore(model, resume, cblist) -> dict[str, Any]:
             )
         except KeyError as e:
             raise CheckpointError(f"checkpoint {ckpt.path}: {e.args[0]}") from None
-    cblist.restore(state.get("callbacks", []))
+    cblist.restore(state.get("callbacks", []), ckpt.tensors.get("callbacks", {}))
     restore_rng(ckpt.tensors.get("rng", {}), state.get("rng", {}))
     return state
