@@ -21,11 +21,17 @@ class Callback:
     """
 
     model: Any
+    #: what the loop tells callbacks, as in Keras: ``epochs``, ``steps`` (per epoch, None
+    #: when unknown), ``verbose``, and ``epoch_note`` (what the epoch log adds, e.g. the cache)
+    params: dict[str, Any] = {}  # noqa: RUF012  (replaced, never mutated, by set_params)
     #: True for callbacks that end training on a NaN/inf loss instead of raising
     stops_on_nan: bool = False
 
     def set_model(self, model: Any) -> None:
         self.model = model
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        self.params = params
 
     def on_train_begin(self, logs: dict | None = None) -> None: ...
     def on_train_end(self, logs: dict | None = None) -> None: ...
@@ -65,6 +71,11 @@ class CallbackList(Callback):
                 )
             cb.set_model(model)
         self.callbacks = cbs
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        self.params = params
+        for cb in self.callbacks:
+            cb.set_params(params)
 
     def _call(self, hook: str, *args) -> None:
         for cb in self.callbacks:

@@ -1,4 +1,5 @@
-"""Progress output: a rich progress bar per epoch on a terminal, one line per epoch otherwise.
+"""Progress output as a callback (Keras' ``ProgbarLogger``): a rich progress bar per epoch
+on a terminal, one line per epoch otherwise.
 
 rich is optional (the ``app`` extra installs it): without it a terminal gets the
 one-line-per-epoch output too.
@@ -9,6 +10,9 @@ from __future__ import annotations
 import math
 import sys
 import time
+from typing import Any
+
+from frostline.engine.callbacks import Callback
 
 
 def _fmt(logs: dict) -> str:
@@ -86,3 +90,48 @@ class EpochProgress:
             line = f"Epoch {self.epoch + 1}/{self.epochs} - {elapsed:.2f}s - {_fmt(logs)}"
             print(line + (f" - {note}" if note else ""), flush=True)
         return elapsed
+
+
+class ProgressLogger(Callback):
+    """Shows each epoch (``verbose=1``: a bar; ``2``: one line), as Keras' ``ProgbarLogger``.
+
+    ``fit`` adds one, last, when ``verbose`` is not 0 (on the main rank only). It reads
+    ``epochs``, ``steps`` and ``epoch_note`` from the loop's params and prints the
+    epoch's whole time as recorded in the logs (``epoch_time``, so the printed time and
+    the History agree).
+
+    >>> p = ProgressLogger(2); p.set_params({"epochs": 3, "steps": 2, "epoch_note": "cache: off"})
+    >>> p.on_epoch_begin(0); p.on_train_batch_end(0, {"loss": 0.5})
+    >>> p.on_epoch_end(0, {"loss": 0.25, "epoch_time": 1.5})
+    Epoch 1/3 - 1.50s - loss: 0.2500 - cache: off
+    """
+
+    def __init__(self, verbose: int) -> None:
+        self.verbose = resolve_verbose(verbose)
+        self._epoch = 0
+        self._display: EpochProgress | None = None
+
+    def _show(self) -> EpochProgress:
+        if self._display is None:
+            self._display = EpochProgress(
+                self.verbose,
+                self._epoch,
+                int(self.params.get("epochs", 0)),
+                self.params.get("steps"),
+            )
+        return self._display
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch, self._display = epoch, None
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        self._show()  # the bar starts with the epoch's first step (steps are known by then)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._show().update(batch, dict(logs or {}))
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = dict(logs or {})
+        elapsed: Any = logs.pop("epoch_time", None)
+        self._show().close(logs, str(self.params.get("epoch_note", "")), elapsed=elapsed)
+        self._display = None

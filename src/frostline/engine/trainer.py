@@ -24,7 +24,7 @@ from frostline.engine import data as data_mod
 from frostline.engine import distributed
 from frostline.engine.callbacks import CallbackList, History
 from frostline.engine.graph import call_model
-from frostline.engine.progress import EpochProgress, resolve_verbose
+from frostline.engine.progress import ProgressLogger, resolve_verbose
 from frostline.engine.runner import CacheState, Runner, WholeModel, fingerprint_of
 from frostline.engine.training_state import CheckpointWriter, restore
 from frostline.engine.verify import FrozenWeightsChanged, fingerprint
@@ -266,7 +266,10 @@ class Trainer:
         manager = None
         if checkpoint_dir is not None:
             manager = CheckpointWriter(checkpoint_dir, keep_last=keep_checkpoints)
-        cblist = CallbackList([history, *cbs], model)
+        progress = [ProgressLogger(verbose)] if verbose and self.ctx.is_main else []
+        cblist = CallbackList([history, *cbs, *progress], model)
+        self._params: dict = {"epochs": epochs, "steps": None, "verbose": verbose}
+        cblist.set_params(dict(self._params))
         model.stop_training = False
         model.history = history
 
@@ -306,7 +309,6 @@ class Trainer:
                     shuffle,
                     shuffle_seed,
                     cblist,
-                    verbose,
                     terminate_on_nan,
                 )
                 logs = dict(train_logs)
@@ -315,12 +317,9 @@ class Trainer:
                     logs.update({f"val_{k}": v for k, v in val_logs.items()})
                 logs["epoch_time"] = time.perf_counter() - t0
                 logs = distributed.same_logs(logs, self.ctx)
+                self._params["epoch_note"] = notes
+                cblist.set_params(dict(self._params))
                 cblist.on_epoch_end(epoch, logs)
-                self._progress.close(
-                    {k: v for k, v in logs.items() if k != "epoch_time"},
-                    notes,
-                    elapsed=logs["epoch_time"],
-                )
                 live = model.live_optimizer
                 if live is not None and cfg.scheduler_interval == "epoch":
                     live.scheduler_step()
@@ -356,7 +355,6 @@ class Trainer:
         shuffle,
         shuffle_seed,
         cblist,
-        verbose,
         terminate_on_nan,
     ):
         model = self.model
@@ -397,7 +395,8 @@ class Trainer:
             note = None  # known once the first batch has been traced
             distributed.prepare_loader(train.loader, ctx, epoch)
             source = ((None, b) for b in train.batches())
-        self._progress = EpochProgress(verbose, epoch, epochs, steps, enabled=ctx.is_main)
+        self._params.update(steps=steps, epoch_note="")
+        cblist.set_params(dict(self._params))
 
         for step, (idx, batch) in enumerate(source):
             cblist.on_train_batch_begin(step, {})
@@ -436,7 +435,6 @@ class Trainer:
                 live.scheduler_step()
             objective.update(out, y, value, parts, _batch_len(xin[0]))
             batch_logs = objective.results()
-            self._progress.update(step, batch_logs)
             cblist.on_train_batch_end(step, batch_logs)
         logs = self._epoch_logs(objective)
         if note is None:
