@@ -1,4 +1,4 @@
-"""Tests for frostline.engine.activations: ActivationStore, fingerprints and CacheKey."""
+"""Tests for frostline.engine.activations (ActivationStore) and frostline.engine.fingerprints."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from frostline.engine.activations import (
-    ActivationStore,
+from frostline.engine.activations import ActivationStore
+from frostline.engine.fingerprints import (
     CacheKey,
     StepCounter,
     data_fingerprint,

@@ -27,14 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from frostline.core import batchnorm
-from frostline.engine.activations import (
-    ActivationStore,
-    CacheKey,
-    StepCounter,
-    content_digest,
-    data_fingerprint,
-    weights_version,
-)
+from frostline.core.digest import content_digest
+from frostline.engine.activations import ActivationStore
+from frostline.engine.fingerprints import CacheKey, StepCounter, data_fingerprint, weights_version
 from frostline.engine.fuse import inference_copy
 from frostline.engine.graph import (
     GraphError,
