@@ -125,6 +125,25 @@ def test_gradual_unfreezing_with_discriminative_rates_lands_in_the_trainers_opti
     ]
 
 
+def test_unfrozen_layers_follow_the_lr_scheduler_of_configure_optimizers(tmp_path):
+    class Scheduled(Net):
+        def configure_optimizers(self):
+            opt = super().configure_optimizers()
+            return [opt], [torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.5**epoch)]
+
+    net = Scheduled()
+    cb = FreezeCallback(
+        [fl.schedules.UnfreezeAt(1, "backbone.5", learning_rate=0.02)], freeze="backbone"
+    )
+    trainer(tmp_path, 3, [cb]).fit(
+        net, loader()
+    )  # torch zips groups and scheduler entries strictly
+    opt = cb.tracker.optimizer
+    head, new = opt.param_groups
+    assert new["lr"] / 0.02 == pytest.approx(head["lr"] / 0.1) == pytest.approx(0.125)
+    assert new["initial_lr"] == 0.02
+
+
 def test_a_frozen_weight_that_moves_is_reported(tmp_path):
     class Sneaky(Net):
         def training_step(self, batch, batch_idx):
