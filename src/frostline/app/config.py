@@ -75,7 +75,6 @@ def checked(
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return v
 
-    parse.expected = expected  # type: ignore[attr-defined]
     return parse
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from frostline.app.config import option, positive_int, resolve
+from frostline.app.config import UsageError, option, positive_int, resolve
 
 NAME = "predict"
 HELP = "classify new images with the model of a run directory"
@@ -98,6 +98,13 @@ def run(opts: Options, command: str) -> int:
     from frostline.app import inference, text
     from frostline.io.atomic import atomic_write_text
 
+    if opts.csv:
+        target = Path(opts.csv)
+        if target.is_dir() or not target.parent.is_dir():
+            what = "is a folder" if target.is_dir() else "is in a folder that does not exist"
+            raise UsageError(
+                f"--csv {opts.csv!r} {what}; expected a file path in an existing folder"
+            )
     if opts.threads:
         torch.set_num_threads(opts.threads)
     loaded = inference.load_run(opts.run_dir, opts.trust)
@@ -110,12 +117,7 @@ def run(opts: Options, command: str) -> int:
     table_rows = rows(data.names, probs, info.class_names, k)
     hdr = headers(k)
     if opts.csv:
-        path = Path(opts.csv)
-        if path.is_dir():
-            from frostline.app.config import UsageError
-
-            raise UsageError(f"--csv {opts.csv!r} is a folder; expected a file path")
-        atomic_write_text(path, text.csv_text(hdr, table_rows))
+        atomic_write_text(Path(opts.csv), text.csv_text(hdr, table_rows))
     if sys.stdout.isatty():
         shown = [
             [r[0]] + [f"{c} ({float(p):.1%})" for c, p in zip(r[1::2], r[2::2])] for r in table_rows

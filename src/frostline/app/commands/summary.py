@@ -38,9 +38,6 @@ def depth(text: str) -> int | None:
     return positive_int(text)
 
 
-depth.expected = "a positive integer or 'all'"  # type: ignore[attr-defined]
-
-
 @dataclass
 class Options:
     model: str = option(
