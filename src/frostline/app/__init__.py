@@ -1,1 +1,2 @@
-"""The command-line app: frostline demo / fit / summary, run directories and reports."""
+"""The command-line app: ``frostline demo / fit / summary / predict / evaluate`` (one module each in
+:mod:`frostline.app.commands`), run directories, reports and image folders. Needs the ``app`` extra."""
