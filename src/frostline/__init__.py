@@ -19,7 +19,6 @@ from frostline import (
     saving,
     schedules,
     select,
-    stages,
     verify,
 )
 from frostline._version import __version__
@@ -74,7 +73,6 @@ __all__ = [
     "seed_everything",
     "schedules",
     "select",
-    "stages",
     "track",
     "verify",
     "wrap",

@@ -44,6 +44,44 @@ def make_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+class ResidualBody(nn.Module):
+    """Not a Sequential: the same layers (children "0", "1", ...), with a skip connection
+    from layer 2 around layers 3-4, so the frozen part comes from the dataflow graph."""
+
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__()
+        for i, layer in enumerate(layers):
+            self.add_module(str(i), layer)
+
+    def __getitem__(self, i: int) -> nn.Module:
+        return self._modules[str(i)]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def forward(self, x):
+        skip = None
+        for i, layer in enumerate(self._modules.values()):
+            if i == 5:  # the ReLU after the second conv/BN adds the skip first
+                x = x + skip
+            x = layer(x)
+            if i == 2:
+                skip = x
+        return x
+
+
+@pytest.fixture(autouse=True, params=["sequential", "residual"])
+def body_kind(request):
+    """Every trigger runs on a Sequential base and on a non-Sequential one with a skip."""
+    global BODY
+    BODY = request.param
+    yield
+    BODY = "sequential"
+
+
+BODY = "sequential"
+
+
 def build(extra: nn.Module | None = None, seed: int = 0) -> tuple[fl.Model, fl.Model]:
     """``Sequential([base, head])`` with a frozen conv/BN base; identical for equal seeds."""
     torch.manual_seed(seed)
@@ -58,7 +96,7 @@ def build(extra: nn.Module | None = None, seed: int = 0) -> tuple[fl.Model, fl.M
     if extra is not None:
         layers.append(extra)
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    body = nn.Sequential(*layers)
+    body = nn.Sequential(*layers) if BODY == "sequential" else ResidualBody(*layers)
     with torch.no_grad():  # non-trivial statistics, so BN mode and folding matter
         for m in body.modules():
             if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None:

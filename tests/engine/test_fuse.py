@@ -14,7 +14,6 @@ from torch import Tensor, nn
 
 import frostline.engine.fuse as fuse
 from frostline.engine.fuse import InferenceCopy, inference_copy
-from frostline.engine.stages import stages_of
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
@@ -44,12 +43,12 @@ def _model(name: str) -> nn.Module:
 
 
 def _prefix(model: nn.Module) -> list[nn.Module]:
-    """Modules of the stages before global pooling (the typical frozen prefix)."""
+    """The children before global pooling (the typical frozen part of a convnet)."""
     out = []
-    for stage in stages_of(model) or []:
-        if stage.module is None or stage.path in ("global_pool", "avgpool"):
+    for name, child in model.named_children():
+        if name in ("global_pool", "avgpool", "classifier", "fc", "head"):
             break
-        out.append(stage.module)
+        out.append(child)
     assert out
     return out
 

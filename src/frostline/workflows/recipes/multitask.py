@@ -10,7 +10,6 @@ from torch import nn
 
 from frostline.api.layer import Layer
 from frostline.api.model import Model
-from frostline.engine.stages import Stage, register_stages
 
 __all__ = ["MultiTaskModule", "multitask_model"]
 
@@ -26,16 +25,6 @@ class MultiTaskModule(nn.Module):
     def forward(self, x: Any) -> dict[str, torch.Tensor]:
         z = self.trunk(x)
         return {name: head(z) for name, head in self.heads.items()}
-
-
-@register_stages(MultiTaskModule)
-def _multitask_stages(m: MultiTaskModule) -> list[Stage]:
-    """Trunk stages, then one stage for all heads: a frozen trunk is a cacheable prefix."""
-
-    def heads(z: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: head(z) for name, head in m.heads.items()}
-
-    return [Stage("trunk", m.trunk, m.trunk), Stage("heads", m.heads, heads)]
 
 
 def multitask_model(
