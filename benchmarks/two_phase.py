@@ -224,7 +224,7 @@ def run_frostline(args: argparse.Namespace) -> dict[str, Any]:
             "accuracy": h.history["accuracy"][-1],
             "trainable_params": sum(p.numel() for p in model.trainable_weights),
             "boundary": getattr(runner, "boundary_name", None),
-            "cache": dict(getattr(runner, "status", {})),
+            "cache": {k: str(v) for k, v in getattr(runner, "status", {}).items()},
         }
 
     phases = []

@@ -230,6 +230,31 @@ class Traced:
     meta: dict[str, tuple[str, tuple[int, ...] | None]] = field(default_factory=dict)
     leaves: tuple[str, ...] = ()
     example: tuple[Any, ...] | None = None
+    root: nn.Module | None = None
+
+    def current(self) -> bool:
+        """Whether the graph still holds the model's current weights and submodules (a
+        parameter replaced by assignment since the trace makes it stale).
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> net = nn.Linear(2, 2)
+            >>> t = trace(net, torch.randn(2, 2))
+            >>> t.current()
+            True
+        """
+        root = self.root if self.root is not None else self.module
+        for n in self.gm.graph.nodes:
+            if n.op == "get_attr" and _fetch(self.gm, str(n.target)) is not _fetch(
+                root, str(n.target)
+            ):
+                return False
+            if n.op == "call_module":
+                target = str(n.target)
+                if self.gm.get_submodule(target) is not root.get_submodule(target):
+                    return False
+        return True
 
     def flat(self, x: Any) -> tuple[Any, ...]:
         """The batch ``x`` as this trace's flat inputs."""
@@ -301,7 +326,9 @@ def _trace_fx(module: nn.Module, names: tuple[str, ...], kw: bool, max_leaves: i
             leaves.add(inner[-1])
             continue
         gm = fx.GraphModule(root, graph)
-        return Traced(module, gm, "fx", names, kw, mode_key(module), leaves=tuple(sorted(leaves)))
+        return Traced(
+            module, gm, "fx", names, kw, mode_key(module), leaves=tuple(sorted(leaves)), root=root
+        )
     raise GraphError(f"more than {max_leaves} submodules could not be traced")
 
 

@@ -194,6 +194,11 @@ class Runner:
         self.status: dict[str, CacheStatus] = {}
         self.steps = StepCounter()
         self._flipped: list[nn.Module] = []
+        self._params: list[nn.Parameter] | None = None
+        self._modules: list[nn.Module] = []
+        self._policies: tuple = ()
+        self._flags: tuple | None = None
+        self._tensors: tuple[Partition, list[Tensor]] | None = None
 
     # -- structure -----------------------------------------------------------------
     def verify(self, example: Any) -> None:
@@ -202,13 +207,36 @@ class Runner:
             return
         self.verified = True
         self.example = _head(example, 4)
-        self._key = None
+        self._key = self._flags = None
         self.refresh()
 
+    def _walk(self) -> None:
+        """Read the module's structure: parameters, modules, BatchNorm policies (per epoch)."""
+        self._params = list(self.module.parameters())
+        self._modules = list(self.module.modules())
+        self._policies = tuple(batchnorm.mode_of(m) for m in self._modules)
+        self._tensors = None
+
     def refresh(self) -> bool:
-        """Re-split when the trainable set or the modes changed; True if the split moved."""
-        params = list(self.module.parameters())
-        key = (tuple(id(p) for p in params if p.requires_grad), _modes(self.module))
+        """Re-split when the trainable set or the modes changed; True if the split moved.
+
+        Called every step: it reads ``requires_grad`` and ``training`` flags only. The
+        structure (parameters, submodules, BatchNorm policies) is re-read by
+        :meth:`new_fit`, once per epoch.
+        """
+        if self._params is None:
+            self._walk()
+        flags = (
+            tuple(p.requires_grad for p in self._params),
+            tuple(m.training for m in self._modules),
+        )
+        if flags == self._flags:
+            return False
+        self._flags = flags
+        key = (
+            tuple(id(p) for p in self._params if p.requires_grad),
+            (flags[1], self._policies),
+        )
         if self.example is None:
             self._key = key
             return False
@@ -220,7 +248,9 @@ class Runner:
             self._key = key
             if not (self.frozen_inference and self.part is not None and self._apply_inference()):
                 break
-            key = (key[0], _modes(self.module))
+            training = tuple(m.training for m in self._modules)
+            self._flags = (self._flags[0], training)
+            key = (key[0], (training, self._policies))
         self.suffix = self.part.trainable if self.part is not None else self.whole
         self._fused = None
         return self.part is not old
@@ -231,6 +261,10 @@ class Runner:
         modes = mode_key(self.module)  # what a trace bakes in
         self.failure = None
         traced = self.traces.get(modes)
+        if traced is not None and not traced.current():  # a weight was replaced: trace again
+            self.traces.clear()
+            self.partitions.clear()
+            traced = None
         if traced is None:
             try:
                 traced = self.traces[modes] = trace(self.module, self.example)
@@ -275,7 +309,7 @@ class Runner:
             m.training = True
         self._flipped.clear()
         self.steps.detach()
-        self._key = None
+        self._key = self._flags = None
 
     @property
     def trainable_ids(self) -> tuple[int, ...] | None:
@@ -298,10 +332,15 @@ class Runner:
         return " + ".join(self.boundary) or "(none)"
 
     def prefix_tensors(self) -> list[Tensor]:
-        """The frozen part's weights (parameters and buffers), the user's own tensors."""
-        if self.part is None or self.part.frozen is None:
+        """The frozen part's weights (parameters and buffers), the user's own tensors.
+
+        Read once per split and epoch (:meth:`new_fit` re-reads it)."""
+        part = self.part
+        if part is None or part.frozen is None:
             return []
-        return [*self.part.frozen.parameters(), *self.part.frozen.buffers()]
+        if self._tensors is None or self._tensors[0] is not part:
+            self._tensors = (part, [*part.frozen.parameters(), *part.frozen.buffers()])
+        return self._tensors[1]
 
     # -- running -------------------------------------------------------------------
     def run_prefix(self, x: Any) -> tuple[Any, ...]:
@@ -478,7 +517,16 @@ class Runner:
         return status
 
     def _version(self) -> tuple:
-        return weights_version(self.prefix_tensors(), steps=self.steps)
+        """Per-step key of the frozen weights: version counters, storage, optimizer steps."""
+        ts = self.prefix_tensors()
+        try:
+            return (
+                tuple([t._version for t in ts]),
+                tuple([t.data_ptr() for t in ts]),
+                tuple([self.steps[t] for t in ts]),
+            )
+        except RuntimeError:  # inference tensors have no version counter
+            return weights_version(ts, steps=self.steps)
 
     def cached_inputs(self, role: str, idx: Tensor) -> tuple[Tensor, ...] | None:
         """Cached frontier tensors for these samples, or None when the cache cannot serve them."""
@@ -498,8 +546,10 @@ class Runner:
         return tuple(s[rows] for s in entry.stores)
 
     def new_fit(self) -> None:
-        """Forget memoised digests: the next cache check reads the weights again."""
+        """Forget memoised digests and structure: the next check reads the model again."""
         self._digests.clear()
+        self._params = None
+        self._flags = None
 
     def _content_key(self, tensors: list[Tensor]) -> tuple:
         """Weights key with a content digest (catches ``p.data.copy_``), read once per check."""
@@ -513,11 +563,6 @@ class Runner:
         for e in self.entries.values():
             _close(e.stores)
         self.entries.clear()
-
-
-def _modes(module: nn.Module) -> tuple:
-    """Training flags and BatchNorm policies: what a split depends on besides the weights."""
-    return tuple((m.training, batchnorm.mode_of(m)) for m in module.modules())
 
 
 def _close(stores: list[ActivationStore]) -> None:
