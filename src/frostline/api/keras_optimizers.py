@@ -126,6 +126,11 @@ class KerasOptimizer(torch.optim.Optimizer):
         base = {"lr": nominal, "weight_decay": wd, **defaults, "iterations": 0}
         super().__init__(params, base)
 
+    @property
+    def global_keys(self) -> tuple[str, ...]:
+        """Group keys that are per-optimizer counters, not hyperparameters (``iterations``, ...)."""
+        return self._global_keys
+
     # -- counters --------------------------------------------------------------------
     @property
     def iterations(self) -> int:
@@ -168,7 +173,7 @@ class KerasOptimizer(torch.optim.Optimizer):
                 norms = torch._foreach_norm(gs)
                 clipped = torch._foreach_mul(gs, self.clipnorm)
                 torch._foreach_div_(clipped, torch._foreach_clamp_min(norms, self.clipnorm))
-                out.append(clipped)
+                out.append(list(clipped))
             return out
         if self.global_clipnorm is not None:
             flat = [g for gs in grads for g in gs]
@@ -179,13 +184,13 @@ class KerasOptimizer(torch.optim.Optimizer):
             c = self.global_clipnorm
             # Keras: clip * min(1/norm, 1/clip), made NaN when the norm is not finite
             scale = c * torch.minimum(1.0 / total, total.new_tensor(1.0 / c)) + (total - total)
-            return [torch._foreach_mul(gs, scale) if gs else gs for gs in grads]
+            return [list(torch._foreach_mul(gs, scale)) if gs else gs for gs in grads]
         if self.clipvalue is not None:
             v = self.clipvalue
             out = []
             for gs in grads:
                 if gs:
-                    gs = torch._foreach_clamp_min(gs, -v)
+                    gs = list(torch._foreach_clamp_min(gs, -v))
                     torch._foreach_clamp_max_(gs, v)
                 out.append(gs)
             return out
@@ -357,16 +362,15 @@ class Adam(KerasOptimizer):
         alpha = lr * math.sqrt(1 - _f32(b2) ** step) / (1 - _f32(b1) ** step)
         m, v = slots["momentum"], slots["velocity"]
         torch._foreach_lerp_(m, grads, 1 - b1)
-        torch._foreach_lerp_(v, torch._foreach_mul(grads, grads), 1 - b2)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
         if group["amsgrad"]:
             v_hat = slots["velocity_hat"]
             torch._foreach_maximum_(v_hat, v)
             v = v_hat
         denom = torch._foreach_sqrt(v)
         torch._foreach_add_(denom, group["epsilon"])
-        upd = torch._foreach_mul(m, alpha)
-        torch._foreach_div_(upd, denom)
-        torch._foreach_sub_(params, upd)
+        torch._foreach_addcdiv_(params, m, denom, value=-alpha)
 
 
 class AdamW(Adam):
@@ -468,14 +472,13 @@ class RMSprop(KerasOptimizer):
         else:
             denom = torch._foreach_add(v, group["epsilon"])
         torch._foreach_sqrt_(denom)
-        inc = torch._foreach_mul(grads, lr)
-        torch._foreach_div_(inc, denom)
         if group["momentum"] > 0:
             mom = slots["momentum"]
             torch._foreach_mul_(mom, group["momentum"])
-            torch._foreach_add_(mom, inc)
-            inc = mom
-        torch._foreach_sub_(params, inc)
+            torch._foreach_addcdiv_(mom, grads, denom, value=lr)
+            torch._foreach_sub_(params, mom)
+        else:
+            torch._foreach_addcdiv_(params, grads, denom, value=-lr)
 
 
 class Adamax(KerasOptimizer):
@@ -519,10 +522,7 @@ class Adamax(KerasOptimizer):
         torch._foreach_mul_(u, b2)
         torch._foreach_maximum_(u, torch._foreach_abs(grads))
         denom = torch._foreach_add(u, group["epsilon"])
-        torch._foreach_mul_(denom, 1 - _f32(b1) ** step)
-        upd = torch._foreach_mul(m, lr)
-        torch._foreach_div_(upd, denom)
-        torch._foreach_sub_(params, upd)
+        torch._foreach_addcdiv_(params, m, denom, value=-lr / (1 - _f32(b1) ** step))
 
 
 class Nadam(KerasOptimizer):
@@ -578,15 +578,14 @@ class Nadam(KerasOptimizer):
         m, v = slots["momentum"], slots["velocity"]
         # Keras's Nadam casts beta_1/beta_2 first and uses them in the moving averages too
         torch._foreach_lerp_(m, grads, 1 - _f32(b1))
-        torch._foreach_lerp_(v, torch._foreach_mul(grads, grads), 1 - _f32(b2))
+        torch._foreach_mul_(v, _f32(b2))
+        torch._foreach_addcmul_(v, grads, grads, value=1 - _f32(b2))
         m_hat = torch._foreach_mul(m, u_t_1 / (1 - u_product_t_1))
         torch._foreach_add_(m_hat, grads, alpha=(1 - u_t) / (1 - u_product_t))
         denom = torch._foreach_div(v, 1 - _f32(b2) ** step)
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, group["epsilon"])
-        torch._foreach_mul_(m_hat, lr)
-        torch._foreach_div_(m_hat, denom)
-        torch._foreach_sub_(params, m_hat)
+        torch._foreach_addcdiv_(params, m_hat, denom, value=-lr)
 
     def _advance(self, group, step):
         # Keras multiplies u_product once per update, whether or not a group had gradients
@@ -632,9 +631,7 @@ class Adagrad(KerasOptimizer):
         torch._foreach_addcmul_(acc, grads, grads)
         denom = torch._foreach_add(acc, group["epsilon"])
         torch._foreach_sqrt_(denom)
-        upd = torch._foreach_mul(grads, lr)
-        torch._foreach_div_(upd, denom)
-        torch._foreach_sub_(params, upd)
+        torch._foreach_addcdiv_(params, grads, denom, value=-lr)
 
 
 class Lion(KerasOptimizer):

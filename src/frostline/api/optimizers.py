@@ -77,7 +77,8 @@ class Optimizer:
 
     def build(self, groups: list[dict]) -> torch.optim.Optimizer:
         """A torch optimizer over ``groups`` (each a dict with ``params`` and ``lr``)."""
-        return self.torch_class(groups, lr=self.learning_rate, **self.torch_options())
+        make: Any = self.torch_class
+        return make(groups, lr=self.learning_rate, **self.torch_options())
 
     def _rate_config(self) -> Any:
         return (
@@ -119,7 +120,8 @@ class KerasSpec(Optimizer):
 
     def build(self, groups: list[dict]) -> torch.optim.Optimizer:
         rate: Rate = self.learning_rate if self.schedule is None else self.schedule
-        return self.torch_class(groups, rate, **self.torch_options())
+        make: Any = self.torch_class  # each Keras-math class has its own signature
+        return make(groups, rate, **self.torch_options())
 
 
 class SGD(KerasSpec):
@@ -399,13 +401,16 @@ class Lion(KerasSpec):
 class TorchOptimizer(Optimizer):
     """Any torch optimizer class with its keyword options: ``TorchOptimizer(torch.optim.NAdam, lr=2e-3)``."""
 
-    def __init__(
-        self, torch_class: type[torch.optim.Optimizer], lr: float | None = None, **options
-    ):
+    def __init__(self, torch_class: type[torch.optim.Optimizer], lr: Rate | None = None, **options):
         if not (isinstance(torch_class, type) and issubclass(torch_class, torch.optim.Optimizer)):
             raise TypeError(f"expected a torch.optim.Optimizer subclass, got {torch_class!r}")
         if lr is None:
             lr = _default_lr(torch_class)
+        if callable(lr) and not issubclass(torch_class, keras_optimizers.KerasOptimizer):
+            raise TypeError(
+                f"{torch_class.__name__} takes a number as lr, got the callable {lr!r}; give a "
+                "torch scheduler to compile(scheduler=...) or use an fl.optimizers optimizer"
+            )
         super().__init__(lr, **options)
         self.torch_class = torch_class
         self.slots = {
@@ -418,11 +423,17 @@ class TorchOptimizer(Optimizer):
             "Adagrad": 1,
         }.get(torch_class.__name__, 1)
 
+    def build(self, groups: list[dict]) -> torch.optim.Optimizer:
+        """A ``torch_class`` optimizer over ``groups`` (a Keras-math class gets the schedule)."""
+        rate: Rate = self.learning_rate if self.schedule is None else self.schedule
+        make: Any = self.torch_class
+        return make(groups, lr=rate, **self.torch_options())
+
     def get_config(self) -> dict:
         return {
             "class": "TorchOptimizer",
             "torch_class": self.torch_class.__name__,
-            "learning_rate": self.learning_rate,
+            "learning_rate": self._rate_config(),
             **self.options,
         }
 
@@ -481,6 +492,15 @@ def get(identifier) -> Optimizer:
                 "pass torch optimizer options by keyword in functools.partial (lr=..., ...)"
             )
         return TorchOptimizer(identifier.func, **identifier.keywords)
+    if isinstance(identifier, keras_optimizers.KerasOptimizer):
+        # its configuration: hyperparameters (not its step counters), clipping, schedule
+        defaults = {k: v for k, v in identifier.defaults.items() if k not in identifier.global_keys}
+        lr = identifier.schedule or defaults.pop("lr")
+        defaults.pop("lr", None)
+        clips = {k: getattr(identifier, k) for k in ("clipnorm", "clipvalue", "global_clipnorm")}
+        return TorchOptimizer(
+            type(identifier), lr, **defaults, **{k: v for k, v in clips.items() if v is not None}
+        )
     if isinstance(identifier, torch.optim.Optimizer):
         defaults = dict(identifier.defaults)
         defaults.pop("differentiable", None)
