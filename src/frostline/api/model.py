@@ -22,6 +22,7 @@ from frostline.core.state import clear_learning_rates, set_view
 from frostline.engine.live import LiveOptimizer
 from frostline.engine.runner import CacheStatus
 from frostline.engine.trainer import Trainer
+from frostline.engine.verify import Report
 
 
 @dataclass
@@ -75,7 +76,7 @@ class Model(Layer):
         self._trainer = None
         self.stop_training = False
         self.history: History | None = None
-        self.last_verification = None
+        self.last_verification: Report | None = None
         self.meta: dict[str, Any] = {}
 
     def __call__(self, *args, **kwargs):

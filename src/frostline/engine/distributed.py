@@ -190,11 +190,12 @@ def detect(
         return DistContext(r, w, local_rank, backend)
     if env_world is None or env_world <= 1:
         return DistContext()
-    r = _env_int("RANK")
-    if r is None:
+    env_rank = _env_int("RANK")
+    if env_rank is None:
         raise DistributedSetupError(
             f"WORLD_SIZE={env_world} is set but RANK is not: start the script with torchrun (see docs/distributed.md)"
         )
+    r = env_rank
     if not 0 <= r < env_world:
         raise DistributedSetupError(
             f"RANK={r} is outside 0..{env_world - 1} (WORLD_SIZE={env_world})"
@@ -582,7 +583,7 @@ def same_logs(logs: dict, ctx: DistContext) -> dict:
         return logs
     box = [logs if ctx.is_main else None]
     dist.broadcast_object_list(box, src=0)
-    return dict(box[0])
+    return dict(box[0] or {})
 
 
 def end_epoch(model, ctx: DistContext) -> None:

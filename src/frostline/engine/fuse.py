@@ -22,7 +22,7 @@ import functools
 import importlib
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -233,6 +233,7 @@ def _bn_replacement(bn: nn.Module) -> nn.Module:
 
 
 def _fold_pair(root: nn.Module, conv: nn.Conv2d, bn: nn.BatchNorm2d, bn_path: str) -> None:
+    assert bn.running_mean is not None and bn.running_var is not None  # _is_foldable_bn
     w, b = _fold_weights(
         conv.weight.detach(),
         None if conv.bias is None else conv.bias.detach(),
@@ -281,7 +282,7 @@ def _graph_pairs(root: nn.Module, graph: fx.Graph) -> list[tuple[str, str]]:
         src = n.args[0]
         if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
             continue
-        conv, bn = root.get_submodule(src.target), root.get_submodule(n.target)
+        conv, bn = root.get_submodule(str(src.target)), root.get_submodule(str(n.target))
         if not (_is_foldable_conv(conv) and _is_foldable_bn(bn)):
             continue
         if calls[id(conv)] != 1 or calls[id(bn)] != 1:
@@ -356,7 +357,7 @@ def _fuse_in_place(root: nn.Module) -> list[tuple[str, str]]:
             continue
         if counts[id(conv)] != 1 or counts[id(bn)] != 1:  # shared modules: leave alone
             continue
-        _fold_pair(root, conv, bn, bn_path)
+        _fold_pair(root, cast(nn.Conv2d, conv), cast(nn.BatchNorm2d, bn), bn_path)
         seen |= {id(conv), id(bn)}
         done.append((conv_path, bn_path))
     return done

@@ -150,7 +150,7 @@ class Runner:
         >>> runner.verify(torch.randn(4, 4))
         >>> _ = runner.refresh()
         >>> runner.boundary_name
-        "'1'"
+        '1'
         >>> front = runner.run_prefix(torch.randn(3, 4))
         >>> runner.suffix(*front).shape
         torch.Size([3, 2])

@@ -30,7 +30,7 @@ from frostline.engine.training_state import CheckpointWriter, restore
 from frostline.engine.verify import FrozenWeightsChanged, fingerprint
 
 if TYPE_CHECKING:  # the Model drives the trainer; the engine never imports it at run time
-    from frostline.api.model import Model
+    from frostline.api.model import CompileConfig, Model
 
 
 class TrainingError(RuntimeError):
@@ -123,19 +123,25 @@ class Trainer:
         self.runner: Runner | None = None
         self.ctx = distributed.DistContext()
         self._wrapped: nn.Module | None = None
-        self._wrapped_key = None
+        self._wrapped_key: tuple | None = None
+        self._runner_opts: dict = {}
+        self._runner_spec: tuple | None = None
         self._checked_input = False
 
     # -- set-up ----------------------------------------------------------------------
+    def _config(self) -> CompileConfig:
+        cfg = self.model.compile_config
+        if cfg is None:
+            raise TrainingError("call model.compile(optimizer=..., loss=...) first")
+        return cfg
+
     def _runner(self, cache, cache_options: dict | None) -> Runner:
         """The Runner, new when the model's structure (layers added/removed/replaced) or the
         cache options changed; ``cache_options=None`` keeps the current options."""
         module = self.model.module
         structure = tuple(id(m) for m in module.modules())
         opts = dict(cache=cache, **cache_options) if cache_options is not None else None
-        stale = getattr(self, "_runner_spec", None) != structure or (
-            opts is not None and self._runner_opts != opts
-        )
+        stale = self._runner_spec != structure or (opts is not None and self._runner_opts != opts)
         if (
             self.runner is None
             or self.runner.module is not module
@@ -144,9 +150,7 @@ class Trainer:
         ):
             if self.runner is not None:
                 self.runner.drop()
-            self._runner_opts = (
-                opts if opts is not None else {**getattr(self, "_runner_opts", {}), "cache": cache}
-            )
+            self._runner_opts = opts if opts is not None else {**self._runner_opts, "cache": cache}
             self.runner = Runner(module, **self._runner_opts)
             self._runner_spec = structure
         return self.runner
@@ -162,7 +166,7 @@ class Trainer:
                 runner.suffix,
                 self.ctx,
                 device,
-                find_unused_parameters=self.model.compile_config.find_unused_parameters,
+                find_unused_parameters=self._config().find_unused_parameters,
             )
             self._wrapped_key = key
         return self._wrapped
@@ -501,11 +505,12 @@ class Trainer:
     # -- evaluate / predict ------------------------------------------------------------
     def _evaluate_data(self, data, fp, batch_size: int, role: str) -> dict[str, float]:
         model = self.model
-        cfg = model.compile_config
+        cfg = self._config()
         device = cfg.device
         module = model.module
         objective = cfg.objective
         runner = self.runner
+        assert runner is not None
         was_training = module.training
         module.eval()
         runner.refresh()  # the eval-mode trace (Python bools such as self.training differ)
