@@ -75,5 +75,5 @@ def content_digest(tensors: Iterable[torch.Tensor]) -> str:
         )
     if flat:
         blob = torch.cat([f.cpu() for f in flat])
-        h.update(memoryview(blob.numpy()))
+        h.update(blob.numpy().data)
     return h.hexdigest()

@@ -147,8 +147,9 @@ class ActivationStore:
             return cls(torch.empty(shape, dtype=storage_dtype), dtype, options)
 
         if options.spill_dir is None:
-            directory: str | None = tempfile.mkdtemp(prefix="frostline-cache-")
-            path = os.path.join(directory, "activations.bin")
+            made = tempfile.mkdtemp(prefix="frostline-cache-")
+            directory: str | None = made
+            path = os.path.join(made, "activations.bin")
         else:
             directory = None
             spill_dir = Path(options.spill_dir)

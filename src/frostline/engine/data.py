@@ -119,6 +119,7 @@ def inputs_tensor(x, what: str = "x"):
     >>> inputs_tensor({"ids": np.zeros((2, 3), "int64")})["ids"].dtype
     torch.int64
     """
+    out: dict[str, torch.Tensor] | tuple[torch.Tensor, ...]
     if isinstance(x, Mapping):
         if not x:
             raise DataError(f"{what} is an empty dict; expected one array per model input")

@@ -58,14 +58,14 @@ def _bytes_of(obj: object) -> tuple[str, tuple[int, ...], memoryview]:
             t = t.cpu()
         t = t.resolve_conj().resolve_neg().contiguous()
         raw = t.reshape(-1).view(torch.uint8).numpy()
-        return _torch_dtype_name(t.dtype), tuple(t.shape), memoryview(raw)
+        return _torch_dtype_name(t.dtype), tuple(t.shape), raw.data
     if isinstance(obj, np.ndarray | np.generic):
         arr = np.asarray(obj)
         if arr.dtype.hasobject:
             raise TypeError("data_fingerprint cannot hash numpy object arrays")
         name = arr.dtype.str if arr.dtype.fields is None else repr(arr.dtype.descr)
         raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
-        return name, tuple(arr.shape), memoryview(raw)
+        return name, tuple(arr.shape), raw.data
     raise TypeError(
         f"data_fingerprint takes numpy arrays and torch tensors, got {type(obj).__name__}"
     )
