@@ -212,7 +212,11 @@ class Model(Layer):
 
         Extra options: ``seed``, ``cache`` (True/False/"auto"), ``cache_memory_bytes``,
         ``cache_dtype``, ``cache_dir``, ``checkpoint_dir``, ``keep_checkpoints``,
-        ``resume``, ``verify_frozen``, ``on_nan`` ("raise"/"stop").
+        ``resume``, ``verify_frozen``, ``on_nan`` ("raise"/"stop"), ``frozen_inference``
+        (run the frozen part in inference mode, as Keras' ``base(x, training=False)``: its
+        dropout/DropPath off, so it is deterministic and its outputs can be cached).
+        ``x`` may be an array, a tuple of arrays (positional model inputs) or a dict of
+        arrays (keyword inputs such as ``input_ids`` and ``attention_mask``).
         """
         return self._get_trainer().fit(
             x,
