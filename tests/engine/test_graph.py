@@ -445,3 +445,76 @@ def test_fit_leaves_no_process_wide_hooks() -> None:
     assert _global_hooks() == before
     # the step counter watched the model's own optimizer only, and let go when fit returned
     assert not model._live.optimizer._optimizer_step_post_hooks
+
+
+class Counting(nn.Module):
+    """A forward that reads Python state a trace bakes in: no trace reproduces it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.head(self.body(x) * (1.0 + 0.0 * self.calls) + (self.calls % 2))
+
+
+class Gated(nn.Module):
+    """Data-dependent control flow in the root forward: neither tracer can follow it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.body(x)
+        if h.sum() > 0:
+            h = h * 2
+        return self.head(h)
+
+
+@pytest.mark.parametrize(
+    ("factory", "reason", "words"),
+    [
+        (Gated, OffReason.NOT_TRACEABLE, "could not be traced"),
+        (Counting, OffReason.NOT_VERIFIED, "does not reproduce"),
+    ],
+)
+def test_untraceable_models_train_as_a_plain_loop_and_say_why(factory, reason, words, capsys):
+    x = np.random.default_rng(0).standard_normal((12, 6)).astype(np.float32)
+    y = np.arange(12) % 3
+    losses = []
+    for cache in ("auto", False):
+        torch.manual_seed(0)
+        model = fl.wrap(factory())
+        model.layers[0].trainable = False
+        model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+        capsys.readouterr()
+        losses.append(
+            model.fit(x, y, epochs=2, batch_size=4, seed=0, verbose=2, cache=cache).history["loss"]
+        )
+        log = capsys.readouterr().out
+        if cache == "auto":
+            status = model.cache_status["train"]
+            assert status.state is CacheState.OFF and status.reason is reason, status
+            assert words in log and not status.boundary
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+
+
+def test_a_frontier_that_fits_nowhere_turns_the_cache_off(monkeypatch):
+    from frostline.engine import runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "_free_bytes", lambda _dir: 16)  # a full disk
+    x = np.random.default_rng(0).standard_normal((12, 6)).astype(np.float32)
+    model = fl.wrap(SkipShared())
+    model.trainable = False
+    model.unfreeze(fl.select.last(1))
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(x, np.zeros((12, 3), "float32"), epochs=1, verbose=0, cache_memory_bytes=0)
+    status = model.cache_status["train"]
+    assert status.reason is OffReason.TOO_LARGE and status.boundary == ("cat",)
+    # with room on disk the same run spills there
+    monkeypatch.setattr(runner_mod, "_free_bytes", lambda _dir: 1 << 40)
+    model.fit(x, np.zeros((12, 3), "float32"), epochs=1, verbose=0, cache_memory_bytes=0)
+    assert model.cache_status["train"].location == "disk"
