@@ -26,7 +26,7 @@ from frostline.engine.graph import (
     same_outputs,
     trace,
 )
-from frostline.engine.runner import CacheState, OffReason
+from frostline.engine.runner import CacheState, CacheStatus, OffReason
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -518,3 +518,47 @@ def test_a_frontier_that_fits_nowhere_turns_the_cache_off(monkeypatch):
     monkeypatch.setattr(runner_mod, "_free_bytes", lambda _dir: 1 << 40)
     model.fit(x, np.zeros((12, 3), "float32"), epochs=1, verbose=0, cache_memory_bytes=0)
     assert model.cache_status["train"].location == "disk"
+
+
+HEADLESS = {
+    "timm_vit": lambda: timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=0
+    ),
+    "timm_convnext": lambda: timm.create_model(
+        "convnext_atto", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=0
+    ),
+    "timm_efficientnet": lambda: timm.create_model("efficientnet_b0", num_classes=0),
+    "timm_regnet": lambda: timm.create_model("regnetx_002", num_classes=0),
+    "tv_resnet18": lambda: torchvision.models.resnet18(num_classes=3),
+}
+
+
+def _two_phase(arch: str, cache) -> tuple[list[float], CacheStatus, int]:
+    torch.manual_seed(0)
+    net = HEADLESS[arch]()
+    if arch.startswith("tv_"):
+        net.fc = nn.Identity()
+    with torch.no_grad():
+        features = net(torch.zeros(2, 3, 32, 32)).shape[1]
+    base = fl.wrap(net, name="base")
+    model = fl.Sequential([base, nn.Linear(features, 3)])
+    base.trainable = False
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    x, y = _fit_data(arch)
+    model.fit(x, y, epochs=1, batch_size=4, seed=0, verbose=0, cache=cache)
+    base.unfreeze(fl.select.last(3))
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    losses = model.fit(x, y, epochs=2, batch_size=4, seed=0, verbose=0, cache=cache)
+    trainable = sum(p.numel() for p in model.module.parameters() if p.requires_grad)
+    return losses.history["loss"], model.cache_status["train"], trainable
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(HEADLESS))
+def test_phase_two_caches_right_below_the_first_unfrozen_computation(arch: str) -> None:
+    losses, status, trainable = _two_phase(arch, "auto")
+    plain, _, _ = _two_phase(arch, False)
+    np.testing.assert_allclose(losses, plain, rtol=1e-4, atol=1e-5)
+    assert status.state is CacheState.REUSED, status
+    assert all(b.startswith("base.") for b in status.boundary), status.boundary
+    assert trainable > 3 * 4  # more than the head trains
