@@ -485,15 +485,18 @@ def test_cache_key_equality() -> None:
     x = np.arange(10.0)
     model = _model().eval()
 
-    def key(boundary: int = 2, mode: str = "bn=eval;dtype=float32") -> CacheKey:
+    def key(
+        boundary: tuple[str, ...] = ("layer2",), mode: str = "bn=eval;dtype=float32"
+    ) -> CacheKey:
         return CacheKey(boundary, data_fingerprint(x), weights_version(_tensors(model)), mode)
 
     k = key()
     assert k == key() and hash(k) == hash(key())
-    assert k != key(boundary=3)
+    assert k != key(boundary=("layer3",))
+    assert k != key(boundary=("layer2", "input:mask"))
     assert k != key(mode="bn=train;dtype=float32")
     x[3] = -1
     assert k != key()
     with pytest.raises(AttributeError):
-        k.boundary = 5  # type: ignore[misc]
+        k.boundary = ("layer4",)  # type: ignore[misc]
     assert {k: 1}[CacheKey(k.boundary, k.data, k.weights, k.mode)] == 1

@@ -296,8 +296,8 @@ class CacheKey:
     """Everything an activation cache depends on; equal keys mean the cache is valid.
 
     Attributes:
-        boundary: stage index where the frozen prefix ends (the stages before it
-            are cached).
+        boundary: names of the frontier tensors the cache holds (where the frozen
+            part ends, :attr:`frostline.engine.graph.Partition.boundary`).
         data: :func:`data_fingerprint` of the inputs (and their order).
         weights: :func:`weights_version` (optionally with ``checksum=True``) of the
             prefix's parameters and buffers.
@@ -310,7 +310,7 @@ class CacheKey:
         >>> prefix = torch.nn.Linear(3, 3)
         >>> def key() -> CacheKey:
         ...     weights = weights_version(prefix.parameters())
-        ...     return CacheKey(1, data_fingerprint(x), weights, "bn=eval;dtype=float32")
+        ...     return CacheKey(("flatten",), data_fingerprint(x), weights, "bn=eval;dtype=float32")
         >>> k = key()
         >>> k == key(), hash(k) == hash(key())
         (True, True)
@@ -320,7 +320,7 @@ class CacheKey:
         False
     """
 
-    boundary: int
+    boundary: tuple[str, ...]
     data: str
     weights: tuple
     mode: str = ""

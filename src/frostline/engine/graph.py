@@ -387,11 +387,13 @@ class _restored_state:
 
     def __enter__(self) -> None:
         self.buffers = [(b, b.detach().clone()) for b in self.module.buffers()]
-        devices = sorted({b.device.index for b in self.buffers_devices() if b.type == "cuda"})
+        devices = sorted(
+            {d.index for d in self.devices() if d.type == "cuda" and d.index is not None}
+        )
         self.rng = torch.random.fork_rng(devices=devices)
         self.rng.__enter__()
 
-    def buffers_devices(self) -> set[torch.device]:
+    def devices(self) -> set[torch.device]:
         return {t.device for t in (*self.module.parameters(), *self.module.buffers())}
 
     def __exit__(self, *exc: object) -> None:

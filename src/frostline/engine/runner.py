@@ -226,15 +226,16 @@ class Runner:
         """
         if self._params is None:
             self._walk()
+        params = self._params or []
         flags = (
-            tuple(p.requires_grad for p in self._params),
+            tuple(p.requires_grad for p in params),
             tuple(m.training for m in self._modules),
         )
         if flags == self._flags:
             return False
         self._flags = flags
         key = (
-            tuple(id(p) for p in self._params if p.requires_grad),
+            tuple(id(p) for p in params if p.requires_grad),
             (flags[1], self._policies),
         )
         if self.example is None:
@@ -283,9 +284,8 @@ class Runner:
             return None
         if part.frozen is None:
             self.failure = (OffReason.NO_FROZEN_PART, "")
-            part = None
-        if part is not None:
-            self.partitions[key] = part
+            return None
+        self.partitions[key] = part
         return part
 
     def _apply_inference(self) -> bool:
