@@ -472,8 +472,7 @@ class Trainer:
         runner = self.runner
         assert runner is not None
         module = self.model.module
-        runner.verify(x)  # a decomposition that fails to verify is dropped, never raised
-        if not self._checked_input:
+        if not self._checked_input:  # bad inputs get the clear error before any tracing
             self._checked_input = True
             modes = {m: m.training for m in module.modules()}
             try:
@@ -485,6 +484,7 @@ class Trainer:
             finally:
                 for m, t in modes.items():
                     m.training = t
+        runner.verify(x)  # a model that cannot be traced runs whole, never raises
 
     def _prefix(self, x):
         runner = self.runner
