@@ -562,3 +562,47 @@ def test_phase_two_caches_right_below_the_first_unfrozen_computation(arch: str) 
     assert status.state is CacheState.REUSED, status
     assert all(b.startswith("base.") for b in status.boundary), status.boundary
     assert trainable > 3 * 4  # more than the head trains
+
+
+class DictSet(torch.utils.data.Dataset):
+    """Samples as ``({"ids": ..., "feats": ...}, label)``: what a tokenizer pipeline yields."""
+
+    def __init__(self, ids, feats, y) -> None:
+        self.ids, self.feats, self.y = ids, feats, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"ids": self.ids[i], "feats": self.feats[i]}, self.y[i]
+
+
+@pytest.mark.parametrize("source", ["arrays", "tuple", "loader"])
+def test_keyword_and_positional_inputs_through_fit(source: str) -> None:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 20, (12, 5)).astype(np.int64)
+    feats = rng.standard_normal((12, 3)).astype(np.float32)
+    y = np.arange(12) % 2
+    losses, statuses = [], []
+    for cache in ("auto", False):
+        torch.manual_seed(0)
+        model = fl.wrap(TwoInputs())
+        model.trainable = False
+        model.unfreeze(fl.select.last(1))
+        model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+        if source == "arrays":
+            data = ({"ids": ids, "feats": feats}, y)
+        elif source == "tuple":
+            data = ((ids, feats), y)
+        else:
+            ds = DictSet(torch.from_numpy(ids), torch.from_numpy(feats), torch.from_numpy(y))
+            data = (torch.utils.data.DataLoader(ds, batch_size=4), None)
+        kw = {} if source == "loader" else {"batch_size": 4, "shuffle": False}
+        losses.append(
+            model.fit(*data, epochs=2, seed=0, verbose=0, cache=cache, **kw).history["loss"]
+        )
+        statuses.append(model.cache_status["train"])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+    assert statuses[0].boundary == ("add",), statuses[0]
+    expected = OffReason.NOT_DETERMINISTIC if source == "loader" else None
+    assert statuses[0].reason is expected and statuses[1].reason is OffReason.DISABLED
