@@ -214,6 +214,11 @@ def _hf_bert(args: argparse.Namespace):
 def _hf_gpt2(args: argparse.Namespace):
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
+    # A classifier has no use for the key/value cache (use_cache=True would return it next
+    # to the logits); bos/eos inside the small vocabulary, padding with id 0.
+    end = args.vocab - 1
+    common = dict(num_labels=NUM_CLASSES, pad_token_id=0, use_cache=False)
+    common.update(bos_token_id=end, eos_token_id=end)
     if args.scale == "tiny":
         cfg = GPT2Config(
             vocab_size=args.vocab,
@@ -221,11 +226,10 @@ def _hf_gpt2(args: argparse.Namespace):
             n_layer=4,
             n_head=4,
             n_positions=max(64, args.seq_len),
-            num_labels=NUM_CLASSES,
-            pad_token_id=0,
+            **common,
         )
     else:  # GPT-2 small sized
-        cfg = GPT2Config(vocab_size=args.vocab, num_labels=NUM_CLASSES, pad_token_id=0)
+        cfg = GPT2Config(vocab_size=args.vocab, **common)
     return GPT2ForSequenceClassification(cfg)
 
 
