@@ -93,12 +93,21 @@ def _reset_peak() -> bool:
         return False
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process (all threads, user + system)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 class _Phase:
     """Wall time and peak memory of one phase (RSS on CPU, allocator peak on CUDA)."""
 
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
         self.peak_mb: float | None = None
         self.start_mb: float | None = None
 
@@ -113,6 +122,7 @@ class _Phase:
         if not self.cuda:
             self.start_mb = _proc_status("VmRSS")
         self.t0 = time.perf_counter()
+        self.c0 = _cpu_seconds()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -121,10 +131,21 @@ class _Phase:
         if self.cuda:
             torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.t0
+        self.cpu_seconds = _cpu_seconds() - self.c0
         if self.cuda:
             self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
         elif self.hwm_reset:
             self.peak_mb = _proc_status("VmHWM")
+
+
+def _phase_result(p: _Phase, info: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "seconds": p.seconds,
+        "cpu_seconds": p.cpu_seconds,
+        "peak_mb": p.peak_mb,
+        "start_mb": p.start_mb,
+        **info,
+    }
 
 
 # ---------------------------------------------------------------------- architectures
@@ -478,7 +499,7 @@ def run_frostline(arch: Arch, args: argparse.Namespace) -> dict[str, Any]:
             **compile_kw,
         )
         info = fit(args.epochs1)
-    phases.append({"seconds": p1.seconds, "peak_mb": p1.peak_mb, "start_mb": p1.start_mb, **info})
+    phases.append(_phase_result(p1, info))
     with _Phase(cuda) as p2:
         model.get_layer(last_block).trainable = True
         model.compile(
@@ -487,7 +508,7 @@ def run_frostline(arch: Arch, args: argparse.Namespace) -> dict[str, Any]:
             **compile_kw,
         )
         info = fit(args.epochs2)
-    phases.append({"seconds": p2.seconds, "peak_mb": p2.peak_mb, "start_mb": p2.start_mb, **info})
+    phases.append(_phase_result(p2, info))
     del torch
     return {
         "setup_s": setup,
@@ -554,12 +575,12 @@ def run_loop(arch: Arch, args: argparse.Namespace) -> dict[str, Any]:
         backbone.requires_grad_(False)
         params = [p for p in net.parameters() if p.requires_grad]
         info = train(torch.optim.Adam(params, lr=PHASE1_LR, eps=1e-7), args.epochs1)
-    phases.append({"seconds": p1.seconds, "peak_mb": p1.peak_mb, "start_mb": p1.start_mb, **info})
+    phases.append(_phase_result(p1, info))
     with _Phase(cuda) as p2:
         last_block.requires_grad_(True)
         params = [p for p in net.parameters() if p.requires_grad]
         info = train(torch.optim.Adam(params, lr=PHASE2_LR, eps=1e-7), args.epochs2)
-    phases.append({"seconds": p2.seconds, "peak_mb": p2.peak_mb, "start_mb": p2.start_mb, **info})
+    phases.append(_phase_result(p2, info))
     return {"setup_s": setup, "phases": phases, "versions": _versions()}
 
 
@@ -690,6 +711,7 @@ def compare(
                 loop_s=lp["seconds"],
                 frostline_s=fp["seconds"],
                 speedup=lp["seconds"] / fp["seconds"],
+                cpu_speedup=_ratio(lp.get("cpu_seconds"), fp.get("cpu_seconds")),
                 loop_mb=lp["peak_mb"],
                 frostline_mb=fp["peak_mb"],
                 loop_loss=lp["loss"],
@@ -715,6 +737,10 @@ def compare(
     return rows
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b <= 0 else a / b
+
+
 def _f(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -724,14 +750,14 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
     cuda = args.device == "cuda"
     mem = "peak GPU MB" if cuda else "peak RSS MB"
     lines = [
-        f"| arch | phase | loop s | frostline s | speed-up | {mem} loop / frostline "
-        "| final loss loop / frostline | frostline cache | flags |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        f"| arch | phase | loop s | frostline s | speed-up | CPU-time speed-up "
+        f"| {mem} loop / frostline | final loss loop / frostline | frostline cache | flags |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for r in rows:
         if "error" in r:
             lines.append(
-                f"| {r['arch']} | {r['phase']} | - | - | - | - | - | {r['error']} | ERROR |"
+                f"| {r['arch']} | {r['phase']} | - | - | - | - | - | - | {r['error']} | ERROR |"
             )
             continue
         speed = f"{r['speedup']:.2f}x"
@@ -743,6 +769,7 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
             cache = f"{r['cache_first']} -> {cache}"
         lines.append(
             f"| {r['arch']} | {r['phase']} | {r['loop_s']:.2f} | {r['frostline_s']:.2f} | {speed} "
+            f"| {_f(r.get('cpu_speedup'), '.2f')}x "
             f"| {_f(r['loop_mb'], '.0f')} / {_f(r['frostline_mb'], '.0f')} "
             f"| {r['loop_loss']:.4f} / {r['frostline_loss']:.4f} | {cache} "
             f"| {' '.join(r['flags']) or 'ok'} |"
@@ -760,9 +787,12 @@ def summary(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
         sp = sorted(r["speedup"] for r in rs)
         geo = math.exp(sum(math.log(s) for s in sp) / len(sp))
         met = sum(s >= target for s in sp)
+        cpu = [r["cpu_speedup"] for r in rs if r.get("cpu_speedup")]
+        cpu_geo = math.exp(sum(math.log(s) for s in cpu) / len(cpu)) if cpu else None
         out.append(
             f"phase {phase}: speed-up min {sp[0]:.2f}x, geometric mean {geo:.2f}x, max {sp[-1]:.2f}x; "
-            f">= {target:g}x on {met}/{len(sp)} architectures"
+            f">= {target:g}x on {met}/{len(sp)} architectures; CPU-time speed-up geometric mean "
+            f"{_f(cpu_geo, '.2f')}x"
         )
     flagged = sorted(
         {f"{r['arch']} p{r['phase']}: {' '.join(r['flags'])}" for r in rows if r["flags"]}

@@ -60,7 +60,7 @@ def _peer(seconds: tuple[float, float], mb: tuple[float, float], loss: tuple[flo
     return {
         "peak_rss_mb": max(mb),
         "phases": [
-            {"seconds": s, "peak_mb": m, "loss": lo, "trainable_params": 10, "cache_last": "x"}
+            {"seconds": s, "peak_mb": m, "loss": lo, "trainable_params": 10, "cache_last": "x", "cpu_seconds": s}
             for s, m, lo in zip(seconds, mb, loss)
         ],
     }
