@@ -148,6 +148,23 @@ def _phase_result(p: _Phase, info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _run_phases(cuda: bool, phases: list[Callable[[], dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Run the phases in order, each timed; a failing phase is recorded and ends the run."""
+    import traceback
+
+    out = []
+    for run in phases:
+        try:
+            with _Phase(cuda) as p:
+                info = run()
+        except Exception as e:
+            tail = traceback.format_exc().strip().splitlines()
+            out.append({"error": f"{type(e).__name__}: {e}"[:300], "traceback": tail[-12:]})
+            break
+        out.append(_phase_result(p, info))
+    return out
+
+
 # ---------------------------------------------------------------------- architectures
 
 
@@ -490,26 +507,22 @@ def run_frostline(arch: Arch, args: argparse.Namespace) -> dict[str, Any]:
             "cache_last": notes[-1] if notes else None,
         }
 
-    phases = []
-    with _Phase(cuda) as p1:
+    def optimizer(lr: float):
+        if args.optimizer == "keras":
+            return fl.optimizers.Adam(lr)  # Keras math (epsilon outside the bias correction)
+        return fl.optimizers.TorchOptimizer(torch.optim.Adam, lr=lr)  # the loop's optimizer
+
+    def phase1() -> dict[str, Any]:
         model.get_layer(backbone).trainable = False
-        model.compile(
-            optimizer=fl.optimizers.Adam(PHASE1_LR),
-            loss="sparse_categorical_crossentropy",
-            **compile_kw,
-        )
-        info = fit(args.epochs1)
-    phases.append(_phase_result(p1, info))
-    with _Phase(cuda) as p2:
+        model.compile(optimizer(PHASE1_LR), loss="sparse_categorical_crossentropy", **compile_kw)
+        return fit(args.epochs1)
+
+    def phase2() -> dict[str, Any]:
         model.get_layer(last_block).trainable = True
-        model.compile(
-            optimizer=fl.optimizers.Adam(PHASE2_LR),
-            loss="sparse_categorical_crossentropy",
-            **compile_kw,
-        )
-        info = fit(args.epochs2)
-    phases.append(_phase_result(p2, info))
-    del torch
+        model.compile(optimizer(PHASE2_LR), loss="sparse_categorical_crossentropy", **compile_kw)
+        return fit(args.epochs2)
+
+    phases = _run_phases(cuda, [phase1, phase2])
     return {
         "setup_s": setup,
         "phases": phases,
@@ -570,17 +583,20 @@ def run_loop(arch: Arch, args: argparse.Namespace) -> dict[str, Any]:
         params = [p for p in net.parameters() if p.requires_grad]
         return {"loss": losses[-1], "losses": losses, "trainable_params": _count(params)}
 
-    phases = []
-    with _Phase(cuda) as p1:
+    # torch.optim.Adam as frostline runs it (--optimizer torch), or with Keras' epsilon.
+    eps = 1e-7 if args.optimizer == "keras" else 1e-8
+
+    def phase1() -> dict[str, Any]:
         backbone.requires_grad_(False)
         params = [p for p in net.parameters() if p.requires_grad]
-        info = train(torch.optim.Adam(params, lr=PHASE1_LR, eps=1e-7), args.epochs1)
-    phases.append(_phase_result(p1, info))
-    with _Phase(cuda) as p2:
+        return train(torch.optim.Adam(params, lr=PHASE1_LR, eps=eps), args.epochs1)
+
+    def phase2() -> dict[str, Any]:
         last_block.requires_grad_(True)
         params = [p for p in net.parameters() if p.requires_grad]
-        info = train(torch.optim.Adam(params, lr=PHASE2_LR, eps=1e-7), args.epochs2)
-    phases.append(_phase_result(p2, info))
+        return train(torch.optim.Adam(params, lr=PHASE2_LR, eps=eps), args.epochs2)
+
+    phases = _run_phases(cuda, [phase1, phase2])
     return {"setup_s": setup, "phases": phases, "versions": _versions()}
 
 
@@ -629,6 +645,7 @@ _FORWARD = (
     "epochs1",
     "epochs2",
     "threads",
+    "optimizer",
 )
 
 
@@ -667,16 +684,29 @@ def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if not ok:
         return runs[0]
     best = json.loads(json.dumps(ok[0]))
-    for i in range(len(best["phases"])):
-        fastest = min(ok, key=lambda r: r["phases"][i]["seconds"])
-        best["phases"][i] = json.loads(json.dumps(fastest["phases"][i]))
-        best["phases"][i]["all_seconds"] = [r["phases"][i]["seconds"] for r in ok]
-        best["phases"][i]["peak_mb"] = max(
-            (r["phases"][i]["peak_mb"] for r in ok if r["phases"][i]["peak_mb"] is not None),
-            default=None,
-        )
+    best["phases"] = []
+    for i in range(max(len(r["phases"]) for r in ok)):
+        done = [r["phases"][i] for r in ok if len(r["phases"]) > i]
+        good = [p for p in done if "error" not in p]
+        if not good:  # every repeat failed in this phase
+            best["phases"].append(json.loads(json.dumps(done[0])))
+            break
+        fastest = json.loads(json.dumps(min(good, key=lambda p: p["seconds"])))
+        fastest["all_seconds"] = [p["seconds"] for p in good]
+        peaks = [p["peak_mb"] for p in good if p["peak_mb"] is not None]
+        fastest["peak_mb"] = max(peaks) if peaks else None
+        best["phases"].append(fastest)
     best["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
     return best
+
+
+def _phase(result: dict[str, Any], i: int) -> dict[str, Any]:
+    """Phase ``i`` of a peer's result, or an ``error`` entry saying why it has none."""
+    if "error" in result:
+        return {"error": result["error"]}
+    if i < len(result.get("phases", [])):
+        return result["phases"][i]
+    return {"error": "not run: an earlier phase failed"}
 
 
 def losses_agree(a: float, b: float, rtol: float = 0.05, atol: float = 0.05) -> bool:
@@ -698,15 +728,15 @@ def compare(
         loop, fl = peers.get("loop", {}), peers.get("frostline", {})
         for i, phase in enumerate((1, 2)):
             row: dict[str, Any] = {"arch": arch, "phase": phase, "flags": []}
+            lp, fp = _phase(loop, i), _phase(fl, i)
             errors = [
-                f"{p}: {r['error']}" for p, r in (("loop", loop), ("frostline", fl)) if "error" in r
+                f"{p}: {r['error']}" for p, r in (("loop", lp), ("frostline", fp)) if "error" in r
             ]
             if errors:
                 row["error"] = "; ".join(errors)
                 row["flags"].append("ERROR")
                 rows.append(row)
                 continue
-            lp, fp = loop["phases"][i], fl["phases"][i]
             row.update(
                 loop_s=lp["seconds"],
                 frostline_s=fp["seconds"],
@@ -833,6 +863,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repeat", type=int, default=1, help="runs per peer, interleaved; fastest per phase"
     )
     p.add_argument(
+        "--optimizer",
+        choices=("torch", "keras"),
+        default="torch",
+        help="torch: both peers use torch.optim.Adam (frostline through fl.optimizers.TorchOptimizer); "
+        "keras: frostline uses fl.optimizers.Adam (Keras math) and the loop torch Adam with eps 1e-7",
+    )
+    p.add_argument(
         "--frozen-inference",
         action="store_true",
         help="run the frozen part in inference mode (fit(frozen_inference=True); the loop puts it in eval)",
@@ -919,11 +956,13 @@ def main(argv: list[str] | None = None) -> int:
                 if "error" in r:
                     status = f"ERROR {r['error']}"
                 else:
-                    p1, p2 = r["phases"]
-                    status = (
-                        f"phase 1 {p1['seconds']:7.2f} s  phase 2 {p2['seconds']:7.2f} s  "
-                        f"loss {p1['loss']:.4f} / {p2['loss']:.4f}  peak RSS {r['peak_rss_mb']:5.0f} MB"
+                    status = "  ".join(
+                        f"phase {i + 1} ERROR {p['error']}"
+                        if "error" in p
+                        else f"phase {i + 1} {p['seconds']:7.2f} s loss {p['loss']:.4f}"
+                        for i, p in enumerate(r["phases"])
                     )
+                    status += f"  peak RSS {r['peak_rss_mb']:5.0f} MB"
                 print(
                     f"  [{rep + 1}/{args.repeat}] {arch:22s} {peer:9s} {status}  "
                     f"(load {os.getloadavg()[0]:.2f})",
@@ -951,9 +990,11 @@ def main(argv: list[str] | None = None) -> int:
     for arch, peers in results.items():
         for peer, r in peers.items():
             if "error" in r:
-                print(
-                    f"\n--- {arch} / {peer} failed; last lines:\n{r['log_tail']}", file=sys.stderr
-                )
+                print(f"\n--- {arch} / {peer} failed:\n{r['log_tail']}", file=sys.stderr)
+            for i, p in enumerate(r.get("phases", [])):
+                if "error" in p:
+                    tb = "\n".join(p["traceback"])
+                    print(f"\n--- {arch} / {peer} phase {i + 1} failed:\n{tb}", file=sys.stderr)
     if args.json_out:
         payload = {
             "args": {
