@@ -767,6 +767,34 @@ def compare(
     return rows
 
 
+_NOTE = re.compile(r"^(\w+) \(\d+ samples after (.*), ([\d.]+ MB) in (\w+)\)(.*)$")
+
+
+def short_cache(first: str | None, last: str | None) -> str:
+    """The cache notes of a phase's first and last epoch, for a table cell.
+
+    >>> short_cache("built (8 samples after 'a' + 'b', 0.1 MB in memory)",
+    ...             "reused (8 samples after 'a' + 'b', 0.1 MB in memory)")
+    "built -> reused: after 'a' + 'b' (0.1 MB in memory)"
+    >>> short_cache(None, "reused (8 samples after 'a', 0.1 MB in disk) (frozen part in inference mode)")
+    "reused: after 'a' (0.1 MB in disk) (frozen part in inference mode)"
+    >>> short_cache("off (cache=False)", "off (cache=False)")
+    'off (cache=False)'
+    """
+    notes = [n for n in (first, last) if n]
+    if not notes:
+        return "-"
+    parsed = [_NOTE.match(n) for n in notes]
+    if not all(parsed):
+        return " -> ".join(dict.fromkeys(notes))
+    states = " -> ".join(dict.fromkeys(m.group(1) for m in parsed if m))
+    m = parsed[-1]
+    assert m is not None
+    names = m.group(2).split(" + ")
+    where = " + ".join(names[:2]) + (f" + {len(names) - 2} more" if len(names) > 2 else "")
+    return f"{states}: after {where} ({m.group(3)} in {m.group(4)}){m.group(5)}"
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b <= 0 else a / b
 
@@ -794,9 +822,7 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
         if cuda:
             n = args.samples * (args.epochs1 if r["phase"] == 1 else args.epochs2)
             speed += f" ({n / r['loop_s']:.0f} vs {n / r['frostline_s']:.0f} img/s)"
-        cache = r["cache"]
-        if r["cache_first"] and r["cache_first"] != r["cache"]:
-            cache = f"{r['cache_first']} -> {cache}"
+        cache = short_cache(r["cache_first"], r["cache"])
         lines.append(
             f"| {r['arch']} | {r['phase']} | {r['loop_s']:.2f} | {r['frostline_s']:.2f} | {speed} "
             f"| {_f(r.get('cpu_speedup'), '.2f')}x "

@@ -60,7 +60,14 @@ def _peer(seconds: tuple[float, float], mb: tuple[float, float], loss: tuple[flo
     return {
         "peak_rss_mb": max(mb),
         "phases": [
-            {"seconds": s, "peak_mb": m, "loss": lo, "trainable_params": 10, "cache_last": "x", "cpu_seconds": s}
+            {
+                "seconds": s,
+                "peak_mb": m,
+                "loss": lo,
+                "trainable_params": 10,
+                "cache_last": "x",
+                "cpu_seconds": s,
+            }
             for s, m, lo in zip(seconds, mb, loss)
         ],
     }
@@ -81,13 +88,17 @@ def test_sweep_flags_misses_of_the_targets(sweep):
             "loop": _peer((1.0, 1.0), (1, 1), (1, 1)),
             "frostline": {"error": "exit 1: boom"},
         },
+        "half": {"loop": _peer((1.0, 1.0), (1, 1), (1, 1)), "frostline": _peer((0.1,), (1,), (1,))},
     }
+    results["half"]["frostline"]["phases"].append({"error": "AttributeError: phase 2 broke"})
     rows = {(r["arch"], r["phase"]): r for r in sweep.compare(results, args)}
     assert rows["good", 1]["flags"] == [] and rows["good", 2]["flags"] == []
     assert rows["good", 1]["speedup"] == pytest.approx(6.0)
     assert rows["bad", 1]["flags"] == ["LOSS", "<3x", "MEM"]
     assert rows["bad", 2]["flags"] == ["SLOWER"]
     assert rows["broken", 1]["flags"] == ["ERROR"] and "boom" in rows["broken", 1]["error"]
+    assert rows["half", 1]["flags"] == [] and rows["half", 1]["speedup"] == pytest.approx(10.0)
+    assert rows["half", 2]["flags"] == ["ERROR"] and "phase 2 broke" in rows["half", 2]["error"]
     lines = sweep.table(list(rows.values()), args)
     assert lines[0].startswith("| arch | phase | loop s | frostline s | speed-up")
     assert len(lines) == 2 + len(rows)
@@ -155,3 +166,9 @@ def test_sweep_quick_runs_and_losses_agree(tmp_path):
         for peer in ("loop", "frostline"):
             losses = [p["losses"] for p in payload["results"][arch][peer]["phases"]]
             assert [len(v) for v in losses] == [2, 1]
+
+
+def test_sweep_doctests(sweep):
+    import doctest
+
+    assert doctest.testmod(sweep).failed == 0
