@@ -606,3 +606,36 @@ def test_keyword_and_positional_inputs_through_fit(source: str) -> None:
     assert statuses[0].boundary == ("add",), statuses[0]
     expected = OffReason.NOT_DETERMINISTIC if source == "loader" else None
     assert statuses[0].reason is expected and statuses[1].reason is OffReason.DISABLED
+
+
+class ShapeBranch(nn.Module):
+    """Python control flow on a static shape: fx cannot trace it, torch.export can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.bn, self.head = nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.bn(self.lin(x))
+        if x.shape[1] == 6:
+            h = h * 2
+        return self.head(h)
+
+
+def test_export_traced_batchnorm_follows_its_policy_when_unfrozen() -> None:
+    x = np.random.default_rng(0).standard_normal((12, 6)).astype(np.float32)
+    y = np.arange(12) % 3
+    torch.manual_seed(0)
+    model = fl.wrap(ShapeBranch())
+    model.trainable = False
+    model.unfreeze(fl.select.last(1))
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    runner = model._trainer.runner
+    assert runner.part.traced.backend == "export" and runner.part.boundary == ("mul.Tensor",)
+    stats = model.module.bn.running_mean.clone()
+    assert torch.equal(model.module.bn.running_mean, stats)  # frozen: running statistics
+    model.get_layer("bn").trainable = True  # now it normalises with batch statistics
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    assert not torch.equal(model.module.bn.running_mean, stats)  # and updates them

@@ -259,7 +259,12 @@ class Runner:
     def _partition(self, key: tuple) -> Partition | None:
         if key in self.partitions:
             return self.partitions[key]
-        modes = mode_key(self.module)  # what a trace bakes in
+        # what a trace bakes in: training flags, and (export traces run BatchNorm inline)
+        # whether each BatchNorm's policy makes it use running statistics
+        modes = (
+            mode_key(self.module),
+            tuple(batchnorm.runs_inference(m) for m in self._modules if batchnorm.is_batchnorm(m)),
+        )
         self.failure = None
         traced = self.traces.get(modes)
         if traced is not None and not traced.current():  # a weight was replaced: trace again
