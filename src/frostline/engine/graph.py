@@ -246,14 +246,16 @@ class Traced:
         """
         root = self.root if self.root is not None else self.module
         for n in self.gm.graph.nodes:
-            if n.op == "get_attr" and _fetch(self.gm, str(n.target)) is not _fetch(
-                root, str(n.target)
-            ):
-                return False
-            if n.op == "call_module":
-                target = str(n.target)
-                if self.gm.get_submodule(target) is not root.get_submodule(target):
+            target = str(n.target)
+            try:
+                if n.op == "get_attr" and _fetch(self.gm, target) is not _fetch(root, target):
                     return False
+                if n.op == "call_module" and (
+                    self.gm.get_submodule(target) is not root.get_submodule(target)
+                ):
+                    return False
+            except AttributeError:  # the tracer's own helper (torch.export's guards)
+                continue
         return True
 
     def flat(self, x: Any) -> tuple[Any, ...]:

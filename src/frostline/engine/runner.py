@@ -180,7 +180,7 @@ class Runner:
         self.frozen_inference = frozen_inference
         self.verified = False
         self.example: Any = None
-        self.traces: dict[tuple, Traced] = {}
+        self.traces: dict[tuple, tuple[Traced, tuple]] = {}
         self.partitions: dict[tuple, Partition] = {}
         self.part: Partition | None = None
         self.failure: tuple[OffReason, str] | None = None
@@ -259,21 +259,23 @@ class Runner:
     def _partition(self, key: tuple) -> Partition | None:
         if key in self.partitions:
             return self.partitions[key]
-        # what a trace bakes in: training flags, and (export traces run BatchNorm inline)
-        # whether each BatchNorm's policy makes it use running statistics
-        modes = (
-            mode_key(self.module),
-            tuple(batchnorm.runs_inference(m) for m in self._modules if batchnorm.is_batchnorm(m)),
+        # what a trace bakes in: training flags; an export trace runs BatchNorm inline, so
+        # also whether each BatchNorm's policy makes it use running statistics
+        modes = mode_key(self.module)
+        policies = tuple(
+            batchnorm.runs_inference(m) for m in self._modules if batchnorm.is_batchnorm(m)
         )
         self.failure = None
-        traced = self.traces.get(modes)
+        traced, traced_policies = self.traces.get(modes, (None, ()))
         if traced is not None and not traced.current():  # a weight was replaced: trace again
             self.traces.clear()
             self.partitions.clear()
             traced = None
+        if traced is not None and traced.backend == "export" and traced_policies != policies:
+            traced = None
         if traced is None:
             try:
-                traced = self.traces[modes] = trace(self.module, self.example)
+                traced = trace(self.module, self.example)
             except GraphError as e:
                 reason = (
                     OffReason.NOT_VERIFIED
@@ -282,6 +284,7 @@ class Runner:
                 )
                 self.failure = (reason, str(e))
                 return None
+            self.traces[modes] = (traced, policies)
         try:
             part = partition(traced)
         except GraphError as e:
