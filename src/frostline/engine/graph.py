@@ -876,7 +876,9 @@ def _batch_dependent(
     return [
         n
         for n, x, y in zip(frontier, a, b)
-        if n.op != "placeholder" and not same_outputs(x[1:], y, rtol=1e-3, atol=1e-4)
+        # loose: another batch size may pick another kernel (float noise); what this looks
+        # for (positions in the batch, batch statistics) differs by far more
+        if n.op != "placeholder" and not same_outputs(x[1:], y, rtol=1e-2, atol=1e-3)
     ]
 
 
