@@ -639,3 +639,21 @@ def test_export_traced_batchnorm_follows_its_policy_when_unfrozen() -> None:
     model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
     model.fit(x, y, epochs=1, batch_size=4, verbose=0)
     assert not torch.equal(model.module.bn.running_mean, stats)  # and updates them
+
+
+def test_an_identity_is_recomputed_not_cached_next_to_its_input() -> None:
+    class Shortcut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.skip, self.b = nn.Linear(4, 4), nn.Identity(), nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.b(h) + self.skip(h)
+
+    model = Shortcut()
+    model.a.requires_grad_(False)
+    x = torch.randn(3, 4)
+    part = partition(trace(model, x))
+    assert part.boundary == ("relu",)  # one tensor, not relu and skip(relu)
+    assert same_outputs(part.trainable(*part.run_frozen(x)), model(x))

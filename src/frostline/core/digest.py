@@ -49,9 +49,8 @@ def text_digest(items: Iterable[object]) -> str:
 def content_digest(tensors: Iterable[torch.Tensor]) -> str:
     """One BLAKE2b digest over the bytes of all ``tensors`` (in order): exact, one pass.
 
-    Sees every write, including those hidden from ``_version`` (``p.data.copy_``). About
-    10x faster than :func:`weights_checksum` on a model's many small tensors because it
-    reads them as one buffer.
+    Sees every write, including those hidden from ``_version`` (``p.data.copy_``). Reads
+    each tensor in place (a CPU tensor is not copied), so the peak memory stays flat.
 
     Example:
         >>> import torch
@@ -62,18 +61,13 @@ def content_digest(tensors: Iterable[torch.Tensor]) -> str:
         False
     """
     h = hashlib.blake2b(digest_size=20)
-    flat = []
     for t in tensors:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"content_digest takes tensors, got {type(t).__name__}")
         d = t.detach()
         h.update(f"{tuple(d.shape)}{d.dtype};".encode())
-        flat.append(
-            d.reshape(-1).contiguous().view(torch.uint8)
-            if d.numel()
-            else d.new_empty(0, dtype=torch.uint8)
-        )
-    if flat:
-        blob = torch.cat([f.cpu() for f in flat])
-        h.update(blob.numpy().data)
+        if d.numel():
+            # tensor by tensor, as views where possible: no copy of all the weights at once
+            raw = d.reshape(-1).contiguous().view(torch.uint8)
+            h.update(memoryview(raw.cpu().numpy()))
     return h.hexdigest()

@@ -853,6 +853,8 @@ def _frontier(
         if n in pulled or n in frontier:
             continue
         kind = traced.meta.get(n.name, ("other", None))[0]
+        if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), nn.Identity):
+            kind = "identity"  # recomputed for free: its input is handed over, not a copy
         if n.op == "placeholder" or (kind == "batch" and n not in forced and not _inplace(n, gm)):
             if n.op == "placeholder" and kind != "batch":
                 raise GraphError(f"input {n.target!r} is not a per-sample tensor")

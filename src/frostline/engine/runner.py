@@ -318,6 +318,7 @@ class Runner:
         self._flipped.clear()
         self.steps.detach()
         self._key = self._flags = None
+        self._fused = self._fused_key = None  # the folded copy of the frozen weights goes too
 
     @property
     def trainable_ids(self) -> tuple[int, ...] | None:
