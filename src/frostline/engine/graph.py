@@ -44,6 +44,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import sys
 import keyword
 import math
 import operator
@@ -156,6 +157,8 @@ def mode_key(module: nn.Module) -> tuple[bool, ...]:
 
 
 def _timm_leaves() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+    if "timm" not in sys.modules:  # no timm model without timm imported: skip the import
+        return (), ()
     try:
         from timm.layers._fx import get_notrace_functions, get_notrace_modules
     except ImportError:  # pragma: no cover - timm is a dependency
