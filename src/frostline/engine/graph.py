@@ -44,10 +44,10 @@ Example:
 from __future__ import annotations
 
 import inspect
-import sys
 import keyword
 import math
 import operator
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
