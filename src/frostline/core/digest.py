@@ -69,5 +69,5 @@ def content_digest(tensors: Iterable[torch.Tensor]) -> str:
         if d.numel():
             # tensor by tensor, as views where possible: no copy of all the weights at once
             raw = d.reshape(-1).contiguous().view(torch.uint8)
-            h.update(memoryview(raw.cpu().numpy()))
+            h.update(raw.cpu().numpy().data)
     return h.hexdigest()
