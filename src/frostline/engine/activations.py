@@ -190,8 +190,9 @@ class ActivationStore:
                 the storage dtype) live in a CPU tensor, larger ones in a spill file.
             spill_dir: where spill files go; default a fresh
                 ``tempfile.mkdtemp(prefix="frostline-cache-")`` directory.
-            dtype: storage dtype (e.g. ``torch.float16`` halves the size); gathers are
-                cast back to ``fn``'s output dtype. ``None`` stores that dtype as is.
+            dtype: storage dtype for a floating-point output (e.g. ``torch.float16``
+                halves the size); gathers are cast back to ``fn``'s output dtype.
+                ``None`` (and any integer output) stores the output's dtype as is.
                 A float cast that turns finite values into inf raises ``ValueError``.
             device: device that gathered batches (and the inputs that :meth:`map`
                 feeds to its function) are delivered on. Storage is always CPU.
@@ -212,42 +213,15 @@ class ActivationStore:
             True
             >>> store.close()
         """
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
-        if memory_budget_bytes < 0:
-            raise ValueError(f"memory_budget_bytes must be >= 0, got {memory_budget_bytes}")
-        options = _Options(int(memory_budget_bytes), spill_dir, dtype, torch.device(device))
-        filled = torch.zeros(n, dtype=torch.bool)
-        store: ActivationStore | None = None
-        try:
-            with torch.no_grad():
-                for indices, inputs in batches:
-                    idx = _as_index(indices)
-                    _check_new_indices(idx, filled)
-                    out = fn(inputs)
-                    if not isinstance(out, Tensor):
-                        raise TypeError(f"fn must return a Tensor, got {type(out).__name__}")
-                    if out.dim() == 0 or out.shape[0] != idx.numel():
-                        raise ValueError(
-                            f"fn returned shape {tuple(out.shape)} for a batch of "
-                            f"{idx.numel()} indices; the first dimension must match"
-                        )
-                    if store is None:
-                        store = cls._allocate(n, out.shape[1:], out.dtype, options)
-                    store._write(idx, out)
-                    filled[idx] = True
-            if store is None:
-                raise ValueError("batches was empty: cannot infer the output shape")
-            missing = n - int(filled.sum())
-            if missing:
-                first = torch.nonzero(~filled).flatten()[:5].tolist()
-                raise ValueError(
-                    f"{missing} of {n} sample indices were never filled (first missing: {first})"
-                )
-        except BaseException:
-            if store is not None:
-                store.close()
-            raise
+        (store,) = cls.build_many(
+            lambda inputs: (fn(inputs),),
+            ((indices, (inputs,)) for indices, inputs in batches),
+            n,
+            memory_budget_bytes=memory_budget_bytes,
+            spill_dir=spill_dir,
+            dtype=dtype,
+            device=device,
+        )
         return store
 
     @classmethod
@@ -263,7 +237,9 @@ class ActivationStore:
         device: torch.device | str = "cpu",
         free_bytes: int | None = None,
     ) -> list[ActivationStore]:
-        """:meth:`build` for a function of several inputs returning several tensors.
+        """Run ``fn(*inputs)`` over ``(indices, inputs)`` batches; one store per output tensor.
+
+        What :meth:`build` does for one input and one output (it calls this).
 
         ``fn(*inputs)`` returns a tuple of tensors; each gets a store. The memory budget
         is shared: when all of them together exceed it, all spill to disk. ``dtype``
