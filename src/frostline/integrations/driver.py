@@ -291,3 +291,24 @@ def epoch_of(value: float) -> int:
     (2, 1, 0)
     """
     return int(math.floor(float(value) + 1e-6))
+
+
+class DriverViews:
+    """What the integration callbacks show users of their :class:`FreezeDriver` (``self.driver``)."""
+
+    driver: FreezeDriver
+
+    @property
+    def tracker(self) -> OptimizerTracker | None:
+        """The tracker of the trainer's optimizer (None before training starts)."""
+        return self.driver.tracker
+
+    @property
+    def report(self) -> Report | None:
+        """The frozen-weight verification of the last training run."""
+        return self.driver.report
+
+    @property
+    def schedules(self) -> list[Callback]:
+        """The freezing schedules this callback runs."""
+        return self.driver.schedules

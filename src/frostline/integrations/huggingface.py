@@ -44,9 +44,8 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from frostline.api.callbacks import Callback
-from frostline.engine.tracking import GroupOptions, OptimizerTracker
-from frostline.engine.verify import Report
-from frostline.integrations.driver import FreezeDriver, epoch_of
+from frostline.engine.tracking import GroupOptions
+from frostline.integrations.driver import DriverViews, FreezeDriver, epoch_of
 
 __all__ = ["FreezeCallback"]
 
@@ -82,7 +81,7 @@ def trainer_weight_decay(model: nn.Module, weight_decay: float) -> GroupOptions:
     return options
 
 
-class FreezeCallback(TrainerCallback, ExportableState):
+class FreezeCallback(DriverViews, TrainerCallback, ExportableState):
     """Freezing schedules for ``transformers.Trainer`` (see the module docstring).
 
     ``schedules``: frostline schedule callbacks; layer names are paths inside the
@@ -110,19 +109,6 @@ class FreezeCallback(TrainerCallback, ExportableState):
         self._epoch = 0
         #: what the last resume restored: "none", "full" or "layout only"
         self.resumed = "none"
-
-    # -- what users read ----------------------------------------------------------------
-    @property
-    def tracker(self) -> OptimizerTracker | None:
-        return self.driver.tracker
-
-    @property
-    def report(self) -> Report | None:
-        return self.driver.report
-
-    @property
-    def schedules(self) -> list[Callback]:
-        return self.driver.schedules
 
     # -- Trainer events -----------------------------------------------------------------
     def on_init_end(self, args, state, control, model=None, **kwargs):

@@ -34,14 +34,13 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.nn.parallel import DistributedDataParallel
 
 from frostline.api.callbacks import Callback
-from frostline.engine.tracking import GroupOptions, OptimizerTracker, named_trainable
-from frostline.engine.verify import Report
-from frostline.integrations.driver import FreezeDriver
+from frostline.engine.tracking import GroupOptions, named_trainable
+from frostline.integrations.driver import DriverViews, FreezeDriver
 
 __all__ = ["FreezeCallback"]
 
 
-class FreezeCallback(LightningCallback):
+class FreezeCallback(DriverViews, LightningCallback):
     """Freezing schedules for ``lightning.Trainer`` (see the module docstring).
 
     ``schedules``: frostline schedule callbacks; their layer names are paths inside
@@ -77,21 +76,6 @@ class FreezeCallback(LightningCallback):
         self._ddp_key: tuple[int, ...] | None = None
         self._pending: dict[str, Any] | None = None
         self.ddp_rebuilds = 0
-
-    # -- what users read ----------------------------------------------------------------
-    @property
-    def tracker(self) -> OptimizerTracker | None:
-        """The tracker of the trainer's optimizer (None before fit starts)."""
-        return self.driver.tracker
-
-    @property
-    def report(self) -> Report | None:
-        """The frozen-weight verification of the last fit."""
-        return self.driver.report
-
-    @property
-    def schedules(self) -> list[Callback]:
-        return self.driver.schedules
 
     # -- Lightning hooks ----------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
