@@ -343,6 +343,32 @@ def test_frozen_weight_edited_during_fit_uses_fresh_prefix_outputs(how, capsys):
     assert max_diff(ref, stale) > 1e-3
 
 
+def test_frozen_weights_are_hashed_once_per_fit_unless_a_callback_may_write(monkeypatch):
+    """Built-in callbacks promise not to write weights: one content hash per fit, not per
+    epoch. A user's callback (``writes_weights`` True by default) brings back the per-epoch
+    hash that catches ``p.data`` edits (the test above)."""
+    from frostline.engine import runner as runner_mod
+
+    calls = []
+    real = runner_mod.content_digest
+    monkeypatch.setattr(runner_mod, "content_digest", lambda ts: calls.append(1) or real(ts))
+    x, y = make_data()
+    m, _ = build()
+    builtin = [
+        fl.callbacks.EarlyStopping(monitor="loss", patience=9),
+        fl.callbacks.TerminateOnNaN(),
+    ]
+    fit(m, x, y, epochs=4, callbacks=builtin)
+    assert len(calls) == 1
+
+    class Noop(fl.Callback):
+        pass
+
+    calls.clear()
+    fit(m, x, y, epochs=4, callbacks=[Noop()])
+    assert len(calls) == 4
+
+
 # -------------------------------------------------------------------- data changes
 
 

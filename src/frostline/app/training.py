@@ -123,6 +123,8 @@ class PhaseRecorder(Callback):
     phase starts or, for the last one, by :meth:`finish`.
     """
 
+    writes_weights = False
+
     def __init__(
         self,
         summary_titles: list[str],

@@ -1,7 +1,8 @@
 """Digests of tensors and of plain values: one place for the hashing frostline does.
 
 Tensor digests are exact (they read every byte), so they see writes that bypass
-torch's version counter (``p.data.copy_``).
+torch's version counter (``p.data.copy_``). They use SHA-256, which CPUs with SHA
+extensions hash about twice as fast as BLAKE2b (~2 GB/s against ~1 GB/s on one core).
 
 >>> import torch
 >>> tensor_digest(torch.ones(2)) == tensor_digest(torch.ones(2)), len(text_digest(["a", 1]))
@@ -19,7 +20,7 @@ __all__ = ["content_digest", "tensor_digest", "text_digest"]
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    """BLAKE2b-128 of one tensor's shape, dtype and bytes (any device, bfloat16 included).
+    """SHA-256 of one tensor's shape, dtype and bytes (any device, bfloat16 included).
 
     >>> import torch
     >>> a = torch.zeros(3); d = tensor_digest(a); a[0] = 1.0; tensor_digest(a) == d
@@ -28,12 +29,10 @@ def tensor_digest(t: torch.Tensor) -> str:
     data = t.detach()
     if data.device.type != "cpu":
         data = data.cpu()
-    data = data.contiguous()
-    if data.dtype == torch.bfloat16:
-        data = data.view(torch.int16)
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str((tuple(data.shape), str(data.dtype))).encode())
-    h.update(data.numpy().tobytes() if data.numel() else b"")
+    h = hashlib.sha256(str((tuple(data.shape), str(data.dtype))).encode())
+    if data.numel():
+        # read in place (a view of the bytes), no copy of the tensor
+        h.update(data.reshape(-1).contiguous().view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
@@ -47,7 +46,7 @@ def text_digest(items: Iterable[object]) -> str:
 
 
 def content_digest(tensors: Iterable[torch.Tensor]) -> str:
-    """One BLAKE2b digest over the bytes of all ``tensors`` (in order): exact, one pass.
+    """One SHA-256 digest over the bytes of all ``tensors`` (in order): exact, one pass.
 
     Sees every write, including those hidden from ``_version`` (``p.data.copy_``). Reads
     each tensor in place (a CPU tensor is not copied), so the peak memory stays flat.
@@ -60,7 +59,7 @@ def content_digest(tensors: Iterable[torch.Tensor]) -> str:
         >>> content_digest([p]) == before
         False
     """
-    h = hashlib.blake2b(digest_size=20)
+    h = hashlib.sha256()
     for t in tensors:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"content_digest takes tensors, got {type(t).__name__}")

@@ -26,6 +26,11 @@ class Callback:
     params: dict[str, Any] = {}  # noqa: RUF012  (replaced, never mutated, by set_params)
     #: True for callbacks that end training on a NaN/inf loss instead of raising
     stops_on_nan: bool = False
+    #: False promises that, during ``fit``, this callback never writes into the model's
+    #: weights or buffers (changing ``trainable`` is fine). While every callback promises
+    #: that, frozen weights are hashed for the activation cache once per ``fit`` instead of
+    #: once per epoch. The default, True, is always safe.
+    writes_weights: bool = True
 
     def set_model(self, model: Any) -> None:
         self.model = model
@@ -135,6 +140,8 @@ class CallbackList(Callback):
 
 class History(Callback):
     """``fit``'s return value: ``history.history`` maps each log key to per-epoch values."""
+
+    writes_weights = False
 
     def __init__(self) -> None:
         self.history: dict[str, list[float]] = {}

@@ -106,6 +106,8 @@ class ProgressLogger(Callback):
     Epoch 1/3 - 1.50s - loss: 0.2500 - cache: off
     """
 
+    writes_weights = False
+
     def __init__(self, verbose: int) -> None:
         self.verbose = resolve_verbose(verbose)
         self._epoch = 0

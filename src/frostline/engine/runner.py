@@ -556,7 +556,18 @@ class Runner:
 
     def new_fit(self) -> None:
         """Forget memoised digests and structure: the next check reads the model again."""
-        self._digests.clear()
+        self.new_epoch(reread_weights=True)
+
+    def new_epoch(self, *, reread_weights: bool) -> None:
+        """Re-read the structure (parameters, modules, modes) at an epoch's start.
+
+        With ``reread_weights`` the frozen weights are hashed again too, which catches
+        writes hidden from torch's version counters (``p.data.copy_``). The trainer asks
+        for it only when code that may write weights ran since the last check (a callback
+        whose ``writes_weights`` is True); version-visible writes are always seen.
+        """
+        if reread_weights:
+            self._digests.clear()
         self._params = None
         self._flags = None
 

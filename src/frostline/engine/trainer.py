@@ -291,6 +291,7 @@ class Trainer:
         train_fp = fingerprint_of(train) if isinstance(train, data_mod.IndexedData) else None
         val_fp = fingerprint_of(val) if isinstance(val, data_mod.IndexedData) else None
         terminate_on_nan = any(cb.stops_on_nan for cb in cbs) or on_nan == "stop"
+        rehash = any(cb.writes_weights for cb in cbs)
 
         try:
             logs: dict = {}
@@ -301,7 +302,8 @@ class Trainer:
                     break
                 t0 = time.perf_counter()  # the epoch's time counts all it does (cache build too)
                 module.train()
-                runner.new_fit()  # weights are re-read (content digest) once per epoch
+                # frozen weights are re-hashed only when code that may write them ran
+                runner.new_epoch(reread_weights=rehash)
                 cblist.on_epoch_begin(epoch, logs)
                 self._sync()
                 train_logs, notes = self._train_epoch(

@@ -228,6 +228,8 @@ def _trainable_count(model: Model) -> int:
 class _BaseSchedule(Callback):
     """Shared plumbing: resolve the base inside the model being trained, keep a log."""
 
+    writes_weights = False
+
     def __init__(self, base: BaseSpec | None, groups: GroupsSpec = None) -> None:
         if base is not None and not isinstance(base, Layer | nn.Module | str):
             _as_layer(base)  # raises the TypeError
@@ -318,6 +320,8 @@ class UnfreezeAt(Callback):
     >>> cb.log[0]["epoch"], cb.log[0]["params"], sorted(g["lr"] for g in model.optimizer.param_groups)
     (1, 40, [0.0001, 0.001])
     """
+
+    writes_weights = False
 
     def __init__(
         self,

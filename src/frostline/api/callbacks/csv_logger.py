@@ -36,6 +36,8 @@ class CSVLogger(Callback):
     ['epoch,loss,val_loss', '0,0.5,NA']
     """
 
+    writes_weights = False
+
     def __init__(
         self, filename: str | os.PathLike, separator: str = ",", append: bool = False
     ) -> None:

@@ -24,6 +24,8 @@ class EarlyStopping(MonitorCallback):
     (2, 'min')
     """
 
+    writes_weights = False  # restores best weights only in on_train_end, after training
+
     def __init__(
         self,
         monitor: str = "val_loss",

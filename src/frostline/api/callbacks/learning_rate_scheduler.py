@@ -33,6 +33,8 @@ class LearningRateScheduler(Callback):
     0.025
     """
 
+    writes_weights = False
+
     def __init__(self, schedule: Callable[..., float], verbose: int = 0) -> None:
         if not callable(schedule):
             raise TypeError(f"schedule must be callable(epoch, lr) -> lr, got {schedule!r}")

@@ -22,6 +22,8 @@ class ModelCheckpoint(MonitorCallback):
     0.5
     """
 
+    writes_weights = False
+
     def __init__(
         self,
         filepath: str | os.PathLike,

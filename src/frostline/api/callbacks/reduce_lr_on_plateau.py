@@ -20,6 +20,8 @@ class ReduceLROnPlateau(MonitorCallback):
     0.5
     """
 
+    writes_weights = False
+
     def __init__(
         self,
         monitor: str = "val_loss",

@@ -17,6 +17,8 @@ class TerminateOnNaN(Callback):
     True
     """
 
+    writes_weights = False
+
     stops_on_nan = True
 
     def __init__(self, raise_error: bool = False) -> None:

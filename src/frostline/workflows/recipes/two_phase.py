@@ -118,6 +118,8 @@ class RecipePhase(Callback):
     (True, 2)
     """
 
+    writes_weights = False
+
     def __init__(self) -> None:
         self.phase = 1
         self.boundary = 0

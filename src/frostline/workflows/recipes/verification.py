@@ -80,6 +80,8 @@ class VerifyFrozen(Callback):
     frostline.engine.verify.FrozenWeightsChanged: 1 frozen weight(s) changed: 0.bias (found after epoch 2)
     """
 
+    writes_weights = False
+
     def __init__(self, every: str = "epoch", raise_error: bool = True) -> None:
         if every not in ("epoch", "batch"):
             raise ValueError(f"every must be 'epoch' or 'batch', got {every!r}")
