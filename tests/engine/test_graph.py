@@ -657,3 +657,80 @@ def test_an_identity_is_recomputed_not_cached_next_to_its_input() -> None:
     part = partition(trace(model, x))
     assert part.boundary == ("relu",)  # one tensor, not relu and skip(relu)
     assert same_outputs(part.trainable(*part.run_frozen(x)), model(x))
+
+
+def _count_traces(monkeypatch) -> list[int]:
+    from frostline.engine import runner as runner_mod
+
+    calls: list[int] = []
+    real = runner_mod.trace
+    monkeypatch.setattr(runner_mod, "trace", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _dropout_model() -> fl.Model:
+    torch.manual_seed(0)
+    body = nn.Sequential(
+        nn.Linear(6, 8), nn.Dropout(0.3), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Dropout(0.3)
+    )
+    base = fl.wrap(body, name="base")
+    model = fl.Sequential([base, nn.Linear(8, 3)])
+    base.trainable = False
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    return model
+
+
+def test_a_mode_change_inside_a_whole_layer_keeps_the_fx_trace(monkeypatch) -> None:
+    """With ``frozen_inference`` the frozen part's Dropouts run in eval mode; after an
+    unfreeze one of them is trainable-side again (training mode). fx calls Dropout as a
+    whole module, so phase 2 re-partitions the same trace, and stays exact."""
+    x = np.random.default_rng(0).standard_normal((24, 6)).astype(np.float32)
+    y = np.arange(24) % 3
+    calls = _count_traces(monkeypatch)
+    models = {c: _dropout_model() for c in (False, "auto")}
+    for cache, model in models.items():
+        calls.clear()
+        kw = {"epochs": 2, "batch_size": 8, "seed": 0, "verbose": 0, "cache": cache}
+        model.fit(x, y, frozen_inference=True, **kw)
+        model.layers[0].get_layer("3").trainable = True
+        model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+        model.fit(x, y, frozen_inference=True, **kw)
+        assert len(calls) == 1, cache  # one trace for both phases
+    status = models["auto"].cache_status["train"]
+    assert status.state is CacheState.REUSED and status.boundary == ("base.2",), status
+    for (name, a), b in zip(
+        models["auto"].module.state_dict().items(), models[False].module.state_dict().values()
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+class TrainBranch(nn.Module):
+    """Reads its own ``training`` flag: an fx trace bakes the branch in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.training:
+            h = h * 2
+        return self.b(h)
+
+
+def test_a_mode_change_of_a_traced_through_module_traces_again(monkeypatch) -> None:
+    x = np.random.default_rng(0).standard_normal((12, 6)).astype(np.float32)
+    y = np.arange(12) % 3
+    calls = _count_traces(monkeypatch)
+    torch.manual_seed(0)
+    model = fl.wrap(TrainBranch())
+    model.get_layer("a").trainable = False
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    loss = model.evaluate(x, y, batch_size=4, verbose=0)  # eval mode: no doubling
+    assert len(calls) == 2
+    with torch.no_grad():
+        ref = nn.functional.cross_entropy(
+            model.module.eval()(torch.from_numpy(x)), torch.from_numpy(y)
+        )
+    assert loss == pytest.approx(float(ref), rel=1e-5)

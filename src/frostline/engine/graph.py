@@ -234,6 +234,24 @@ class Traced:
     leaves: tuple[str, ...] = ()
     example: tuple[Any, ...] | None = None
     root: nn.Module | None = None
+    #: the modules whose ``training`` flag the graph baked in (``modes`` holds their flags
+    #: at trace time): for fx, those it traced through; layers it calls as whole modules read
+    #: their flag when they run. An export trace inlines every module.
+    baked: tuple[nn.Module, ...] = ()
+
+    def fits_modes(self) -> bool:
+        """Whether the modules' ``training`` flags are still those the graph baked in.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+            >>> t = trace(net, torch.randn(2, 2))
+            >>> _ = net.eval(); t.fits_modes()  # Dropout runs whole, Sequential never reads it
+            True
+        """
+        baked = self.baked or tuple(self.module.modules())
+        return tuple(m.training for m in baked) == self.modes
 
     def current(self) -> bool:
         """Whether the graph still holds the model's current weights and submodules (a
@@ -331,10 +349,31 @@ def _trace_fx(module: nn.Module, names: tuple[str, ...], kw: bool, max_leaves: i
             leaves.add(inner[-1])
             continue
         gm = fx.GraphModule(root, graph)
+        baked = _traced_through(root, graph)
         return Traced(
-            module, gm, "fx", names, kw, mode_key(module), leaves=tuple(sorted(leaves)), root=root
+            module,
+            gm,
+            "fx",
+            names,
+            kw,
+            tuple(m.training for m in baked),
+            leaves=tuple(sorted(leaves)),
+            root=root,
+            baked=baked,
         )
     raise GraphError(f"more than {max_leaves} submodules could not be traced")
+
+
+def _traced_through(root: nn.Module, graph: fx.Graph) -> tuple[nn.Module, ...]:
+    """The modules an fx graph inlined and whose flag it may have read: all but those it
+    calls whole (and their insides) and containers whose forward never reads ``training``
+    (``nn.Sequential``'s, ``nn.ModuleList``/``nn.ModuleDict`` that have none)."""
+    whole: set[int] = set()
+    for n in graph.nodes:
+        if n.op == "call_module":
+            whole.update(id(m) for m in root.get_submodule(str(n.target)).modules())
+    blind = (nn.Sequential.forward, nn.Module.forward)
+    return tuple(m for m in root.modules() if id(m) not in whole and type(m).forward not in blind)
 
 
 def _trace_export(module: nn.Module, names: tuple[str, ...], values: tuple, kw: bool) -> Traced:

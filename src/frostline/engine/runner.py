@@ -266,7 +266,14 @@ class Runner:
             batchnorm.runs_inference(m) for m in self._modules if batchnorm.is_batchnorm(m)
         )
         self.failure = None
+        # an fx trace bakes in only the flags of the modules it traced through: a mode
+        # change inside a layer it calls whole (BatchNorm, Dropout) keeps it valid
         traced, traced_policies = self.traces.get(modes, (None, ()))
+        if traced is None:
+            traced, traced_policies = next(
+                ((t, p) for t, p in self.traces.values() if t.backend == "fx" and t.fits_modes()),
+                (None, ()),
+            )
         if traced is not None and not traced.current():  # a weight was replaced: trace again
             self.traces.clear()
             self.partitions.clear()
