@@ -72,21 +72,24 @@ class LiveOptimizer:
         self.changes = 0
 
     # -- the trainable set ---------------------------------------------------------
-    def trainable(self) -> list[tuple[str, nn.Parameter]]:
-        return named_trainable(self.module)
+    def trainable(
+        self, named: list[tuple[str, nn.Parameter]] | None = None
+    ) -> list[tuple[str, nn.Parameter]]:
+        return named_trainable(self.module, named)
 
     def _lr_for(self, p: torch.Tensor) -> float:
         own = learning_rate_of(p)
         return float(self.spec.learning_rate if own is None else own)
 
-    def sync(self) -> bool:
+    def sync(self, named: list[tuple[str, nn.Parameter]] | None = None) -> bool:
         """Bring the optimizer in line with ``requires_grad`` and own rates; True if anything changed.
 
         The first call builds the optimizer from the spec; later calls go through the
         same :class:`~frostline.engine.tracking.OptimizerTracker` that ``fl.track``
-        gives any optimizer (it owns every group here).
+        gives any optimizer (it owns every group here). ``named``: the module's
+        :func:`~frostline.engine.tracking.named_parameters_once`, if the caller keeps it.
         """
-        current = self.trainable()
+        current = self.trainable(named)
         if not current:
             raise RuntimeError(
                 "nothing to train: every parameter of the model is frozen (trainable_weights is empty). "
@@ -96,7 +99,7 @@ class LiveOptimizer:
             self.adopt(self.spec.build(self._groups([p for _, p in current])))
             changed = True
         else:
-            changed = self.tracker.sync()
+            changed = self.tracker.sync(named)
         if changed:
             self.names = {id(p): n for n, p in current}
             self.changes += 1

@@ -26,6 +26,7 @@ from frostline.engine.callbacks import CallbackList, History
 from frostline.engine.graph import call_model
 from frostline.engine.progress import ProgressLogger, resolve_verbose
 from frostline.engine.runner import CacheState, Runner, WholeModel, fingerprint_of
+from frostline.engine.tracking import named_parameters_once
 from frostline.engine.training_state import CheckpointWriter, restore
 from frostline.engine.verify import FrozenWeightsChanged, fingerprint
 
@@ -127,6 +128,8 @@ class Trainer:
         self._runner_opts: dict = {}
         self._runner_spec: tuple | None = None
         self._checked_input = False
+        #: the module's parameters, read once per epoch during fit (None: read at each use)
+        self._named: list[tuple[str, nn.Parameter]] | None = None
 
     # -- set-up ----------------------------------------------------------------------
     def _config(self) -> CompileConfig:
@@ -176,7 +179,7 @@ class Trainer:
         live = self.model.live_optimizer
         assert live is not None and self.runner is not None
         try:
-            changed = live.sync()
+            changed = live.sync(self._named)
         except RuntimeError as e:
             raise TrainingError(str(e)) from None
         if live.optimizer is not None:
@@ -304,6 +307,7 @@ class Trainer:
                 module.train()
                 # frozen weights are re-hashed only when code that may write them ran
                 runner.new_epoch(reread_weights=rehash)
+                self._named = named_parameters_once(module)  # the structure, once per epoch
                 cblist.on_epoch_begin(epoch, logs)
                 self._sync()
                 train_logs, notes = self._train_epoch(
@@ -343,6 +347,7 @@ class Trainer:
             distributed.barrier(self.ctx)  # ranks leave fit together: no collective left in flight
         finally:
             runner.end_fit()  # what fit set up (step hooks, flipped modes) goes away
+            self._named = None
 
         if frozen_before is not None:
             report = frozen_before.check(model, exempt=self._ever_trainable)
