@@ -481,13 +481,28 @@ def test_fit_npz_with_import_path_model(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "argv", [["--help"], ["demo", "--help"], ["fit", "--help"], ["summary", "--help"]]
+    "argv",
+    [
+        ["--help"],
+        ["demo", "--help"],
+        ["fit", "--help"],
+        ["summary", "--help"],
+        ["predict", "--help"],
+        ["evaluate", "--help"],
+    ],
 )
 def test_help(argv, capsys):
     code, out, _ = run(argv, capsys)
     assert code == 0
     assert out.startswith("usage: frostline")
-    words = {"demo": "--fast", "fit": "--unfreeze-last", "summary": "--leaves"}
+    assert "MISSING" not in out  # a required positional has no "(default: ...)"
+    words = {
+        "demo": "--fast",
+        "fit": "--unfreeze-last",
+        "summary": "--leaves",
+        "predict": "--top-k",
+        "evaluate": "--out DIR",
+    }
     if len(argv) == 2:
         assert words[argv[0]] in out
     else:

@@ -134,7 +134,9 @@ def _default_text(f: dataclasses.Field, spec: Flag) -> str:
     if spec.default_help is not None:
         return spec.default_help
     d = default_of(f)
-    if d is None or d == [] or d is False:
+    if (
+        d is dataclasses.MISSING or d is None or d == [] or d is False
+    ):  # required, or nothing to say
         return ""
     return f"{d:g}" if isinstance(d, float) else str(d)
 
