@@ -10,7 +10,13 @@ from typing import Any
 
 import numpy as np
 
-from frostline.app.config import UsageError, option, positive_int, resolve
+from frostline.app.config import UsageError, option, resolve
+from frostline.app.run_options import (
+    batch_size_option,
+    run_dir_option,
+    threads_option,
+    trust_option,
+)
 
 NAME = "evaluate"
 HELP = "accuracy, per-class table and confusion matrix of a run on held-out data"
@@ -36,12 +42,7 @@ FILES = ("confusion_matrix.png", "per_class.csv", "evaluation.json")
 
 @dataclass
 class Options:
-    run_dir: str = option(
-        help="run directory written by frostline fit or frostline demo",
-        positional=True,
-        nargs=None,
-        metavar="RUN_DIR",
-    )
+    run_dir: str = run_dir_option()
     data: str = option(
         help="held-out folder (one subfolder of images per class) or .npz file with x and y",
         positional=True,
@@ -54,19 +55,9 @@ class Options:
         help="folder for the confusion matrix and the tables",
         default_help="RUN_DIR/eval",
     )
-    batch_size: int = option(64, parse=positive_int, metavar="N", help="batch size")
-    trust: list = option(
-        list,
-        repeat=True,
-        metavar="PACKAGE",
-        help="allow importing PACKAGE to rebuild a model fit built from 'package.module:factory' (repeatable)",
-    )
-    threads: int | None = option(
-        None,
-        parse=positive_int,
-        metavar="N",
-        help="CPU threads for torch (default: torch's choice)",
-    )
+    batch_size: int = batch_size_option()
+    trust: list = trust_option()
+    threads: int | None = threads_option()
 
 
 def check_out_dir(path: Path) -> None:

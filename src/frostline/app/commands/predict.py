@@ -9,6 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from frostline.app.config import UsageError, option, positive_int, resolve
+from frostline.app.run_options import (
+    batch_size_option,
+    run_dir_option,
+    threads_option,
+    trust_option,
+)
 
 NAME = "predict"
 HELP = "classify new images with the model of a run directory"
@@ -31,12 +37,7 @@ writes the CSV to FILE (atomically).
 
 @dataclass
 class Options:
-    run_dir: str = option(
-        help="run directory written by frostline fit or frostline demo",
-        positional=True,
-        nargs=None,
-        metavar="RUN_DIR",
-    )
+    run_dir: str = run_dir_option()
     inputs: list = option(
         list,
         help="image files, folders of images, or one .npz file with an array x",
@@ -48,19 +49,9 @@ class Options:
     csv: str | None = option(
         None, metavar="FILE", help="also write the predictions to FILE as CSV (atomic)"
     )
-    batch_size: int = option(64, parse=positive_int, metavar="N", help="batch size")
-    trust: list = option(
-        list,
-        repeat=True,
-        metavar="PACKAGE",
-        help="allow importing PACKAGE to rebuild a model fit built from 'package.module:factory' (repeatable)",
-    )
-    threads: int | None = option(
-        None,
-        parse=positive_int,
-        metavar="N",
-        help="CPU threads for torch (default: torch's choice)",
-    )
+    batch_size: int = batch_size_option()
+    trust: list = trust_option()
+    threads: int | None = threads_option()
 
 
 def top_k(probs: np.ndarray, k: int) -> np.ndarray:
