@@ -45,7 +45,6 @@ import io
 import json
 import math
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -55,6 +54,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# measure.py lies beside this script: found when it runs and when a test loads it by path.
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from measure import Phase, machine_info, maxrss_mb  # noqa: E402
 
 NUM_CLASSES = 10
 PHASE1_LR = 1e-3
@@ -68,77 +72,10 @@ MEM_SLACK_MB = 8.0
 MEM_SLACK_FRAC = 0.02
 
 
-# --------------------------------------------------------------------------- memory
+# --------------------------------------------------------------------------- phases
 
 
-def _proc_status(field: str) -> float | None:
-    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MiB, or None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset this process's RSS high-water mark (Linux >= 4.0); False if not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process (all threads, user + system)."""
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-class _Phase:
-    """Wall time and peak memory of one phase (RSS on CPU, allocator peak on CUDA)."""
-
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
-        self.seconds = 0.0
-        self.cpu_seconds = 0.0
-        self.peak_mb: float | None = None
-        self.start_mb: float | None = None
-
-    def __enter__(self) -> _Phase:
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start_mb = torch.cuda.memory_allocated() / 2**20
-        self.hwm_reset = _reset_peak()
-        if not self.cuda:
-            self.start_mb = _proc_status("VmRSS")
-        self.t0 = time.perf_counter()
-        self.c0 = _cpu_seconds()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.seconds = time.perf_counter() - self.t0
-        self.cpu_seconds = _cpu_seconds() - self.c0
-        if self.cuda:
-            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
-        elif self.hwm_reset:
-            self.peak_mb = _proc_status("VmHWM")
-
-
-def _phase_result(p: _Phase, info: dict[str, Any]) -> dict[str, Any]:
+def _phase_result(p: Phase, info: dict[str, Any]) -> dict[str, Any]:
     return {
         "seconds": p.seconds,
         "cpu_seconds": p.cpu_seconds,
@@ -155,7 +92,7 @@ def _run_phases(cuda: bool, phases: list[Callable[[], dict[str, Any]]]) -> list[
     out = []
     for run in phases:
         try:
-            with _Phase(cuda) as p:
+            with Phase(cuda) as p:
                 info = run()
         except Exception as e:
             tail = traceback.format_exc().strip().splitlines()
@@ -604,33 +541,12 @@ WORKERS = {"frostline": run_frostline, "loop": run_loop}
 
 
 def _worker(args: argparse.Namespace) -> None:
-    import resource
-
     result = WORKERS[args.worker](ARCHS[args.worker_arch], args)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = maxrss_mb()
     Path(args.result).write_text(json.dumps(result))
 
 
 # --------------------------------------------------------------------------- parent
-
-
-def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        cores = os.cpu_count() or 1
-    return {
-        "cpu": cpu,
-        "cores": cores,
-        "python": platform.python_version(),
-        "os": platform.platform(),
-    }
 
 
 _FORWARD = (
@@ -963,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
             print("--device cuda: CUDA is not available on this machine", file=sys.stderr)
             return 2
     load_before = os.getloadavg()
-    machine = _machine()
+    machine = machine_info()
     print(
         f"architecture sweep: {len(args.arch_list)} architectures, {args.samples} samples "
         f"(images {args.image_size}px, tokens {args.seq_len}), batch {args.batch_size}, "

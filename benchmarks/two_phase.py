@@ -33,7 +33,6 @@ import importlib.util
 import io
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -44,75 +43,16 @@ from typing import Any
 
 import numpy as np
 
+# measure.py lies beside this script: found when it runs and when a test loads it by path.
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from measure import Phase, machine_info, maxrss_mb  # noqa: E402
+
 PEERS = ("frostline", "torch", "keras")
 NUM_CLASSES = 10
 UNFREEZE_LAST = 10
 PHASE1_LR = 1e-3
 PHASE2_LR = 1e-5
-
-
-# --------------------------------------------------------------------------- memory
-
-
-def _proc_status(field: str) -> float | None:
-    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MiB, or None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset this process's RSS high-water mark (Linux >= 4.0); False if not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _maxrss_mb() -> float:
-    import resource
-
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
-
-
-class _Phase:
-    """Wall time and peak memory of one phase (RSS on CPU, allocator peak on CUDA)."""
-
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
-        self.seconds = 0.0
-        self.peak_mb: float | None = None
-
-    def __enter__(self) -> _Phase:
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        self.hwm_reset = _reset_peak()
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
-        self.seconds = time.perf_counter() - self.t0
-        if self.cuda:
-            import torch
-
-            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
-        elif self.hwm_reset:
-            self.peak_mb = _proc_status("VmHWM")
 
 
 # ----------------------------------------------------------------------------- data
@@ -231,14 +171,14 @@ def run_frostline(args: argparse.Namespace) -> dict[str, Any]:
         }
 
     phases = []
-    with _Phase(cuda) as p1:
+    with Phase(cuda) as p1:
         base.trainable = False
         model.compile(
             optimizer=fl.optimizers.Adam(PHASE1_LR), loss=loss, metrics=["accuracy"], **compile_kw
         )
         info1 = fit(args.epochs1)
     phases.append({"seconds": p1.seconds, "peak_mb": p1.peak_mb, **info1})
-    with _Phase(cuda) as p2:
+    with Phase(cuda) as p2:
         if cuda:
             base.unfreeze(fl.select.name("layer4"))
         else:
@@ -325,13 +265,13 @@ def run_torch(args: argparse.Namespace) -> dict[str, Any]:
         }
 
     phases = []
-    with _Phase(cuda) as p1:
+    with Phase(cuda) as p1:
         base.requires_grad_(False)
         base.eval()
         head.train()
         info1 = train(torch.optim.Adam(head.parameters(), lr=PHASE1_LR), args.epochs1)
     phases.append({"seconds": p1.seconds, "peak_mb": p1.peak_mb, **info1})
-    with _Phase(cuda) as p2:
+    with Phase(cuda) as p2:
         unfrozen = [base.layer4] if cuda else _leaf_modules(base)[-UNFREEZE_LAST:]
         for m in unfrozen:
             m.requires_grad_(True)
@@ -377,12 +317,12 @@ def run_keras(args: argparse.Namespace) -> dict[str, Any]:
         }
 
     phases = []
-    with _Phase(False) as p1:
+    with Phase(False) as p1:
         base.trainable = False
         model.compile(optimizer=keras.optimizers.Adam(PHASE1_LR), loss=loss, metrics=["accuracy"])
         info1 = fit(args.epochs1)
     phases.append({"seconds": p1.seconds, "peak_mb": p1.peak_mb, **info1})
-    with _Phase(False) as p2:
+    with Phase(False) as p2:
         # Keras 3: a layer inside a non-trainable model reports no trainable weights, so
         # unfreeze the base and freeze all but its last 10 layers that hold weights.
         base.trainable = True
@@ -412,31 +352,12 @@ WORKERS = {"frostline": run_frostline, "torch": run_torch, "keras": run_keras}
 
 def _worker(args: argparse.Namespace) -> None:
     result = WORKERS[args.worker](args)
-    result["peak_rss_mb"] = _maxrss_mb()
+    result["peak_rss_mb"] = maxrss_mb()
     result["threads"] = args.threads
     Path(args.result).write_text(json.dumps(result))
 
 
 # --------------------------------------------------------------------------- parent
-
-
-def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        cores = os.cpu_count() or 1
-    return {
-        "cpu": cpu,
-        "cores": cores,
-        "python": platform.python_version(),
-        "os": platform.platform(),
-    }
 
 
 def _run_peer(peer: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -638,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("\n".join(lines))
     print(
-        f"\nload average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} ({_machine()['cores']} cores)"
+        f"\nload average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} ({machine_info()['cores']} cores)"
     )
     for peer, r in results.items():
         notes = [
@@ -657,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         payload = {
             "args": {k: v for k, v in vars(args).items() if k not in ("worker", "result")},
-            "machine": _machine(),
+            "machine": machine_info(),
             "load_before": load_before,
             "load_after": load_after,
             "results": results,

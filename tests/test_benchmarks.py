@@ -172,3 +172,13 @@ def test_sweep_doctests(sweep):
     import doctest
 
     assert doctest.testmod(sweep).failed == 0
+
+
+def test_measure_doctests(sweep):
+    """benchmarks/measure.py, which sweep.py and two_phase.py import from beside themselves."""
+    import doctest
+
+    measure = sys.modules["measure"]  # imported by loading sweep.py
+    assert Path(measure.__file__).resolve() == ROOT / "benchmarks" / "measure.py"
+    result = doctest.testmod(measure)
+    assert result.attempted > 0 and result.failed == 0
