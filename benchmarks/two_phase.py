@@ -139,13 +139,7 @@ def run_frostline(args: argparse.Namespace) -> dict[str, Any]:
 
     cuda = args.device == "cuda"
     t0 = time.perf_counter()
-    if cuda:
-        x, y = _cuda_data(args)
-        arch, features = "resnet50", 2048
-    else:
-        xn, yn = make_data(args.images, args.size, "NCHW")
-        x, y = torch.from_numpy(xn), torch.from_numpy(yn)
-        arch, features = "mobilenetv2_100", 1280
+    x, y, arch, features = _torch_workload(args)
     torch.manual_seed(0)
     base = fl.models.pretrained(arch, pretrained=False, headless=True)
     model = fl.Sequential([base, nn.Linear(features, NUM_CLASSES)])
@@ -213,13 +207,7 @@ def run_torch(args: argparse.Namespace) -> dict[str, Any]:
 
     cuda = args.device == "cuda"
     t0 = time.perf_counter()
-    if cuda:
-        x, y = _cuda_data(args)
-        arch, features = "resnet50", 2048
-    else:
-        xn, yn = make_data(args.images, args.size, "NCHW")
-        x, y = torch.from_numpy(xn), torch.from_numpy(yn)
-        arch, features = "mobilenetv2_100", 1280
+    x, y, arch, features = _torch_workload(args)
     torch.manual_seed(0)
     base = timm.create_model(arch, pretrained=False, num_classes=0)
     head = nn.Linear(features, NUM_CLASSES)
@@ -336,15 +324,21 @@ def run_keras(args: argparse.Namespace) -> dict[str, Any]:
     return {"setup_s": setup, "phases": phases, "versions": versions}
 
 
-def _cuda_data(args: argparse.Namespace):
-    """The digits at ``--size`` on the GPU, channels_last (NCHW shape)."""
+def _torch_workload(args: argparse.Namespace):
+    """The torch peers' data, timm architecture and its feature width for ``--device``.
+
+    CPU: the digits at ``--size`` (NCHW) for MobileNetV2; CUDA: the digits on the GPU,
+    channels_last, for ResNet-50.
+    """
     import torch
 
     xn, yn = make_data(args.images, args.size, "NCHW")
+    if args.device != "cuda":
+        return torch.from_numpy(xn), torch.from_numpy(yn), "mobilenetv2_100", 1280
     x = torch.from_numpy(xn).to("cuda").contiguous(memory_format=torch.channels_last)
     y = torch.from_numpy(yn).to("cuda")
     del xn
-    return x, y
+    return x, y, "resnet50", 2048
 
 
 WORKERS = {"frostline": run_frostline, "torch": run_torch, "keras": run_keras}
