@@ -56,6 +56,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx.proxy import Attribute as _FxAttribute
+from torch.fx.proxy import TraceError as _TraceError
 from torch.utils import _pytree as pytree
 
 from frostline.core import batchnorm
@@ -192,20 +194,180 @@ class _Tracer(fx.Tracer):
         return out
 
 
+
+# ----------------------------------------------------------- fx with example values
+
+
+_STATIC_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "is_sparse"})
+_STATIC_METHODS = frozenset({"size", "dim", "numel", "nelement", "is_floating_point"})
+_STATIC_METHODS |= {"is_complex", "element_size", "get_device", "is_contiguous"}
+_CONCRETE_ATTRS = frozenset({"ndim", "dtype", "device", "is_cuda", "layout", "is_sparse"})
+
+
+class _ValueProxy(fx.Proxy):
+    """A proxy that also holds the value it takes on the example batch.
+
+    ``static`` values come from tensor metadata only (shapes, ranks, dtypes) and
+    Python arithmetic on them: Python control flow may read those (``if x.ndim < 4``).
+    Control flow on anything computed from tensor contents stays an error.
+    """
+
+    value: Any = None
+    static: bool = False
+
+    def __getattr__(self, k: str) -> Any:
+        if k.startswith("__") or k in ("value", "static"):
+            raise AttributeError(k)
+        tracer = self.tracer
+        assert isinstance(tracer, _ValueTracer)
+        try:
+            v = getattr(self.value, k)
+        except AttributeError:
+            return _FxAttribute(self, k)
+        if callable(v):
+            return _FxAttribute(self, k)  # a method: recorded when called
+        if k in _CONCRETE_ATTRS and isinstance(self.value, Tensor):
+            return v  # fixed for a trace (rank, dtype, device): not recorded
+        return tracer.create_proxy("call_function", getattr, (self, k), {})
+
+    def __len__(self) -> int:
+        if self.static:
+            return len(self.value)
+        raise _TraceError("len() of a traced tensor")
+
+    def __index__(self) -> int:
+        if self.static and isinstance(self.value, int):
+            return int(self.value)
+        raise _TraceError("a traced value used as a Python integer")
+
+    def __int__(self) -> int:
+        return self.__index__()
+
+
+def _value_of(a: Any) -> Any:
+    if isinstance(a, _ValueProxy):
+        return a.value
+    if isinstance(a, _FxAttribute):
+        return getattr(_value_of(a.root), a.attr)
+    if isinstance(a, fx.Proxy):
+        raise _TraceError(f"no example value for {a}")
+    return a
+
+
+def _is_static(a: Any) -> bool:
+    ok = True
+
+    def visit(x: Any) -> None:
+        nonlocal ok
+        if isinstance(x, fx.Proxy) and not (isinstance(x, _ValueProxy) and x.static):
+            ok = False
+
+    pytree.tree_map_(visit, a)
+    return ok
+
+
+class _ValueTracer(_Tracer):
+    """Module-level fx tracing that runs every recorded operation on the example batch.
+
+    Where plain ``torch.fx`` stops at Python control flow on shapes (Hugging Face's
+    ``if attention_mask.ndim < 4``, slicing a buffer to ``seq_length``), this tracer
+    knows the example's value and takes the branch it takes; the trace is then checked
+    on two batch sizes (:func:`_probe`) like any other.
+    """
+
+    proxy_buffer_attributes = True
+
+    def __init__(self, extra_leaves: set[str], inputs: dict[str, Any]) -> None:
+        super().__init__(extra_leaves)
+        self.inputs = inputs
+        self.concrete = 0  # > 0 while computing an example value: plain calls, no recording
+
+    def call_module(self, m: nn.Module, forward: Callable, args: Any, kwargs: Any) -> Any:
+        if self.concrete:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self.concrete:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ValueProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):  # type: ignore[override]
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, None)
+        assert isinstance(proxy, _ValueProxy)
+        static = False
+        if kind == "placeholder":
+            value = self.inputs[str(target)]
+        elif kind == "get_attr":
+            self.concrete += 1
+            try:
+                value = _fetch(self.root, str(target))
+            finally:
+                self.concrete -= 1
+        else:
+            a = pytree.tree_map(_value_of, args)
+            kw = pytree.tree_map(_value_of, kwargs)
+            self.concrete += 1
+            try:
+                value, static = self._run(kind, target, args, kwargs, a, kw)
+            finally:
+                self.concrete -= 1
+        proxy.value, proxy.static = value, static
+        return proxy
+
+    def _run(self, kind: str, target: Any, args: Any, kwargs: Any, a: Any, kw: Any) -> Any:
+        static = False
+        if True:
+            if kind == "call_function":
+                value = target(*a, **kw)
+                if target is getattr:
+                    static = args[1] in _STATIC_ATTRS
+                else:
+                    static = not isinstance(value, Tensor) and _is_static((args, kwargs))
+            elif kind == "call_method":
+                value = getattr(a[0], str(target))(*a[1:], **kw)
+                static = (str(target) in _STATIC_METHODS) or (
+                    not isinstance(value, Tensor) and _is_static((args, kwargs))
+                )
+            else:  # call_module
+                value = self.root.get_submodule(str(target))(*a, **kw)
+        return value, static
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        if isinstance(obj, _ValueProxy) and obj.static:
+            return bool(obj.value)
+        raise _TraceError("Python control flow on a value computed from tensor contents")
+
+    def iter(self, obj: fx.Proxy):
+        if isinstance(obj, _ValueProxy) and obj.static:
+            return iter([obj[i] for i in range(len(obj.value))])
+        return super().iter(obj)
+
+
 class _Root(nn.Module):
     """Holds the user's model as ``model``; its generated forward takes named inputs."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.out_spec: Any = None
+
+    def flatten(self, out: Any) -> tuple[Any, ...]:
+        """The output's leaves (its structure, e.g. a ModelOutput, kept in ``out_spec``)."""
+        leaves, self.out_spec = pytree.tree_flatten(out)
+        return tuple(leaves)
 
 
-def _root_for(module: nn.Module, names: tuple[str, ...], kw: bool) -> _Root:
+def _root_for(module: nn.Module, names: tuple[str, ...], kw: bool, flat: bool = False) -> _Root:
     for n in names:
         if not n.isidentifier() or keyword.iskeyword(n) or n in ("self", "model"):
             raise GraphError(f"input name {n!r} is not usable as an argument name")
     call = ", ".join(f"{n}={n}" for n in names) if kw else ", ".join(names)
-    src = f"def forward(self, {', '.join(names)}):\n    return self.model({call})\n"
+    body = f"self.flatten(self.model({call}))" if flat else f"self.model({call})"
+    src = f"def forward(self, {', '.join(names)}):\n    return {body}\n"
     scope: dict[str, Any] = {}
     exec(compile(src, "<frostline.graph>", "exec"), scope)  # noqa: S102 - fixed template
     cls = type("TracedModel", (_Root,), {"forward": scope["forward"]})
@@ -315,10 +477,13 @@ def trace(module: nn.Module, example: Any, *, max_leaves: int = 32) -> Traced:
     if batch is None or batch < 1:
         raise GraphError("the inputs hold no tensor with a batch dimension")
     errors = []
-    for backend in ("fx", "export"):
+    for backend in ("fx", "fx-values", "export"):
         try:
-            t = _trace_fx(module, names, kw, max_leaves) if backend == "fx" else None
-            if t is None:
+            if backend == "fx":
+                t = _trace_fx(module, names, kw, max_leaves)
+            elif backend == "fx-values":
+                t = _trace_fx(module, names, kw, max_leaves, example=values)
+            else:
                 t = _trace_export(module, names, values, kw)
             _probe(t, values)
             return t
@@ -335,13 +500,27 @@ def _short(e: BaseException, limit: int = 160) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def _trace_fx(module: nn.Module, names: tuple[str, ...], kw: bool, max_leaves: int) -> Traced:
-    root = _root_for(module, names, kw)
+def _trace_fx(
+    module: nn.Module,
+    names: tuple[str, ...],
+    kw: bool,
+    max_leaves: int,
+    example: tuple[Any, ...] | None = None,
+) -> Traced:
+    """Module-level fx; with ``example``, the :class:`_ValueTracer` (flat outputs)."""
+    root = _root_for(module, names, kw, flat=example is not None)
     leaves: set[str] = set()
     for _ in range(max_leaves + 1):
-        tracer = _Tracer(leaves)
+        if example is None:
+            tracer = _Tracer(leaves)
+        else:
+            tracer = _ValueTracer(leaves, dict(zip(names, example)))
         try:
-            graph = tracer.trace(root)
+            if example is None:
+                graph = tracer.trace(root)
+            else:
+                with _restored_state(module), torch.no_grad():
+                    graph = tracer.trace(root)
         except Exception as e:
             inner = [p for p in tracer.stack if p not in leaves]
             if not inner or inner[-1] in ("", "model"):
@@ -353,10 +532,11 @@ def _trace_fx(module: nn.Module, names: tuple[str, ...], kw: bool, max_leaves: i
         return Traced(
             module,
             gm,
-            "fx",
+            "fx" if example is None else "fx-values",
             names,
             kw,
             tuple(m.training for m in baked),
+            out_spec=getattr(root, "out_spec", None),
             leaves=tuple(sorted(leaves)),
             root=root,
             baked=baked,
