@@ -73,6 +73,7 @@ __all__ = [
     "describe_boundary",
     "partition",
     "same_outputs",
+    "stochastic_frozen",
     "stochastic_module",
     "trace",
 ]
@@ -400,6 +401,8 @@ class Traced:
     #: at trace time): for fx, those it traced through; layers it calls as whole modules read
     #: their flag when they run. An export trace inlines every module.
     baked: tuple[nn.Module, ...] = ()
+    sample_shapes: tuple[Any, ...] | None = None  # fx-values: per-sample input shapes
+    device: torch.device | None = None
 
     def fits_modes(self) -> bool:
         """Whether the modules' ``training`` flags are still those the graph baked in.
@@ -428,6 +431,8 @@ class Traced:
             True
         """
         root = self.root if self.root is not None else self.module
+        if self.device is not None and self.device != _device_of(self.module):
+            return False  # moved: a trace may hold device constants
         for n in self.gm.graph.nodes:
             target = str(n.target)
             try:
@@ -446,6 +451,11 @@ class Traced:
         names, values, _ = inputs_of(self.module, x)
         if names != self.input_names:
             raise GraphError(f"inputs {names} differ from the traced inputs {self.input_names}")
+        if self.sample_shapes is not None and _sample_shapes(values) != self.sample_shapes:
+            raise GraphError(
+                f"inputs with per-sample shapes {_sample_shapes(values)}; the model was traced "
+                f"for {self.sample_shapes} (shapes steered its Python control flow)"
+            )
         return values
 
     def run(self, x: Any) -> Any:
@@ -536,10 +546,12 @@ def _trace_fx(
             names,
             kw,
             tuple(m.training for m in baked),
-            out_spec=getattr(root, "out_spec", None),
+            out_spec=root.out_spec,
             leaves=tuple(sorted(leaves)),
             root=root,
             baked=baked,
+            sample_shapes=None if example is None else _sample_shapes(example),
+            device=_device_of(module),
         )
     raise GraphError(f"more than {max_leaves} submodules could not be traced")
 
@@ -582,7 +594,31 @@ def _trace_export(module: nn.Module, names: tuple[str, ...], values: tuple, kw: 
     out_spec = gm._out_spec if hasattr(gm, "_out_spec") else None
     flat = fx.GraphModule(gm, _flat_graph(gm.graph))
     _check_shared_weights(module, flat)
-    return Traced(module, flat, "export", names, kw, mode_key(module), out_spec=out_spec)
+    return Traced(
+        module,
+        flat,
+        "export",
+        names,
+        kw,
+        mode_key(module),
+        out_spec=out_spec,
+        device=_device_of(module),
+    )
+
+
+def _sample_shapes(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(
+        tuple(v.shape[1:]) if isinstance(v, Tensor) and v.dim() else None
+        for v in pytree.tree_leaves(list(values))
+    )
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return None
 
 
 def _flat_graph(graph: fx.Graph) -> fx.Graph:
@@ -787,21 +823,104 @@ def stochastic_module(m: nn.Module) -> str | None:
         True
     """
     for sub in m.modules():
-        bn = isinstance(sub, nn.modules.batchnorm._NormBase)
-        if bn and sub.running_mean is None:
-            return f"{type(sub).__name__} in batch-statistics mode (no running statistics)"
-        if not sub.training:
-            continue
-        if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p > 0:
-            return type(sub).__name__
-        if (
-            type(sub).__name__ in ("DropPath", "StochasticDepth")
-            and float(getattr(sub, "drop_prob", getattr(sub, "p", 0)) or 0) > 0
-        ):
-            return type(sub).__name__
-        if bn and sub.track_running_stats and not _runs_inference(sub):
-            return f"{type(sub).__name__} in batch-statistics mode"
+        why = _stochastic_itself(sub)
+        if why is not None:
+            return why
     return None
+
+
+def _stochastic_itself(sub: nn.Module) -> str | None:
+    """:func:`stochastic_module` for ``sub`` alone (not its submodules)."""
+    bn = isinstance(sub, nn.modules.batchnorm._NormBase)
+    if bn and sub.running_mean is None:
+        return f"{type(sub).__name__} in batch-statistics mode (no running statistics)"
+    if not sub.training:
+        return None
+    if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p > 0:
+        return type(sub).__name__
+    if (
+        type(sub).__name__ in ("DropPath", "StochasticDepth")
+        and float(getattr(sub, "drop_prob", getattr(sub, "p", 0)) or 0) > 0
+    ):
+        return type(sub).__name__
+    if bn and sub.track_running_stats and not _runs_inference(sub):
+        return f"{type(sub).__name__} in batch-statistics mode"
+    return None
+
+
+def stochastic_frozen(module: nn.Module, example: Any) -> str | None:
+    """Why the frozen part of ``module`` draws random numbers, found without tracing.
+
+    Runs ``module`` on two slices of ``example`` (3 and 2 samples, autograd on, buffers
+    and RNG restored) and watches its stochastic layers (active Dropout, DropPath,
+    StochasticDepth, batch-statistics BatchNorm; see :func:`stochastic_module`). One of
+    them is in the frozen part when, on both slices, it and every module it runs inside
+    (below the model itself) hold no trainable parameter, receive no tensor that
+    requires grad, and its input is per-sample (dim 0 follows the batch). Then any
+    trace's frozen part holds it, and :func:`partition` would report it as ``random``:
+    the caller may skip tracing. ``None`` says nothing (tracing decides): an in-place
+    layer (recomputed on the trainable side), a functional dropout, a layer next to
+    trainable computation.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> _ = net[:3].requires_grad_(False)
+        >>> stochastic_frozen(net, torch.randn(4, 4))
+        'Dropout'
+        >>> _ = net[0].requires_grad_(True)  # the dropout now reads trainable values
+        >>> stochastic_frozen(net, torch.randn(4, 4)) is None
+        True
+    """
+    if not any(_stochastic_itself(m) for m in module.modules()):
+        return None  # nothing to watch: no forward needed
+    names, values, kw = inputs_of(module, example)
+    batch = _batch_size(values)
+    if batch is None:
+        return None
+    found: list[dict[nn.Module, str]] = []
+    for rows in _probe_rows(batch):
+        inputs = _take(values, rows)
+        found.append(_watch_stochastic(module, names, inputs, kw, len(rows)))
+    both = [m for m in found[0] if m in found[1]]
+    return found[0][both[0]] if both else None
+
+
+def _watch_stochastic(
+    module: nn.Module, names: tuple[str, ...], inputs: tuple[Any, ...], kw: bool, batch: int
+) -> dict[nn.Module, str]:
+    """The stochastic layers that ran on frozen, per-sample values (one forward)."""
+    trains = {m: any(p.requires_grad for p in m.parameters()) for m in module.modules()}
+    stack: list[bool] = []  # per open module call: its computation is frozen
+    found: dict[nn.Module, str] = {}
+
+    def grad_in(args: Any) -> bool:
+        return any(isinstance(t, Tensor) and t.requires_grad for t in pytree.tree_leaves(args))
+
+    def pre(m: nn.Module, args: Any, kwargs: Any) -> None:
+        frozen = not trains[m] and not grad_in((args, kwargs))
+        why = _stochastic_itself(m)
+        if why and frozen and all(stack[1:]) and not getattr(m, "inplace", False):
+            first = next((t for t in pytree.tree_leaves(args) if isinstance(t, Tensor)), None)
+            if first is not None and first.dim() and first.shape[0] == batch:
+                found.setdefault(m, why)
+        stack.append(frozen)
+
+    def post(m: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+        stack.pop()
+
+    handles = []
+    try:
+        for m in module.modules():
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
+        with _restored_state(module), torch.enable_grad():
+            call_model(module, dict(zip(names, inputs)) if kw else inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
 
 
 def _runs_inference(m: nn.Module) -> bool:

@@ -40,6 +40,7 @@ from frostline.engine.graph import (
     describe_boundary,
     mode_key,
     partition,
+    stochastic_frozen,
     trace,
 )
 
@@ -182,6 +183,7 @@ class Runner:
         self.example: Any = None
         self.traces: dict[tuple, tuple[Traced, tuple]] = {}
         self.partitions: dict[tuple, Partition] = {}
+        self._stochastic: dict[tuple, str | None] = {}
         self.part: Partition | None = None
         self.failure: tuple[OffReason, str] | None = None
         self._key: tuple | None = None
@@ -259,6 +261,14 @@ class Runner:
     def _partition(self, key: tuple) -> Partition | None:
         if key in self.partitions:
             return self.partitions[key]
+        if not self.frozen_inference:
+            # an active stochastic layer in the frozen part: the split would gain nothing
+            # (no cache, no folding), so the model runs whole and nothing is traced
+            if key not in self._stochastic:
+                self._stochastic[key] = stochastic_frozen(self.module, self.example)
+            if self._stochastic[key] is not None:
+                self.failure = (OffReason.STOCHASTIC, str(self._stochastic[key]))
+                return None
         # what a trace bakes in: training flags; an export trace runs BatchNorm inline, so
         # also whether each BatchNorm's policy makes it use running statistics
         modes = mode_key(self.module)
@@ -271,7 +281,7 @@ class Runner:
         traced, traced_policies = self.traces.get(modes, (None, ()))
         if traced is None:
             traced, traced_policies = next(
-                ((t, p) for t, p in self.traces.values() if t.backend == "fx" and t.fits_modes()),
+                ((t, p) for t, p in self.traces.values() if t.backend != "export" and t.fits_modes()),
                 (None, ()),
             )
         if traced is not None and not traced.current():  # a weight was replaced: trace again
@@ -398,6 +408,8 @@ class Runner:
             return off(OffReason.DISABLED)
         if self.part is None:
             reason, detail = self.failure or (OffReason.NO_FROZEN_PART, "")
+            if reason is OffReason.STOCHASTIC and not deterministic:
+                return off(OffReason.NOT_DETERMINISTIC)  # the first reason, as with a split
             return off(reason, detail)
         if not deterministic:
             return off(OffReason.NOT_DETERMINISTIC)
@@ -575,6 +587,7 @@ class Runner:
         """
         if reread_weights:
             self._digests.clear()
+        self._stochastic.clear()  # a layer's rate may have changed (p = 0)
         self._params = None
         self._flags = None
 

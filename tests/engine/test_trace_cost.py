@@ -1,0 +1,229 @@
+"""What tracing costs and when it is skipped (frostline.engine.graph, runner).
+
+* Hugging Face models trace with fx plus example values (``"fx-values"``): Python
+  control flow on shapes takes the example's branch, torch.export is never called.
+* That tracer refuses control flow on tensor contents, and a trace whose shape branches
+  depend on the batch size fails its probe; a trace refuses inputs of other shapes.
+* An active stochastic layer that certainly lies in the frozen part turns the cache off
+  before anything is traced (the model runs whole, as ``cache=False`` would).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import frostline as fl
+from frostline.engine import graph, runner
+from frostline.engine.graph import GraphError, partition, same_outputs, stochastic_frozen, trace
+from frostline.engine.runner import OffReason
+
+from test_graph import hf_bert, hf_gpt2, tokens
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def no_export(monkeypatch) -> list:
+    calls: list = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("torch.export.export was called")
+
+    monkeypatch.setattr(torch.export, "export", refuse)
+    return calls
+
+
+@pytest.mark.parametrize("build", [hf_bert, hf_gpt2], ids=["bert", "gpt2"])
+def test_hugging_face_models_trace_without_torch_export(build, monkeypatch) -> None:
+    calls = no_export(monkeypatch)
+    torch.manual_seed(0)
+    model, x = build().eval(), tokens()
+    t = trace(model, x)
+    assert t.backend == "fx-values" and not calls
+    params = list(model.parameters())
+    model.requires_grad_(False)
+    for p in params[-2:]:
+        p.requires_grad_(True)
+    part = partition(t)
+    assert part.frozen is not None
+    assert same_outputs(part.trainable(*part.run_frozen(x)), model(**x))
+    assert type(t.run(x)) is type(model(**x))  # the ModelOutput comes back, not a dict
+
+
+class ShapeSwitch(nn.Module):
+    """Branches on a static shape (plain fx cannot), on the batch size when asked."""
+
+    def __init__(self, on_batch: bool = False) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+        self.on_batch = on_batch
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if x.shape[-1] == 6 and x.ndim == 2:
+            h = h * 2
+        if self.on_batch and x.size(0) > 2:
+            h = h + 1
+        return self.head(h)
+
+
+def test_shape_branches_trace_with_fx_values(monkeypatch) -> None:
+    calls = no_export(monkeypatch)
+    model = ShapeSwitch()
+    x = torch.randn(4, 6)
+    t = trace(model, x)
+    assert t.backend == "fx-values" and not calls
+    model.a.requires_grad_(False)
+    part = partition(t)
+    assert part.boundary == ("mul",)
+    for n in (1, 5):
+        xs = torch.randn(n, 6)
+        assert same_outputs(part.trainable(*part.run_frozen(xs)), model(xs))
+    with pytest.raises(GraphError, match="per-sample shapes"):
+        t.flat(torch.randn(4, 7))  # the branch was taken for 6 features
+
+
+def test_a_branch_on_the_batch_size_is_not_baked_in() -> None:
+    model = ShapeSwitch(on_batch=True)
+    try:
+        t = trace(model, torch.randn(4, 6))
+    except GraphError:
+        return  # refused: fine
+    assert t.backend != "fx-values"  # the probe on 2 samples saw the other branch
+    for n in (1, 2, 3, 5):
+        xs = torch.randn(n, 6)
+        assert same_outputs(t.run(xs), model(xs))
+
+
+class ValueSwitch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.sum() > 0:  # tensor contents: no tracer may take the example's branch
+            return h
+        return -h
+
+
+def test_control_flow_on_tensor_contents_is_refused(monkeypatch) -> None:
+    with pytest.raises(GraphError, match="fx-values: TraceError: Python control flow"):
+        trace(ValueSwitch(), torch.randn(3, 4))
+
+
+# ------------------------------------------------------------- cache off, untraced
+
+
+class Untraceable(nn.Module):
+    """fx cannot trace it (a branch on ``isinstance`` of a shape entry: proxies differ
+    from ints); torch.export can."""
+
+    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(p, inplace=inplace))
+        self.mid = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.mid(self.body(x))
+        if isinstance(x.shape[1], int):
+            h = h * 2
+        return self.head(h)
+
+
+def data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((24, 6)).astype(np.float32), rng.integers(0, 3, 24)
+
+
+def fit(module: nn.Module, cache, **kw):
+    x, y = data()
+    torch.manual_seed(0)
+    model = fl.wrap(module)
+    model.get_layer("body").trainable = False
+    model.get_layer("mid").trainable = False
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    h = model.fit(x, y, batch_size=8, epochs=2, seed=0, verbose=0, cache=cache, **kw)
+    return model, h.history["loss"]
+
+
+def counting_trace(monkeypatch) -> list:
+    calls: list = []
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return graph.trace(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "trace", counted)
+    return calls
+
+
+def test_stochastic_frozen_part_turns_the_cache_off_before_tracing(monkeypatch) -> None:
+    torch.manual_seed(0)
+    ref, ref_losses = fit(Untraceable(), cache=False)
+    traced = counting_trace(monkeypatch)
+    exported = no_export(monkeypatch)
+    torch.manual_seed(0)
+    model, losses = fit(Untraceable(), cache="auto")
+    status = model.cache_status["train"]
+    assert status.reason is OffReason.STOCHASTIC and status.detail == "Dropout", status
+    assert not traced and not exported  # decided without tracing
+    np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=0)  # the very same steps
+    for a, b in zip(model.module.parameters(), ref.module.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "case", ["inactive", "inplace", "frozen_inference"], ids=lambda c: c.replace("_", "-")
+)
+def test_the_precheck_leaves_cacheable_models_to_the_trace(case, monkeypatch) -> None:
+    # p=0 keeps the cache on, and in inference mode the frozen part's dropout is off; an
+    # in-place dropout may be recomputed after the frontier: the trace decides
+    module = Untraceable(p=0.0 if case == "inactive" else 0.5, inplace=case == "inplace")
+    kw = {"frozen_inference": True} if case == "frozen_inference" else {}
+    traced = counting_trace(monkeypatch)
+    model, _ = fit(module, cache="auto", **kw)
+    assert traced
+    status = model.cache_status["train"]
+    assert status.cached or case == "inplace", status
+    assert status.boundary  # split by the trace
+
+
+def test_precheck_says_nothing_next_to_trainable_computation() -> None:
+    net = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Dropout(0.5), nn.Linear(4, 2)))
+    net[0].requires_grad_(False)
+    x = torch.randn(4, 4)
+    assert stochastic_frozen(net, x) is None  # inside the trainable head
+    net[1][1].requires_grad_(False)
+    net.append(nn.Linear(2, 2))
+    assert stochastic_frozen(net, x) == "Dropout"
+    net.eval()
+    assert stochastic_frozen(net, x) is None
+
+
+def test_precheck_ignores_dropout_on_weights_alone() -> None:
+    class WeightDrop(nn.Module):  # dropout on a frozen weight: not input-dependent
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4), requires_grad=False)
+            self.drop = nn.Dropout(0.5)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(x @ self.drop(self.w))
+
+    assert stochastic_frozen(WeightDrop(), torch.randn(4, 4)) is None
+
+
+def test_precheck_leaves_no_hooks_and_no_state_change() -> None:
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+    net[:3].requires_grad_(False)
+    stats, x = net[1].running_mean.clone(), torch.randn(4, 4)
+    rng = torch.get_rng_state()
+    assert stochastic_frozen(net, x) is not None
+    assert torch.equal(net[1].running_mean, stats) and torch.equal(torch.get_rng_state(), rng)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
