@@ -195,7 +195,6 @@ class _Tracer(fx.Tracer):
         return out
 
 
-
 # ----------------------------------------------------------- fx with example values
 
 
@@ -296,7 +295,9 @@ class _ValueTracer(_Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ValueProxy(node, self)
 
-    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):  # type: ignore[override]
+    def create_proxy(
+        self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None
+    ):  # type: ignore[override]
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, None)
         assert isinstance(proxy, _ValueProxy)
         static = False
@@ -344,7 +345,8 @@ class _ValueTracer(_Tracer):
 
     def iter(self, obj: fx.Proxy):
         if isinstance(obj, _ValueProxy) and obj.static:
-            return iter([obj[i] for i in range(len(obj.value))])
+            items: Any = obj
+            return iter([items[i] for i in range(len(obj.value))])
         return super().iter(obj)
 
 
@@ -614,9 +616,7 @@ def _sample_shapes(values: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def _device_of(module: nn.Module) -> torch.device | None:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
+    for t in (*module.parameters(), *module.buffers()):
         return t.device
     return None
 

@@ -281,7 +281,11 @@ class Runner:
         traced, traced_policies = self.traces.get(modes, (None, ()))
         if traced is None:
             traced, traced_policies = next(
-                ((t, p) for t, p in self.traces.values() if t.backend != "export" and t.fits_modes()),
+                (
+                    (t, p)
+                    for t, p in self.traces.values()
+                    if t.backend != "export" and t.fits_modes()
+                ),
                 (None, ()),
             )
         if traced is not None and not traced.current():  # a weight was replaced: trace again
