@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import frostline.engine.fuse as fuse
-from frostline.engine.fuse import InferenceCopy, inference_copy
+from frostline.engine.fuse import FoldedConvBn, InferenceCopy, inference_copy
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
@@ -92,18 +92,17 @@ def test_fused_prefix_matches(name: str, channels_last: bool) -> None:
         assert all(torch.equal(sd[k], after[k]) for k in sd)
         assert [s.training for s in m.modules()] == flags
         assert [p.requires_grad for p in m.parameters()] == grads
-        assert all(p is not q for p in m.parameters() for q in fused.parameters())
 
-    # fused: every BN folded, inference form, no grad
+    # fused: every BN folded (each one only inside its FoldedConvBn), inference form
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for p in prefix for m in p.modules())
     assert len(fused.folded) == n_bn > 0
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    pairs = [m for m in fused.modules() if isinstance(m, FoldedConvBn)]
+    assert len(pairs) == n_bn
+    assert {id(m) for m in fused.modules() if isinstance(m, nn.BatchNorm2d)} == {
+        id(p.bn) for p in pairs
+    }
     assert not fused.training and not any(m.training for m in fused.modules())
     assert fused.train().training is False
-    assert all(not p.requires_grad for p in fused.parameters())
-    if channels_last:
-        convs = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
-        assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
 
     for m in prefix:
         m.eval()
@@ -111,7 +110,73 @@ def test_fused_prefix_matches(name: str, channels_last: bool) -> None:
     ref = _run(prefix, x2)
     out = fused(x2)
     assert out.is_contiguous()
+    assert not out.requires_grad  # the weights do require grad: the copy runs without autograd
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-4)
+
+
+def _storages(m: nn.Module) -> set[int]:
+    """Storage addresses of every tensor a module tree holds (registered or plain attributes)."""
+    out = set()
+    for sub in m.modules():
+        for v in (*vars(sub).values(), *sub._parameters.values(), *sub._buffers.values()):
+            if isinstance(v, Tensor):
+                out.add(v.untyped_storage().data_ptr())
+    return out
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_100", "efficientnet_lite0", "tv_resnet18"])
+def test_copy_shares_every_weight(name: str) -> None:
+    prefix = _prefix(_model(name))
+    fused = inference_copy(prefix, example=X)
+    assert fused is not None and fused.folded
+    originals = {id(t): t for m in prefix for t in (*m.parameters(), *m.buffers())}
+    copied = [*fused.parameters(), *fused.buffers()]
+    assert len(copied) == len(originals)
+    assert all(originals.get(id(t)) is t for t in copied)
+    assert {t.data_ptr() for t in copied} == {t.data_ptr() for t in originals.values()}
+    # no other tensor either: nothing folded or converted is kept
+    assert _storages(fused) <= {t.untyped_storage().data_ptr() for t in originals.values()}
+
+
+def _conv_bn(cin: int, cout: int) -> tuple[nn.Conv2d, nn.BatchNorm2d, Tensor, Tensor]:
+    """A conv, a calibrated BN, and the BN's running mean and var."""
+    g = torch.Generator().manual_seed(3)
+    conv, bn = nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout).eval()
+    mean, var = bn.running_mean, bn.running_var
+    assert mean is not None and var is not None
+    with torch.no_grad():
+        mean.copy_(torch.randn(cout, generator=g))
+        var.copy_(torch.rand(cout, generator=g) + 0.5)
+        bn.weight.copy_(torch.randn(cout, generator=g))
+    return conv, bn, mean, var
+
+
+@pytest.mark.parametrize(
+    ("cin", "cout", "size", "always"),
+    [(3, 8, 16, True), (3, 8, 16, False), (64, 64, 1, False)],  # folded / folded / not worth it
+)
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_weight_changes_reach_the_next_call(
+    cin: int, cout: int, size: int, always: bool, channels_last: bool
+) -> None:
+    conv, bn, mean, var = _conv_bn(cin, cout)
+    mods: list[nn.Module] = [conv, bn, nn.ReLU()]
+    x = torch.randn(2, cin, size, size, generator=torch.Generator().manual_seed(4))
+    fused = inference_copy(mods, example=x, channels_last=channels_last)
+    assert fused is not None and fused.folded == [("0", "1")]
+    pair = fused.body.get_submodule("0")
+    assert isinstance(pair, FoldedConvBn)
+    pair.always_fold = always
+    first = fused(x)
+    torch.testing.assert_close(first, _run(mods, x), rtol=1e-4, atol=1e-5)
+
+    conv.weight.data.copy_(conv.weight.data * -0.5)  # no version bump through .data
+    mean.data.copy_(mean.data + 1.0)
+    var.data.copy_(var.data * 4.0)
+    bn.bias.data.copy_(bn.bias.data - 0.3)
+    second = fused(x)
+    assert not torch.allclose(second, first, atol=1e-3)
+    torch.testing.assert_close(second, _run(mods, x), rtol=1e-4, atol=1e-5)
 
 
 def test_whole_model_and_batchnormact_keeps_activation() -> None:
@@ -129,16 +194,20 @@ def test_whole_model_and_batchnormact_keeps_activation() -> None:
 
 def test_broken_fusion_returns_none(monkeypatch: pytest.MonkeyPatch) -> None:
     prefix = _prefix(_model("mobilenetv2_100"))
-    real = fuse._fold_weights
+    real = fuse._scale_shift
 
     def broken(*args: Tensor | float | None) -> tuple[Tensor, Tensor]:
-        w, b = real(*args)  # type: ignore[arg-type]
-        return w, b + 0.01  # e.g. a forgotten term
+        scale, shift = real(*args)  # type: ignore[arg-type]
+        return scale, shift + 0.01  # e.g. a forgotten term
 
-    monkeypatch.setattr(fuse, "_fold_weights", broken)
+    monkeypatch.setattr(fuse, "_scale_shift", broken)
     assert inference_copy(prefix, example=X) is None
-    monkeypatch.setattr(fuse, "_fold_weights", real)
-    assert inference_copy(prefix, example=X) is not None
+    # checked with every pair folded, even where the example is too small to fold
+    tiny = X[:, :, :8, :8]
+    monkeypatch.setattr(fuse.FoldedConvBn, "_worth_folding", lambda self, x: False)
+    assert inference_copy(prefix, example=tiny) is None
+    monkeypatch.setattr(fuse, "_scale_shift", real)
+    assert inference_copy(prefix, example=tiny) is not None
 
 
 @pytest.mark.parametrize("name", ["mobilenetv2_100", "resnet18", "tv_mobilenet_v2"])
