@@ -118,7 +118,8 @@ def _storages(m: nn.Module) -> set[int]:
     """Storage addresses of every tensor a module tree holds (registered or plain attributes)."""
     out = set()
     for sub in m.modules():
-        for v in (*vars(sub).values(), *sub._parameters.values(), *sub._buffers.values()):
+        own = (*sub.parameters(recurse=False), *sub.buffers(recurse=False))
+        for v in (*vars(sub).values(), *own):
             if isinstance(v, Tensor):
                 out.add(v.untyped_storage().data_ptr())
     return out

@@ -293,6 +293,31 @@ def test_optimised_prefix_matches_the_unoptimised_forward(arch):
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_optimised_prefix_shares_the_weights_and_sees_data_writes():
+    """The folded view keeps no weight copy, so a write that bumps no version is seen too."""
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    base = fl.wrap(net, name="base")
+    model = fl.Sequential([base, nn.Linear(net.num_features, 4)])
+    base.trainable = False
+    runner = Runner(model.module)
+    x = torch.randn(8, 3, 32, 32)
+    runner.verify(x)
+    runner.run_prefix(x)
+    fused = runner._fused
+    assert fused is not None and fused.folded
+    mine = {id(t) for t in (*net.parameters(), *net.buffers())}
+    assert all(id(t) in mine for t in (*fused.parameters(), *fused.buffers()))
+
+    net.bn1.running_var.data.copy_(net.bn1.running_var * 3.0)  # no version bump
+    net.conv1.weight.data.copy_(net.conv1.weight * -1.0)
+    (fast,) = runner.run_prefix(x)
+    assert runner._fused is fused  # the same view, not rebuilt
+    with torch.no_grad():
+        ref = net.eval()(x)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_evaluate_through_the_cache_matches_a_plain_forward():
     x, y = images(n=40)
     base = fl.wrap(conv_base(), name="base")

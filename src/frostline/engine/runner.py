@@ -2,8 +2,9 @@
 
 The model is traced (:mod:`frostline.engine.graph`) and split at the frontier of its
 frozen part: every value that depends only on the inputs and frozen weights. The frozen
-part runs under ``torch.no_grad`` (as a verified BatchNorm-folded, channels_last copy
-where that works), and when the data is deterministic and the frozen part draws no
+part runs under ``torch.no_grad`` (where that works, as a verified channels_last copy of
+its structure that shares its weights and folds BatchNorm into the convs at each call,
+:mod:`frostline.engine.fuse`), and when the data is deterministic and the frozen part draws no
 random numbers, its frontier tensors are cached across epochs and fits
 (:mod:`frostline.engine.activations`). The cache key holds the frontier, a fingerprint
 of the data, a content digest of the frozen weights and the frozen part's modes, so the
@@ -339,7 +340,7 @@ class Runner:
         self._flipped.clear()
         self.steps.detach()
         self._key = self._flags = None
-        self._fused = self._fused_key = None  # the folded copy of the frozen weights goes too
+        self._fused = self._fused_key = None  # the folded view (it shares the weights) goes too
 
     @property
     def trainable_ids(self) -> tuple[int, ...] | None:
@@ -393,6 +394,8 @@ class Runner:
             return part.frozen
         first = values[0]
         key = (id(part), weights_version(self.prefix_tensors()), first.device, first.dtype)
+        # The view folds from the live weights at each call, so it is never stale; a new
+        # weights version re-runs its numerical check on the new weights.
         if self._fused_key != key:
             self._fused_key = key
             try:
