@@ -231,16 +231,53 @@ def test_the_precheck_leaves_cacheable_models_to_the_trace(case, monkeypatch) ->
     assert status.boundary  # split by the trace
 
 
-def test_precheck_says_nothing_next_to_trainable_computation() -> None:
-    net = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Dropout(0.5), nn.Linear(4, 2)))
+def agrees_with_the_trace(net: nn.Module, x: torch.Tensor) -> str | None:
+    why = stochastic_frozen(net, x)
+    if why is not None:  # the pre-check may only say what the partition says
+        assert partition(trace(net, x)).random is not None
+    return why
+
+
+def test_precheck_says_nothing_where_trainable_computation_holds_the_layer() -> None:
+    x = torch.randn(4, 4)
+    net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+    assert agrees_with_the_trace(net, x) is None  # fed by a trainable layer
+    net[0].requires_grad_(False)
+    assert agrees_with_the_trace(net, x) == "Dropout"
+    net.eval()
+    assert agrees_with_the_trace(net, x) is None
+    # inside a layer fx calls whole, which holds trainable weights: one trainable node
+    enc = nn.TransformerEncoderLayer(4, 2, dim_feedforward=8, dropout=0.5, batch_first=True)
+    net = nn.Sequential(nn.Linear(4, 4), enc, nn.Linear(4, 2))
+    net[0].requires_grad_(False)
+    seq = torch.randn(4, 5, 4)
+    assert agrees_with_the_trace(net, seq) is None
+    assert partition(trace(net, seq)).random is None
+    enc.requires_grad_(False)
+    assert agrees_with_the_trace(net, seq) is not None
+
+
+class InputDrop(nn.Module):
+    """Dropout on its (frozen) input, then a Linear; fx calls it whole, as a torch.nn layer."""
+
+    __module__ = "torch.nn.modules.frostline_test"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop, self.lin = nn.Dropout(0.5), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(self.drop(x))
+
+
+def test_precheck_counts_a_layer_inside_a_whole_trainable_module_as_trainable() -> None:
+    net = nn.Sequential(nn.Linear(4, 4), InputDrop(), nn.Linear(4, 2))
     net[0].requires_grad_(False)
     x = torch.randn(4, 4)
-    assert stochastic_frozen(net, x) is None  # inside the trainable head
-    net[1][1].requires_grad_(False)
-    net.append(nn.Linear(2, 2))
-    assert stochastic_frozen(net, x) == "Dropout"
-    net.eval()
-    assert stochastic_frozen(net, x) is None
+    assert agrees_with_the_trace(net, x) is None
+    assert partition(trace(net, x)).random is None  # one trainable node: cacheable
+    net[1].lin.requires_grad_(False)
+    assert agrees_with_the_trace(net, x) == "Dropout"
 
 
 def test_precheck_ignores_dropout_on_weights_alone() -> None:
@@ -265,3 +302,16 @@ def test_precheck_leaves_no_hooks_and_no_state_change() -> None:
     assert stochastic_frozen(net, x) is not None
     assert torch.equal(net[1].running_mean, stats) and torch.equal(torch.get_rng_state(), rng)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
+
+
+def test_precheck_sees_the_dropout_of_a_partly_unfrozen_transformer() -> None:
+    # phase 2: the model and its encoder hold trainable weights (the last layer), but fx
+    # traces through them: the embeddings' dropout is frozen, the cache off untraced
+    torch.manual_seed(0)
+    model, x = hf_bert().train(), tokens()
+    model.requires_grad_(False)
+    model.bert.encoder.layer[-1].requires_grad_(True)
+    model.classifier.requires_grad_(True)
+    why = stochastic_frozen(model, x)
+    assert why == "Dropout"
+    assert partition(trace(model, x)).random is not None

@@ -854,13 +854,17 @@ def stochastic_frozen(module: nn.Module, example: Any) -> str | None:
     Runs ``module`` on two slices of ``example`` (3 and 2 samples, autograd on, buffers
     and RNG restored) and watches its stochastic layers (active Dropout, DropPath,
     StochasticDepth, batch-statistics BatchNorm; see :func:`stochastic_module`). One of
-    them is in the frozen part when, on both slices, it and every module it runs inside
-    (below the model itself) hold no trainable parameter, receive no tensor that
-    requires grad, and its input is per-sample (dim 0 follows the batch). Then any
-    trace's frozen part holds it, and :func:`partition` would report it as ``random``:
-    the caller may skip tracing. ``None`` says nothing (tracing decides): an in-place
-    layer (recomputed on the trainable side), a functional dropout, a layer next to
-    trainable computation.
+    them is in the frozen part when, on both slices, it holds no trainable parameter,
+    receives no tensor that requires grad (nothing it reads depends on a trainable
+    weight), its input is per-sample (dim 0 follows the batch), and no module it runs
+    inside that fx calls whole (torch.nn layers, timm's no-trace modules) holds trainable
+    weights or reads trainable values. Then the trace's frozen part holds it and
+    :func:`partition` would report it as ``random``: the caller may skip tracing.
+    ``None`` says nothing (tracing decides): an in-place layer (recomputed on the
+    trainable side), a functional dropout, a layer fed by trainable computation.
+    Not foreseen: a module whose own Python fx cannot trace becomes one whole node; if
+    it holds trainable weights and such a layer, the check still counts the layer as
+    frozen (the cache stays off, as it would with ``cache=False``).
 
     Example:
         >>> import torch
@@ -892,20 +896,24 @@ def _watch_stochastic(
 ) -> dict[nn.Module, str]:
     """The stochastic layers that ran on frozen, per-sample values (one forward)."""
     trains = {m: any(p.requires_grad for p in m.parameters()) for m in module.modules()}
-    stack: list[bool] = []  # per open module call: its computation is frozen
+    tracer = _Tracer(set())
+    whole = {m: tracer.is_leaf_module(m, "") for m in module.modules()}  # fx calls it whole
+    stack: list[bool] = []  # per open module call: no trainable node could hold what runs in it
     found: dict[nn.Module, str] = {}
 
     def grad_in(args: Any) -> bool:
         return any(isinstance(t, Tensor) and t.requires_grad for t in pytree.tree_leaves(args))
 
     def pre(m: nn.Module, args: Any, kwargs: Any) -> None:
-        frozen = not trains[m] and not grad_in((args, kwargs))
+        trainable = trains[m] or grad_in((args, kwargs))
         why = _stochastic_itself(m)
-        if why and frozen and all(stack[1:]) and not getattr(m, "inplace", False):
+        if why and not trainable and all(stack[1:]) and not getattr(m, "inplace", False):
             first = next((t for t in pytree.tree_leaves(args) if isinstance(t, Tensor)), None)
             if first is not None and first.dim() and first.shape[0] == batch:
                 found.setdefault(m, why)
-        stack.append(frozen)
+        # a module traced through has no node of its own; one fx calls whole is one node,
+        # trainable when it holds trainable weights or reads trainable values
+        stack.append(not (whole[m] and trainable))
 
     def post(m: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
         stack.pop()
