@@ -398,7 +398,10 @@ def _table_pairs(m: nn.Module) -> list[tuple[str, str]]:
 
 def _find_pairs(m: nn.Module, prefix: str = "") -> list[tuple[str, str]]:
     try:
-        return [(prefix + c, prefix + b) for c, b in _graph_pairs(m, _trace(m))]
+        # a graph module (the frozen part of a partition) already is its graph: reading it
+        # costs nothing, tracing it again ~0.3 s for a RegNet
+        graph = m.graph if isinstance(m, fx.GraphModule) else _trace(m)
+        return [(prefix + c, prefix + b) for c, b in _graph_pairs(m, graph)]
     except Exception:
         pass
     pairs = [(prefix + c, prefix + b) for c, b in _table_pairs(m)]
