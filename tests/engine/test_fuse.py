@@ -225,6 +225,23 @@ def test_pairing_table_fallback_without_fx(monkeypatch: pytest.MonkeyPatch, name
     assert sorted(without.folded) == sorted(with_fx.folded)
 
 
+def test_a_graph_module_is_read_not_traced_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The frozen part of a partition is an fx graph module: its graph gives the pairs."""
+    import torch.fx as fx
+
+    prefix = nn.Sequential(*_prefix(_model("resnet18")))
+    gm = fx.symbolic_trace(prefix)
+    traced = inference_copy(prefix, example=X)
+
+    def no_trace(m: nn.Module) -> None:
+        raise AssertionError("traced again")
+
+    monkeypatch.setattr(fuse, "_trace", no_trace)
+    read = inference_copy(gm, example=X)
+    assert traced is not None and read is not None and read.folded
+    assert len(read.folded) == len(traced.folded)
+
+
 class _Reuse(nn.Module):
     """conv output feeds BN *and* a residual: folding would be wrong."""
 
