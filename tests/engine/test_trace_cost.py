@@ -315,3 +315,101 @@ def test_precheck_sees_the_dropout_of_a_partly_unfrozen_transformer() -> None:
     why = stochastic_frozen(model, x)
     assert why == "Dropout"
     assert partition(trace(model, x)).random is not None
+
+
+# ------------------------------------------------- frozen_inference: one trace per fit
+
+
+def fit_tokens(module: nn.Module, flags: list | None = None) -> list[float]:
+    x = {k: v.numpy() for k, v in tokens_batch(16).items()}
+    y = np.arange(16) % 3
+    model = fl.wrap(module)
+    model.trainable = False
+    model.get_layer("classifier").trainable = True
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+
+    class Modes(fl.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if flags is not None:
+                flags.append(tuple(m.training for m in module.modules()))
+
+    h = model.fit(
+        x, y, batch_size=8, epochs=2, seed=0, verbose=0, frozen_inference=True, callbacks=[Modes()]
+    )
+    assert model.cache_status["train"].cached
+    return h.history["loss"]
+
+
+def tokens_batch(n: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 100, (n, 12), generator=g)
+    mask = torch.ones(n, 12, dtype=torch.long)
+    mask[::3, 8:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_frozen_inference_traces_once_in_the_final_modes(monkeypatch) -> None:
+    traced = counting_trace(monkeypatch)
+    torch.manual_seed(0)
+    guessed_flags: list = []
+    guessed = fit_tokens(hf_bert(), guessed_flags)
+    assert len(traced) == 1  # the frozen modules were put in eval mode before tracing
+    # without the guess: a trace in the modes as set, then one after the flip
+    monkeypatch.setattr(runner, "frozen_calls", lambda module, example: [])
+    traced.clear()
+    torch.manual_seed(0)
+    plain_flags: list = []
+    plain = fit_tokens(hf_bert(), plain_flags)
+    assert len(traced) == 2
+    assert guessed_flags == plain_flags  # the same modules ran in inference mode
+    np.testing.assert_allclose(guessed, plain, rtol=1e-6)
+
+
+class InplaceFrontier(nn.Module):
+    """The in-place ReLU after the frozen layer is recomputed on the trainable side: not a
+    module of the frozen part, though it only ever sees frozen values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 8)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.act(self.body(x)))
+
+
+def test_a_wrong_guess_is_undone(monkeypatch) -> None:
+    x, y = data()
+    runs = []
+    for guess in (True, False):
+        if not guess:
+            monkeypatch.setattr(runner, "frozen_calls", lambda module, example: [])
+        torch.manual_seed(0)
+        module = InplaceFrontier()
+        model = fl.wrap(module)
+        model.get_layer("body").trainable = False
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        modes: list = []
+
+        class Modes(fl.callbacks.Callback):
+            def __init__(self, module: InplaceFrontier, modes: list) -> None:
+                super().__init__()
+                self.module, self.modes = module, modes
+
+            def on_train_batch_begin(self, batch, logs=None):
+                self.modes.append((self.module.act.training, self.module.body.training))
+
+        h = model.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=2,
+            seed=0,
+            verbose=0,
+            frozen_inference=True,
+            callbacks=[Modes(module, modes)],
+        )
+        runs.append((modes, h.history["loss"]))
+    assert runs[0][0] == runs[1][0] and runs[0][0][0] == (True, False)
+    np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=1e-6)

@@ -71,6 +71,7 @@ __all__ = [
     "mode_key",
     "bridge",
     "describe_boundary",
+    "frozen_calls",
     "partition",
     "same_outputs",
     "stochastic_frozen",
@@ -929,6 +930,41 @@ def _watch_stochastic(
         for h in handles:
             h.remove()
     return found
+
+
+def frozen_calls(module: nn.Module, example: Any) -> list[nn.Module]:
+    """The submodules whose every call runs on frozen values only (a guess of the
+    frozen part's modules, :attr:`Partition.frozen_modules`, without tracing).
+
+    Runs ``module`` once on ``example`` (autograd on, buffers and RNG restored): a call
+    is frozen when the submodule holds no trainable parameter and receives no tensor
+    that requires grad. A guess only: the caller checks it against the partition.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+        >>> _ = net[0].requires_grad_(False)
+        >>> [type(m).__name__ for m in frozen_calls(net, torch.randn(3, 4))]
+        ['Linear', 'Dropout']
+    """
+    trains = {m: any(p.requires_grad for p in m.parameters()) for m in module.modules()}
+    frozen: dict[nn.Module, bool] = {}
+
+    def pre(m: nn.Module, args: Any, kwargs: Any) -> None:
+        grad = any(
+            isinstance(t, Tensor) and t.requires_grad for t in pytree.tree_leaves((args, kwargs))
+        )
+        frozen[m] = frozen.get(m, True) and not trains[m] and not grad
+
+    handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in module.modules()]
+    try:
+        with _restored_state(module), torch.enable_grad():
+            call_model(module, example)
+    finally:
+        for h in handles:
+            h.remove()
+    return [m for m, ok in frozen.items() if ok and m is not module]
 
 
 def _runs_inference(m: nn.Module) -> bool:

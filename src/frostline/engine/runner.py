@@ -39,6 +39,7 @@ from frostline.engine.graph import (
     bridge,
     call_model,
     describe_boundary,
+    frozen_calls,
     mode_key,
     partition,
     stochastic_frozen,
@@ -247,6 +248,8 @@ class Runner:
         if key == self._key:
             return False
         old = self.part
+        if self.frozen_inference and key not in self.partitions:
+            key = self._guess_inference(key)
         for _ in range(3):  # frozen_inference flips modes, which may re-split once more
             self.part = self._partition(key)
             self._key = key
@@ -317,6 +320,34 @@ class Runner:
             return None
         self.partitions[key] = part
         return part
+
+    def _guess_inference(self, key: tuple) -> tuple:
+        """Put the modules that run on frozen values only in eval mode before the first
+        split (:func:`frozen_calls`), so that one trace, in the final modes, serves; kept
+        only where the split confirms every one of them is in the frozen part. Returns
+        the key for the modes now set."""
+        assert self._flags is not None
+        guess = [m for m in frozen_calls(self.module, self.example) if m.training]
+        if not guess:
+            return key
+        for m in guess:
+            m.training = False
+        training = tuple(m.training for m in self._modules)
+        guessed = (key[0], (training, self._policies))
+        part = self._partition(guessed)
+        confirmed = set()
+        for path in part.frozen_modules if part is not None else ():
+            try:
+                confirmed.add(id(self.module.get_submodule(path)))
+            except AttributeError:  # a tracer's own scope name
+                continue
+        if part is None or any(id(m) not in confirmed for m in guess):
+            for m in guess:  # wrong: the split from the modes as set decides
+                m.training = True
+            return key
+        self._flipped.extend(guess)
+        self._flags = (self._flags[0], training)
+        return guessed
 
     def _apply_inference(self) -> bool:
         """Put the modules of the frozen part in eval mode; True if any flag changed."""
