@@ -413,3 +413,35 @@ def test_a_wrong_guess_is_undone(monkeypatch) -> None:
         runs.append((modes, h.history["loss"]))
     assert runs[0][0] == runs[1][0] and runs[0][0][0] == (True, False)
     np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=1e-6)
+
+
+# ------------------------------------------------------------ shapes, not tensors
+
+
+class SizeReader(nn.Module):
+    """The trainable part reads only the shape of a frozen tensor (GPT-2's final view)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.body, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        if x.ndim == 2:  # shape control flow: traced with example values
+            e = self.embed(x)
+        h = self.body(e)
+        batch, width = e.size()
+        return self.head(h).view(batch, -1) + e.shape[1] * 0 + width * 0
+
+
+def test_a_shape_read_on_the_trainable_side_is_not_cached() -> None:
+    model = SizeReader()
+    model.embed.requires_grad_(False)
+    model.body.requires_grad_(False)
+    x = torch.randn(4, 6)
+    t = trace(model, x)
+    assert t.backend == "fx-values"
+    part = partition(t)
+    assert part.boundary == ("body",)  # not body + embed (whose shape the head reads)
+    for n in (1, 3, 7):
+        xs = torch.randn(n, 6)
+        assert same_outputs(part.trainable(*part.run_frozen(xs)), model(xs))

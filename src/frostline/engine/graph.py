@@ -1163,7 +1163,7 @@ def partition(traced: Traced) -> Partition:
     forced: set[fx.Node] = set()
     mixes = None
     for _attempt in range(4):
-        frontier, pulled = _frontier(traced, nodes, frozen_side, forced, gm)
+        frontier, pulled, sized = _frontier(traced, nodes, frozen_side, forced, gm)
         frontier.sort(key=order.__getitem__)
         frozen_gm = None
         if frontier and any(n.op != "placeholder" for n in frontier):
@@ -1184,11 +1184,13 @@ def partition(traced: Traced) -> Partition:
         forced |= set(bad)
     if frozen_gm is None:
         frontier = [n for n in nodes if n.op == "placeholder"]  # nothing frozen to hand over
-        pulled = set()
+        pulled, sized = set(), {}
     trainable_side = [
         n for n in nodes if n.op != "output" and (n not in frozen_side or n in pulled)
     ]
-    trainable_gm = _trainable_module(gm, trainable_side, frontier, out_node, frozen_gm is None)
+    trainable_gm = _trainable_module(
+        gm, trainable_side, frontier, out_node, frozen_gm is None, sized
+    )
     frozen_computed = [n for n in nodes if n in frozen_side and n not in pulled]
     return Partition(
         traced=traced,
@@ -1228,14 +1230,27 @@ def _frontier(
     frozen_side: set[fx.Node],
     forced: set[fx.Node],
     gm: fx.GraphModule,
-) -> tuple[list[fx.Node], set[fx.Node]]:
-    """The frozen values handed over (per-sample tensors) and those recomputed after them."""
+) -> tuple[list[fx.Node], set[fx.Node], dict[fx.Node, tuple[int, ...]]]:
+    """The frozen values handed over (per-sample tensors), those recomputed after them,
+    and among those the shape queries answered from the batch size (``sized``)."""
     work = [n for n in nodes if n in frozen_side and any(u not in frozen_side for u in n.users)]
     frontier: list[fx.Node] = []
     pulled: set[fx.Node] = set()
-    while work:
+    sized: dict[fx.Node, tuple[int, ...]] = {}
+    while work or (sized and not frontier):
+        if not work:  # only shape queries: no tensor to read the batch size from
+            work.extend(q.args[0] for q in sized if isinstance(q.args[0], fx.Node))
+            sized.clear()
+            continue
         n = work.pop()
         if n in pulled or n in frontier:
+            continue
+        shape = _shape_query(n, traced)
+        if shape is not None and n not in forced:
+            # the shape of a per-sample tensor whose per-sample shape the trace fixed: any
+            # handed-over tensor's batch size gives it, the tensor itself is not needed
+            pulled.add(n)
+            sized[n] = shape
             continue
         kind = traced.meta.get(n.name, ("other", None))[0]
         if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), nn.Identity):
@@ -1247,7 +1262,31 @@ def _frontier(
             continue
         pulled.add(n)  # recomputed on the trainable side
         work.extend(i for i in n.all_input_nodes if i in frozen_side)
-    return frontier, pulled
+    return frontier, pulled, sized
+
+
+def _shape_query(n: fx.Node, traced: Traced) -> tuple[int, ...] | None:
+    """The per-sample shape of ``x`` when ``n`` is ``x.size()``, ``x.size(d)`` or
+    ``x.shape`` of a per-sample tensor in a trace that fixed the per-sample input shapes
+    (``"fx-values"``), else None."""
+    if traced.sample_shapes is None or n.kwargs or not n.args:
+        return None
+    query = (n.op == "call_method" and n.target == "size" and len(n.args) <= 2) or (
+        n.op == "call_function" and n.target is getattr and n.args[1:] == ("shape",)
+    )
+    x = n.args[0]
+    if not query or not isinstance(x, fx.Node):
+        return None
+    if n.target == "size" and len(n.args) == 2 and not isinstance(n.args[1], int):
+        return None
+    kind, shape = traced.meta.get(x.name, ("other", None))
+    return shape if kind == "batch" and shape is not None else None
+
+
+def _per_sample_size(ref: Tensor, shape: tuple[int, ...], dim: int | None = None) -> Any:
+    """``x.size(dim)`` of a tensor with ``ref``'s batch size and per-sample ``shape``."""
+    size = torch.Size((ref.shape[0], *shape))
+    return size if dim is None else size[dim]
 
 
 def _batch_dependent(
@@ -1365,6 +1404,7 @@ def _trainable_module(
     frontier: list[fx.Node],
     out_node: fx.Node,
     raw_inputs: bool,
+    sized: dict[fx.Node, tuple[int, ...]] | None = None,
 ) -> fx.GraphModule:
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -1376,6 +1416,10 @@ def _trainable_module(
             continue
         if n.op == "placeholder":
             continue  # an unused raw input (handed over only when needed)
+        if sized and n in sized:
+            dim = n.args[1] if n.target == "size" and len(n.args) == 2 else None
+            env[n] = g.call_function(_per_sample_size, (env[frontier[0]], sized[n], dim))
+            continue
         env[n] = _copy_into(g, n, env)
     g.output(pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, out_node.args[0]))
     return fx.GraphModule(gm, g)
