@@ -445,3 +445,36 @@ def test_a_shape_read_on_the_trainable_side_is_not_cached() -> None:
     for n in (1, 3, 7):
         xs = torch.randn(n, 6)
         assert same_outputs(part.trainable(*part.run_frozen(xs)), model(xs))
+
+
+class Headless(nn.Module):
+    """A backbone whose classifier was replaced by nn.Identity (torchvision's headless
+    recipe): the identity is recomputed after the frontier, so neither it nor the backbone
+    module around it is a module of the frozen part."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.classifier = nn.Linear(6, 8), nn.Identity()
+
+    def forward(self, x):
+        return self.classifier(torch.relu(self.lin(x)))
+
+
+def test_frozen_inference_guess_leaves_a_headless_backbone_alone(monkeypatch) -> None:
+    x, y = data()
+    traced = counting_trace(monkeypatch)
+    torch.manual_seed(0)
+    net = nn.Sequential(Headless(), nn.Linear(8, 3))
+    model = fl.wrap(net)
+    model.get_layer("0").trainable = False
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    modes: list = []
+
+    class Modes(fl.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            modes.append((net[0].training, net[0].classifier.training, net[0].lin.training))
+
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, frozen_inference=True, callbacks=[Modes()])
+    assert model.cache_status["train"].cached
+    assert set(modes) == {(True, True, False)}  # as the split says: only `lin` is frozen
+    assert len(traced) == 1  # the guess was right: no second trace

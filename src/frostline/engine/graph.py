@@ -950,14 +950,25 @@ def frozen_calls(module: nn.Module, example: Any) -> list[nn.Module]:
     """
     trains = {m: any(p.requires_grad for p in m.parameters()) for m in module.modules()}
     frozen: dict[nn.Module, bool] = {}
+    stack: list[nn.Module] = []
 
     def pre(m: nn.Module, args: Any, kwargs: Any) -> None:
         grad = any(
             isinstance(t, Tensor) and t.requires_grad for t in pytree.tree_leaves((args, kwargs))
         )
         frozen[m] = frozen.get(m, True) and not trains[m] and not grad
+        if isinstance(m, nn.Identity):  # recomputed after the frontier, as are its callers
+            for a in (*stack, m):
+                frozen[a] = False
+        stack.append(m)
+
+    def post(m: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+        stack.pop()
 
     handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in module.modules()]
+    handles += [
+        m.register_forward_hook(post, with_kwargs=True, always_call=True) for m in module.modules()
+    ]
     try:
         with _restored_state(module), torch.enable_grad():
             call_model(module, example)

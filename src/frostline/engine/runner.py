@@ -323,9 +323,10 @@ class Runner:
 
     def _guess_inference(self, key: tuple) -> tuple:
         """Put the modules that run on frozen values only in eval mode before the first
-        split (:func:`frozen_calls`), so that one trace, in the final modes, serves; kept
-        only where the split confirms every one of them is in the frozen part. Returns
-        the key for the modes now set."""
+        split (:func:`frozen_calls`), so that one trace, in the final modes, serves; those
+        the split does not confirm as modules of the frozen part go back to their mode
+        (a trace that baked their flag is then redone). Returns the key for the modes now
+        set."""
         assert self._flags is not None
         guess = [m for m in frozen_calls(self.module, self.example) if m.training]
         if not guess:
@@ -341,11 +342,17 @@ class Runner:
                 confirmed.add(id(self.module.get_submodule(path)))
             except AttributeError:  # a tracer's own scope name
                 continue
-        if part is None or any(id(m) not in confirmed for m in guess):
-            for m in guess:  # wrong: the split from the modes as set decides
+        if part is None:
+            for m in guess:  # the split from the modes as set decides
                 m.training = True
             return key
-        self._flipped.extend(guess)
+        wrong = [m for m in guess if id(m) not in confirmed]
+        for m in wrong:  # not in the frozen part after all: back to its mode
+            m.training = True
+        self._flipped.extend(m for m in guess if id(m) in confirmed)
+        if wrong:
+            training = tuple(m.training for m in self._modules)
+            guessed = (key[0], (training, self._policies))
         self._flags = (self._flags[0], training)
         return guessed
 
