@@ -127,3 +127,28 @@ def test_steps_are_vectorised_one_kernel_per_operation_not_per_parameter():
 
     few, many = foreach_calls(5), foreach_calls(60)
     assert few == many > 0, f"{few} foreach calls for 5 parameters, {many} for 60"
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD])
+def test_torch_classes_run_the_fused_kernel_with_the_same_result(cls):
+    """Unless the options choose an implementation, a torch class with a fused kernel
+    runs it (one pass over the weights); training ends where the default kernel ends."""
+    kw = {"momentum": 0.9} if cls is torch.optim.SGD else {}
+    fused, plain = (
+        model(fl.optimizers.TorchOptimizer(cls, lr=0.01, **kw)),
+        model(fl.optimizers.TorchOptimizer(cls, lr=0.01, foreach=False, **kw)),
+    )
+    for m in (fused, plain):
+        m.fit(X, Y, epochs=3, batch_size=8, seed=0, verbose=0)
+    assert fused.live_optimizer.optimizer.defaults["fused"] is True
+    assert not plain.live_optimizer.optimizer.defaults["fused"]
+    for a, b in zip(fused.module.parameters(), plain.module.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_kernel_is_not_chosen_where_it_does_not_apply():
+    spec = fl.optimizers.TorchOptimizer(torch.optim.Adam, lr=0.01)
+    complex_param = nn.Parameter(torch.zeros(2, dtype=torch.complex64))
+    assert not spec.build([{"params": [complex_param]}]).defaults["fused"]
+    nadam = fl.optimizers.TorchOptimizer(torch.optim.NAdam, lr=0.01)  # no fused kernel
+    assert "fused" not in nadam.build([{"params": [torch.zeros(1, requires_grad=True)]}]).defaults
