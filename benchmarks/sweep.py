@@ -19,6 +19,9 @@ parameters, ``torch.optim.Adam`` (eps 1e-7, as ``fl.optimizers.Adam``) over the
 trainable parameters only, ``model.train()`` each epoch with the BatchNorm layers of
 frozen blocks put back in eval mode (the fine-tuning guides' advice, and what
 frostline does), no caching; phase 2 builds a new optimizer over the new trainable set.
+Its Adam runs torch's default kernel (per tensor, on CPU); frostline's ``TorchOptimizer``
+runs torch's fused kernel, the same update in one pass. ``--loop-fused`` gives the loop the
+fused kernel too, to separate what freezing buys from what the kernel buys.
 
 Both peers see the batches in the same order (``shuffle=False``; the data is already in
 random order), so their losses agree up to floating-point differences (and dropout's
@@ -522,16 +525,17 @@ def run_loop(arch: Arch, args: argparse.Namespace) -> dict[str, Any]:
 
     # torch.optim.Adam as frostline runs it (--optimizer torch), or with Keras' epsilon.
     eps = 1e-7 if args.optimizer == "keras" else 1e-8
+    kernel = {"fused": True} if args.loop_fused else {}  # torch's CPU default: per tensor
 
     def phase1() -> dict[str, Any]:
         backbone.requires_grad_(False)
         params = [p for p in net.parameters() if p.requires_grad]
-        return train(torch.optim.Adam(params, lr=PHASE1_LR, eps=eps), args.epochs1)
+        return train(torch.optim.Adam(params, lr=PHASE1_LR, eps=eps, **kernel), args.epochs1)
 
     def phase2() -> dict[str, Any]:
         last_block.requires_grad_(True)
         params = [p for p in net.parameters() if p.requires_grad]
-        return train(torch.optim.Adam(params, lr=PHASE2_LR, eps=eps), args.epochs2)
+        return train(torch.optim.Adam(params, lr=PHASE2_LR, eps=eps, **kernel), args.epochs2)
 
     phases = _run_phases(cuda, [phase1, phase2])
     return {"setup_s": setup, "phases": phases, "versions": _versions()}
@@ -575,6 +579,8 @@ def _run_peer(arch: str, peer: str, args: argparse.Namespace) -> dict[str, Any]:
             cmd += ["--" + key.replace("_", "-"), str(getattr(args, key))]
         if args.frozen_inference:
             cmd.append("--frozen-inference")
+        if args.loop_fused:
+            cmd.append("--loop-fused")
         env = dict(os.environ)
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[var] = str(args.threads)
@@ -810,6 +816,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="torch",
         help="torch: both peers use torch.optim.Adam (frostline through fl.optimizers.TorchOptimizer); "
         "keras: frostline uses fl.optimizers.Adam (Keras math) and the loop torch Adam with eps 1e-7",
+    )
+    p.add_argument(
+        "--loop-fused",
+        action="store_true",
+        help="the loop's Adam runs torch's fused kernel too (fused=True; frostline's "
+        "TorchOptimizer picks it by default, torch's own default on CPU is a per-tensor loop)",
     )
     p.add_argument(
         "--frozen-inference",
