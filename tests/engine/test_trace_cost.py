@@ -478,3 +478,18 @@ def test_frozen_inference_guess_leaves_a_headless_backbone_alone(monkeypatch) ->
     assert model.cache_status["train"].cached
     assert set(modes) == {(True, True, False)}  # as the split says: only `lin` is frozen
     assert len(traced) == 1  # the guess was right: no second trace
+
+
+def test_a_trainable_batchnorm_needs_no_stochastic_precheck(monkeypatch) -> None:
+    """A BatchNorm in batch-statistics mode that trains is never in the frozen part: the
+    pre-check runs no forward for it."""
+    from frostline.engine import graph as graph_mod
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    net[0].requires_grad_(False)  # the BatchNorm trains, in training mode
+
+    def forbidden(*a, **k):
+        raise AssertionError("the pre-check ran a forward")
+
+    monkeypatch.setattr(graph_mod, "call_model", forbidden)
+    assert graph_mod.stochastic_frozen(net, torch.randn(4, 3, 8, 8)) is None

@@ -878,8 +878,11 @@ def stochastic_frozen(module: nn.Module, example: Any) -> str | None:
         >>> stochastic_frozen(net, torch.randn(4, 4)) is None
         True
     """
-    if not any(_stochastic_itself(m) for m in module.modules()):
-        return None  # nothing to watch: no forward needed
+    if not any(
+        _stochastic_itself(m) and not any(p.requires_grad for p in m.parameters())
+        for m in module.modules()
+    ):
+        return None  # nothing that could be frozen to watch (a trainable BatchNorm is not)
     names, values, kw = inputs_of(module, example)
     batch = _batch_size(values)
     if batch is None:
