@@ -14,6 +14,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from hf_models import hf_bert, hf_gpt2
 from torch import nn
 
 import frostline as fl
@@ -46,39 +47,6 @@ class SkipShared(nn.Module):
         b = self.shared(a)
         c = self.shared(torch.relu(self.mid(b)) + a)
         return self.head(torch.cat([b, c], 1))
-
-
-def hf_bert() -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    cfg = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(cfg)
-
-
-def hf_gpt2() -> nn.Module:
-    from transformers import GPT2Config, GPT2ForSequenceClassification
-
-    cfg = GPT2Config(
-        vocab_size=100,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        n_positions=64,
-        num_labels=3,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        use_cache=False,
-    )
-    return GPT2ForSequenceClassification(cfg)
 
 
 def images() -> torch.Tensor:
