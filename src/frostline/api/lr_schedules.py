@@ -17,6 +17,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from frostline.core.checks import require_int
+
 __all__ = [
     "LearningRateSchedule",
     "ExponentialDecay",
@@ -255,9 +257,7 @@ class CosineDecay(LearningRateSchedule):
         self.warmup_target = (
             None if warmup_target is None else _rate(warmup_target, "warmup_target")
         )
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = require_int("warmup_steps", warmup_steps)
 
     def _decay(self, step: float, start: float) -> float:
         cosine = 0.5 * (1.0 + math.cos(math.pi * step / self.decay_steps))

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from frostline.core import batchnorm
+from frostline.core.checks import require_int
 from frostline.engine import data as data_mod
 from frostline.engine import distributed
 from frostline.engine.callbacks import CallbackList, History
@@ -228,14 +229,8 @@ class Trainer:
         cfg = model.compile_config
         if cfg is None:
             raise TrainingError("call model.compile(optimizer=..., loss=...) before fit()")
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-            raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
-        if (
-            isinstance(initial_epoch, bool)
-            or not isinstance(initial_epoch, int)
-            or initial_epoch < 0
-        ):
-            raise ValueError(f"initial_epoch must be an int >= 0, got {initial_epoch!r}")
+        require_int("epochs", epochs)
+        require_int("initial_epoch", initial_epoch)
         if on_nan not in ("raise", "stop"):
             raise ValueError(f"on_nan must be 'raise' or 'stop', got {on_nan!r}")
         batch_size = data_mod.check_batch_size(batch_size)

@@ -34,6 +34,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.nn.parallel import DistributedDataParallel
 
 from frostline.api.callbacks import Callback
+from frostline.core.checks import require_int
 from frostline.engine.tracking import GroupOptions, named_trainable
 from frostline.integrations.driver import DriverViews, FreezeDriver
 
@@ -63,12 +64,7 @@ class FreezeCallback(DriverViews, LightningCallback):
         group_options: GroupOptions | None = None,
     ) -> None:
         super().__init__()
-        if (
-            isinstance(optimizer_index, bool)
-            or not isinstance(optimizer_index, int)
-            or optimizer_index < 0
-        ):
-            raise ValueError(f"optimizer_index must be an int >= 0, got {optimizer_index!r}")
+        require_int("optimizer_index", optimizer_index)
         self.driver = FreezeDriver(schedules, freeze=freeze, verify=verify)
         self.optimizer_index = optimizer_index
         self.lr = lr

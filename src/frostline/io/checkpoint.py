@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from frostline.core.checks import require_int
 from frostline.io.atomic import (
     PathLike,
     atomic_directory,
@@ -363,8 +364,7 @@ class CheckpointManager:
         monitor: str = "val_loss",
         mode: str = "min",
     ) -> None:
-        if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
-            raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
+        require_int("keep_last", keep_last, minimum=1)
         if not isinstance(keep_best, bool):
             raise TypeError(f"keep_best must be a bool, got {keep_best!r}")
         if not isinstance(monitor, str) or not monitor:
@@ -420,8 +420,7 @@ class CheckpointManager:
             >>> sorted(p.name for p in path.iterdir())
             ['COMPLETE', 'metrics.json', 'model.safetensors', 'state.json']
         """
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        require_int("epoch", epoch)
         if not isinstance(tensors, Mapping):
             raise TypeError(
                 f"tensors must be a dict of dicts of tensors, got {type(tensors).__name__}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from frostline.api.callbacks.monitor import MonitorCallback, from_json_number, json_number
+from frostline.core.checks import require_int
 from frostline.engine.distributed import is_main
 
 
@@ -38,14 +39,8 @@ class EarlyStopping(MonitorCallback):
         start_from_epoch: int = 0,
     ) -> None:
         super().__init__(monitor, mode, min_delta=min_delta)
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-            raise ValueError(f"patience must be an int >= 0, got {patience!r}")
-        if (
-            isinstance(start_from_epoch, bool)
-            or not isinstance(start_from_epoch, int)
-            or start_from_epoch < 0
-        ):
-            raise ValueError(f"start_from_epoch must be an int >= 0, got {start_from_epoch!r}")
+        require_int("patience", patience)
+        require_int("start_from_epoch", start_from_epoch)
         if baseline is not None and (
             isinstance(baseline, bool) or not isinstance(baseline, int | float)
         ):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from frostline.api.callbacks.monitor import MonitorCallback, from_json_number, json_number
+from frostline.core.checks import require_int
 from frostline.engine.distributed import is_main
 
 
@@ -36,9 +37,8 @@ class ReduceLROnPlateau(MonitorCallback):
         super().__init__(monitor, mode, min_delta=min_delta)
         if isinstance(factor, bool) or not isinstance(factor, int | float) or not 0 <= factor < 1:
             raise ValueError(f"ReduceLROnPlateau needs 0 <= factor < 1, got factor={factor!r}")
-        for name, value in (("patience", patience), ("cooldown", cooldown)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        require_int("patience", patience)
+        require_int("cooldown", cooldown)
         if isinstance(min_lr, bool) or not isinstance(min_lr, int | float) or min_lr < 0:
             raise ValueError(f"min_lr must be a number >= 0, got {min_lr!r}")
         self.factor = float(factor)

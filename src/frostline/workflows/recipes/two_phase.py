@@ -17,6 +17,7 @@ from frostline.api.layer import Layer
 from frostline.api.model import Model
 from frostline.api.select import Plan
 from frostline.core import batchnorm
+from frostline.core.checks import require_int
 from frostline.engine.progress import resolve_verbose
 from frostline.engine.training_state import callback_state
 from frostline.workflows.recipes.common import as_model, count_params, resolve_base
@@ -48,12 +49,6 @@ def _early_stopping(spec: bool | Mapping, has_val: bool) -> list[Callback]:
             f"early_stopping must be a bool or a dict of EarlyStopping options, got {spec!r}"
         )
     return [EarlyStopping(**opts)]
-
-
-def _check_epochs(n: Any, what: str) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"{what} must be an int >= 0, got {n!r}")
-    return n
 
 
 @dataclass
@@ -213,8 +208,8 @@ def two_phase(
     layer = resolve_base(model, base)
     if loss is None:
         raise ValueError("two_phase needs a loss, e.g. loss='sparse_categorical_crossentropy'")
-    n1 = _check_epochs(phase1_epochs, "phase1_epochs")
-    n2 = _check_epochs(phase2_epochs, "phase2_epochs")
+    n1 = require_int("phase1_epochs", phase1_epochs)
+    n2 = require_int("phase2_epochs", phase2_epochs)
     spec1 = _with_lr(optimizer, phase1_lr, "phase1_lr")
     spec2 = _with_lr(optimizer, phase2_lr, "phase2_lr")
     if isinstance(unfreeze, bool):
