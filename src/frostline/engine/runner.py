@@ -280,23 +280,20 @@ class Runner:
             batchnorm.runs_inference(m) for m in self._modules if batchnorm.is_batchnorm(m)
         )
         self.failure = None
-        # an fx trace bakes in only the flags of the modules it traced through: a mode
-        # change inside a layer it calls whole (BatchNorm, Dropout) keeps it valid
-        traced, traced_policies = self.traces.get(modes, (None, ()))
-        if traced is None:
-            traced, traced_policies = next(
-                (
-                    (t, p)
-                    for t, p in self.traces.values()
-                    if t.backend != "export" and t.fits_modes()
-                ),
-                (None, ()),
-            )
+        # a trace fits while the flags it baked in hold (an fx trace: only those of the
+        # modules it traced through, so a mode change inside a layer it calls whole keeps
+        # it; an export trace: every flag, and every BatchNorm's policy)
+        traced = next(
+            (
+                t
+                for t, p in self.traces.values()
+                if t.fits_modes() and (t.backend != "export" or p == policies)
+            ),
+            None,
+        )
         if traced is not None and not traced.current():  # a weight was replaced: trace again
             self.traces.clear()
             self.partitions.clear()
-            traced = None
-        if traced is not None and traced.backend == "export" and traced_policies != policies:
             traced = None
         if traced is None:
             try:
