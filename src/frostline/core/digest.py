@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -26,14 +27,16 @@ def tensor_digest(t: torch.Tensor) -> str:
     >>> a = torch.zeros(3); d = tensor_digest(a); a[0] = 1.0; tensor_digest(a) == d
     False
     """
-    data = t.detach()
-    if data.device.type != "cpu":
-        data = data.cpu()
-    h = hashlib.sha256(str((tuple(data.shape), str(data.dtype))).encode())
-    if data.numel():
-        # read in place (a view of the bytes), no copy of the tensor
-        h.update(data.reshape(-1).contiguous().view(torch.uint8).numpy().data)
+    h = hashlib.sha256(str((tuple(t.shape), str(t.dtype))).encode())
+    _update(h, t)
     return h.hexdigest()
+
+
+def _update(h: Any, t: torch.Tensor) -> None:
+    """Feed ``t``'s bytes to ``h``: a view of a contiguous CPU tensor, else one copy of it."""
+    d = t.detach()
+    if d.numel():
+        h.update(d.reshape(-1).contiguous().view(torch.uint8).cpu().numpy().data)
 
 
 def text_digest(items: Iterable[object]) -> str:
@@ -63,10 +66,6 @@ def content_digest(tensors: Iterable[torch.Tensor]) -> str:
     for t in tensors:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"content_digest takes tensors, got {type(t).__name__}")
-        d = t.detach()
-        h.update(f"{tuple(d.shape)}{d.dtype};".encode())
-        if d.numel():
-            # tensor by tensor, as views where possible: no copy of all the weights at once
-            raw = d.reshape(-1).contiguous().view(torch.uint8)
-            h.update(raw.cpu().numpy().data)
+        h.update(f"{tuple(t.shape)}{t.dtype};".encode())
+        _update(h, t)  # tensor by tensor: no copy of all the weights at once
     return h.hexdigest()
