@@ -461,3 +461,28 @@ def test_a_trainable_batchnorm_needs_no_stochastic_precheck(monkeypatch) -> None
 
     monkeypatch.setattr(graph_mod, "call_model", forbidden)
     assert graph_mod.stochastic_frozen(net, torch.randn(4, 3, 8, 8)) is None
+
+
+def test_the_frozen_inference_guess_runs_once_for_all_epochs(monkeypatch) -> None:
+    """fit puts the model in train mode every epoch; the modules the first guess put in
+    eval mode are flipped again from memory, without running the model with hooks."""
+    calls: list = []
+    real = runner.frozen_calls
+
+    def counting(module, example):
+        calls.append(1)
+        return real(module, example)
+
+    monkeypatch.setattr(runner, "frozen_calls", counting)
+    torch.manual_seed(0)
+    remembered_flags: list = []
+    remembered = fit_tokens(hf_bert(), remembered_flags)
+    assert len(calls) == 1
+    assert len(set(remembered_flags)) == 1  # the same modes in every step of both epochs
+    # the modes and losses of a fit without the guess (traced as set, then flipped)
+    monkeypatch.setattr(runner, "frozen_calls", lambda module, example: [])
+    torch.manual_seed(0)
+    plain_flags: list = []
+    plain = fit_tokens(hf_bert(), plain_flags)
+    assert plain_flags == remembered_flags
+    np.testing.assert_allclose(remembered, plain, rtol=1e-6)

@@ -186,6 +186,9 @@ class Runner:
         self.traces: dict[tuple, tuple[Traced, tuple]] = {}
         self.partitions: dict[tuple, Partition] = {}
         self._stochastic: dict[tuple, str | None] = {}
+        # frozen_inference: the modules a guess put in eval mode, by the key before it
+        # (fit puts the model in train mode every epoch; the guess is not made again)
+        self._guesses: dict[tuple, list[nn.Module]] = {}
         self.part: Partition | None = None
         self.failure: tuple[OffReason, str] | None = None
         self._key: tuple | None = None
@@ -294,6 +297,7 @@ class Runner:
         if traced is not None and not traced.current():  # a weight was replaced: trace again
             self.traces.clear()
             self.partitions.clear()
+            self._guesses.clear()
             traced = None
         if traced is None:
             try:
@@ -323,35 +327,45 @@ class Runner:
         split (:func:`frozen_calls`), so that one trace, in the final modes, serves; those
         the split does not confirm as modules of the frozen part go back to their mode
         (a trace that baked their flag is then redone). Returns the key for the modes now
-        set."""
+        set. The outcome is remembered by ``key``: the next epoch (in train mode again)
+        flips the same modules without running the model."""
         assert self._flags is not None
+        if key in self._guesses:
+            confirmed = self._guesses[key]
+        else:
+            confirmed = self._guess(key)
+            self._guesses[key] = confirmed
+        for m in confirmed:
+            if m.training:
+                m.training = False
+                self._flipped.append(m)
+        if not confirmed:
+            return key
+        training = tuple(m.training for m in self._modules)
+        self._flags = (self._flags[0], training)
+        return (key[0], (training, self._policies))
+
+    def _guess(self, key: tuple) -> list[nn.Module]:
+        """The modules of the frozen part, found by one run with hooks and one split in
+        the guessed modes; every flag is as before on return."""
         guess = [m for m in frozen_calls(self.module, self.example) if m.training]
         if not guess:
-            return key
+            return []
         for m in guess:
             m.training = False
         training = tuple(m.training for m in self._modules)
-        guessed = (key[0], (training, self._policies))
-        part = self._partition(guessed)
+        part = self._partition((key[0], (training, self._policies)))
+        for m in guess:
+            m.training = True
+        if part is None:  # the split from the modes as set decides
+            return []
         confirmed = set()
-        for path in part.frozen_modules if part is not None else ():
+        for path in part.frozen_modules:
             try:
                 confirmed.add(id(self.module.get_submodule(path)))
             except AttributeError:  # a tracer's own scope name
                 continue
-        if part is None:
-            for m in guess:  # the split from the modes as set decides
-                m.training = True
-            return key
-        wrong = [m for m in guess if id(m) not in confirmed]
-        for m in wrong:  # not in the frozen part after all: back to its mode
-            m.training = True
-        self._flipped.extend(m for m in guess if id(m) in confirmed)
-        if wrong:
-            training = tuple(m.training for m in self._modules)
-            guessed = (key[0], (training, self._policies))
-        self._flags = (self._flags[0], training)
-        return guessed
+        return [m for m in guess if id(m) in confirmed]
 
     def _apply_inference(self) -> bool:
         """Put the modules of the frozen part in eval mode; True if any flag changed."""
