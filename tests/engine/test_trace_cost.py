@@ -486,3 +486,47 @@ def test_the_frozen_inference_guess_runs_once_for_all_epochs(monkeypatch) -> Non
     plain = fit_tokens(hf_bert(), plain_flags)
     assert plain_flags == remembered_flags
     np.testing.assert_allclose(remembered, plain, rtol=1e-6)
+
+
+class ValueBranch(nn.Module):
+    """Control flow on tensor values: no tracer can go through it, so it becomes a leaf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.lin(x) if x.sum() > 0 else -self.lin(x)
+
+
+def test_a_second_trace_starts_where_the_first_succeeded(monkeypatch) -> None:
+    attempts: list = []
+    real = torch.fx.Tracer.trace
+
+    def counted(self, root, *args, **kwargs):
+        attempts.append(type(self).__name__)
+        return real(self, root, *args, **kwargs)
+
+    monkeypatch.setattr(torch.fx.Tracer, "trace", counted)
+    # fx-values after plain fx failed on the shape branch: the retrace goes there directly
+    model = SizeReader()
+    x = torch.randn(4, 6)
+    first = trace(model, x)
+    assert first.backend == "fx-values" and len(attempts) == 2
+    attempts.clear()
+    model.eval()
+    again = trace(model, x, like=first)
+    assert again.backend == "fx-values" and len(attempts) == 1
+    assert same_outputs(again.run(x), model(x))
+    # leaves found by failing attempts are leaves from the start
+    net = nn.Sequential(nn.Linear(6, 6), ValueBranch(), nn.Linear(6, 3))
+    attempts.clear()
+    first = trace(net, x)
+    assert first.leaves == ("model.1",) and len(attempts) == 2
+    attempts.clear()
+    again = trace(net, x, like=first)
+    assert again.leaves == ("model.1",) and len(attempts) == 1
+    # another module's trace is no guide
+    attempts.clear()
+    other = trace(nn.Sequential(nn.Linear(6, 6), ValueBranch(), nn.Linear(6, 3)), x, like=first)
+    assert other.leaves == ("model.1",) and len(attempts) == 2

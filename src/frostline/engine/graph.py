@@ -467,11 +467,15 @@ class Traced:
         return out if self.out_spec is None else pytree.tree_unflatten(out, self.out_spec)
 
 
-def trace(module: nn.Module, example: Any, *, max_leaves: int = 32) -> Traced:
+def trace(
+    module: nn.Module, example: Any, *, max_leaves: int = 32, like: Traced | None = None
+) -> Traced:
     """Trace ``module`` as called with ``example`` (one batch of at least one sample).
 
     Tries module-level ``torch.fx`` first, making a submodule that fails to trace a leaf
     (up to ``max_leaves`` times), then ``torch.export`` with a dynamic batch dimension.
+    ``like``, an earlier trace of the same module (in other modes), is where to start:
+    its tracer first, with its leaves (the tracers that failed then are tried last).
     The trace is checked against the real forward on ``example`` (and on one sample
     fewer) and probed for which values are per-sample tensors.
 
@@ -490,12 +494,18 @@ def trace(module: nn.Module, example: Any, *, max_leaves: int = 32) -> Traced:
     if batch is None or batch < 1:
         raise GraphError("the inputs hold no tensor with a batch dimension")
     errors = []
-    for backend in ("fx", "fx-values", "export"):
+    order = ["fx", "fx-values", "export"]
+    leaves: tuple[str, ...] = ()
+    if like is not None and like.module is module and like.backend in order:
+        order.remove(like.backend)
+        order.insert(0, like.backend)
+        leaves = like.leaves
+    for backend in order:
         try:
             if backend == "fx":
-                t = _trace_fx(module, names, kw, max_leaves)
+                t = _trace_fx(module, names, kw, max_leaves, start=leaves)
             elif backend == "fx-values":
-                t = _trace_fx(module, names, kw, max_leaves, example=values)
+                t = _trace_fx(module, names, kw, max_leaves, example=values, start=leaves)
             else:
                 t = _trace_export(module, names, values, kw)
             _probe(t, values)
@@ -519,10 +529,12 @@ def _trace_fx(
     kw: bool,
     max_leaves: int,
     example: tuple[Any, ...] | None = None,
+    start: Iterable[str] = (),
 ) -> Traced:
-    """Module-level fx; with ``example``, the :class:`_ValueTracer` (flat outputs)."""
+    """Module-level fx; with ``example``, the :class:`_ValueTracer` (flat outputs).
+    The submodules in ``start`` are leaves from the first attempt (an earlier trace's)."""
     root = _root_for(module, names, kw, flat=example is not None)
-    leaves: set[str] = set()
+    leaves: set[str] = set(start)
     for _ in range(max_leaves + 1):
         if example is None:
             tracer = _Tracer(leaves)

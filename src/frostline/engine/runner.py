@@ -300,8 +300,10 @@ class Runner:
             self._guesses.clear()
             traced = None
         if traced is None:
+            # in other modes, the tracer that worked before (and its leaves) is tried first
+            like = next(reversed(self.traces.values()), (None,))[0]
             try:
-                traced = trace(self.module, self.example)
+                traced = trace(self.module, self.example, like=like)
             except GraphError as e:
                 reason = (
                     OffReason.NOT_VERIFIED
