@@ -57,29 +57,38 @@ def to_tensor(a, what: str, *, check_finite: bool = True) -> torch.Tensor:
     return t
 
 
-def check_finite_values(t: torch.Tensor, what: str, *, chunk: int = 1 << 22) -> None:
-    """Raise naming the first sample with NaN/inf; checks in chunks, so no full-size temporaries.
+def check_finite_values(t: torch.Tensor, what: str, *, chunk: int = 1 << 16) -> None:
+    """Raise naming the first sample with NaN/inf, without a temporary the size of ``t``.
+
+    One sum over ``t`` (no temporary: a NaN or inf in ``t`` makes it NaN or inf) clears
+    the usual, finite data; only when the sum is not finite (a bad value, or finite
+    values overflowing it) are the samples scanned, ``chunk`` elements at a time, so the
+    scan's temporaries stay that small whatever the size of ``t``. A non-contiguous ``t``
+    is never copied.
 
     >>> check_finite_values(torch.tensor([[1.0], [float("nan")]]), "x")
     Traceback (most recent call last):
     ...
     frostline.engine.data.DataError: x contains NaN values (1 in all; first in sample 1)
     """
-    flat = t.reshape(-1)
-    if all(bool(torch.isfinite(c).all()) for c in flat.split(chunk)):
+    if bool(torch.isfinite(t.sum())):
         return
-    per_sample = max(flat.numel() // t.shape[0], 1)
+    rows = max(chunk // max(t[0].numel(), 1), 1)
     bad_count, first, kind = 0, None, "inf"
-    for i, c in enumerate(flat.split(chunk)):
+    for start, c in zip(range(0, len(t), rows), t.split(rows), strict=True):
         bad = ~torch.isfinite(c)
         n = int(bad.sum())
-        if n:
-            bad_count += n
-            if first is None:
-                first = (i * chunk + int(bad.nonzero()[0, 0])) // per_sample
-            if bool(torch.isnan(c).any()):
-                kind = "NaN"
-    raise DataError(f"{what} contains {kind} values ({bad_count} in all; first in sample {first})")
+        if not n:
+            continue
+        bad_count += n
+        if first is None:
+            first = start + int(bad.reshape(len(c), -1).any(1).nonzero()[0, 0])
+        if bool(torch.isnan(c).any()):
+            kind = "NaN"
+    if bad_count:
+        raise DataError(
+            f"{what} contains {kind} values ({bad_count} in all; first in sample {first})"
+        )
 
 
 def _key(k):
