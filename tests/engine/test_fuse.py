@@ -242,6 +242,27 @@ def test_a_graph_module_is_read_not_traced_again(monkeypatch: pytest.MonkeyPatch
     assert len(read.folded) == len(traced.folded)
 
 
+def test_a_graph_module_is_copied_without_compiling_it_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The copy of a graph module shares its compiled code (recompiling cost a third of a
+    ConvNeXt's copy) and still never reaches the original when it folds."""
+    import torch.fx as fx
+
+    gm = fx.symbolic_trace(nn.Sequential(*_prefix(_model("resnet18"))))
+    convs = {n: type(m) for n, m in gm.named_modules()}
+
+    def no_recompile(self: fx.GraphModule) -> None:
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(fx.GraphModule, "recompile", no_recompile)
+    fast = inference_copy(gm, example=X)
+    assert fast is not None and fast.folded
+    assert {n: type(m) for n, m in gm.named_modules()} == convs  # the original keeps its BNs
+    with torch.no_grad():
+        torch.testing.assert_close(fast(X), gm.eval()(X), rtol=1e-3, atol=1e-4)
+
+
 class _Reuse(nn.Module):
     """conv output feeds BN *and* a residual: folding would be wrong."""
 

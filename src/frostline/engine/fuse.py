@@ -190,7 +190,14 @@ def _share_copy(m: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Mo
     memo = {} if memo is None else memo
     if id(m) in memo:  # a module used twice stays one module
         return memo[id(m)]
-    new = copy.copy(m)
+    if isinstance(m, fx.GraphModule):
+        # GraphModule.__copy__ generates and compiles its code again (a third of a
+        # ConvNeXt's inference_copy); the copy shares the graph, the code and the class
+        # that holds the compiled forward instead (nothing here changes a graph)
+        new: nn.Module = object.__new__(type(m))
+        new.__dict__.update(m.__dict__)
+    else:
+        new = copy.copy(m)
     memo[id(m)] = new
     new.__dict__["_parameters"] = dict(m._parameters)
     new.__dict__["_buffers"] = dict(m._buffers)
