@@ -197,6 +197,31 @@ def test_unfreezing_a_prefix_layer_moves_the_boundary_back(capsys):
     assert_same(m, ref)
 
 
+def test_unfreezing_more_does_not_read_the_old_frozen_weights(capsys, monkeypatch):
+    """A frontier that moves back cannot extend the stored one: the old frozen part's
+    weights (which would only tell whether it may) are not hashed, the new part's are."""
+    from frostline.engine import runner as runner_mod
+
+    hashed: list[int] = []
+    real = runner_mod.content_digest
+    monkeypatch.setattr(
+        runner_mod, "content_digest", lambda ts: hashed.append(len(list(ts))) or real(ts)
+    )
+    x, y = make_data()
+    (m, base), (ref, ref_base) = twins()
+    fit(m, x, y, capsys)
+    fit(ref, x, y, cache=False)
+    for b in (base, ref_base):
+        b.layers[3].trainable = True
+        b.layers[4].trainable = True
+    hashed.clear()
+    notes = fit(m, x, y, capsys)
+    fit(ref, x, y, cache=False)
+    assert notes[0].startswith("built (48 samples after 'base.2'"), notes
+    assert hashed == [7]  # base.0 and base.1 only (2 conv, 5 BN tensors); before: [7, 14]
+    assert_same(m, ref)
+
+
 def test_freezing_more_extends_the_cache(capsys):
     x, y = make_data()
     (m, base), (ref, ref_base) = twins()

@@ -562,14 +562,20 @@ class Runner:
             return None
         if entry.key.mode.split("|")[-1] != self._mode_string(part).split("|")[-1]:
             return None
+        if entry.key.mode.split("|")[0] != self._mode_string(old).split("|")[0]:
+            return None
+        # whether the new frontier lies past the stored one is a walk over the graph; the
+        # stored part's weights are hashed only then (a phase-2 split that unfreezes more
+        # never extends, and its old weights need not be read)
+        step = bridge(old, part)
+        if step is None:
+            return None
         tensors = old.frozen
         assert tensors is not None
         old_tensors = [*tensors.parameters(), *tensors.buffers()]
         if entry.key.weights != self._content_key(old_tensors):
             return None
-        if entry.key.mode.split("|")[0] != self._mode_string(old).split("|")[0]:
-            return None
-        return bridge(old, part)
+        return step
 
     def _build(self, fn, batches, n: int) -> list[ActivationStore] | None:
         try:
