@@ -425,7 +425,7 @@ def run_frostline(arch: Arch, args: argparse.Namespace) -> dict[str, Any]:
         fit_kw["frozen_inference"] = True
     setup = time.perf_counter() - t0
 
-    def fit(epochs: int) -> dict[str, Any]:
+    def fit(epochs: int, **extra: Any) -> dict[str, Any]:
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
             h = model.fit(
@@ -437,6 +437,7 @@ def run_frostline(arch: Arch, args: argparse.Namespace) -> dict[str, Any]:
                 verbose=2,
                 seed=0,
                 **fit_kw,
+                **extra,
             )
         notes = _cache_notes(log.getvalue())
         return {
@@ -455,6 +456,8 @@ def run_frostline(arch: Arch, args: argparse.Namespace) -> dict[str, Any]:
     def phase1() -> dict[str, Any]:
         model.get_layer(backbone).trainable = False
         model.compile(optimizer(PHASE1_LR), loss="sparse_categorical_crossentropy", **compile_kw)
+        if args.unfreeze_next:  # phase 1 knows what phase 2 unfreezes (as two_phase does)
+            return fit(args.epochs1, unfreeze_next=model.get_layer(last_block))
         return fit(args.epochs1)
 
     def phase2() -> dict[str, Any]:
@@ -581,6 +584,8 @@ def _run_peer(arch: str, peer: str, args: argparse.Namespace) -> dict[str, Any]:
             cmd.append("--frozen-inference")
         if args.loop_fused:
             cmd.append("--loop-fused")
+        if args.unfreeze_next:
+            cmd.append("--unfreeze-next")
         env = dict(os.environ)
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[var] = str(args.threads)
@@ -827,6 +832,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--frozen-inference",
         action="store_true",
         help="run the frozen part in inference mode (fit(frozen_inference=True); the loop puts it in eval)",
+    )
+    p.add_argument(
+        "--unfreeze-next",
+        action="store_true",
+        help="frostline's phase-1 fit is told what phase 2 unfreezes (fit(unfreeze_next=...), "
+        "as two_phase does): phase 2 starts from values kept by phase 1's cache build",
     )
     p.add_argument("--quick", action="store_true", help="smoke test: 128 samples, 2+1 epochs")
     p.add_argument("--json", dest="json_out", default=None, help="write all results to this file")

@@ -53,6 +53,29 @@ def _resolve_device(device) -> torch.device:
     return d
 
 
+def parameters_of(spec: Any, what: str = "layers") -> list[torch.Tensor]:
+    """The parameters of a Layer, an ``nn.Module``, a parameter, or a list of those.
+
+    Example:
+        >>> from torch import nn
+        >>> lin = nn.Linear(2, 3)
+        >>> [tuple(p.shape) for p in parameters_of([lin, nn.Parameter(torch.zeros(4))])]
+        [(3, 2), (3,), (4,)]
+    """
+    if isinstance(spec, Layer):
+        return list(spec.module.parameters())
+    if isinstance(spec, nn.Module):
+        return list(spec.parameters())
+    if isinstance(spec, torch.Tensor):
+        return [spec]
+    if isinstance(spec, list | tuple | set):
+        return [p for item in spec for p in parameters_of(item, what)]
+    raise TypeError(
+        f"{what} must be a Layer, an nn.Module, a parameter or a list of them, "
+        f"got {type(spec).__name__}"
+    )
+
+
 class Model(Layer):
     """A trainable Keras-style model around any ``torch.nn.Module``.
 
@@ -214,10 +237,17 @@ class Model(Layer):
         ``cache_dtype``, ``cache_dir``, ``checkpoint_dir``, ``keep_checkpoints``,
         ``resume``, ``verify_frozen``, ``on_nan`` ("raise"/"stop"), ``frozen_inference``
         (run the frozen part in inference mode, as Keras' ``base(x, training=False)``: its
-        dropout/DropPath off, so it is deterministic and its outputs can be cached).
+        dropout/DropPath off, so it is deterministic and its outputs can be cached),
+        ``unfreeze_next`` (the layers the next fit will unfreeze: a Layer, module,
+        parameter or a list of them; this fit's cache build then also keeps the frozen
+        values right below them, and the next fit starts from those instead of running
+        the frozen part over the data again; :func:`~frostline.recipes.two_phase` passes
+        it for you).
         ``x`` may be an array, a tuple of arrays (positional model inputs) or a dict of
         arrays (keyword inputs such as ``input_ids`` and ``attention_mask``).
         """
+        if "unfreeze_next" in options:
+            options["unfreeze_next"] = parameters_of(options["unfreeze_next"], "unfreeze_next")
         return self._get_trainer().fit(
             x,
             y,

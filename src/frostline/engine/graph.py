@@ -48,7 +48,7 @@ import keyword
 import math
 import operator
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +72,7 @@ __all__ = [
     "bridge",
     "describe_boundary",
     "frozen_calls",
+    "joint_frozen",
     "partition",
     "same_outputs",
     "stochastic_frozen",
@@ -1134,10 +1135,12 @@ class _Trainable(nn.Module):
         return out if self.out_spec is None else pytree.tree_unflatten(out, self.out_spec)
 
 
-def partition(traced: Traced) -> Partition:
+def partition(traced: Traced, *, trainable: Collection[int] | None = None) -> Partition:
     """Split ``traced`` at the frontier of what depends only on inputs and frozen weights.
 
     Frozen means: no trainable (``requires_grad``) parameter flows into the value.
+    ``trainable``, ids of parameters, splits as if exactly those were trainable (the
+    split a planned unfreeze will need); the flags themselves are not read or changed.
 
     Raises:
         GraphError: a value the trainable part needs cannot be handed over (an input
@@ -1159,13 +1162,17 @@ def partition(traced: Traced) -> Partition:
     order = {n: i for i, n in enumerate(nodes)}
     dep_in: dict[fx.Node, bool] = {}
     train: dict[fx.Node, bool] = {}
+
+    def trains(t: Tensor) -> bool:
+        return t.requires_grad if trainable is None else id(t) in trainable
+
     for n in nodes:
         ins = n.all_input_nodes
         if n.op == "placeholder":
             dep_in[n], train[n] = True, False
         elif n.op == "get_attr":
             v = _fetch(gm, str(n.target))
-            dep_in[n], train[n] = False, isinstance(v, Tensor) and v.requires_grad
+            dep_in[n], train[n] = False, isinstance(v, Tensor) and trains(v)
         elif n.op == "output":
             continue
         else:
@@ -1173,7 +1180,7 @@ def partition(traced: Traced) -> Partition:
             train[n] = any(train[i] for i in ins)
             if n.op == "call_module":
                 m = gm.get_submodule(str(n.target))
-                train[n] = train[n] or any(p.requires_grad for p in m.parameters())
+                train[n] = train[n] or any(trains(p) for p in m.parameters())
     frozen_side = {n for n in nodes if n.op != "output" and dep_in[n] and not train[n]}
     out_node = next(n for n in nodes if n.op == "output")
 
@@ -1332,6 +1339,41 @@ def _batch_dependent(
         # for (positions in the batch, batch statistics) differs by far more
         if n.op != "placeholder" and not same_outputs(x[1:], y, rtol=1e-2, atol=1e-3)
     ]
+
+
+def joint_frozen(part: Partition, later: Partition) -> fx.GraphModule | None:
+    """``part``'s frozen module, also returning ``later``'s frontier tensors (after its own).
+
+    ``later`` is a split of the same trace with more trainable (:func:`partition` with
+    ``trainable=``): its frontier lies inside ``part``'s frozen computation, so one run
+    over the data yields both caches. ``None`` when a tensor of ``later``'s frontier is
+    not computed by ``part``'s frozen module (another trace; recomputed after the frontier).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> _ = net[:3].requires_grad_(False)
+        >>> t = trace(net, torch.randn(3, 4))
+        >>> now = partition(t)
+        >>> later = partition(t, trainable={id(p) for p in net[2:].parameters()})
+        >>> now.boundary, later.boundary
+        (('2',), ('1',))
+        >>> len(joint_frozen(now, later)(torch.randn(3, 4)))
+        2
+    """
+    if part.frozen is None or later.frozen is None or part.traced is not later.traced:
+        return None
+    old = part.frozen.graph
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    outs = g.graph_copy(old, env)
+    by_name = {n.name: env[n] for n in old.nodes if n.op != "output"}
+    extra = [by_name.get(name) for name in later.frontier]
+    if not isinstance(outs, tuple) or any(e is None for e in extra):
+        return None
+    g.output((*outs, *extra))
+    return fx.GraphModule(part.frozen, g)
 
 
 def bridge(old: Partition, new: Partition) -> fx.GraphModule | None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +40,10 @@ from frostline.engine.graph import (
     call_model,
     describe_boundary,
     frozen_calls,
+    joint_frozen,
     mode_key,
     partition,
+    same_outputs,
     stochastic_frozen,
     trace,
 )
@@ -133,6 +135,17 @@ class WholeModel(nn.Module):
 
 
 @dataclass
+class _Prepared:
+    """Frontier tensors kept for the split a planned unfreeze needs (see ``plan_next``)."""
+
+    key: CacheKey  # mode: which BatchNorms use running statistics; ``check``: the rest
+    stores: list[ActivationStore]
+    local: Tensor | None
+    check: tuple  # the frontier on the runner's example batch, to compare at reuse
+    fit: int  # the fit that built it: it serves the next fit only
+
+
+@dataclass
 class _Entry:
     key: CacheKey
     stores: list[ActivationStore]
@@ -189,6 +202,9 @@ class Runner:
         # frozen_inference: the modules a guess put in eval mode, by the key before it
         # (fit puts the model in train mode every epoch; the guess is not made again)
         self._guesses: dict[tuple, list[nn.Module]] = {}
+        self.next_ids: frozenset[int] = frozenset()
+        self.prepared: dict[str, _Prepared] = {}
+        self._fits = 0
         self.part: Partition | None = None
         self.failure: tuple[OffReason, str] | None = None
         self._key: tuple | None = None
@@ -433,27 +449,28 @@ class Runner:
         with torch.no_grad():
             return tuple(self._frozen_fn(values)(*values))
 
-    def _frozen_fn(self, values: tuple):
+    def _frozen_fn(self, values: tuple, module: nn.Module | None = None):
         part = self.part
         assert part is not None and part.frozen is not None
+        frozen = part.frozen if module is None else module
         if (
             not self.fuse
             or part.random is not None
             or not any(isinstance(v, Tensor) and v.dim() == 4 for v in values)
             or values[0].shape[0] < 2
         ):
-            return part.frozen
+            return frozen
         first = values[0]
-        key = (id(part), weights_version(self.prefix_tensors()), first.device, first.dtype)
+        key = (id(frozen), weights_version(self.prefix_tensors()), first.device, first.dtype)
         # The view folds from the live weights at each call, so it is never stale; a new
         # weights version re-runs its numerical check on the new weights.
         if self._fused_key != key:
             self._fused_key = key
             try:
-                self._fused = inference_copy(part.frozen, example=tuple(v[:4] for v in values))
+                self._fused = inference_copy(frozen, example=tuple(v[:4] for v in values))
             except Exception:  # folding is an optimisation: any failure runs the plain part
                 self._fused = None
-        return self._fused if self._fused is not None else part.frozen
+        return self._fused if self._fused is not None else frozen
 
     def cacheable(self, deterministic: bool) -> CacheStatus | None:
         """None when the frozen part's output may be cached, else the OFF status saying why."""
@@ -524,6 +541,14 @@ class Runner:
             entry.version = self._version()  # same contents, maybe new counters
             entry.partition = part
             return self._record(role, CacheState.REUSED, entry)
+        ready = self.prepared.pop(role, None)
+        if ready is not None:
+            if self._serves(ready, key, part):
+                if entry is not None:
+                    _close(entry.stores)
+                self.entries[role] = _Entry(key, ready.stores, ready.local, self._version(), part)
+                return self._record(role, CacheState.REUSED, self.entries[role])
+            _close(ready.stores)
         local = None
         if indices is not None:
             local = torch.full((data.n,), -1, dtype=torch.long)
@@ -547,13 +572,86 @@ class Runner:
                 x, _ = data.gather(rows[chunk])
                 yield chunk, part.traced.flat(_to(x, device))
 
-        frozen = part.frozen
-        assert frozen is not None
-        stores = self._build(lambda *v: self._frozen_fn(v)(*v), batches(), len(rows))
+        later, joint = self._next_split(part)
+        stores = None
+        if joint is not None:
+            stores = self._build(lambda *v: self._frozen_fn(v, joint)(*v), batches(), len(rows))
+        if stores is not None and any(st.location == "disk" for st in stores):
+            _close(stores)  # the planned split's tensors must not push this one to disk
+            stores = None
+        if stores is None:
+            later = None
+            stores = self._build(lambda *v: self._frozen_fn(v)(*v), batches(), len(rows))
         if stores is None:
             return self._too_large(role)
+        if later is not None:
+            self._keep(role, later, key, stores[len(part.frontier) :], local)
+            stores = stores[: len(part.frontier)]
         self.entries[role] = _Entry(key, stores, local, self._version(), part)
         return self._record(role, CacheState.BUILT, self.entries[role])
+
+    def _next_split(self, part: Partition) -> tuple[Partition | None, nn.Module | None]:
+        """The split the planned unfreeze needs, and the frozen module giving both frontiers."""
+        if not self.next_ids or self._key is None:
+            return None, None
+        ids = set(self._key[0]) | self.next_ids
+        try:
+            later = partition(part.traced, trainable=ids)
+        except GraphError:
+            return None, None
+        if (
+            later.frozen is None
+            or later.boundary == part.boundary
+            or later.random
+            or later.stateful
+            or later.mixes_samples
+        ):
+            return None, None
+        joint = joint_frozen(part, later)
+        return (later, joint) if joint is not None else (None, None)
+
+    def _keep(
+        self, role: str, later: Partition, key: CacheKey, stores: list, local: Tensor | None
+    ) -> None:
+        """Keep ``later``'s frontier (built with this fit's cache) for the next fit."""
+        assert later.frozen is not None and self.example is not None
+        tensors = [*later.frozen.parameters(), *later.frozen.buffers()]
+        with torch.no_grad():
+            check = tuple(later.frozen(*later.traced.flat(self.example)))
+        old = self.prepared.pop(role, None)
+        if old is not None:
+            _close(old.stores)
+        self.prepared[role] = _Prepared(
+            CacheKey(
+                later.boundary,
+                key.data,
+                self._content_key(tensors),
+                _running_statistics(later),
+            ),
+            stores,
+            local,
+            check,
+            self._fits,
+        )
+
+    def _serves(self, ready: _Prepared, key: CacheKey, part: Partition) -> bool:
+        """Whether frontier tensors kept by the last fit are this split's cache: the same
+        frontier, data, frozen weights and BatchNorm modes, and the same values on the
+        example batch (which stands for the modes a trace baked in)."""
+        if ready.fit != self._fits - 1 or part.frozen is None:
+            return False
+        if (ready.key.boundary, ready.key.data, ready.key.weights) != (
+            key.boundary,
+            key.data,
+            key.weights,
+        ) or ready.key.mode != _running_statistics(part):
+            return False
+        assert self.example is not None
+        with torch.no_grad():
+            now = tuple(part.frozen(*part.traced.flat(self.example)))
+        return len(now) == len(ready.check) and all(
+            same_outputs(a, b) for a, b in zip(now, ready.check)
+        )
 
     def _extension(self, entry: _Entry, part: Partition):
         """A graph from the stored frontier to the new one, when the new one lies past it."""
@@ -637,6 +735,20 @@ class Runner:
             return None
         return tuple(s[rows] for s in entry.stores)
 
+    def plan_next(self, params: Iterable[Tensor] = ()) -> None:
+        """Start a fit whose next fit will also train ``params`` (a planned unfreeze).
+
+        When this fit builds its cache from the data, the same run also keeps the frontier
+        of the split the next fit will need (the frozen values right below ``params``), as
+        memory allows; the next fit then reuses it instead of running the frozen part over
+        the data again. What the fit before the last one kept is dropped.
+        """
+        self._fits += 1
+        self.next_ids = frozenset(id(p) for p in params)
+        for role, old in list(self.prepared.items()):
+            if old.fit < self._fits - 1:
+                _close(self.prepared.pop(role).stores)
+
     def new_fit(self) -> None:
         """Forget memoised digests and structure: the next check reads the model again."""
         self.new_epoch(reread_weights=True)
@@ -667,6 +779,21 @@ class Runner:
         for e in self.entries.values():
             _close(e.stores)
         self.entries.clear()
+        for p in self.prepared.values():
+            _close(p.stores)
+        self.prepared.clear()
+
+
+def _running_statistics(part: Partition) -> str:
+    """Which BatchNorms of the frozen part normalise with running statistics (a policy
+    named differently that computes the same, ``"auto"`` on a frozen layer and
+    ``"inference"``, gives the same string)."""
+    assert part.frozen is not None
+    return "".join(
+        "1" if not m.training or batchnorm.runs_inference(m) else "0"
+        for m in part.frozen.modules()
+        if batchnorm.is_batchnorm(m)
+    )
 
 
 def _close(stores: list[ActivationStore]) -> None:

@@ -13,11 +13,12 @@ import contextlib
 import math
 import random
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from frostline.core import batchnorm
 from frostline.core.checks import require_int
@@ -224,6 +225,7 @@ class Trainer:
         verify_frozen: bool = True,
         on_nan: str = "raise",
         frozen_inference: bool = False,
+        unfreeze_next: Iterable[Tensor] = (),
     ) -> History:
         model = self.model
         cfg = model.compile_config
@@ -262,6 +264,7 @@ class Trainer:
             },
         )
         runner.new_fit()
+        runner.plan_next(unfreeze_next)
         self._ever_trainable: set[int] = set()
         history = History()
         cbs = list(callbacks or [])

@@ -277,6 +277,13 @@ def two_phase(
             print(f"Phase 1/2: finished before the checkpoint ({done} epoch(s)); resuming phase 2")
     else:
         phase.enter(1)
+        # phase 1's cache build also keeps the frozen values phase 2 starts from
+        plan = layer.unfreeze(selector, dry_run=True) if n2 else None
+        after = (
+            {}
+            if plan is None or "unfreeze_next" in fit_args
+            else {"unfreeze_next": [layer.module.get_submodule(path) for path in plan.paths]}
+        )
         h1 = model.fit(
             x,
             y,
@@ -284,6 +291,7 @@ def two_phase(
             callbacks=[phase, *user_cbs, *_early_stopping(early_stopping, has_val)],
             resume=resume,
             **fit_args,
+            **after,
         )
         done = len(h1.epoch)
 
