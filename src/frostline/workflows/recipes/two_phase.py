@@ -279,7 +279,7 @@ def two_phase(
         phase.enter(1)
         # phase 1's cache build also keeps the frozen values phase 2 starts from
         plan = layer.unfreeze(selector, dry_run=True) if n2 else None
-        after = (
+        after: dict[str, Any] = (
             {}
             if plan is None or "unfreeze_next" in fit_args
             else {"unfreeze_next": [layer.module.get_submodule(path) for path in plan.paths]}
