@@ -357,3 +357,31 @@ def test_fold_single_conv_bn(
     fused = inference_copy([conv, bn], example=x)
     assert fused is not None and fused.folded == [("0", "1")]
     torch.testing.assert_close(fused(x), _run([conv.eval(), bn.eval()], x), rtol=1e-4, atol=1e-5)
+
+
+def _largest_allocation(fn) -> int:
+    """The largest single CPU allocation (bytes) made while ``fn()`` runs (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max([e.cpu_memory_usage for e in prof.events()] + [0])
+
+
+@pytest.mark.parametrize("weight_layout", [torch.contiguous_format, torch.channels_last])
+def test_a_conv_not_worth_folding_copies_no_weight(weight_layout: torch.memory_format) -> None:
+    """Deep convs of a convnet at small inputs (ResNet's layer4: 9 MB of weight for a 1x1
+    output) are not folded; run on a channels_last input they must not copy their weight
+    to channels_last at each call either (the hand-written loop copies no weight)."""
+    conv, bn, _, _ = _conv_bn(256, 256)
+    conv.weight.data = conv.weight.data.contiguous(memory_format=weight_layout)
+    pair = FoldedConvBn(conv, bn, channels_last=True)
+    x = torch.randn(4, 256, 2, 2).contiguous(memory_format=torch.channels_last)
+    assert conv.weight.numel() > x.shape[0] * 256 * 2 * 2  # so the conv is not folded
+    with torch.no_grad():
+        ref = bn(conv(x))
+        biggest = _largest_allocation(lambda: pair(x))
+        torch.testing.assert_close(pair(x), ref, rtol=1e-4, atol=1e-5)
+    assert biggest < conv.weight.nbytes // 4, (
+        f"{biggest} bytes for a {conv.weight.nbytes}-byte weight"
+    )
