@@ -263,6 +263,39 @@ def test_a_graph_module_is_copied_without_compiling_it_again(
         torch.testing.assert_close(fast(X), gm.eval()(X), rtol=1e-3, atol=1e-4)
 
 
+class _Counted(nn.Module):
+    """A ReLU that records its runs (in a list its shallow copies share; not fx's trace)."""
+
+    def __init__(self, calls: list[int]) -> None:
+        super().__init__()
+        self.calls = calls
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Tensor):  # not an fx proxy
+            self.calls.append(1)
+        return torch.relu(x)
+
+
+def test_check_runs_once_where_nothing_folds_and_takes_a_given_reference() -> None:
+    calls: list[int] = []
+    plain = [nn.Conv2d(3, 4, 3), _Counted(calls)]
+    assert inference_copy(plain, example=X) is not None
+    assert len(calls) == 2  # the reference and one check: nothing folds, one way to run
+    with torch.no_grad():
+        ref = nn.Sequential(*plain).eval()(X)
+    calls.clear()
+    fast = inference_copy(plain, example=X, reference=ref)
+    assert fast is not None and len(calls) == 1  # the given reference is not computed again
+    assert inference_copy(plain, example=X, reference=ref + 0.01) is None  # it is checked
+
+    calls.clear()
+    folding = _calibrated(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), _Counted(calls)))
+    calls.clear()
+    fast = inference_copy(folding, example=X)
+    assert fast is not None and fast.folded == [("0", "1")]
+    assert len(calls) == 3  # the reference, every pair folded, as it will run
+
+
 class _Reuse(nn.Module):
     """conv output feeds BN *and* a residual: folding would be wrong."""
 

@@ -120,6 +120,7 @@ def inference_copy(
     channels_last: bool = True,
     rtol: float = 1e-3,
     atol: float = 1e-4,
+    reference: Tensor | tuple[Tensor, ...] | None = None,
 ) -> InferenceCopy | None:
     """A verified, eval-mode, BN-folded copy of ``modules`` applied in order, sharing weights.
 
@@ -129,8 +130,11 @@ def inference_copy(
     ``BatchNormAct2d``: by its drop+act part). The copy runs under ``torch.no_grad``; with
     ``channels_last`` the input and the folded weights are channels_last and the output is
     returned contiguous (NCHW). The copy is checked on ``example`` against the unfused
-    modules in eval mode, folding every pair and as it will run; ``None`` if it differs by
-    more than ``rtol``/``atol`` or does not produce a tensor. ``modules`` are never modified.
+    modules in eval mode, folding every pair and as it will run (once where nothing
+    folds); ``None`` if it differs by more than ``rtol``/``atol`` or does not produce a
+    tensor. A caller that already holds the modules' output on ``example`` passes it as
+    ``reference`` (it is then not computed again; the copy must reproduce it, so a
+    reference from other weights or modes rejects the copy). ``modules`` are never modified.
 
     Example:
         >>> import torch
@@ -155,11 +159,13 @@ def inference_copy(
     args = tuple(example) if isinstance(example, tuple) else (example,)
     body: nn.Module = _share_copy(mods[0] if len(mods) == 1 else nn.Sequential(*mods))
     body.eval()
-    try:
-        with torch.no_grad():
-            ref = body(*(a.clone() for a in args))
-    except Exception:
-        return None
+    ref = reference
+    if ref is None:
+        try:
+            with torch.no_grad():
+                ref = body(*(a.clone() for a in args))
+        except Exception:
+            return None
     if not _tensors(ref):
         return None
 
@@ -167,7 +173,8 @@ def inference_copy(
         folded = _fuse_in_place(body, channels_last)
         out_mod = InferenceCopy(body, channels_last=channels_last, folded=folded)
         outs = []
-        for always in (True, False):  # every pair folded; then as it will run
+        # every pair folded; then as it will run (the same where nothing folds)
+        for always in (True, False) if folded else (False,):
             for m in body.modules():
                 if isinstance(m, FoldedConvBn):
                     m.always_fold = always
