@@ -318,6 +318,39 @@ def test_optimised_prefix_shares_the_weights_and_sees_data_writes():
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_the_split_output_is_the_copy_reference_while_the_weights_hold(monkeypatch):
+    """The split ran its frozen part on the example already: the folded copy is checked
+    against that output, not a run of its own, unless the frozen weights changed since."""
+    from frostline.engine import runner as runner_mod
+
+    seen: list[tuple[bool, bool]] = []
+    real = runner_mod.inference_copy
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append((kwargs.get("reference") is not None, out is not None))
+        return out
+
+    monkeypatch.setattr(runner_mod, "inference_copy", spy)
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    base = fl.wrap(net, name="base")
+    model = fl.Sequential([base, nn.Linear(net.num_features, 4)])
+    base.trainable = False
+    runner = Runner(model.module)
+    x = torch.randn(8, 3, 32, 32)
+    runner.verify(x)
+    runner.run_prefix(x)
+    assert seen == [(True, True)]
+    with torch.no_grad():
+        net.conv1.weight.mul_(-1.0)  # a new version: the split's output is stale
+    (fast,) = runner.run_prefix(x)
+    assert seen[1:] == [(False, True)]  # checked against a fresh reference, and used
+    with torch.no_grad():
+        ref = net.eval()(x)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_evaluate_through_the_cache_matches_a_plain_forward():
     x, y = images(n=40)
     base = fl.wrap(conv_base(), name="base")

@@ -1098,6 +1098,10 @@ class Partition:
     to state, ``mixes_samples`` which frontier rows depend on other samples of the batch
     (all ``None`` when the frontier can be cached per sample), and
     ``frozen_modules`` lists the modules all of whose computation is frozen.
+    ``example_frontier`` holds the frozen part's outputs on ``traced.example`` as computed
+    for the split (the modes as set, the weights then), or ``None``: a reference that
+    checks of the frozen part (:func:`frostline.engine.fuse.inference_copy`) need not
+    compute again.
     """
 
     traced: Traced
@@ -1112,6 +1116,7 @@ class Partition:
     frozen_modules: tuple[str, ...]
     frozen_nodes: int
     trainable_nodes: int
+    example_frontier: tuple[Any, ...] | None = None
 
     def run_frozen(self, x: Any) -> tuple[Any, ...]:
         """The frontier tensors for the batch ``x`` (no autograd recording)."""
@@ -1195,7 +1200,9 @@ def partition(traced: Traced, *, trainable: Collection[int] | None = None) -> Pa
 
     forced: set[fx.Node] = set()
     mixes = None
+    example_frontier: tuple[Any, ...] | None = None
     for _attempt in range(4):
+        example_frontier = None  # what a check ran this frozen part on, if it ran
         frontier, pulled, sized = _frontier(traced, nodes, frozen_side, forced, gm)
         frontier.sort(key=order.__getitem__)
         frozen_gm = None
@@ -1209,7 +1216,7 @@ def partition(traced: Traced, *, trainable: Collection[int] | None = None) -> Pa
         if frozen_gm is None or random is not None or stateful is not None:
             break
         # a cached frontier row must depend on its own sample only (not arange(batch) etc.)
-        bad = _batch_dependent(frozen_gm, traced, frontier)
+        bad, example_frontier = _batch_dependent(frozen_gm, traced, frontier)
         if not bad:
             mixes = None
             break
@@ -1237,6 +1244,7 @@ def partition(traced: Traced, *, trainable: Collection[int] | None = None) -> Pa
         random=random,
         stateful=stateful,
         mixes_samples=mixes,
+        example_frontier=example_frontier if frozen_gm is not None else None,
         frozen_modules=_frozen_modules(gm, nodes, frozen_side, pulled),
         frozen_nodes=sum(1 for n in frozen_computed if n.op not in ("placeholder", "get_attr"))
         if frozen_gm is not None
@@ -1324,13 +1332,14 @@ def _per_sample_size(ref: Tensor, shape: tuple[int, ...], dim: int | None = None
 
 def _batch_dependent(
     frozen_gm: fx.GraphModule, traced: Traced, frontier: list[fx.Node]
-) -> list[fx.Node]:
-    """Frontier values whose row for a sample changes with the other samples in the batch."""
+) -> tuple[list[fx.Node], tuple[Any, ...] | None]:
+    """Frontier values whose row for a sample changes with the other samples in the batch,
+    and the frontier on the whole example (``None`` without one)."""
     example = traced.example
     if example is None:
-        return []
+        return [], None
     with _restored_state(traced.module), torch.no_grad():
-        a = frozen_gm(*example)
+        a = tuple(frozen_gm(*example))
         b = frozen_gm(*_take(example, torch.tensor([1, 2])))
     return [
         n
@@ -1338,7 +1347,7 @@ def _batch_dependent(
         # loose: another batch size may pick another kernel (float noise); what this looks
         # for (positions in the batch, batch statistics) differs by far more
         if n.op != "placeholder" and not same_outputs(x[1:], y, rtol=1e-2, atol=1e-3)
-    ]
+    ], a
 
 
 def joint_frozen(part: Partition, later: Partition) -> fx.GraphModule | None:

@@ -212,6 +212,8 @@ class Runner:
         self.suffix: nn.Module = self.whole
         self._fused: Any = None
         self._fused_key: Any = None
+        # per split: (the split, its frozen weights' version when it was made)
+        self._split_weights: dict[int, tuple[Partition, tuple]] = {}
         self.entries: dict[str, _Entry] = {}
         self._digests: dict[tuple, str] = {}
         self.status: dict[str, CacheStatus] = {}
@@ -313,6 +315,7 @@ class Runner:
         if traced is not None and not traced.current():  # a weight was replaced: trace again
             self.traces.clear()
             self.partitions.clear()
+            self._split_weights.clear()
             self._guesses.clear()
             traced = None
         if traced is None:
@@ -338,6 +341,10 @@ class Runner:
             self.failure = (OffReason.NO_FROZEN_PART, "")
             return None
         self.partitions[key] = part
+        self._split_weights[id(part)] = (
+            part,
+            weights_version([*part.frozen.parameters(), *part.frozen.buffers()]),
+        )
         return part
 
     def _guess_inference(self, key: tuple) -> tuple:
@@ -461,16 +468,37 @@ class Runner:
         ):
             return frozen
         first = values[0]
-        key = (id(frozen), weights_version(self.prefix_tensors()), first.device, first.dtype)
+        version = weights_version(self.prefix_tensors())
+        key = (id(frozen), version, first.device, first.dtype)
         # The view folds from the live weights at each call, so it is never stale; a new
         # weights version re-runs its numerical check on the new weights.
         if self._fused_key != key:
             self._fused_key = key
+            split = self._split_reference(part, version, first) if module is None else None
+            example, reference = split or (tuple(v[:4] for v in values), None)
             try:
-                self._fused = inference_copy(frozen, example=tuple(v[:4] for v in values))
+                self._fused = inference_copy(frozen, example=example, reference=reference)
             except Exception:  # folding is an optimisation: any failure runs the plain part
                 self._fused = None
         return self._fused if self._fused is not None else frozen
+
+    def _split_reference(
+        self, part: Partition, version: tuple, first: Tensor
+    ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None:
+        """The example the split ran its frozen part on and the outputs it got, when they
+        still hold (same weights, device and dtype, no autocast): the copy's check then
+        needs no reference run of its own."""
+        split = self._split_weights.get(id(part))
+        example, out = part.traced.example, part.example_frontier
+        if split is None or split[0] is not part or split[1] != version or out is None:
+            return None
+        if not example or not all(isinstance(v, Tensor) for v in example):
+            return None
+        if (example[0].device, example[0].dtype) != (first.device, first.dtype):
+            return None
+        if torch.is_autocast_enabled(first.device.type):
+            return None
+        return example, out
 
     def cacheable(self, deterministic: bool) -> CacheStatus | None:
         """None when the frozen part's output may be cached, else the OFF status saying why."""
