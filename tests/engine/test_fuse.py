@@ -193,7 +193,9 @@ def test_whole_model_and_batchnormact_keeps_activation() -> None:
     torch.testing.assert_close(fused(X), _run([model], X), rtol=1e-3, atol=1e-4)
 
 
-def test_broken_fusion_returns_none(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_broken_fold_never_reaches_an_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fold that does not reproduce conv then BN is caught the first time the pair folds
+    (at the example's size or at a later, larger batch) and the pair runs unfolded."""
     prefix = _prefix(_model("mobilenetv2_100"))
     real = fuse._scale_shift
 
@@ -201,14 +203,42 @@ def test_broken_fusion_returns_none(monkeypatch: pytest.MonkeyPatch) -> None:
         scale, shift = real(*args)  # type: ignore[arg-type]
         return scale, shift + 0.01  # e.g. a forgotten term
 
+    def pairs(fused: InferenceCopy) -> list[FoldedConvBn]:
+        return [m for m in fused.body.modules() if isinstance(m, FoldedConvBn)]
+
     monkeypatch.setattr(fuse, "_scale_shift", broken)
-    assert inference_copy(prefix, example=X) is None
-    # checked with every pair folded, even where the example is too small to fold
+    fused = inference_copy(prefix, example=X)
+    assert fused is not None
+    torch.testing.assert_close(fused(X), _run(prefix, X), rtol=1e-3, atol=1e-4)
+    folded_at_x = [p for p in pairs(fused) if p.fold_checked]
+    assert folded_at_x and not any(p.fold_ok for p in folded_at_x)
+    # a pair not folded at the example's size is checked when it first folds
     tiny = X[:, :, :8, :8]
     monkeypatch.setattr(fuse.FoldedConvBn, "_worth_folding", lambda self, x: False)
-    assert inference_copy(prefix, example=tiny) is None
+    fused = inference_copy(prefix, example=tiny)
+    assert fused is not None and not any(p.fold_checked for p in pairs(fused))
+    monkeypatch.setattr(fuse.FoldedConvBn, "_worth_folding", lambda self, x: True)
+    torch.testing.assert_close(fused(X), _run(prefix, X), rtol=1e-3, atol=1e-4)
+    assert all(p.fold_checked and not p.fold_ok for p in pairs(fused))
+    # the same copies with the right fold: every pair checked folds
     monkeypatch.setattr(fuse, "_scale_shift", real)
-    assert inference_copy(prefix, example=tiny) is not None
+    fused = inference_copy(prefix, example=tiny)
+    assert fused is not None
+    torch.testing.assert_close(fused(X), _run(prefix, X), rtol=1e-3, atol=1e-4)
+    assert all(p.fold_checked and p.fold_ok for p in pairs(fused))
+
+
+def test_a_pair_too_large_to_fold_makes_no_folded_weight_to_check() -> None:
+    """inference_copy checks the copy as it runs: a conv whose weight outgrows its output
+    at the example's size makes no folded copy of its weight (the deep convs of ResNet-18
+    at 32x32: 9 MB each), before or after."""
+    conv, bn, _, _ = _conv_bn(256, 256)
+    x = torch.randn(4, 256, 2, 2)
+    assert conv.weight.numel() > x.shape[0] * 256 * 2 * 2  # not worth folding at x
+    biggest = _largest_allocation(lambda: inference_copy([conv, bn], example=x))
+    assert biggest < conv.weight.nbytes // 4, (
+        f"{biggest} bytes for a {conv.weight.nbytes}-byte weight"
+    )
 
 
 @pytest.mark.parametrize("name", ["mobilenetv2_100", "resnet18", "tv_mobilenet_v2"])
@@ -276,11 +306,11 @@ class _Counted(nn.Module):
         return torch.relu(x)
 
 
-def test_check_runs_once_where_nothing_folds_and_takes_a_given_reference() -> None:
+def test_check_runs_once_and_takes_a_given_reference() -> None:
     calls: list[int] = []
     plain = [nn.Conv2d(3, 4, 3), _Counted(calls)]
     assert inference_copy(plain, example=X) is not None
-    assert len(calls) == 2  # the reference and one check: nothing folds, one way to run
+    assert len(calls) == 2  # the reference and one check, as the copy will run
     with torch.no_grad():
         ref = nn.Sequential(*plain).eval()(X)
     calls.clear()
@@ -293,7 +323,10 @@ def test_check_runs_once_where_nothing_folds_and_takes_a_given_reference() -> No
     calls.clear()
     fast = inference_copy(folding, example=X)
     assert fast is not None and fast.folded == [("0", "1")]
-    assert len(calls) == 3  # the reference, every pair folded, as it will run
+    assert len(calls) == 2  # folding too: each pair's fold is checked as it first folds
+    assert all(
+        p.fold_checked and p.fold_ok for p in fast.body.modules() if isinstance(p, FoldedConvBn)
+    )
 
 
 class _Reuse(nn.Module):

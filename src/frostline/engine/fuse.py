@@ -4,7 +4,9 @@
 with them (it holds no copy of any weight), replaces every Conv2d whose output directly and
 exclusively feeds a BatchNorm by a conv that folds that BatchNorm in at each call, runs in
 ``channels_last``, and checks the result numerically against the unfused modules. If
-anything is off it returns ``None`` and the caller runs the plain modules.
+anything is off it returns ``None`` and the caller runs the plain modules. Each pair's
+folded weight is also checked, against the conv followed by the BatchNorm on two samples
+of the batch, the first time the pair folds; a pair that fails runs unfolded from then on.
 
 The folded weight is computed from the live tensors at every call (one layer at a time, a
 transient the size of that layer's weight; the per-channel scale is O(channels)), so a
@@ -130,11 +132,11 @@ def inference_copy(
     ``BatchNormAct2d``: by its drop+act part). The copy runs under ``torch.no_grad``; with
     ``channels_last`` the input and the folded weights are channels_last and the output is
     returned contiguous (NCHW). The copy is checked on ``example`` against the unfused
-    modules in eval mode, folding every pair and as it will run (once where nothing
-    folds); ``None`` if it differs by more than ``rtol``/``atol`` or does not produce a
-    tensor. A caller that already holds the modules' output on ``example`` passes it as
-    ``reference`` (it is then not computed again; the copy must reproduce it, so a
-    reference from other weights or modes rejects the copy). ``modules`` are never modified.
+    modules in eval mode, as it will run; ``None`` if it differs by more than
+    ``rtol``/``atol`` or does not produce a tensor. A pair's folding is checked the first
+    time it folds (:class:`FoldedConvBn`): a pair not folded at the example's size (its
+    weight larger than its output) gets no full-size folded weight made just to check it.
+    ``modules`` are never modified.
 
     Example:
         >>> import torch
@@ -170,18 +172,12 @@ def inference_copy(
         return None
 
     try:
-        folded = _fuse_in_place(body, channels_last)
+        folded = _fuse_in_place(body, channels_last, rtol=rtol, atol=atol)
         out_mod = InferenceCopy(body, channels_last=channels_last, folded=folded)
-        outs = []
-        # every pair folded; then as it will run (the same where nothing folds)
-        for always in (True, False) if folded else (False,):
-            for m in body.modules():
-                if isinstance(m, FoldedConvBn):
-                    m.always_fold = always
-            outs.append(out_mod(*(a.clone() for a in args)))
+        out = out_mod(*(a.clone() for a in args))
     except Exception:
         return None
-    if not all(_close(out, ref, rtol, atol) for out in outs):
+    if not _close(out, ref, rtol, atol):
         return None
     return out_mod
 
@@ -284,7 +280,10 @@ class FoldedConvBn(nn.Module):
     with the user's modules) is kept between calls: each call reads their current weights
     and running statistics. The folded weight (``channels_last`` if asked) is built only
     when it is no larger than the conv's output, or always with ``always_fold``; otherwise
-    the call runs the conv and then the BatchNorm.
+    the call runs the conv and then the BatchNorm. The first call that folds checks the
+    folded conv against conv then BatchNorm on two samples of its input (``rtol``/``atol``,
+    ``fold_checked``); if they differ the pair never folds again (``fold_ok`` false) and
+    runs unfolded, so a wrong fold never reaches an output.
 
     Example:
         >>> import torch
@@ -297,12 +296,23 @@ class FoldedConvBn(nn.Module):
         True
     """
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, channels_last: bool) -> None:
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        bn: nn.BatchNorm2d,
+        *,
+        channels_last: bool,
+        rtol: float = 1e-3,
+        atol: float = 1e-4,
+    ) -> None:
         super().__init__()
         self.conv, self.bn = conv, bn
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.same = type(conv) is not nn.Conv2d and type(conv) is _timm_specials()[1]
         self.always_fold = False
+        self.rtol, self.atol = rtol, atol
+        self.fold_checked = False  # the folded conv was compared with conv then BN once
+        self.fold_ok = True  # false once that comparison failed: never folds again
 
     def _conv(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         c = self.conv
@@ -318,24 +328,41 @@ class FoldedConvBn(nn.Module):
         out = x.shape[0] * c.out_channels * x.shape[2] * x.shape[3]
         return c.weight.numel() <= out // (c.stride[0] * c.stride[1])
 
+    def _unfolded(self, x: Tensor) -> Tensor:
+        conv, bn = self.conv, self.bn
+        w = conv.weight
+        if x.dim() == 4 and not w.is_contiguous(memory_format=torch.channels_last):
+            # a channels_last input would make the conv copy the whole weight to
+            # channels_last at every call (ResNet-18's layer4: 9 MB each): run it in
+            # the weight's layout (not folding means its output is the smaller)
+            x = x.contiguous()
+        y = self._conv(x, w, conv.bias)
+        return F.batch_norm(
+            y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
+        )
+
     def forward(self, x: Tensor) -> Tensor:
         conv, bn = self.conv, self.bn
         mean, var = bn.running_mean, bn.running_var
         assert mean is not None and var is not None  # _is_foldable_bn
         w = conv.weight
-        if not self.always_fold and not self._worth_folding(x):
-            if x.dim() == 4 and not w.is_contiguous(memory_format=torch.channels_last):
-                # a channels_last input would make the conv copy the whole weight to
-                # channels_last at every call (ResNet-18's layer4: 9 MB each): run it in
-                # the weight's layout (not folding means its output is the smaller)
-                x = x.contiguous()
-            y = self._conv(x, w, conv.bias)
-            return F.batch_norm(y, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        if not self.fold_ok or not (self.always_fold or self._worth_folding(x)):
+            return self._unfolded(x)
         scale, shift = _scale_shift(conv.bias, mean, var, bn.eps, bn.weight, bn.bias)
         # a new tensor, never ``w`` itself (copy, then scale in place: 2x faster than mul(out=))
         folded = torch.empty_like(w, memory_format=self.memory_format).copy_(w)
         folded.mul_(scale.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1))))
-        return self._conv(x, folded, shift.to(w.dtype))
+        b = shift.to(w.dtype)
+        if not self.fold_checked:
+            self.fold_checked = True
+            probe = x[:2]
+            if not _close(
+                self._conv(probe, folded, b), self._unfolded(probe), self.rtol, self.atol
+            ):
+                self.fold_ok = False
+                del folded
+                return self._unfolded(x)
+        return self._conv(x, folded, b)
 
 
 def _bn_replacement(bn: nn.Module) -> nn.Module:
@@ -445,7 +472,9 @@ def _find_pairs(m: nn.Module, prefix: str = "") -> list[tuple[str, str]]:
     return pairs
 
 
-def _fuse_in_place(root: nn.Module, channels_last: bool) -> list[tuple[str, str]]:
+def _fuse_in_place(
+    root: nn.Module, channels_last: bool, *, rtol: float = 1e-3, atol: float = 1e-4
+) -> list[tuple[str, str]]:
     """Fold every conv->BN pair of ``root`` (an eval-mode copy); returns the folded paths."""
     counts: dict[int, int] = {}
     for _, m in root.named_modules(remove_duplicate=False):
@@ -465,7 +494,11 @@ def _fuse_in_place(root: nn.Module, channels_last: bool) -> list[tuple[str, str]
             continue
         _set(root, bn_path, _bn_replacement(bn))
         pair = FoldedConvBn(
-            cast(nn.Conv2d, conv), cast(nn.BatchNorm2d, bn), channels_last=channels_last
+            cast(nn.Conv2d, conv),
+            cast(nn.BatchNorm2d, bn),
+            channels_last=channels_last,
+            rtol=rtol,
+            atol=atol,
         )
         _set(root, conv_path, pair)
         seen |= {id(conv), id(bn)}
