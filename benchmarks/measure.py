@@ -133,3 +133,19 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "os": platform.platform(),
     }
+
+
+def device_available(device: str) -> bool:
+    """Whether a benchmark can run on ``device``; says why not on stderr.
+
+    >>> device_available("cpu")
+    True
+    """
+    if device != "cuda":
+        return True
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    print("--device cuda: CUDA is not available on this machine", file=sys.stderr)
+    return False

@@ -61,7 +61,7 @@ from typing import Any
 # measure.py lies beside this script: found when it runs and when a test loads it by path.
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import Phase, machine_info, maxrss_mb  # noqa: E402
+from measure import Phase, device_available, machine_info, maxrss_mb  # noqa: E402
 
 NUM_CLASSES = 10
 PHASE1_LR = 1e-3
@@ -895,12 +895,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         _worker(args)
         return 0
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            print("--device cuda: CUDA is not available on this machine", file=sys.stderr)
-            return 2
+    if not device_available(args.device):
+        return 2
     load_before = os.getloadavg()
     machine = machine_info()
     print(
