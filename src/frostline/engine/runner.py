@@ -602,11 +602,10 @@ class Runner:
 
         later, joint = self._next_split(part)
         stores = None
-        if joint is not None:
-            stores = self._build(lambda *v: self._frozen_fn(v, joint)(*v), batches(), len(rows))
-        if stores is not None and any(st.location == "disk" for st in stores):
-            _close(stores)  # the planned split's tensors must not push this one to disk
-            stores = None
+        if joint is not None:  # in memory or not at all (refused at the first batch): the
+            # planned split's tensors must not push this fit's cache to disk
+            fn = self._frozen_fn
+            stores = self._build(lambda *v: fn(v, joint)(*v), batches(), len(rows), spill=False)
         if stores is None:
             later = None
             stores = self._build(lambda *v: self._frozen_fn(v)(*v), batches(), len(rows))
@@ -703,7 +702,8 @@ class Runner:
             return None
         return step
 
-    def _build(self, fn, batches, n: int) -> list[ActivationStore] | None:
+    def _build(self, fn, batches, n: int, spill: bool = True) -> list[ActivationStore] | None:
+        """The stores, or None when they fit neither in memory nor (``spill``) on disk."""
         try:
             return ActivationStore.build_many(
                 fn,
@@ -712,7 +712,7 @@ class Runner:
                 memory_budget_bytes=self.memory_budget_bytes,
                 spill_dir=self.spill_dir,
                 dtype=self.cache_dtype,
-                free_bytes=_free_bytes(self.spill_dir),
+                free_bytes=_free_bytes(self.spill_dir) if spill else 0,
             )
         except MemoryError:
             return None
