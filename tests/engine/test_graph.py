@@ -208,6 +208,31 @@ def test_untraceable_submodule_becomes_a_leaf() -> None:
     assert same_outputs(part.trainable(*part.run_frozen(x)), model(x))
 
 
+class Scaled(nn.Module):
+    """A traced-through module reading its own parameter (a ``get_attr`` in the graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def test_a_trace_is_current_until_a_layer_or_weight_is_replaced() -> None:
+    net = nn.Sequential(nn.Linear(4, 4), Scaled(), nn.Linear(4, 2))
+    t = trace(net, torch.randn(3, 4))
+    assert t.current()
+    with torch.no_grad():
+        net[0].weight.mul_(2.0)  # a weight written in place: the graph still calls it
+    assert t.current()
+    net[2] = nn.Linear(4, 2)  # a layer the graph calls, replaced
+    assert not t.current()
+    t = trace(net, torch.randn(3, 4))
+    net[1].scale = nn.Parameter(torch.zeros(4))  # a weight the graph reads, replaced
+    assert not t.current()
+
+
 class RootBranch(nn.Module):
     def __init__(self) -> None:
         super().__init__()

