@@ -12,6 +12,7 @@ extended, invalidated or off).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import re
 from collections.abc import Callable
@@ -197,16 +198,32 @@ def test_unfreezing_a_prefix_layer_moves_the_boundary_back(capsys):
     assert_same(m, ref)
 
 
+def reads(monkeypatch) -> collections.Counter:
+    """How often fit hashes each tensor's bytes: the verification fingerprint at the start
+    and its check at the end (frostline.engine.verify), the cache key (the runner)."""
+    from frostline.engine import runner as runner_mod
+    from frostline.engine import verify as verify_mod
+
+    counts: collections.Counter = collections.Counter()
+    real = runner_mod.tensor_digest
+
+    def counted(t):
+        counts[id(t)] += 1
+        return real(t)
+
+    monkeypatch.setattr(runner_mod, "tensor_digest", counted)
+    monkeypatch.setattr(verify_mod, "tensor_digest", counted)
+    return counts
+
+
+def tensor_ids(*modules: nn.Module) -> set[int]:
+    return {id(t) for m in modules for t in (*m.parameters(), *m.buffers())}
+
+
 def test_unfreezing_more_does_not_read_the_old_frozen_weights(capsys, monkeypatch):
     """A frontier that moves back cannot extend the stored one: the old frozen part's
     weights (which would only tell whether it may) are not hashed, the new part's are."""
-    from frostline.engine import runner as runner_mod
-
-    hashed: list[int] = []
-    real = runner_mod.content_digest
-    monkeypatch.setattr(
-        runner_mod, "content_digest", lambda ts: hashed.append(len(list(ts))) or real(ts)
-    )
+    counts = reads(monkeypatch)
     x, y = make_data()
     (m, base), (ref, ref_base) = twins()
     fit(m, x, y, capsys)
@@ -214,11 +231,15 @@ def test_unfreezing_more_does_not_read_the_old_frozen_weights(capsys, monkeypatc
     for b in (base, ref_base):
         b.layers[3].trainable = True
         b.layers[4].trainable = True
-    hashed.clear()
+    counts.clear()
     notes = fit(m, x, y, capsys)
+    read = dict(counts)
     fit(ref, x, y, cache=False)
     assert notes[0].startswith("built (48 samples after 'base.2'"), notes
-    assert hashed == [7]  # base.0 and base.1 only (2 conv, 5 BN tensors); before: [7, 14]
+    body = base.module
+    assert set(read) == tensor_ids(body[0], body[1])  # not base.3 nor base.4
+    integer = {id(t) for t in body.buffers() if not t.is_floating_point()}
+    assert all(n == (1 if i in integer else 2) for i, n in read.items()), read  # see below
     assert_same(m, ref)
 
 
@@ -369,29 +390,34 @@ def test_frozen_weight_edited_during_fit_uses_fresh_prefix_outputs(how, capsys):
 
 
 def test_frozen_weights_are_hashed_once_per_fit_unless_a_callback_may_write(monkeypatch):
-    """Built-in callbacks promise not to write weights: one content hash per fit, not per
-    epoch. A user's callback (``writes_weights`` True by default) brings back the per-epoch
-    hash that catches ``p.data`` edits (the test above)."""
-    from frostline.engine import runner as runner_mod
-
-    calls = []
-    real = runner_mod.content_digest
-    monkeypatch.setattr(runner_mod, "content_digest", lambda ts: calls.append(1) or real(ts))
+    """Built-in callbacks promise not to write weights: each frozen weight is read once
+    per fit, by the verification fingerprint, whose digests the cache key reuses. A
+    user's callback (``writes_weights`` True by default) brings back the per-epoch hash
+    that catches ``p.data`` edits (the test above)."""
+    counts = reads(monkeypatch)
     x, y = make_data()
-    m, _ = build()
+    m, base = build()
+    frozen = tensor_ids(base.module)
     builtin = [
         fl.callbacks.EarlyStopping(monitor="loss", patience=9),
         fl.callbacks.TerminateOnNaN(),
     ]
+    # the BatchNorms' step counters are integers: the cache key reads them, the
+    # verification (of floating-point weights) does not
+    integer = {id(t) for t in base.module.buffers() if not t.is_floating_point()}
     fit(m, x, y, epochs=4, callbacks=builtin)
-    assert len(calls) == 1
+    assert set(counts) == frozen
+    # fingerprint and cache key: one read; the check at the end: one (3 when not shared)
+    assert all(n == (1 if i in integer else 2) for i, n in counts.items()), counts
 
     class Noop(fl.Callback):
         pass
 
-    calls.clear()
+    counts.clear()
     fit(m, x, y, epochs=4, callbacks=[Noop()])
-    assert len(calls) == 4
+    assert set(counts) == frozen
+    # the fingerprint, the cache key at each of the 4 epochs, the check
+    assert all(n == (4 if i in integer else 6) for i, n in counts.items()), counts
 
 
 # -------------------------------------------------------------------- data changes

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from frostline.core import batchnorm
-from frostline.core.digest import content_digest
+from frostline.core.digest import tensor_digest, text_digest
 from frostline.engine.activations import ActivationStore
 from frostline.engine.fingerprints import CacheKey, StepCounter, data_fingerprint, weights_version
 from frostline.engine.fuse import inference_copy
@@ -216,6 +216,7 @@ class Runner:
         self._split_weights: dict[int, tuple[Partition, tuple]] = {}
         self.entries: dict[str, _Entry] = {}
         self._digests: dict[tuple, str] = {}
+        self._tensor_digests: dict[tuple, str] = {}  # (id, storage, version) -> tensor_digest
         self.status: dict[str, CacheStatus] = {}
         self.steps = StepCounter()
         self._flipped: list[nn.Module] = []
@@ -791,6 +792,7 @@ class Runner:
         """
         if reread_weights:
             self._digests.clear()
+            self._tensor_digests.clear()
         self._stochastic.clear()  # a layer's rate may have changed (p = 0)
         self._params = None
         self._flags = None
@@ -800,8 +802,31 @@ class Runner:
         plain = weights_version(tensors)
         digest = self._digests.get(plain)
         if digest is None:
-            digest = self._digests[plain] = content_digest(tensors)
+            digest = self._digests[plain] = text_digest(self.weight_digest(t) for t in tensors)
         return (*plain, digest)
+
+    def weight_digest(self, t: Tensor) -> str:
+        """``tensor_digest(t)``, each tensor read once until the weights are read again.
+
+        Memoised by the tensor, its storage and its version until :meth:`new_fit` or
+        :meth:`new_epoch` with ``reread_weights``: ``fit`` hands it to the fingerprint that
+        verifies the frozen weights, so the cache key reads none of them a second time.
+
+        Example:
+            >>> import torch
+            >>> runner = Runner(torch.nn.Linear(2, 2))
+            >>> w = torch.ones(3)
+            >>> runner.weight_digest(w) == tensor_digest(w)
+            True
+        """
+        try:
+            key = (id(t), t.data_ptr(), t._version)
+        except RuntimeError:  # an inference tensor has no version counter: read it
+            return tensor_digest(t)
+        digest = self._tensor_digests.get(key)
+        if digest is None:
+            digest = self._tensor_digests[key] = tensor_digest(t)
+        return digest
 
     def drop(self) -> None:
         for e in self.entries.values():

@@ -286,7 +286,8 @@ class Trainer:
                 names = set(state["ever_trainable_names"])
                 self._ever_trainable |= {id(p) for n, p in module.named_parameters() if n in names}
 
-        frozen_before = fingerprint(model) if verify_frozen else None
+        # one read of the frozen weights serves the verification and the cache key
+        frozen_before = fingerprint(model, digest=runner.weight_digest) if verify_frozen else None
         self._sync()
         self._note_trainable(module)
         train_fp = fingerprint_of(train) if isinstance(train, data_mod.IndexedData) else None

@@ -16,6 +16,7 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -99,13 +100,29 @@ class Fingerprint:
         return report
 
 
-def fingerprint(model) -> Fingerprint:
-    """Digest every frozen weight of ``model`` (a Model, Layer or ``nn.Module``)."""
+def fingerprint(model, *, digest: Callable[[torch.Tensor], str] | None = None) -> Fingerprint:
+    """Digest every frozen weight of ``model`` (a Model, Layer or ``nn.Module``).
+
+    ``digest`` reads one tensor; it must give :func:`frostline.core.digest.tensor_digest`'s
+    value (its default; ``fit`` passes a memo of it that its cache key shares).
+    :meth:`Fingerprint.check` always reads the tensors again.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(2, 2).requires_grad_(False)
+        >>> fp = fingerprint(net)
+        >>> sorted(fp.digests)
+        ['bias', 'weight']
+        >>> with torch.no_grad():
+        ...     _ = net.weight.add_(1.0)
+        >>> fp.check(net).moved
+        ['weight']
+    """
     module = model.module if hasattr(model, "module") else model
     named = _frozen_named(module)
-    return Fingerprint(
-        {n: tensor_digest(t) for n, t in named.items()}, {n: id(t) for n, t in named.items()}
-    )
+    read = tensor_digest if digest is None else digest
+    return Fingerprint({n: read(t) for n, t in named.items()}, {n: id(t) for n, t in named.items()})
 
 
 __all__ = [
