@@ -374,9 +374,16 @@ def _bn_replacement(bn: nn.Module) -> nn.Module:
     return nn.Identity()
 
 
-def _set(root: nn.Module, path: str, m: nn.Module) -> None:
+def _set(root: nn.Module, path: str, m: nn.Module, named: dict[str, nn.Module]) -> None:
     parent_path, _, attr = path.rpartition(".")
-    setattr(root.get_submodule(parent_path), attr, m)
+    setattr(_module_at(named, root, parent_path), attr, m)
+
+
+def _module_at(named: dict[str, nn.Module], root: nn.Module, path: str) -> nn.Module:
+    """``root.get_submodule(path)``, read from ``named`` (``root.named_modules()``, one walk
+    of the tree instead of one per path: a RegNet's copy looks up ~500 paths) when there."""
+    m = named.get(path)
+    return m if m is not None else root.get_submodule(path)
 
 
 class _Tracer(fx.Tracer):
@@ -396,12 +403,15 @@ def _trace(m: nn.Module) -> fx.Graph:
     return _Tracer().trace(m)
 
 
-def _graph_pairs(root: nn.Module, graph: fx.Graph) -> list[tuple[str, str]]:
+def _graph_pairs(
+    root: nn.Module, graph: fx.Graph, named: dict[str, nn.Module] | None = None
+) -> list[tuple[str, str]]:
+    named = dict(root.named_modules()) if named is None else named
     calls: dict[int, int] = {}
     attrs: list[str] = []
     for n in graph.nodes:
         if n.op == "call_module":
-            mid = id(root.get_submodule(n.target))
+            mid = id(_module_at(named, root, str(n.target)))
             calls[mid] = calls.get(mid, 0) + 1
         elif n.op == "get_attr":
             attrs.append(str(n.target))
@@ -412,7 +422,8 @@ def _graph_pairs(root: nn.Module, graph: fx.Graph) -> list[tuple[str, str]]:
         src = n.args[0]
         if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
             continue
-        conv, bn = root.get_submodule(str(src.target)), root.get_submodule(str(n.target))
+        conv = _module_at(named, root, str(src.target))
+        bn = _module_at(named, root, str(n.target))
         if not (_is_foldable_conv(conv) and _is_foldable_bn(bn)):
             continue
         if calls[id(conv)] != 1 or calls[id(bn)] != 1:
@@ -457,12 +468,14 @@ def _table_pairs(m: nn.Module) -> list[tuple[str, str]]:
     return []
 
 
-def _find_pairs(m: nn.Module, prefix: str = "") -> list[tuple[str, str]]:
+def _find_pairs(
+    m: nn.Module, prefix: str = "", named: dict[str, nn.Module] | None = None
+) -> list[tuple[str, str]]:
     try:
         # a graph module (the frozen part of a partition) already is its graph: reading it
         # costs nothing, tracing it again ~0.3 s for a RegNet
         graph = m.graph if isinstance(m, fx.GraphModule) else _trace(m)
-        return [(prefix + c, prefix + b) for c, b in _graph_pairs(m, graph)]
+        return [(prefix + c, prefix + b) for c, b in _graph_pairs(m, graph, named)]
     except Exception:
         pass
     pairs = [(prefix + c, prefix + b) for c, b in _table_pairs(m)]
@@ -477,13 +490,15 @@ def _fuse_in_place(
 ) -> list[tuple[str, str]]:
     """Fold every conv->BN pair of ``root`` (an eval-mode copy); returns the folded paths."""
     counts: dict[int, int] = {}
-    for _, m in root.named_modules(remove_duplicate=False):
+    named: dict[str, nn.Module] = {}
+    for path, m in root.named_modules(remove_duplicate=False):
         counts[id(m)] = counts.get(id(m), 0) + 1
+        named.setdefault(path, m)
     done = []
     seen: set[int] = set()
-    for conv_path, bn_path in _find_pairs(root):
-        try:
-            conv, bn = root.get_submodule(conv_path), root.get_submodule(bn_path)
+    for conv_path, bn_path in _find_pairs(root, named=named):
+        try:  # (a path replaced below still names the module it held: never paired twice)
+            conv, bn = _module_at(named, root, conv_path), _module_at(named, root, bn_path)
         except AttributeError:
             continue
         if not (_is_foldable_conv(conv) and _is_foldable_bn(bn)):
@@ -492,7 +507,7 @@ def _fuse_in_place(
             continue
         if counts[id(conv)] != 1 or counts[id(bn)] != 1:  # shared modules: leave alone
             continue
-        _set(root, bn_path, _bn_replacement(bn))
+        _set(root, bn_path, _bn_replacement(bn), named)
         pair = FoldedConvBn(
             cast(nn.Conv2d, conv),
             cast(nn.BatchNorm2d, bn),
@@ -500,7 +515,7 @@ def _fuse_in_place(
             rtol=rtol,
             atol=atol,
         )
-        _set(root, conv_path, pair)
+        _set(root, conv_path, pair, named)
         seen |= {id(conv), id(bn)}
         done.append((conv_path, bn_path))
     return done
