@@ -1008,10 +1008,13 @@ def _arg(n: fx.Node, pos: int, name: str, default: Any) -> Any:
     return n.args[pos] if len(n.args) > pos else default
 
 
-def _random_op(n: fx.Node, root: nn.Module) -> str | None:
-    """Why node ``n`` draws random numbers (None when it does not)."""
+def _random_op(
+    n: fx.Node, root: nn.Module, named: dict[str, nn.Module] | None = None
+) -> str | None:
+    """Why node ``n`` draws random numbers (None when it does not); ``named``: see
+    :func:`_module_at`."""
     if n.op == "call_module":
-        return stochastic_module(root.get_submodule(str(n.target)))
+        return stochastic_module(_module_at(named or {}, root, str(n.target)))
     if n.op == "call_method":
         return f"Tensor.{n.target}" if n.target in _RANDOM_METHODS else None
     if n.op != "call_function":
@@ -1064,13 +1067,13 @@ def _batchnorm_trains(n: fx.Node, base: str) -> bool:
     return bool(_arg(n, pos, "training", True))
 
 
-def _inplace(n: fx.Node, root: nn.Module) -> bool:
-    """Whether ``n`` writes into its first argument."""
+def _inplace(n: fx.Node, root: nn.Module, named: dict[str, nn.Module] | None = None) -> bool:
+    """Whether ``n`` writes into its first argument; ``named``: see :func:`_module_at`."""
     if n.op == "call_method":
         name = str(n.target)
         return name.endswith("_") and not name.endswith("__")
     if n.op == "call_module":
-        return bool(getattr(root.get_submodule(str(n.target)), "inplace", False))
+        return bool(getattr(_module_at(named or {}, root, str(n.target)), "inplace", False))
     if n.op == "call_function":
         if n.target in _INPLACE_OPERATORS or n.kwargs.get("inplace") is True:
             return True
@@ -1174,6 +1177,7 @@ def partition(traced: Traced, *, trainable: Collection[int] | None = None) -> Pa
     gm = traced.gm
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
+    named = dict(gm.named_modules())  # one walk of the tree, not one per node
     dep_in: dict[fx.Node, bool] = {}
     train: dict[fx.Node, bool] = {}
 
@@ -1193,14 +1197,14 @@ def partition(traced: Traced, *, trainable: Collection[int] | None = None) -> Pa
             dep_in[n] = any(dep_in[i] for i in ins)
             train[n] = any(train[i] for i in ins)
             if n.op == "call_module":
-                m = gm.get_submodule(str(n.target))
+                m = _module_at(named, gm, str(n.target))
                 train[n] = train[n] or any(trains(p) for p in m.parameters())
     frozen_side = {n for n in nodes if n.op != "output" and dep_in[n] and not train[n]}
     out_node = next(n for n in nodes if n.op == "output")
 
     # a write into a frozen value must not move ahead of a trainable read of it
     for n in nodes:
-        if n in frozen_side and _inplace(n, gm) and n.args:
+        if n in frozen_side and _inplace(n, gm, named) and n.args:
             target = n.args[0]
             if isinstance(target, fx.Node) and any(
                 u not in frozen_side and order[u] < order[n] for u in target.users
@@ -1212,7 +1216,7 @@ def partition(traced: Traced, *, trainable: Collection[int] | None = None) -> Pa
     example_frontier: tuple[Any, ...] | None = None
     for _attempt in range(4):
         example_frontier = None  # what a check ran this frozen part on, if it ran
-        frontier, pulled, sized = _frontier(traced, nodes, frozen_side, forced, gm)
+        frontier, pulled, sized = _frontier(traced, nodes, frozen_side, forced, gm, named)
         frontier.sort(key=order.__getitem__)
         frozen_gm = None
         if frontier and any(n.op != "placeholder" for n in frontier):
@@ -1220,7 +1224,7 @@ def partition(traced: Traced, *, trainable: Collection[int] | None = None) -> Pa
         # what the frozen part does besides computing values (recomputed values run later,
         # every step, on the trainable side: they do not count)
         random, stateful = _side_effects(
-            gm, [n for n in nodes if n in frozen_side and n not in pulled]
+            gm, [n for n in nodes if n in frozen_side and n not in pulled], named
         )
         if frozen_gm is None or random is not None or stateful is not None:
             break
@@ -1262,12 +1266,14 @@ def partition(traced: Traced, *, trainable: Collection[int] | None = None) -> Pa
     )
 
 
-def _side_effects(gm: fx.GraphModule, frozen: list[fx.Node]) -> tuple[str | None, str | None]:
+def _side_effects(
+    gm: fx.GraphModule, frozen: list[fx.Node], named: dict[str, nn.Module] | None = None
+) -> tuple[str | None, str | None]:
     """Why the frozen nodes draw random numbers, and why they write to model state."""
     random = stateful = None
     for n in frozen:
-        random = random or _random_op(n, gm)
-        if stateful is None and _inplace(n, gm) and n.args:
+        random = random or _random_op(n, gm, named)
+        if stateful is None and _inplace(n, gm, named) and n.args:
             root_arg = _alias_root(n.args[0])
             if isinstance(root_arg, fx.Node) and root_arg.op == "get_attr":
                 stateful = f"{n.name} writes into {root_arg.target}"
@@ -1280,6 +1286,7 @@ def _frontier(
     frozen_side: set[fx.Node],
     forced: set[fx.Node],
     gm: fx.GraphModule,
+    named: dict[str, nn.Module] | None = None,
 ) -> tuple[list[fx.Node], set[fx.Node], dict[fx.Node, tuple[int, ...]]]:
     """The frozen values handed over (per-sample tensors), those recomputed after them,
     and among those the shape queries answered from the batch size (``sized``)."""
@@ -1303,9 +1310,13 @@ def _frontier(
             sized[n] = shape
             continue
         kind = traced.meta.get(n.name, ("other", None))[0]
-        if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), nn.Identity):
+        if n.op == "call_module" and isinstance(
+            _module_at(named or {}, gm, str(n.target)), nn.Identity
+        ):
             kind = "identity"  # recomputed for free: its input is handed over, not a copy
-        if n.op == "placeholder" or (kind == "batch" and n not in forced and not _inplace(n, gm)):
+        if n.op == "placeholder" or (
+            kind == "batch" and n not in forced and not _inplace(n, gm, named)
+        ):
             if n.op == "placeholder" and kind != "batch":
                 raise GraphError(f"input {n.target!r} is not a per-sample tensor")
             frontier.append(n)
