@@ -235,3 +235,30 @@ def test_unfreeze_next_says_what_it_expects() -> None:
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     with pytest.raises(TypeError, match="unfreeze_next must be a Layer.*got str"):
         model.fit(x, y, epochs=1, verbose=0, unfreeze_next="5")
+
+
+def test_validation_data_reuses_its_own_kept_values(monkeypatch) -> None:
+    xv, yv = data(seed=2, n=16)
+
+    def run(cache) -> tuple[dict, object]:
+        x, y = data()
+        model = fl.wrap(net())
+        model.trainable = False
+        model.get_layer("7").trainable = True
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        kw = dict(batch_size=8, epochs=2, seed=0, verbose=0, cache=cache, validation_data=(xv, yv))
+        h1 = model.fit(x, y, unfreeze_next=model.get_layer("5"), **kw)
+        model.evaluate(xv, yv, verbose=0)  # between the fits: keeps nothing from being reused
+        model.get_layer("5").trainable = True
+        h2 = model.fit(x, y, **kw)
+        return {k: h1.history[k] + h2.history[k] for k in ("loss", "val_loss")}, model
+
+    reference, _ = run(False)
+    calls = builds(monkeypatch)
+    history, model = run("auto")
+    assert model.cache_status["train"].state.value == "reused"
+    assert model.cache_status["val"].state.value == "reused"
+    # train and validation once each in phase 1 (evaluate's own role builds once more)
+    assert len(calls) <= 3
+    for k in ("loss", "val_loss"):
+        np.testing.assert_allclose(history[k], reference[k], rtol=1e-6)
