@@ -293,8 +293,8 @@ def test_optimised_prefix_matches_the_unoptimised_forward(arch):
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_optimised_prefix_shares_the_weights_and_sees_data_writes():
-    """The folded view keeps no weight copy, so a write that bumps no version is seen too."""
+def frozen_resnet_runner() -> tuple[nn.Module, Runner, torch.Tensor]:
+    """A timm ResNet-18 base frozen under a new head, its runner and a batch it ran on."""
     torch.manual_seed(0)
     net = timm.create_model("resnet18", pretrained=False, num_classes=0)
     base = fl.wrap(net, name="base")
@@ -304,6 +304,12 @@ def test_optimised_prefix_shares_the_weights_and_sees_data_writes():
     x = torch.randn(8, 3, 32, 32)
     runner.verify(x)
     runner.run_prefix(x)
+    return net, runner, x
+
+
+def test_optimised_prefix_shares_the_weights_and_sees_data_writes():
+    """The folded view keeps no weight copy, so a write that bumps no version is seen too."""
+    net, runner, x = frozen_resnet_runner()
     fused = runner._fused
     assert fused is not None and fused.folded
     mine = {id(t) for t in (*net.parameters(), *net.buffers())}
@@ -332,15 +338,7 @@ def test_the_split_output_is_the_copy_reference_while_the_weights_hold(monkeypat
         return out
 
     monkeypatch.setattr(runner_mod, "inference_copy", spy)
-    torch.manual_seed(0)
-    net = timm.create_model("resnet18", pretrained=False, num_classes=0)
-    base = fl.wrap(net, name="base")
-    model = fl.Sequential([base, nn.Linear(net.num_features, 4)])
-    base.trainable = False
-    runner = Runner(model.module)
-    x = torch.randn(8, 3, 32, 32)
-    runner.verify(x)
-    runner.run_prefix(x)
+    net, runner, x = frozen_resnet_runner()
     assert seen == [(True, True)]
     with torch.no_grad():
         net.conv1.weight.mul_(-1.0)  # a new version: the split's output is stale
