@@ -39,6 +39,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from frostline.engine.graph import module_at
+
 __all__ = ["FoldedConvBn", "InferenceCopy", "inference_copy"]
 
 _NO_TIMM: tuple[Any, Any, tuple[type, ...], tuple[Any, ...]] = (None, None, (), ())
@@ -376,14 +378,7 @@ def _bn_replacement(bn: nn.Module) -> nn.Module:
 
 def _set(root: nn.Module, path: str, m: nn.Module, named: dict[str, nn.Module]) -> None:
     parent_path, _, attr = path.rpartition(".")
-    setattr(_module_at(named, root, parent_path), attr, m)
-
-
-def _module_at(named: dict[str, nn.Module], root: nn.Module, path: str) -> nn.Module:
-    """``root.get_submodule(path)``, read from ``named`` (``root.named_modules()``, one walk
-    of the tree instead of one per path: a RegNet's copy looks up ~500 paths) when there."""
-    m = named.get(path)
-    return m if m is not None else root.get_submodule(path)
+    setattr(module_at(named, root, parent_path), attr, m)
 
 
 class _Tracer(fx.Tracer):
@@ -411,7 +406,7 @@ def _graph_pairs(
     attrs: list[str] = []
     for n in graph.nodes:
         if n.op == "call_module":
-            mid = id(_module_at(named, root, str(n.target)))
+            mid = id(module_at(named, root, str(n.target)))
             calls[mid] = calls.get(mid, 0) + 1
         elif n.op == "get_attr":
             attrs.append(str(n.target))
@@ -422,8 +417,8 @@ def _graph_pairs(
         src = n.args[0]
         if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
             continue
-        conv = _module_at(named, root, str(src.target))
-        bn = _module_at(named, root, str(n.target))
+        conv = module_at(named, root, str(src.target))
+        bn = module_at(named, root, str(n.target))
         if not (_is_foldable_conv(conv) and _is_foldable_bn(bn)):
             continue
         if calls[id(conv)] != 1 or calls[id(bn)] != 1:
@@ -498,7 +493,7 @@ def _fuse_in_place(
     seen: set[int] = set()
     for conv_path, bn_path in _find_pairs(root, named=named):
         try:  # (a path replaced below still names the module it held: never paired twice)
-            conv, bn = _module_at(named, root, conv_path), _module_at(named, root, bn_path)
+            conv, bn = module_at(named, root, conv_path), module_at(named, root, bn_path)
         except AttributeError:
             continue
         if not (_is_foldable_conv(conv) and _is_foldable_bn(bn)):

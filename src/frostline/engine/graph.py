@@ -69,6 +69,7 @@ __all__ = [
     "call_model",
     "inputs_of",
     "mode_key",
+    "module_at",
     "bridge",
     "describe_boundary",
     "frozen_calls",
@@ -446,7 +447,7 @@ class Traced:
                 if n.op == "get_attr" and _fetch(self.gm, target) is not _fetch(root, target):
                     return False
                 if n.op == "call_module" and (
-                    _module_at(ours, self.gm, target) is not _module_at(theirs, root, target)
+                    module_at(ours, self.gm, target) is not module_at(theirs, root, target)
                 ):
                     return False
             except AttributeError:  # the tracer's own helper (torch.export's guards)
@@ -1008,13 +1009,11 @@ def _arg(n: fx.Node, pos: int, name: str, default: Any) -> Any:
     return n.args[pos] if len(n.args) > pos else default
 
 
-def _random_op(
-    n: fx.Node, root: nn.Module, named: dict[str, nn.Module] | None = None
-) -> str | None:
+def _random_op(n: fx.Node, root: nn.Module, named: dict[str, nn.Module]) -> str | None:
     """Why node ``n`` draws random numbers (None when it does not); ``named``: see
-    :func:`_module_at`."""
+    :func:`module_at`."""
     if n.op == "call_module":
-        return stochastic_module(_module_at(named or {}, root, str(n.target)))
+        return stochastic_module(module_at(named, root, str(n.target)))
     if n.op == "call_method":
         return f"Tensor.{n.target}" if n.target in _RANDOM_METHODS else None
     if n.op != "call_function":
@@ -1067,13 +1066,13 @@ def _batchnorm_trains(n: fx.Node, base: str) -> bool:
     return bool(_arg(n, pos, "training", True))
 
 
-def _inplace(n: fx.Node, root: nn.Module, named: dict[str, nn.Module] | None = None) -> bool:
-    """Whether ``n`` writes into its first argument; ``named``: see :func:`_module_at`."""
+def _inplace(n: fx.Node, root: nn.Module, named: dict[str, nn.Module]) -> bool:
+    """Whether ``n`` writes into its first argument; ``named``: see :func:`module_at`."""
     if n.op == "call_method":
         name = str(n.target)
         return name.endswith("_") and not name.endswith("__")
     if n.op == "call_module":
-        return bool(getattr(_module_at(named or {}, root, str(n.target)), "inplace", False))
+        return bool(getattr(module_at(named, root, str(n.target)), "inplace", False))
     if n.op == "call_function":
         if n.target in _INPLACE_OPERATORS or n.kwargs.get("inplace") is True:
             return True
@@ -1085,8 +1084,18 @@ def _inplace(n: fx.Node, root: nn.Module, named: dict[str, nn.Module] | None = N
     return False
 
 
-def _module_at(named: dict[str, nn.Module], root: nn.Module, path: str) -> nn.Module:
-    """``root.get_submodule(path)``, read from ``named`` (its ``named_modules``) when there."""
+def module_at(named: Mapping[str, nn.Module], root: nn.Module, path: str) -> nn.Module:
+    """``root.get_submodule(path)``, read from ``named`` (``root.named_modules()``, one walk
+    of the tree instead of one per path) when there.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU()))
+        >>> module_at(dict(net.named_modules()), net, "1.0") is net[1][0]
+        True
+        >>> module_at({}, net, "0") is net[0]  # not listed: looked up in the tree
+        True
+    """
     m = named.get(path)
     return m if m is not None else root.get_submodule(path)
 
@@ -1197,7 +1206,7 @@ def partition(traced: Traced, *, trainable: Collection[int] | None = None) -> Pa
             dep_in[n] = any(dep_in[i] for i in ins)
             train[n] = any(train[i] for i in ins)
             if n.op == "call_module":
-                m = _module_at(named, gm, str(n.target))
+                m = module_at(named, gm, str(n.target))
                 train[n] = train[n] or any(trains(p) for p in m.parameters())
     frozen_side = {n for n in nodes if n.op != "output" and dep_in[n] and not train[n]}
     out_node = next(n for n in nodes if n.op == "output")
@@ -1267,7 +1276,7 @@ def partition(traced: Traced, *, trainable: Collection[int] | None = None) -> Pa
 
 
 def _side_effects(
-    gm: fx.GraphModule, frozen: list[fx.Node], named: dict[str, nn.Module] | None = None
+    gm: fx.GraphModule, frozen: list[fx.Node], named: dict[str, nn.Module]
 ) -> tuple[str | None, str | None]:
     """Why the frozen nodes draw random numbers, and why they write to model state."""
     random = stateful = None
@@ -1286,7 +1295,7 @@ def _frontier(
     frozen_side: set[fx.Node],
     forced: set[fx.Node],
     gm: fx.GraphModule,
-    named: dict[str, nn.Module] | None = None,
+    named: dict[str, nn.Module],
 ) -> tuple[list[fx.Node], set[fx.Node], dict[fx.Node, tuple[int, ...]]]:
     """The frozen values handed over (per-sample tensors), those recomputed after them,
     and among those the shape queries answered from the batch size (``sized``)."""
@@ -1310,9 +1319,7 @@ def _frontier(
             sized[n] = shape
             continue
         kind = traced.meta.get(n.name, ("other", None))[0]
-        if n.op == "call_module" and isinstance(
-            _module_at(named or {}, gm, str(n.target)), nn.Identity
-        ):
+        if n.op == "call_module" and isinstance(module_at(named, gm, str(n.target)), nn.Identity):
             kind = "identity"  # recomputed for free: its input is handed over, not a copy
         if n.op == "placeholder" or (
             kind == "batch" and n not in forced and not _inplace(n, gm, named)
