@@ -324,22 +324,19 @@ class _ValueTracer(_Tracer):
         return proxy
 
     def _run(self, kind: str, target: Any, args: Any, kwargs: Any, a: Any, kw: Any) -> Any:
-        static = False
-        if True:
-            if kind == "call_function":
-                value = target(*a, **kw)
-                if target is getattr:
-                    static = args[1] in _STATIC_ATTRS
-                else:
-                    static = not isinstance(value, Tensor) and _is_static((args, kwargs))
-            elif kind == "call_method":
-                value = getattr(a[0], str(target))(*a[1:], **kw)
-                static = (str(target) in _STATIC_METHODS) or (
-                    not isinstance(value, Tensor) and _is_static((args, kwargs))
-                )
-            else:  # call_module
-                value = self.root.get_submodule(str(target))(*a, **kw)
-        return value, static
+        """The operation's value on the example, and whether it is static (shape-only)."""
+        if kind == "call_function":
+            value = target(*a, **kw)
+            if target is getattr:
+                return value, args[1] in _STATIC_ATTRS
+            return value, not isinstance(value, Tensor) and _is_static((args, kwargs))
+        if kind == "call_method":
+            value = getattr(a[0], str(target))(*a[1:], **kw)
+            static = (str(target) in _STATIC_METHODS) or (
+                not isinstance(value, Tensor) and _is_static((args, kwargs))
+            )
+            return value, static
+        return self.root.get_submodule(str(target))(*a, **kw), False  # call_module
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         if isinstance(obj, _ValueProxy) and obj.static:
