@@ -913,17 +913,14 @@ def _watch_stochastic(
     module: nn.Module, names: tuple[str, ...], inputs: tuple[Any, ...], kw: bool, batch: int
 ) -> dict[nn.Module, str]:
     """The stochastic layers that ran on frozen, per-sample values (one forward)."""
-    trains = {m: any(p.requires_grad for p in m.parameters()) for m in module.modules()}
+    trains = _holds_trainable(module)
     tracer = _Tracer(set())
     whole = {m: tracer.is_leaf_module(m, "") for m in module.modules()}  # fx calls it whole
     stack: list[bool] = []  # per open module call: no trainable node could hold what runs in it
     found: dict[nn.Module, str] = {}
 
-    def grad_in(args: Any) -> bool:
-        return any(isinstance(t, Tensor) and t.requires_grad for t in pytree.tree_leaves(args))
-
     def pre(m: nn.Module, args: Any, kwargs: Any) -> None:
-        trainable = trains[m] or grad_in((args, kwargs))
+        trainable = trains[m] or _reads_grad((args, kwargs))
         why = _stochastic_itself(m)
         if why and not trainable and all(stack[1:]) and not getattr(m, "inplace", False):
             first = next((t for t in pytree.tree_leaves(args) if isinstance(t, Tensor)), None)
@@ -932,6 +929,25 @@ def _watch_stochastic(
         # a module traced through has no node of its own; one fx calls whole is one node,
         # trainable when it holds trainable weights or reads trainable values
         stack.append(not (whole[m] and trainable))
+
+    _run_watched(module, dict(zip(names, inputs)) if kw else inputs, pre, stack)
+    return found
+
+
+def _holds_trainable(module: nn.Module) -> dict[nn.Module, bool]:
+    """For each submodule, whether it holds a parameter that requires grad."""
+    return {m: any(p.requires_grad for p in m.parameters()) for m in module.modules()}
+
+
+def _reads_grad(args: Any) -> bool:
+    """Whether a tensor in ``args`` (any nesting) requires grad."""
+    return any(isinstance(t, Tensor) and t.requires_grad for t in pytree.tree_leaves(args))
+
+
+def _run_watched(module: nn.Module, x: Any, pre: Callable[..., None], stack: list) -> None:
+    """Run ``module`` on ``x`` (autograd on, buffers and RNG restored) with ``pre(m, args,
+    kwargs)`` called as each submodule is entered; ``pre`` pushes one item on ``stack``
+    per call, popped when the call returns."""
 
     def post(m: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
         stack.pop()
@@ -942,11 +958,10 @@ def _watch_stochastic(
             handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
         with _restored_state(module), torch.enable_grad():
-            call_model(module, dict(zip(names, inputs)) if kw else inputs)
+            call_model(module, x)
     finally:
         for h in handles:
             h.remove()
-    return found
 
 
 def frozen_calls(module: nn.Module, example: Any) -> list[nn.Module]:
@@ -965,33 +980,18 @@ def frozen_calls(module: nn.Module, example: Any) -> list[nn.Module]:
         >>> [type(m).__name__ for m in frozen_calls(net, torch.randn(3, 4))]
         ['Linear', 'Dropout']
     """
-    trains = {m: any(p.requires_grad for p in m.parameters()) for m in module.modules()}
+    trains = _holds_trainable(module)
     frozen: dict[nn.Module, bool] = {}
     stack: list[nn.Module] = []
 
     def pre(m: nn.Module, args: Any, kwargs: Any) -> None:
-        grad = any(
-            isinstance(t, Tensor) and t.requires_grad for t in pytree.tree_leaves((args, kwargs))
-        )
-        frozen[m] = frozen.get(m, True) and not trains[m] and not grad
+        frozen[m] = frozen.get(m, True) and not trains[m] and not _reads_grad((args, kwargs))
         if isinstance(m, nn.Identity):  # recomputed after the frontier, as are its callers
             for a in (*stack, m):
                 frozen[a] = False
         stack.append(m)
 
-    def post(m: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
-        stack.pop()
-
-    handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in module.modules()]
-    handles += [
-        m.register_forward_hook(post, with_kwargs=True, always_call=True) for m in module.modules()
-    ]
-    try:
-        with _restored_state(module), torch.enable_grad():
-            call_model(module, example)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_watched(module, example, pre, stack)
     return [m for m, ok in frozen.items() if ok and m is not module]
 
 
