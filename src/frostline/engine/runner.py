@@ -344,7 +344,7 @@ class Runner:
         self.partitions[key] = part
         self._split_weights[id(part)] = (
             part,
-            weights_version([*part.frozen.parameters(), *part.frozen.buffers()]),
+            weights_version(_frozen_tensors(part)),
         )
         return part
 
@@ -445,7 +445,7 @@ class Runner:
         if part is None or part.frozen is None:
             return []
         if self._tensors is None or self._tensors[0] is not part:
-            self._tensors = (part, [*part.frozen.parameters(), *part.frozen.buffers()])
+            self._tensors = (part, _frozen_tensors(part))
         return self._tensors[1]
 
     # -- running -------------------------------------------------------------------
@@ -643,7 +643,6 @@ class Runner:
     ) -> None:
         """Keep ``later``'s frontier (built with this fit's cache) for the next fit."""
         assert later.frozen is not None and self.example is not None
-        tensors = [*later.frozen.parameters(), *later.frozen.buffers()]
         with torch.no_grad():
             check = tuple(later.frozen(*later.traced.flat(self.example)))
         old = self.prepared.pop(role, None)
@@ -653,7 +652,7 @@ class Runner:
             CacheKey(
                 later.boundary,
                 key.data,
-                self._content_key(tensors),
+                self._content_key(_frozen_tensors(later)),
                 _running_statistics(later),
             ),
             stores,
@@ -696,10 +695,7 @@ class Runner:
         step = bridge(old, part)
         if step is None:
             return None
-        tensors = old.frozen
-        assert tensors is not None
-        old_tensors = [*tensors.parameters(), *tensors.buffers()]
-        if entry.key.weights != self._content_key(old_tensors):
+        if entry.key.weights != self._content_key(_frozen_tensors(old)):
             return None
         return step
 
@@ -835,6 +831,12 @@ class Runner:
         for p in self.prepared.values():
             _close(p.stores)
         self.prepared.clear()
+
+
+def _frozen_tensors(part: Partition) -> list[Tensor]:
+    """The frozen part's weights: its parameters, then its buffers (the user's tensors)."""
+    assert part.frozen is not None
+    return [*part.frozen.parameters(), *part.frozen.buffers()]
 
 
 def _running_statistics(part: Partition) -> str:
