@@ -489,9 +489,8 @@ class Runner:
         """The example the split ran its frozen part on and the outputs it got, when they
         still hold (same weights, device and dtype, no autocast): the copy's check then
         needs no reference run of its own."""
-        split = self._split_weights.get(id(part))
         example, out = part.traced.example, part.example_frontier
-        if split is None or split[0] is not part or split[1] != version or out is None:
+        if not self._split_holds(part, version) or out is None:
             return None
         if not example or not all(isinstance(v, Tensor) for v in example):
             return None
@@ -500,6 +499,23 @@ class Runner:
         if torch.is_autocast_enabled(first.device.type):
             return None
         return example, out
+
+    def _split_holds(self, part: Partition, version: tuple) -> bool:
+        """Whether ``part``'s frozen weights still have the version they had at the split
+        (``version``: theirs now), so what the split computed on the example holds."""
+        split = self._split_weights.get(id(part))
+        return split is not None and split[0] is part and split[1] == version
+
+    def _example_frontier(self, part: Partition, fresh: bool) -> tuple | None:
+        """``part``'s frozen output on its trace's example: the one the split computed
+        when ``fresh`` (the weights unchanged since), else computed again; ``None``
+        without an example."""
+        if fresh and part.example_frontier is not None:
+            return part.example_frontier
+        if part.frozen is None or part.traced.example is None:
+            return None
+        with torch.no_grad():
+            return tuple(part.frozen(*part.traced.example))
 
     def cacheable(self, deterministic: bool) -> CacheStatus | None:
         """None when the frozen part's output may be cached, else the OFF status saying why."""
@@ -642,9 +658,10 @@ class Runner:
         self, role: str, later: Partition, key: CacheKey, stores: list, local: Tensor | None
     ) -> None:
         """Keep ``later``'s frontier (built with this fit's cache) for the next fit."""
-        assert later.frozen is not None and self.example is not None
-        with torch.no_grad():
-            check = tuple(later.frozen(*later.traced.flat(self.example)))
+        check = self._example_frontier(later, fresh=True)  # split just now: computed then
+        if check is None:
+            _close(stores)
+            return
         old = self.prepared.pop(role, None)
         if old is not None:
             _close(old.stores)
@@ -673,11 +690,13 @@ class Runner:
             key.weights,
         ) or ready.key.mode != _running_statistics(part):
             return False
-        assert self.example is not None
-        with torch.no_grad():
-            now = tuple(part.frozen(*part.traced.flat(self.example)))
-        return len(now) == len(ready.check) and all(
-            same_outputs(a, b) for a, b in zip(now, ready.check)
+        now = self._example_frontier(
+            part, fresh=self._split_holds(part, weights_version(self.prefix_tensors()))
+        )
+        return (
+            now is not None
+            and len(now) == len(ready.check)
+            and all(same_outputs(a, b) for a, b in zip(now, ready.check))
         )
 
     def _extension(self, entry: _Entry, part: Partition):
