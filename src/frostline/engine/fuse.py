@@ -39,15 +39,13 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from frostline.engine.graph import module_at
+from frostline.engine.graph import module_at, timm_no_trace
 
 __all__ = ["FoldedConvBn", "InferenceCopy", "inference_copy"]
 
-_NO_TIMM: tuple[Any, Any, tuple[type, ...], tuple[Any, ...]] = (None, None, (), ())
-
 
 @functools.cache
-def _import_timm_specials() -> tuple[Any, Any, tuple[type, ...], tuple[Any, ...]]:
+def _import_timm_specials() -> tuple[Any, Any]:
     bn_act: Any
     try:
         bn_act = importlib.import_module("timm.layers.norm_act").BatchNormAct2d
@@ -57,22 +55,16 @@ def _import_timm_specials() -> tuple[Any, Any, tuple[type, ...], tuple[Any, ...]
         conv_same = importlib.import_module("timm.layers.conv2d_same").Conv2dSame
     except (ImportError, AttributeError):  # pragma: no cover
         conv_same = None
-    try:
-        from timm.layers._fx import get_notrace_functions, get_notrace_modules
-
-        leaves, autowrap = tuple(get_notrace_modules()), tuple(get_notrace_functions())
-    except ImportError:  # pragma: no cover
-        leaves, autowrap = (), ()
-    return bn_act, conv_same, leaves, autowrap
+    return bn_act, conv_same
 
 
-def _timm_specials() -> tuple[Any, Any, tuple[type, ...], tuple[Any, ...]]:
-    """timm's BatchNormAct2d, Conv2dSame, untraceable modules and functions.
+def _timm_specials() -> tuple[Any, Any]:
+    """timm's BatchNormAct2d and Conv2dSame (``None`` without timm).
 
     A model can hold timm classes only once timm is imported, so timm is never imported
     here (``import frostline`` stays free of timm and what timm imports).
     """
-    return _import_timm_specials() if "timm" in sys.modules else _NO_TIMM
+    return _import_timm_specials() if "timm" in sys.modules else (None, None)
 
 
 class InferenceCopy(nn.Module):
@@ -383,7 +375,7 @@ def _set(root: nn.Module, path: str, m: nn.Module, named: dict[str, nn.Module]) 
 
 class _Tracer(fx.Tracer):
     def __init__(self) -> None:
-        _, _, self.timm_leaves, autowrap = _timm_specials()
+        self.timm_leaves, autowrap = timm_no_trace()
         super().__init__(autowrap_functions=autowrap)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:

@@ -43,6 +43,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import keyword
 import math
@@ -78,6 +79,7 @@ __all__ = [
     "same_outputs",
     "stochastic_frozen",
     "stochastic_module",
+    "timm_no_trace",
     "trace",
 ]
 
@@ -162,9 +164,24 @@ def mode_key(module: nn.Module) -> tuple[bool, ...]:
 # --------------------------------------------------------------------------- tracing
 
 
-def _timm_leaves() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+def timm_no_trace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+    """timm's modules and functions that fx must not trace into (its registered leaves).
+
+    A model can hold timm classes only once timm is imported, so timm is never imported
+    here (``import frostline`` stays free of timm and what timm imports).
+
+    Example:
+        >>> modules, functions = timm_no_trace()
+        >>> all(isinstance(m, type) for m in modules) and all(map(callable, functions))
+        True
+    """
     if "timm" not in sys.modules:  # no timm model without timm imported: skip the import
         return (), ()
+    return _timm_no_trace()
+
+
+@functools.cache
+def _timm_no_trace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
     try:
         from timm.layers._fx import get_notrace_functions, get_notrace_modules
     except ImportError:  # pragma: no cover - timm is a dependency
@@ -177,7 +194,7 @@ class _Tracer(fx.Tracer):
     """Module-level tracer: torch.nn layers, timm no-trace modules and ``extra`` are leaves."""
 
     def __init__(self, extra_leaves: set[str]) -> None:
-        leaves, fns = _timm_leaves()
+        leaves, fns = timm_no_trace()
         super().__init__(autowrap_functions=fns)
         self.timm_leaves = leaves
         self.extra_leaves = extra_leaves
