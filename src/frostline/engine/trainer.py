@@ -391,14 +391,15 @@ class Trainer:
                 x0, _ = train.gather(batches[0][:4])
                 self._verify(_to(x0, device))
             shard = torch.cat(batches).unique() if ctx.enabled else None
-            note = runner.ensure_cache(
-                "train",
-                train,
-                indices=shard,
-                device=device,
-                batch_size=max(batch_size, 64),
-                fingerprint=train_fp,
-            )
+            with _autocast(device, cfg.precision):  # one numeric path: built as it would run
+                note = runner.ensure_cache(
+                    "train",
+                    train,
+                    indices=shard,
+                    device=device,
+                    batch_size=max(batch_size, 64),
+                    fingerprint=train_fp,
+                )
             source = ((idx, None) for idx in batches)
         else:
             steps = len(train.loader) if hasattr(train.loader, "__len__") else None
@@ -533,14 +534,15 @@ class Trainer:
                         world=self.ctx.world,
                     )
                     shard = torch.cat(batches).unique() if self.ctx.enabled else None
-                    runner.ensure_cache(
-                        role,
-                        data,
-                        indices=shard,
-                        device=device,
-                        batch_size=max(batch_size, 64),
-                        fingerprint=fp,
-                    )
+                    with _autocast(device, cfg.precision):  # as the uncached path runs it
+                        runner.ensure_cache(
+                            role,
+                            data,
+                            indices=shard,
+                            device=device,
+                            batch_size=max(batch_size, 64),
+                            fingerprint=fp,
+                        )
                     inputs = (self._indexed_inputs(role, data, idx, device) for idx in batches)
                 else:
                     inputs = ((self._prefix(_to(xr, device)), y) for xr, y in data.batches())
