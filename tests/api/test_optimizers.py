@@ -152,3 +152,38 @@ def test_fused_kernel_is_not_chosen_where_it_does_not_apply():
     assert not spec.build([{"params": [complex_param]}]).defaults["fused"]
     nadam = fl.optimizers.TorchOptimizer(torch.optim.NAdam, lr=0.01)  # no fused kernel
     assert "fused" not in nadam.build([{"params": [torch.zeros(1, requires_grad=True)]}]).defaults
+
+
+class _Recording(torch.optim.SGD):
+    """A torch optimizer with Keras's two fit-time hooks, recording when fit calls them."""
+
+    calls: list[str] = []
+
+    def scale_loss(self, loss):
+        _Recording.calls.append("scale_loss")
+        return loss * 4.0
+
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.grad /= 4.0
+        return super().step(closure)
+
+    def finalize_variable_values(self):
+        _Recording.calls.append("finalize")
+
+
+def test_fit_scales_the_loss_and_finalizes_through_the_optimizer_before_on_train_end():
+    class Order(fl.callbacks.Callback):
+        def on_train_end(self, logs=None):
+            _Recording.calls.append("on_train_end")
+
+    _Recording.calls = []
+    m = model(_Recording)
+    m.fit(X, Y, epochs=2, batch_size=8, verbose=0, callbacks=[Order()])
+    assert _Recording.calls == ["scale_loss"] * 8 + ["finalize", "on_train_end"]
+    plain = model(torch.optim.SGD)
+    plain.fit(X, Y, epochs=2, batch_size=8, verbose=0)
+    for a, b in zip(m.module.parameters(), plain.module.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # scaled, then divided back

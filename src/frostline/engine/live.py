@@ -238,6 +238,28 @@ class LiveOptimizer:
         self.rebuild_scheduler()
 
     # -- stepping ------------------------------------------------------------------
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to differentiate: the optimizer's ``scale_loss(loss)`` where it has one
+        (a Keras ``loss_scale_factor``; its step divides the gradients back), else ``loss``.
+
+        >>> from frostline.api.optimizers import SGD
+        >>> net = nn.Linear(2, 1); live = LiveOptimizer(SGD(0.1), net); _ = live.sync()
+        >>> live.scale_loss(torch.tensor(2.0)).item()
+        2.0
+        """
+        scale = getattr(self.optimizer, "scale_loss", None)
+        return loss if scale is None else scale(loss)
+
+    def finalize_variable_values(self) -> None:
+        """What the optimizer does when ``fit`` ends (Keras: EMA weights replace the weights).
+
+        Calls the optimizer's ``finalize_variable_values()`` where it has one; a torch
+        optimizer has none, and nothing happens.
+        """
+        finalize = getattr(self.optimizer, "finalize_variable_values", None)
+        if finalize is not None:
+            finalize()
+
     def step(self) -> None:
         assert self.optimizer is not None, "call sync() before step()"
         self.optimizer.step()

@@ -342,6 +342,8 @@ class Trainer:
                         ever_trainable=self._ever_trainable,
                     )
                 distributed.end_epoch(model, self.ctx)
+            if epochs > 0 and model.live_optimizer is not None:
+                model.live_optimizer.finalize_variable_values()  # Keras: before on_train_end
             cblist.on_train_end(logs)
             distributed.barrier(self.ctx)  # ranks leave fit together: no collective left in flight
         finally:
@@ -435,11 +437,11 @@ class Trainer:
                     f"loss is {value} at epoch {epoch + 1}, batch {step + 1}: training stopped (pass on_nan='stop' or use TerminateOnNaN to stop without an error)"
                 )
             if cfg.scaler is not None:
-                cfg.scaler.scale(loss).backward()
+                cfg.scaler.scale(live.scale_loss(loss)).backward()
                 cfg.scaler.step(live.optimizer)
                 cfg.scaler.update()
             else:
-                loss.backward()
+                live.scale_loss(loss).backward()
                 live.step()
             live.zero_grad()
             if cfg.scheduler_interval == "step":
