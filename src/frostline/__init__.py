@@ -11,6 +11,7 @@
 from frostline import (
     batchnorm,
     callbacks,
+    layers,
     losses,
     metrics,
     models,
@@ -63,6 +64,7 @@ __all__ = [
     "TrainingError",
     "batchnorm",
     "callbacks",
+    "layers",
     "load",
     "losses",
     "metrics",
