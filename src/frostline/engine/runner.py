@@ -31,7 +31,7 @@ from frostline.core import batchnorm
 from frostline.core.digest import tensor_digest, text_digest
 from frostline.engine.activations import ActivationStore
 from frostline.engine.fingerprints import CacheKey, StepCounter, data_fingerprint, weights_version
-from frostline.engine.fuse import inference_copy
+from frostline.engine.fuse import inference_copy, replay_draws
 from frostline.engine.graph import (
     GraphError,
     Partition,
@@ -45,6 +45,7 @@ from frostline.engine.graph import (
     partition,
     same_outputs,
     stochastic_frozen,
+    stochastic_module,
     trace,
 )
 
@@ -463,11 +464,11 @@ class Runner:
         frozen = part.frozen if module is None else module
         if (
             not self.fuse
-            or part.random is not None
+            or (part.random is not None and stochastic_module(frozen) is not None)
             or not any(isinstance(v, Tensor) and v.dim() == 4 for v in values)
             or values[0].shape[0] < 2
         ):
-            return frozen
+            return frozen  # a random layer the copy's eval mode would turn off: run as set
         first = values[0]
         version = weights_version(self.prefix_tensors())
         key = (id(frozen), version, first.device, first.dtype)
@@ -475,13 +476,28 @@ class Runner:
         # weights version re-runs its numerical check on the new weights.
         if self._fused_key != key:
             self._fused_key = key
-            split = self._split_reference(part, version, first) if module is None else None
-            example, reference = split or (tuple(v[:4] for v in values), None)
-            try:
-                self._fused = inference_copy(frozen, example=example, reference=reference)
-            except Exception:  # folding is an optimisation: any failure runs the plain part
-                self._fused = None
+            self._fused = self._fold(part, frozen, values, version, module is None)
         return self._fused if self._fused is not None else frozen
+
+    def _fold(
+        self, part: Partition, frozen: nn.Module, values: tuple, version: tuple, own: bool
+    ) -> nn.Module | None:
+        """The folded copy of ``frozen``, checked against it (None when it differs).
+
+        A frozen part that draws random numbers (random ops in the graph, such as
+        augmentation in front of a frozen base) is checked on the same draws as the plain
+        part, and the check leaves every generator as it found it."""
+        split = self._split_reference(part, version, values[0]) if own else None
+        example, reference = split or (tuple(v[:4] for v in values), None)
+        try:
+            if part.random is None:
+                return inference_copy(frozen, example=example, reference=reference)
+            with replay_draws(values[0].device) as again, torch.no_grad():
+                reference = frozen(*example)
+                again()
+                return inference_copy(frozen, example=example, reference=reference)
+        except Exception:  # folding is an optimisation: any failure runs the plain part
+            return None
 
     def _split_reference(
         self, part: Partition, version: tuple, first: Tensor
