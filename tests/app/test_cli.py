@@ -115,7 +115,7 @@ def fit_run(tmp_path_factory):
 def test_fit_image_folder_end_to_end(fit_run):
     assert fit_run["code"] == 0, fit_run["err"]
     run_dir = fit_run["dir"]
-    assert {p.name for p in run_dir.iterdir()} == RUN_FILES
+    assert {p.name for p in run_dir.iterdir()} == RUN_FILES | {"skipped.csv"}
     assert_png(run_dir / "curves.png")
     assert_png(run_dir / "freeze_map.png")
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -128,11 +128,11 @@ def test_fit_image_folder_end_to_end(fit_run):
     assert "Before freezing:" in out and "After freezing:" in out
     assert "frozen weights verified" in out
     assert re.search(r"phase 1: validation accuracy \d+\.\d%", out)
-    # the corrupt file: a warning that counts and names it, then training goes on
+    # the corrupt file: a warning that counts it, one that names it, then training goes on
     warn = [ln for ln in fit_run["err"].splitlines() if "warning" in ln]
-    assert len(warn) == 1 and "1 unreadable file(s) of 19" in warn[0] and "broken.png" in warn[0], (
-        fit_run["err"]
-    )
+    assert len(warn) == 2 and "1 unreadable file(s) of 19" in warn[0], fit_run["err"]
+    assert "'green/broken.png'" in warn[1], fit_run["err"]
+    assert "green/broken.png" in (run_dir / "skipped.csv").read_text()
     rows = (run_dir / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("run,phase,epoch") and len(rows) == 3
 

@@ -3,7 +3,8 @@
 Each subcommand lives in :mod:`frostline.app.commands` (``demo``, ``fit``, ``summary``,
 ``predict``, ``evaluate``); its flags come from its ``Options`` dataclass. ``main(argv)``
 returns the exit code: 0 success, 1 training or writing failed, 2 bad input or usage
-(one line on stderr, no traceback, no half-written run directory), 130 interrupted.
+(one line on stderr, no traceback, no half-written run directory), 3 ``predict`` done but
+some inputs unreadable (each named on stderr), 130 interrupted.
 """
 
 from __future__ import annotations

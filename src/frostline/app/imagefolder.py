@@ -2,8 +2,9 @@
 
 An image folder holds one subfolder per class (the subfolder's name is the class
 name, classes are sorted by name); every non-hidden file in a class folder is read
-with Pillow (PNG, JPEG, BMP, GIF, WebP, TIFF, ...). A few unreadable files among
-many are skipped with a warning; a class with no readable image, a single class,
+with Pillow (PNG, JPEG, BMP, GIF, WebP, TIFF, ...) and made upright RGB
+(:func:`as_rgb`). A few unreadable files among many are skipped, each one listed
+(:class:`Skipped`); a class with no readable image, a single class,
 or a folder where most files are unreadable is an error.
 
 An ``.npz`` file holds ``x`` and ``y``: ``x`` uint8 images (``N,H,W``, ``N,H,W,C``
@@ -24,6 +25,7 @@ its contents, so ``fit`` caches the frozen prefix's outputs for it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Sequence
@@ -35,9 +37,13 @@ import torch
 from torch.utils.data import Dataset
 
 __all__ = [
+    "BACKGROUND",
     "DataSet",
     "ImageArrayDataset",
     "InputError",
+    "Skipped",
+    "as_rgb",
+    "decode_image",
     "fit_square",
     "image_files",
     "load_data",
@@ -45,7 +51,9 @@ __all__ = [
     "load_npz",
     "read_images",
     "resize_images",
+    "skipped_lines",
     "stratified_split",
+    "unreadable_errors",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -68,8 +76,9 @@ class DataSet:
     class_names: list[str]
     source: str
     is_images: bool
-    warnings: list[str] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)  # unreadable files, not in x
     paths: list[str] = field(default_factory=list)  # one per sample, for image folders
+    files: int = 0  # files looked at (read or skipped), for image folders
 
     @property
     def num_classes(self) -> int:
@@ -141,16 +150,74 @@ def _pil():
     return require("PIL.Image", "reading images")
 
 
+#: what a transparent pixel is composited onto (a page's white, as an image viewer shows it)
+BACKGROUND = (255, 255, 255)
+
+
+def as_rgb(img):
+    """A PIL image as 8-bit RGB, the way a photo viewer shows it.
+
+    The EXIF orientation is applied (phone photos stand upright); 16- and 32-bit integer
+    grey (modes ``I;16*``, ``I``) is scaled from 0..65535 to 0..255 (Pillow alone clips it
+    to white); float grey (``F``) is read as 0..1 when it stays within it, else as 0..255;
+    transparency (RGBA, LA, PA, a palette or grey image with a transparent colour) is
+    composited onto white (:data:`BACKGROUND`); CMYK, palette, 1-bit and YCbCr images go
+    through Pillow's conversion.
+
+    >>> from PIL import Image
+    >>> grey16 = Image.fromarray(np.full((2, 2), 65535, np.uint16))
+    >>> np.asarray(as_rgb(grey16))[0, 0].tolist()
+    [255, 255, 255]
+    >>> np.asarray(as_rgb(Image.fromarray(np.full((2, 2), 32896, np.uint16))))[0, 0].tolist()
+    [128, 128, 128]
+    >>> clear = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
+    >>> np.asarray(as_rgb(clear))[0, 0].tolist()
+    [255, 255, 255]
+    """
+    Image = _pil()
+    from PIL import ImageOps
+
+    # an unreadable orientation tag: the pixels as stored
+    with contextlib.suppress(OSError, ValueError, SyntaxError, TypeError, KeyError, IndexError):
+        img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode == "I" or mode.startswith("I;16"):
+        grey = np.asarray(img, dtype=np.float64) / 257.0
+        img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+    elif mode == "F":
+        grey = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255, neginf=0)
+        if grey.size and grey.min() >= 0 and grey.max() <= 1:
+            grey = grey * 255.0
+        img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        page = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        return Image.alpha_composite(page, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def fit_square(img, size: int):
     """Centre-crop a PIL image to a square and resize it to ``size`` (bicubic), as RGB.
 
-    The one resizing of the app: ``fit``, ``demo``, ``predict`` and ``evaluate`` all use it.
+    The one resizing of the app: ``fit``, ``demo``, ``predict`` and ``evaluate`` all use it
+    (after :func:`as_rgb`, which :func:`decode_image` applies to files).
     """
     Image = _pil()
     from PIL import ImageOps
 
     img = img.convert("RGB")
     return ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
+
+
+def decode_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """One image file as a ``size`` x ``size`` RGB uint8 array: :func:`as_rgb`, then :func:`fit_square`.
+
+    Raises what Pillow raises for a file it cannot read (see :data:`UNREADABLE`).
+    """
+    Image = _pil()
+    with Image.open(path) as img:
+        img.load()
+        return np.asarray(fit_square(as_rgb(img), size), dtype=np.uint8)
 
 
 def _is_hidden(name: str) -> bool:
@@ -166,49 +233,75 @@ def image_files(root: Path) -> list[Path]:
     )
 
 
-def read_images(
-    files: Sequence[Path], image_size: int, root: Path | None = None
-) -> tuple[np.ndarray, list[Path], list[str]]:
-    """Read ``files`` as ``image_size`` square RGB uint8 images: ``(images, files read, warnings)``.
+@dataclass(frozen=True)
+class Skipped:
+    """A file that could not be read as an image: its path (as shown) and Pillow's reason."""
 
-    A few unreadable files are skipped with a warning; more than
-    ``MAX_UNREADABLE_FRACTION`` of them (or all) is an :class:`InputError`.
-    """
+    path: str
+    reason: str
+
+
+def unreadable_errors() -> tuple[type[BaseException], ...]:
+    """What Pillow raises for a file that is not a readable image."""
     Image = _pil()
+    return (
+        Image.UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+    )
+
+
+def skipped_lines(skipped: Sequence[Skipped], total: int, where: str) -> list[str]:
+    """The log's lines for skipped files: a count, then every file with its reason.
+
+    >>> skipped_lines([Skipped("a/x.png", "cannot identify image file")], 9, "skipped.csv")
+    ['skipped 1 unreadable file(s) of 9 (listed below and in skipped.csv)', "skipped 'a/x.png': cannot identify image file"]
+    """
+    if not skipped:
+        return []
+    return [
+        f"skipped {len(skipped)} unreadable file(s) of {total} (listed below and in {where})"
+    ] + [f"skipped {s.path!r}: {s.reason}" for s in skipped]
+
+
+def read_images(
+    files: Sequence[Path],
+    image_size: int,
+    root: Path | None = None,
+    *,
+    max_unreadable: float = MAX_UNREADABLE_FRACTION,
+) -> tuple[np.ndarray, list[Path], list[Skipped]]:
+    """Read ``files`` as ``image_size`` square RGB uint8 images: ``(images, files read, skipped)``.
+
+    Unreadable files are skipped and returned with their reason (paths relative to
+    ``root`` when given); more than ``max_unreadable`` of them, or all, is an
+    :class:`InputError`.
+    """
+    errors = unreadable_errors()
     images: list[np.ndarray] = []
     kept: list[Path] = []
-    bad: list[tuple[Path, str]] = []
+    skipped: list[Skipped] = []
     for p in files:
         try:
-            with Image.open(p) as img:
-                img.load()
-                arr = np.asarray(fit_square(img, image_size), dtype=np.uint8)
-        except (
-            Image.UnidentifiedImageError,
-            OSError,
-            ValueError,
-            SyntaxError,
-            Image.DecompressionBombError,
-        ) as e:
-            bad.append((p, str(e).splitlines()[0] if str(e) else type(e).__name__))
+            arr = decode_image(p, image_size)
+        except errors as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            shown = p.relative_to(root) if root is not None else p
+            skipped.append(Skipped(str(shown), why))
             continue
         images.append(arr)
         kept.append(p)
-    warnings: list[str] = []
-    if bad:
-        first, why = bad[0]
-        rel = first.relative_to(root) if root is not None else first
+    if skipped and (len(skipped) > max_unreadable * len(files) or not images):
+        first = skipped[0]
         where = f"in {str(root)!r} " if root is not None else ""
-        if len(bad) > MAX_UNREADABLE_FRACTION * len(files) or not images:
-            raise InputError(
-                f"{len(bad)} of {len(files)} files {where}could not be read as images "
-                f"(first: {str(rel)!r}: {why}); expected PNG/JPEG (or another format Pillow reads)"
-            )
-        warnings.append(
-            f"skipped {len(bad)} unreadable file(s) of {len(files)} (first: {str(rel)!r}: {why})"
+        raise InputError(
+            f"{len(skipped)} of {len(files)} files {where}could not be read as images "
+            f"(first: {first.path!r}: {first.reason}); expected PNG/JPEG (or another format Pillow reads)"
         )
     x = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
-    return x, kept, warnings
+    return x, kept, skipped
 
 
 def load_image_folder(path: str | os.PathLike, image_size: int, *, min_classes: int = 2) -> DataSet:
@@ -217,7 +310,7 @@ def load_image_folder(path: str | os.PathLike, image_size: int, *, min_classes: 
     Raises :class:`InputError` (one line: what was found, what is needed) for a missing
     folder, no class subfolders, fewer than ``min_classes`` classes, a class without
     readable images, or too many unreadable files. A few unreadable files are skipped
-    with a warning.
+    and listed in ``skipped``.
     """
     root = Path(path)
     need = "a folder with one subfolder of images per class (DATA/cat/1.png, DATA/dog/2.jpg, ...)"
@@ -252,7 +345,7 @@ def load_image_folder(path: str | os.PathLike, image_size: int, *, min_classes: 
         files += [(label, p) for p in entries]
 
     label_of = {p: label for label, p in files}
-    x, kept, warnings = read_images([p for _, p in files], image_size, root)
+    x, kept, skipped = read_images([p for _, p in files], image_size, root)
     y = np.asarray([label_of[p] for p in kept], dtype=np.int64)
     for label, cdir in enumerate(classes):
         if not (y == label).any():
@@ -261,9 +354,8 @@ def load_image_folder(path: str | os.PathLike, image_size: int, *, min_classes: 
                 f"({sum(1 for lb, _ in files if lb == label)} file(s), none could be read as an image); "
                 "every class needs at least one PNG/JPEG image"
             )
-    return DataSet(
-        x, y, [c.name for c in classes], str(root), True, warnings, [str(p) for p in kept]
-    )
+    names = [c.name for c in classes]
+    return DataSet(x, y, names, str(root), True, skipped, [str(p) for p in kept], len(files))
 
 
 def resize_images(x: np.ndarray, size: int) -> np.ndarray:

@@ -20,7 +20,11 @@ from frostline.app.imagefolder import InputError
 from frostline.app.models import cwd_importable
 from frostline.app.runinfo import Preprocessing, RunInfoError
 
-__all__ = ["Inputs", "Run", "load_run", "read_inputs", "read_labelled"]
+__all__ = ["Inputs", "ModelOutputError", "Run", "load_run", "read_inputs", "read_labelled"]
+
+
+class ModelOutputError(RunInfoError):
+    """A run's model gives outputs that cannot be scores (NaN or inf); one line, exit code 2."""
 
 
 @dataclass
@@ -31,8 +35,12 @@ class Run:
     info: Preprocessing
     model: Any  # frostline.Model
 
-    def probabilities(self, x: Any, batch_size: int) -> np.ndarray:
-        """Softmax of the model's outputs, one row per sample, one column per class."""
+    def probabilities(self, x: Any, batch_size: int, names: Sequence[str]) -> np.ndarray:
+        """Softmax of the model's outputs, one row per sample, one column per class.
+
+        A sample whose outputs hold NaN or inf is a :class:`ModelOutputError` that names
+        it (``names``: one per sample), never a row of ``nan`` or a class-0 guess.
+        """
         import torch
 
         if self.info.input == "images":
@@ -52,6 +60,16 @@ class Run:
             raise RunInfoError(
                 f"the model in {str(self.path)!r} gives outputs of shape {shape}; its run records "
                 f"{self.info.num_classes} classes, so one score per class was expected"
+            )
+        bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
+        if len(bad):
+            first = names[bad[0]] if bad[0] < len(names) else f"sample {bad[0]}"
+            more = (
+                f" and {len(bad) - 1} more of {len(out)}" if len(bad) > 1 else f" (of {len(out)})"
+            )
+            raise ModelOutputError(
+                f"the model in {str(self.path)!r} gives NaN or inf outputs for {first!r}{more}; "
+                "expected finite scores (the weights or the input may be broken)"
             )
         return torch.softmax(torch.from_numpy(out).double(), dim=1).numpy()
 
@@ -87,7 +105,8 @@ class Inputs:
     names: list[str]
     source: str
     y: np.ndarray | None = None
-    warnings: list[str] = field(default_factory=list)
+    skipped: list[imagefolder.Skipped] = field(default_factory=list)
+    files: int = 0  # files looked at (read or skipped)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -116,7 +135,11 @@ def _npz_x(path: Path, info: Preprocessing, with_y: bool) -> tuple[np.ndarray, A
 
 
 def read_inputs(paths: Sequence[str | os.PathLike], info: Preprocessing) -> Inputs:
-    """Images (files, or folders searched recursively) or one ``.npz`` file with ``x``."""
+    """Images (files, or folders searched recursively) or one ``.npz`` file with ``x``.
+
+    Every readable image is kept; the others are in ``skipped`` (all unreadable: an
+    :class:`InputError`).
+    """
     if len(paths) == 1 and Path(paths[0]).suffix.lower() == ".npz":
         p = Path(paths[0])
         x, _ = _npz_x(p, info, with_y=False)
@@ -142,8 +165,9 @@ def read_inputs(paths: Sequence[str | os.PathLike], info: Preprocessing) -> Inpu
             raise InputError(
                 f"{str(p)!r} does not exist; expected image files, folders of images or an .npz file"
             )
-    x, kept, warnings = imagefolder.read_images(files, info.image_size or 0)
-    return Inputs(x, [str(f) for f in kept], ", ".join(map(str, paths)), warnings=warnings)
+    x, kept, skipped = imagefolder.read_images(files, info.image_size or 0, max_unreadable=1.0)
+    source = ", ".join(map(str, paths))
+    return Inputs(x, [str(f) for f in kept], source, skipped=skipped, files=len(files))
 
 
 def read_labelled(path: str | os.PathLike, info: Preprocessing) -> Inputs:
@@ -172,4 +196,4 @@ def read_labelled(path: str | os.PathLike, info: Preprocessing) -> Inputs:
     remap = np.asarray([known[n] for n in names], dtype=np.int64)
     y = remap[ds.y]
     labels = [f"{p.name}[{i}]" for i in range(len(y))] if p.suffix.lower() == ".npz" else ds.paths
-    return Inputs(x, labels, str(p), y=y, warnings=list(ds.warnings))
+    return Inputs(x, labels, str(p), y=y, skipped=list(ds.skipped), files=ds.files)

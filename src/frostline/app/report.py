@@ -44,6 +44,7 @@ __all__ = [
     "warn",
     "write_metrics",
     "write_report",
+    "write_skipped",
 ]
 
 FILES = (
@@ -55,6 +56,9 @@ FILES = (
     "model.safetensors",
     "preprocessing.json",
 )
+
+#: the unreadable files of a run's data, one row each (written only when there are any)
+SKIPPED_FILE = "skipped.csv"
 
 _COLORS = {
     "frozen": "#4c78a8",
@@ -225,6 +229,25 @@ def write_metrics(directory: str | os.PathLike, record: dict) -> None:
         w.writeheader()
         for row in csv_rows(record):
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def write_skipped(directory: str | os.PathLike, skipped: Sequence[dict]) -> bool:
+    """``skipped.csv`` (``file,reason``) when ``skipped`` lists unreadable files; True if written.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> write_skipped(d, [{"file": "cat/x.png", "reason": "truncated"}])
+    True
+    >>> (d / "skipped.csv").read_text().splitlines()
+    ['file,reason', 'cat/x.png,truncated']
+    """
+    from frostline.app.text import csv_text
+
+    if not skipped:
+        return False
+    text = csv_text(["file", "reason"], [[r["file"], r["reason"]] for r in skipped])
+    (Path(directory) / SKIPPED_FILE).write_text(text, encoding="utf-8")
+    return True
 
 
 # --------------------------------------------------------------------------- plots
@@ -403,6 +426,11 @@ def _secs(v) -> str:
     return "n/a" if v is None else f"{v:.2f} s"
 
 
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell (no pipe, newline or backtick breaks the row)."""
+    return " ".join(str(text).split()).replace("|", "\\|").replace("`", "'")
+
+
 def write_report(path: str | os.PathLike, record: dict) -> None:
     """``report.md``: the result table, the plots, the summaries, links to every file."""
     val_name = record.get("val_name", "validation")
@@ -469,7 +497,17 @@ def write_report(path: str | os.PathLike, record: dict) -> None:
             lines.append(f"- {label}: {ds[key]}")
     for w in record.get("warnings", []):
         lines.append(f"- Warning: {w}")
+    skipped = record.get("skipped") or []
+    if skipped:
+        lines.append(
+            f"- Skipped: {len(skipped)} unreadable file(s) of {record.get('files_read', '?')}, "
+            f"listed below and in [{SKIPPED_FILE}]({SKIPPED_FILE})"
+        )
     lines.append("")
+    if skipped:
+        lines += ["## Skipped files", "", "| file | reason |", "| --- | --- |"]
+        lines += [f"| `{_cell(r['file'])}` | {_cell(r['reason'])} |" for r in skipped]
+        lines.append("")
 
     lines += ["## Frozen-weight verification", ""]
     for ph in record.get("phases", []):
@@ -509,6 +547,7 @@ def write_report(path: str | os.PathLike, record: dict) -> None:
         + (f" ({record['weights_note']})" if record.get("weights_note") else ""),
         "preprocessing.json": "image size, normalisation, class names and model: what "
         "`frostline predict` and `frostline evaluate` read",
+        SKIPPED_FILE: "the files of the data that could not be read as images, with the reason",
     }
     for name in record.get("files", list(descriptions)):
         if name in descriptions:

@@ -348,6 +348,8 @@ def write_run(
     model.save(run_dir / "model.safetensors")
     preprocessing.write(run_dir)
     record["files"] = list(report.FILES)
+    if report.write_skipped(run_dir, record.get("skipped") or []):
+        record["files"].append(report.SKIPPED_FILE)
     report.write_metrics(run_dir, record)
     report.plot_curves(run_dir / "curves.png", record)
     report.plot_freeze_map(

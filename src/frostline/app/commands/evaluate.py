@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ directory's eval/ folder; an earlier evaluation there is replaced, atomically).
 """
 
 MARKER = "frostline.evaluation"
-FILES = ("confusion_matrix.png", "per_class.csv", "evaluation.json")
+FILES = ("confusion_matrix.png", "per_class.csv", "evaluation.json", "skipped.csv")
 
 
 @dataclass
@@ -155,7 +154,7 @@ def options(ns) -> Options:
 def run(opts: Options, command: str) -> int:
     import torch
 
-    from frostline.app import inference, text
+    from frostline.app import imagefolder, inference, report, text
     from frostline.app.extras import require
     from frostline.io.atomic import atomic_directory
 
@@ -168,10 +167,10 @@ def run(opts: Options, command: str) -> int:
     check_out_dir(out)
     info = loaded.info
     data = inference.read_labelled(opts.data, info)
-    for w in data.warnings:
-        print(f"frostline: warning: {w}", file=sys.stderr, flush=True)
+    for line in imagefolder.skipped_lines(data.skipped, data.files, str(out / report.SKIPPED_FILE)):
+        report.warn(line)
     assert data.y is not None
-    probs = loaded.probabilities(data.x, opts.batch_size)
+    probs = loaded.probabilities(data.x, opts.batch_size, data.names)
     pred = probs.argmax(axis=1)
     s = scores(data.y, pred, info.num_classes)
     classes = info.class_names
@@ -207,6 +206,7 @@ def run(opts: Options, command: str) -> int:
         "samples": len(data),
         "class_names": classes,
         **s,
+        "skipped": [{"file": k.path, "reason": k.reason} for k in data.skipped],
     }
     with atomic_directory(out) as tmp:
         plot_confusion(
@@ -217,6 +217,7 @@ def run(opts: Options, command: str) -> int:
         )
         (tmp / "per_class.csv").write_text(text.csv_text(hdr, per_class), encoding="utf-8")
         (tmp / "evaluation.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        report.write_skipped(tmp, record["skipped"])
     print(
         f"\nconfusion matrix: {out / 'confusion_matrix.png'} (and per_class.csv, evaluation.json)"
     )

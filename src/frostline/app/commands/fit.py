@@ -214,8 +214,8 @@ def run(opts: Options, command: str) -> int:
     t = time.perf_counter()
     assert opts.data is not None  # options() refuses a run without DATA
     data = imagefolder.load_data(opts.data, image_size)
-    for w in data.warnings:
-        report.warn(w)
+    for line in imagefolder.skipped_lines(data.skipped, data.files, report.SKIPPED_FILE):
+        report.warn(line)
     train_idx, val_idx = imagefolder.stratified_split(data.y, opts.validation_split, opts.seed)
     shown = ", ".join(data.class_names[:10]) + (", ..." if data.num_classes > 10 else "")
     print(
@@ -260,7 +260,8 @@ def run(opts: Options, command: str) -> int:
     record["title"] = f"frostline fit: {spec} on {data.source}"
     record["val_name"] = "validation"
     record["config"] = {k: v for k, v in vars(opts).items() if k != "flags"}
-    record["warnings"] = list(data.warnings)
+    record["skipped"] = [{"file": s.path, "reason": s.reason} for s in data.skipped]
+    record["files_read"] = data.files
     record["dataset"] = {
         "description": (
             "image folder" if data.is_images and Path(data.source).is_dir() else ".npz file"

@@ -16,6 +16,9 @@ from frostline.app.run_options import (
     trust_option,
 )
 
+#: the exit code when every readable image was predicted but some inputs could not be read
+SKIPPED_EXIT = 3
+
 NAME = "predict"
 HELP = "classify new images with the model of a run directory"
 DESCRIPTION = """\
@@ -29,6 +32,10 @@ images (searched recursively, hidden files skipped) or one .npz file with an arr
 Prints the top-k classes and their probabilities (softmax of the model's outputs) for
 every image: a table on a terminal, CSV when the output is piped. --csv FILE also
 writes the CSV to FILE (atomically).
+
+Every image that can be read is predicted; a file that cannot be read is named on
+stderr with the reason, and the exit code is then 3 (0 when every input was predicted,
+2 when none could be read).
 
   frostline predict runs/photos new_images/
   frostline predict runs/photos a.jpg b.png --top-k 3 --csv predictions.csv
@@ -86,7 +93,7 @@ def options(ns) -> Options:
 def run(opts: Options, command: str) -> int:
     import torch
 
-    from frostline.app import inference, text
+    from frostline.app import imagefolder, inference, report, text
     from frostline.io.atomic import atomic_write_text
 
     if opts.csv:
@@ -101,10 +108,10 @@ def run(opts: Options, command: str) -> int:
     loaded = inference.load_run(opts.run_dir, opts.trust)
     info = loaded.info
     data = inference.read_inputs(opts.inputs, info)
-    for w in data.warnings:
-        print(f"frostline: warning: {w}", file=sys.stderr, flush=True)
+    for line in imagefolder.skipped_lines(data.skipped, data.files, "the lines below"):
+        report.warn(line)
     k = min(opts.top_k, info.num_classes)
-    probs = loaded.probabilities(data.x, opts.batch_size)
+    probs = loaded.probabilities(data.x, opts.batch_size, data.names)
     table_rows = rows(data.names, probs, info.class_names, k)
     hdr = headers(k)
     if opts.csv:
@@ -120,4 +127,4 @@ def run(opts: Options, command: str) -> int:
         sys.stdout.write(text.csv_text(hdr, table_rows).replace("\r\n", "\n"))
     else:
         print(f"{len(table_rows)} prediction(s) written to {opts.csv}")
-    return 0
+    return SKIPPED_EXIT if data.skipped else 0
