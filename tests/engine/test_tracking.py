@@ -91,33 +91,6 @@ def test_an_own_rate_set_later_moves_the_parameter_with_its_state():
     assert rates[id(model[0].weight)] == 1e-4 and rates[id(model[0].bias)] == 0.01
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1 / (1 + s)),
-        lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
-        lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10),
-        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=20),
-    ],
-    ids=["LambdaLR", "StepLR", "CosineAnnealingLR", "OneCycleLR"],
-)
-def test_added_groups_follow_the_schedulers_curve_from_their_own_rate(make):
-    model = net()
-    model[0].requires_grad_(False)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    sched = make(opt)
-    fl.track(opt, model, scheduler=sched)
-    for i in range(3):
-        step(model, opt, i)
-        sched.step()
-    fl.wrap(model).unfreeze("0", learning_rate=0.01)
-    for i in range(3, 8):
-        step(model, opt, i)
-        sched.step()  # torch zips groups and scheduler entries strictly: no error
-        g0, new = opt.param_groups
-        assert new["lr"] / 0.01 == pytest.approx(g0["lr"] / g0["initial_lr"])
-
-
 def test_without_the_hook_sync_is_explicit_and_remove_stops_it():
     model = net()
     model[0].requires_grad_(False)

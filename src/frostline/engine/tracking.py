@@ -10,7 +10,8 @@ with ``requires_grad``:
   so the next ``step()`` cannot move them (momentum and weight decay included);
 * newly trainable parameters join as new groups, at their own learning rate (given
   with ``unfreeze(..., learning_rate=...)``) or the tracker's default rate, following
-  the learning-rate schedule of the optimizer's first group;
+  the learning-rate schedule of the optimizer's first group scaled by their rate's ratio
+  to that group's rate in the schedule's terms (:meth:`OptimizerTracker.fit_scheduler`);
 * a parameter whose own rate changed moves to a group at that rate, state kept.
 
 The groups the optimizer had when tracking began are never removed (an LR scheduler
@@ -34,11 +35,13 @@ True
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import CosineAnnealingLR, CosineAnnealingWarmRestarts, CyclicLR
 
 from frostline.core.state import learning_rate_of
 
@@ -96,6 +99,39 @@ def _innermost(optimizer: Any) -> Any:
     return optimizer
 
 
+def schedulers_in(scheduler: Any) -> list[Any]:
+    """``scheduler`` and every scheduler it drives (``SequentialLR``, ``ChainedScheduler``), depth first.
+
+    >>> net = nn.Linear(2, 1); opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    >>> a = torch.optim.lr_scheduler.ConstantLR(opt, factor=0.5, total_iters=2)
+    >>> b = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    >>> [type(s).__name__ for s in schedulers_in(torch.optim.lr_scheduler.ChainedScheduler([a, b]))]
+    ['ChainedScheduler', 'ConstantLR', 'ExponentialLR']
+    """
+    if scheduler is None:
+        return []
+    out = [scheduler]
+    # torch keeps a composite's children in ``_schedulers`` (no public accessor)
+    for child in getattr(scheduler, "_schedulers", None) or []:
+        out.extend(schedulers_in(child))
+    return out
+
+
+def _nominal_rates(optimizer: torch.optim.Optimizer, scheduler: Any) -> list[float]:
+    """Each group's rate in its schedule's terms: the peak (``max_lr``) where a OneCycleLR or
+    CyclicLR replaced the optimizer's rate, else the rate it started from (``initial_lr``)."""
+    cyclic = next((s for s in schedulers_in(scheduler) if isinstance(s, CyclicLR)), None)
+    out = []
+    for i, g in enumerate(optimizer.param_groups):
+        if cyclic is not None and i < len(cyclic.max_lrs):
+            out.append(float(cyclic.max_lrs[i]))
+        elif "max_lr" in g and "initial_lr" in g and "min_lr" in g:  # OneCycleLR's keys
+            out.append(float(g["max_lr"]))
+        else:
+            out.append(float(g.get("initial_lr", g["lr"])))
+    return out
+
+
 def _check_rate(value: object, what: str) -> float:
     if (
         isinstance(value, bool)
@@ -111,7 +147,8 @@ class OptimizerTracker:
     """An existing torch optimizer, kept in step with ``module``'s trainable set.
 
     ``lr``: the rate of newly trainable parameters that have none of their own
-    (default: the optimizer's constructor rate, ``optimizer.defaults["lr"]``).
+    (default: the optimizer's constructor rate, ``optimizer.defaults["lr"]``; under a
+    OneCycleLR or CyclicLR, which replace that rate, the first group's ``max_lr``).
     ``group_options``: ``(name, param) -> dict`` of extra options for the group a new
     parameter joins (e.g. ``{"weight_decay": 0.0}`` for biases); other options come
     from ``optimizer.defaults``, as with ``add_param_group``. ``owns_groups=True``:
@@ -119,7 +156,8 @@ class OptimizerTracker:
     ``factor``: what multiplies a tracker group's base rate (default: the ratio of the
     first original group's current rate to its initial one, so added groups follow the
     optimizer's LR schedule). ``scheduler``: the LR scheduler built on this optimizer,
-    kept in step with the groups (see :meth:`fit_scheduler`).
+    kept in step with the groups (see :meth:`fit_scheduler`). ``scaler``: the
+    ``torch.amp.GradScaler`` the loop steps through, if any (see :meth:`attach`).
 
     >>> net = nn.Linear(2, 1)
     >>> opt = torch.optim.Adam(net.parameters(), lr=0.01)
@@ -138,6 +176,7 @@ class OptimizerTracker:
         owns_groups: bool = False,
         factor: Callable[[], float] | None = None,
         scheduler: Any = None,
+        scaler: Any = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -152,21 +191,6 @@ class OptimizerTracker:
             raise TypeError(
                 f"group_options must be a callable (name, param) -> dict, got {group_options!r}"
             )
-        if lr is None:
-            if "lr" not in optimizer.defaults:
-                raise ValueError(
-                    f"{type(optimizer).__name__} has no default 'lr'; pass lr= for newly unfrozen parameters"
-                )
-            lr = optimizer.defaults["lr"]
-            if isinstance(lr, torch.Tensor):
-                lr = float(lr)
-        self.optimizer = optimizer
-        self.module = module
-        self.lr = _check_rate(lr, "lr")
-        self.group_options = group_options
-        self._fixed = 0 if owns_groups else len(optimizer.param_groups)
-        self._reference = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
-        self._factor = factor
         if scheduler is not None and _innermost(getattr(scheduler, "optimizer", None)) is not (
             _innermost(optimizer)
         ):
@@ -174,9 +198,42 @@ class OptimizerTracker:
                 f"scheduler {type(scheduler).__name__} does not drive this optimizer "
                 "(pass the LR scheduler built on the same optimizer)"
             )
+        if scaler is not None and not (
+            callable(getattr(scaler, "get_scale", None))
+            and callable(getattr(scaler, "is_enabled", None))
+        ):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self._fixed = 0 if owns_groups else len(optimizer.param_groups)
+        if scheduler is not None:
+            # ReduceLROnPlateau keeps no initial_lr: the rate tracking began with
+            for g in optimizer.param_groups:
+                g.setdefault("initial_lr", g["lr"])
+        self._reference = _nominal_rates(optimizer, scheduler)
+        if lr is None:
+            peaked = self._fixed and self._reference[0] != float(
+                optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
+            )
+            if peaked:
+                lr = self._reference[0]
+            elif "lr" not in optimizer.defaults:
+                raise ValueError(
+                    f"{type(optimizer).__name__} has no default 'lr'; pass lr= for newly unfrozen parameters"
+                )
+            else:
+                lr = optimizer.defaults["lr"]
+            if isinstance(lr, torch.Tensor):
+                lr = float(lr)
+        self.optimizer = optimizer
+        self.module = module
+        self.lr = _check_rate(lr, "lr")
+        self.group_options = group_options
+        self._factor = factor
         self.scheduler = scheduler
+        self.scaler = scaler
         self._key: tuple | None = None
         self._hook: Any = None
+        self._forward_hook: Any = None
+        self._joined: list[nn.Parameter] = []
         self.changes = 0
         #: ids of every parameter that was trainable while tracked (verification exempts them)
         self.ever_trainable: set[int] = {id(p) for _, p in named_trainable(module)}
@@ -197,8 +254,21 @@ class OptimizerTracker:
                 return float(lr) / ref
         return 1.0
 
+    def _first_reference(self) -> float:
+        """The first original group's rate in its schedule's terms (0.0 when there is none)."""
+        for ref in self._reference[: self._fixed]:
+            if ref > 0:
+                return ref
+        return 0.0
+
     def refresh_rates(self) -> None:
-        """Set each tracker group's ``lr`` to its base rate times :meth:`factor`."""
+        """Set each tracker group's ``lr`` to its base rate times :meth:`factor`.
+
+        With a ``scheduler`` the scheduler sets them (its entries for the added groups
+        come from :meth:`fit_scheduler`), so nothing changes here.
+        """
+        if self.scheduler is not None:
+            return
         f = self.factor()
         for g in self.optimizer.param_groups[self._fixed :]:
             if "base_lr" in g:
@@ -258,6 +328,7 @@ class OptimizerTracker:
                     placed.add(id(p))
             group["params"] = keep
         new = [(n, p) for n, p in current if id(p) not in placed]
+        self._joined = [p for _, p in new]
         for _, p in new:
             opt.state.pop(p, None)  # a newly trainable parameter starts fresh
         if moving:
@@ -277,32 +348,65 @@ class OptimizerTracker:
         return changed
 
     def fit_scheduler(self) -> None:
-        """Give the LR scheduler one entry per group (torch zips them strictly).
+        """Give the LR scheduler (and each scheduler inside a SequentialLR/ChainedScheduler)
+        one entry per group in every per-group list it keeps (torch zips them strictly).
 
-        Groups the tracker added follow the first group's schedule from their own
-        base rate: ``base_lrs`` come from each group's ``initial_lr``, a ``LambdaLR``'s
-        or ``MultiplicativeLR``'s lambda for them is the first group's.
+        A group the tracker added, at base rate ``r``, follows the first group's schedule
+        scaled by ``s = r / first group's rate in the schedule's terms`` (its
+        ``initial_lr``; under OneCycleLR and CyclicLR its ``max_lr``, the peak): its
+        ``base_lrs`` entry is its ``initial_lr`` (``s`` times the first group's), its
+        ``max_lrs`` entry (CyclicLR) ``s`` times the first group's, its ``LambdaLR``/
+        ``MultiplicativeLR`` lambda the first group's; floors (``min_lrs`` of
+        ReduceLROnPlateau) and momentum bounds are the first group's, and
+        ``get_last_lr()`` gets the group's current rate.
+
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)); _ = net[0].requires_grad_(False)
+        >>> opt = torch.optim.SGD(net[1].parameters(), lr=0.1)
+        >>> sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, min_lr=[1e-3])
+        >>> t = OptimizerTracker(opt, net, scheduler=sched)
+        >>> _ = net[0].requires_grad_(True); t.sync(), sched.min_lrs, len(sched.get_last_lr())
+        (True, [0.001, 0.001], 2)
         """
-        s = self.scheduler
-        if s is None:
+        if self.scheduler is None:
             return
         groups = self.optimizer.param_groups
-        if isinstance(getattr(s, "base_lrs", None), list):
-            s.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in groups]
-        lambdas = getattr(s, "lr_lambdas", None)
+        fixed = self._fixed
+        added = groups[fixed:]
+        ref = self._first_reference()
+        scales = [g["base_lr"] / ref if ref and "base_lr" in g else 1.0 for g in added]
+        for sched in schedulers_in(self.scheduler):
+            self._fit_lists(sched, added, scales)
+
+    def _fit_lists(self, sched: Any, added: list[dict], scales: list[float]) -> None:
+        fixed = self._fixed
+
+        def extend(name: str, values: list) -> None:
+            current = getattr(sched, name, None)
+            if isinstance(current, list) and current:
+                setattr(sched, name, current[:fixed] + values)
+
+        extend("base_lrs", [float(g.get("initial_lr", g["lr"])) for g in added])
+        lambdas = getattr(sched, "lr_lambdas", None)
         if isinstance(lambdas, list) and lambdas:
-            keep = lambdas[: self._fixed]
             first = lambdas[0]
 
             def follow(step, _first=first):  # a plain function: not pickled into state_dict
                 return _first(step)
 
-            s.lr_lambdas = keep + [follow] * (len(groups) - len(keep))
+            extend("lr_lambdas", [follow] * len(added))
+        for name in ("min_lrs", "base_momentums", "max_momentums"):
+            current = getattr(sched, name, None)
+            if isinstance(current, list) and current:
+                extend(name, [current[0]] * len(added))
+        peaks = getattr(sched, "max_lrs", None)
+        if isinstance(peaks, list) and peaks:
+            extend("max_lrs", [float(peaks[0]) * k for k in scales])
+        # get_last_lr() reads _last_lr; it stays as long as the groups
+        extend("_last_lr", [g["lr"] for g in added])
 
     def _add(self, params: Iterable[tuple[str, nn.Parameter]], *, merge: bool) -> None:
         """New groups for ``params`` by rate and options; ``merge``: join a matching tracker group if any."""
         opt = self.optimizer
-        f = self.factor()
         with_initial = any("initial_lr" in g for g in opt.param_groups)
         buckets: dict[tuple, list[nn.Parameter]] = {}
         options: dict[tuple, dict] = {}
@@ -324,27 +428,63 @@ class OptimizerTracker:
             if target is not None:
                 target["params"].extend(ps)
                 continue
-            group = {**options[bucket], "params": ps, "lr": rate * f, "base_lr": rate}
-            group.update(self._scheduled_keys(rate))
-            if with_initial:
-                group["initial_lr"] = rate
+            group = {**options[bucket], "params": ps, "base_lr": rate}
+            scheduled = self._scheduled_keys(rate)
+            if scheduled is None:  # no original group to follow: the tracker's factor
+                group["lr"] = rate * self.factor()
+                if with_initial:
+                    group["initial_lr"] = rate
+            else:
+                group.update(scheduled)
+                group["lr"] = self._join_rate(rate)
             opt.add_param_group(group)
 
-    def _scheduled_keys(self, rate: float) -> dict[str, Any]:
-        """Keys a scheduler keeps in the groups (OneCycleLR's ``max_lr``, ``max_momentum``), from the first group.
+    def _first_group(self) -> dict | None:
+        """The first original group with a rate to scale from (None: there is none)."""
+        for g, ref in zip(self.optimizer.param_groups[: self._fixed], self._reference):
+            if ref > 0:
+                return g
+        return None
 
-        Rates (``*_lr``) are scaled to ``rate``; other values are copied.
+    def _join_rate(self, rate: float) -> float:
+        """The rate *now* of a group at base ``rate``: the first group's, scaled by ``rate / its reference``.
+
+        Under a CosineAnnealingLR/WarmRestarts with an ``eta_min`` floor the scaling is
+        of the part above the floor, as torch computes each group's rate.
         """
-        if not self._fixed or not self._reference[0]:
-            return {}
-        g0 = self.optimizer.param_groups[0]
-        scale = rate / self._reference[0]
+        g0 = self._first_group()
+        ref = self._first_reference()
+        if g0 is None or not ref:
+            return rate * self.factor()
+        scale = rate / ref
+        lr0 = float(g0["lr"])
+        floor = (
+            float(self.scheduler.eta_min)
+            if isinstance(self.scheduler, CosineAnnealingLR | CosineAnnealingWarmRestarts)
+            else 0.0
+        )
+        base0 = float(g0.get("initial_lr", ref))
+        if floor and base0 != floor:
+            return floor + (scale * base0 - floor) * (lr0 - floor) / (base0 - floor)
+        return scale * lr0
+
+    def _scheduled_keys(self, rate: float) -> dict[str, Any] | None:
+        """Keys a scheduler keeps in the groups (``initial_lr``, OneCycleLR's ``max_lr``,
+        ``min_lr``, ``max_momentum``), from the first group; None without one.
+
+        Rates (``*_lr``) are scaled by ``rate / reference`` (the first group's rate in
+        its schedule's terms); other values are copied.
+        """
+        g0 = self._first_group()
+        ref = self._first_reference()
+        if g0 is None or not ref:
+            return None
         out: dict[str, Any] = {}
         for k, v in g0.items():
-            if k in self.optimizer.defaults or k in ("params", "lr", "base_lr", "initial_lr"):
+            if k in self.optimizer.defaults or k in ("params", "lr", "base_lr"):
                 continue
             if k.endswith("_lr") and isinstance(v, int | float) and not isinstance(v, bool):
-                out[k] = float(v) * scale
+                out[k] = rate * (float(v) / ref)
             elif isinstance(v, int | float | bool | str | tuple) or v is None:
                 out[k] = v
         return out
@@ -432,21 +572,65 @@ class OptimizerTracker:
         self.fit_scheduler()
 
     # -- step hook ----------------------------------------------------------------------
-    def _before_step(self, optimizer, args, kwargs) -> None:
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
         self.sync()
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        if self.sync():
+            self._unscale_late(self._joined)
         self.refresh_rates()
 
+    def _unscale_late(self, joined: list[nn.Parameter]) -> None:
+        """Parameters that joined at ``step()`` with a gradient already computed.
+
+        A ``GradScaler`` unscaled the groups before this step but not these, so with
+        ``scaler=`` their gradients are unscaled here (a non-finite one skips this step,
+        as the scaler would); without, a one-line warning names the fix.
+        """
+        late = [p for p in joined if p.grad is not None]
+        if not late:
+            return
+        scaler = self.scaler
+        if scaler is not None and scaler.is_enabled():
+            inverse = 1.0 / float(scaler.get_scale())
+            with torch.no_grad():
+                for p in late:
+                    assert p.grad is not None
+                    p.grad.mul_(inverse)
+                    if not bool(torch.isfinite(p.grad).all()):
+                        p.grad = None
+            return
+        warnings.warn(
+            f"frostline: {len(late)} newly trainable parameter(s) joined the optimizer at step(), after "
+            "their gradients were computed (the tracked module's forward did not run since they were "
+            "unfrozen); under a GradScaler those gradients are still scaled: pass scaler= to fl.track, "
+            "or call tracker.sync() before backward",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
     def attach(self) -> OptimizerTracker:
-        """Sync before every ``optimizer.step()`` (a step pre-hook on this optimizer only)."""
+        """Sync when the module's forward begins and before every ``optimizer.step()``.
+
+        A forward pre-hook on the tracked module and a step pre-hook on this optimizer
+        (nothing else is touched). Syncing at the forward pass puts newly unfrozen
+        parameters in the optimizer before their gradients exist, so a ``GradScaler``
+        unscales them with the rest; parameters that still join at ``step()`` with a
+        gradient are unscaled by the tracker when it knows the ``scaler``, and warned
+        about otherwise.
+        """
         if self._hook is None:
             self._hook = self.optimizer.register_step_pre_hook(self._before_step)
+        if self._forward_hook is None:
+            self._forward_hook = self.module.register_forward_pre_hook(self._before_forward)
         return self
 
     def remove(self) -> None:
-        """Remove the step hook (the optimizer keeps its current groups)."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        """Remove the hooks (the optimizer keeps its current groups)."""
+        for hook in (self._hook, self._forward_hook):
+            if hook is not None:
+                hook.remove()
+        self._hook = self._forward_hook = None
 
     def __enter__(self) -> OptimizerTracker:
         return self.attach()
@@ -468,18 +652,22 @@ def track(
     lr: float | None = None,
     group_options: GroupOptions | None = None,
     scheduler: Any = None,
+    scaler: Any = None,
     hook: bool = True,
 ) -> OptimizerTracker:
     """Make ``optimizer`` (any ``torch.optim`` optimizer you built) follow ``model``'s trainable set.
 
-    With ``hook=True`` (default) the optimizer syncs itself before every ``step()``
-    (a step pre-hook on this optimizer only; ``tracker.remove()`` takes it off, and
-    ``with fl.track(...):`` scopes it). With ``hook=False`` call ``tracker.sync()``
-    yourself before ``step()``. ``scheduler``: the LR scheduler on this optimizer, if
-    any: it gets an entry for each added group, which follows the first group's
-    schedule from its own base rate. Under a ``GradScaler`` call ``tracker.sync()`` right
-    after changing the trainable set, so new parameters are in the optimizer before
-    ``scaler.unscale_``. ``model``: a ``torch.nn.Module`` or a frostline Layer/Model.
+    With ``hook=True`` (default) the optimizer syncs itself when the model's forward
+    begins and before every ``step()`` (a forward pre-hook on the module and a step
+    pre-hook on this optimizer; ``tracker.remove()`` takes them off, and
+    ``with fl.track(...):`` scopes them). With ``hook=False`` call ``tracker.sync()``
+    yourself before ``backward()``. ``scheduler``: the LR scheduler on this optimizer,
+    if any: every per-group list it keeps gets an entry for each added group, which
+    follows the first group's schedule scaled by its rate's ratio to the first group's
+    (:meth:`OptimizerTracker.fit_scheduler`). ``scaler``: the ``torch.amp.GradScaler``
+    the loop uses, if any: a parameter that joins only at ``step()`` (the model's forward
+    did not run through the tracked module) has its gradient unscaled too.
+    ``model``: a ``torch.nn.Module`` or a frostline Layer/Model.
 
     >>> import frostline as fl, torch
     >>> from torch import nn
@@ -498,7 +686,12 @@ def track(
             f"model must be a torch.nn.Module or a frostline Layer/Model, got {type(model).__name__}: {model!r}"
         )
     tracker = OptimizerTracker(
-        optimizer, module, lr=lr, group_options=group_options, scheduler=scheduler
+        optimizer,
+        module,
+        lr=lr,
+        group_options=group_options,
+        scheduler=scheduler,
+        scaler=scaler,
     )
     if hook:
         tracker.attach()
