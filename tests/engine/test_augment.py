@@ -139,3 +139,34 @@ def test_fit_with_augmentation_equals_the_plain_model(cache, capsys):
     assert "reused" not in capsys.readouterr().out  # augmented values are never cached
     assert model._trainer.runner._fused is None  # fit's end drops the folded view
     np.testing.assert_allclose(h.history["loss"], _hand_loop(x, y, 3, 7), rtol=1e-4)
+
+
+def test_augment_views_caches_k_augmented_passes_and_cycles_them(capsys):
+    """With a learning rate of 0 an epoch's loss depends only on the values the frozen part
+    gives: epoch e repeats view e % K exactly, and the K views differ from each other."""
+    x, y = _data()
+    model, _ = _guide_model()
+    model.compile(fl.optimizers.SGD(0.0), loss="sparse_categorical_crossentropy")
+    h = model.fit(x, y, batch_size=8, epochs=5, seed=3, verbose=2, augment_views=2)
+    log = capsys.readouterr().out
+    notes = [
+        line.split("cache: ")[1].split(" (")[0] for line in log.splitlines() if "cache:" in line
+    ]
+    assert notes == ["built", "built", "reused", "reused", "reused"], log
+    assert "(augmented view 2 of 2)" in log.splitlines()[1]
+    loss = h.history["loss"]
+    np.testing.assert_allclose(loss[2:], [loss[0], loss[1], loss[0]], rtol=1e-6)
+    assert abs(loss[0] - loss[1]) > 1e-4  # two different draws
+    fresh = model.fit(x, y, batch_size=8, epochs=3, seed=3, verbose=0).history["loss"]
+    assert len({round(v, 6) for v in fresh}) == 3  # without views: a fresh draw each epoch
+
+
+def test_augment_views_must_be_a_positive_int():
+    x, y = _data(8)
+    model, _ = _guide_model()
+    model.compile("sgd", loss="sparse_categorical_crossentropy")
+    for bad in (0, 1.5, True, "2"):
+        with pytest.raises(
+            ValueError, match=f"augment_views must be None or an int >= 1, got {bad!r}"
+        ):
+            model.fit(x, y, epochs=1, verbose=0, augment_views=bad)

@@ -242,7 +242,11 @@ class Model(Layer):
         parameter or a list of them; this fit's cache build then also keeps the frozen
         values right below them, and the next fit starts from those instead of running
         the frozen part over the data again; :func:`~frostline.recipes.two_phase` passes
-        it for you).
+        it for you), ``augment_views`` (``K``: where random augmentation runs in front of
+        the frozen part, cache ``K`` augmented passes over the data and cycle them, epoch
+        ``e`` seeing pass ``e % K``; this changes augmentation's semantics, from a fresh
+        draw every epoch to K draws per sample, and takes K times the cache's memory;
+        ``None``, the default, draws afresh every epoch and caches nothing random).
         ``x`` may be an array, a tuple of arrays (positional model inputs) or a dict of
         arrays (keyword inputs such as ``input_ids`` and ``attention_mask``).
         """

@@ -21,7 +21,7 @@ import enum
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -104,6 +104,8 @@ class CacheStatus:
     nbytes: int = 0
     location: str = ""
     frozen_mode: str = "as set"
+    view: int = 0  # with fit(augment_views=K): which of the K cached augmented views
+    views: int = 0
 
     @property
     def cached(self) -> bool:
@@ -112,6 +114,8 @@ class CacheStatus:
 
     def __str__(self) -> str:
         mode = " (frozen part in inference mode)" if self.frozen_mode == "inference" else ""
+        if self.views:
+            mode += f" (augmented view {self.view + 1} of {self.views})"
         if self.cached:
             where = describe_boundary(self.boundary)
             mb = self.nbytes / 2**20
@@ -183,11 +187,18 @@ class Runner:
         spill_dir=None,
         fuse: bool = True,
         frozen_inference: bool = False,
+        augment_views: int | None = None,
     ) -> None:
         if cache not in (True, False, "auto"):
             raise ValueError(f"cache must be True, False or 'auto', got {cache!r}")
         if not isinstance(frozen_inference, bool):
             raise TypeError(f"frozen_inference must be a bool, got {frozen_inference!r}")
+        if augment_views is not None and (
+            isinstance(augment_views, bool)
+            or not isinstance(augment_views, int)
+            or augment_views < 1
+        ):
+            raise ValueError(f"augment_views must be None or an int >= 1, got {augment_views!r}")
         self.module = module
         self.cache_setting = cache
         self.memory_budget_bytes = memory_budget_bytes
@@ -195,6 +206,9 @@ class Runner:
         self.spill_dir = spill_dir
         self.fuse = fuse
         self.frozen_inference = frozen_inference
+        # cache this many passes of a random frozen part (augmentation) and cycle them
+        self.augment_views = augment_views
+        self._view: dict[str, int] = {}  # the view each role's cache serves this epoch
         self.verified = False
         self.example: Any = None
         self.traces: dict[tuple, tuple[Traced, tuple]] = {}
@@ -288,7 +302,7 @@ class Runner:
     def _partition(self, key: tuple) -> Partition | None:
         if key in self.partitions:
             return self.partitions[key]
-        if not self.frozen_inference:
+        if not self.frozen_inference and not self.augment_views:
             # an active stochastic layer in the frozen part: the split would gain nothing
             # (no cache, no folding), so the model runs whole and nothing is traced
             if key not in self._stochastic:
@@ -549,7 +563,7 @@ class Runner:
             return off(reason, detail)
         if not deterministic:
             return off(OffReason.NOT_DETERMINISTIC)
-        if self.part.random:
+        if self.part.random and not self.augment_views:
             return off(OffReason.STOCHASTIC, self.part.random)
         if self.part.stateful:
             return off(OffReason.STATEFUL, self.part.stateful)
@@ -577,13 +591,43 @@ class Runner:
         device: torch.device,
         batch_size: int,
         fingerprint: str | None,
+        epoch: int = 0,
     ) -> CacheStatus:
-        """Build, extend or reuse the cache for ``role``; returns (and records) its status."""
+        """Build, extend or reuse the cache for ``role``; returns (and records) its status.
+
+        With ``augment_views=K`` and a frozen part that draws random numbers, each of K
+        caches holds one augmented pass over the data, built at its first use; epoch
+        ``e`` is served by view ``e % K``."""
+        views = self.augment_views if self.part is not None and self.part.random else None
+        view = epoch % views if views else 0
+        slot = f"{role}@view{view}" if views else role
+        self._view[role] = view if views else -1
+        status = self._ensure(role, slot, data, indices, device, batch_size, fingerprint)
+        if views:
+            status = replace(status, view=view, views=views)
+            self.status[role] = status
+        return status
+
+    def _slot(self, role: str) -> str:
+        """The entry that serves ``role`` now: its cache, or this epoch's augmented view."""
+        view = self._view.get(role, -1)
+        return role if view < 0 else f"{role}@view{view}"
+
+    def _ensure(
+        self,
+        role: str,
+        slot: str,
+        data,
+        indices: Tensor | None,
+        device: torch.device,
+        batch_size: int,
+        fingerprint: str | None,
+    ) -> CacheStatus:
         status = self.cacheable(getattr(data, "deterministic", False))
         if status is None and fingerprint is None:
             status = CacheStatus(CacheState.OFF, self.boundary, OffReason.NO_FINGERPRINT)
         if status is not None:
-            old = self.entries.pop(role, None)
+            old = self.entries.pop(slot, None)
             if old is not None:
                 _close(old.stores)
             self.status[role] = status
@@ -597,18 +641,18 @@ class Runner:
             self._content_key(self.prefix_tensors()),
             self._mode_string(part),
         )
-        entry = self.entries.get(role)
+        entry = self.entries.get(slot)
         if entry is not None and entry.key == key:
             entry.version = self._version()  # same contents, maybe new counters
             entry.partition = part
             return self._record(role, CacheState.REUSED, entry)
-        ready = self.prepared.pop(role, None)
+        ready = self.prepared.pop(role, None) if slot == role else None
         if ready is not None:
             if self._serves(ready, key, part):
                 if entry is not None:
                     _close(entry.stores)
-                self.entries[role] = _Entry(key, ready.stores, ready.local, self._version(), part)
-                return self._record(role, CacheState.REUSED, self.entries[role])
+                self.entries[slot] = _Entry(key, ready.stores, ready.local, self._version(), part)
+                return self._record(role, CacheState.REUSED, self.entries[slot])
             _close(ready.stores)
         local = None
         if indices is not None:
@@ -622,9 +666,9 @@ class Runner:
             if stores is None:
                 return self._too_large(role)
             _close(entry.stores)
-            self.entries[role] = _Entry(key, stores, local, self._version(), part)
-            return self._record(role, CacheState.EXTENDED, self.entries[role])
-        self.entries.pop(role, None)
+            self.entries[slot] = _Entry(key, stores, local, self._version(), part)
+            return self._record(role, CacheState.EXTENDED, self.entries[slot])
+        self.entries.pop(slot, None)
         if entry is not None:
             _close(entry.stores)
 
@@ -647,8 +691,8 @@ class Runner:
         if later is not None:
             self._keep(role, later, key, stores[len(part.frontier) :], local)
             stores = stores[: len(part.frontier)]
-        self.entries[role] = _Entry(key, stores, local, self._version(), part)
-        return self._record(role, CacheState.BUILT, self.entries[role])
+        self.entries[slot] = _Entry(key, stores, local, self._version(), part)
+        return self._record(role, CacheState.BUILT, self.entries[slot])
 
     def _next_split(self, part: Partition) -> tuple[Partition | None, nn.Module | None]:
         """The split the planned unfreeze needs, and the frozen module giving both frontiers."""
@@ -780,11 +824,12 @@ class Runner:
 
     def cached_inputs(self, role: str, idx: Tensor) -> tuple[Tensor, ...] | None:
         """Cached frontier tensors for these samples, or None when the cache cannot serve them."""
-        entry = self.entries.get(role)
+        slot = self._slot(role)
+        entry = self.entries.get(slot)
         if entry is None or entry.partition is not self.part:
             return None
         if entry.version != self._version():
-            self.entries.pop(role, None)  # weights changed under us: never serve stale outputs
+            self.entries.pop(slot, None)  # weights changed under us: never serve stale outputs
             _close(entry.stores)
             self.status[role] = CacheStatus(
                 CacheState.INVALIDATED, entry.key.boundary, OffReason.WEIGHTS_CHANGED

@@ -226,6 +226,7 @@ class Trainer:
         on_nan: str = "raise",
         frozen_inference: bool = False,
         unfreeze_next: Iterable[Tensor] = (),
+        augment_views: int | None = None,
     ) -> History:
         model = self.model
         cfg = model.compile_config
@@ -261,6 +262,7 @@ class Trainer:
                 "cache_dtype": cache_dtype,
                 "spill_dir": cache_dir,
                 "frozen_inference": frozen_inference,
+                "augment_views": augment_views,
             },
         )
         runner.new_fit()
@@ -401,6 +403,7 @@ class Trainer:
                     device=device,
                     batch_size=max(batch_size, 64),
                     fingerprint=train_fp,
+                    epoch=epoch,
                 )
             source = ((idx, None) for idx in batches)
         else:
