@@ -21,7 +21,7 @@ from frostline.core import batchnorm
 from frostline.core.state import clear_learning_rates, set_view
 from frostline.engine.live import LiveOptimizer
 from frostline.engine.runner import CacheStatus
-from frostline.engine.trainer import Trainer
+from frostline.engine.trainer import FitOptions, Trainer, TrainingError
 from frostline.engine.verify import Report
 
 
@@ -252,9 +252,9 @@ class Model(Layer):
         """
         if "unfreeze_next" in options:
             options["unfreeze_next"] = parameters_of(options["unfreeze_next"], "unfreeze_next")
-        return self._get_trainer().fit(
-            x,
-            y,
+        if self._config is None:
+            raise TrainingError("call model.compile(optimizer=..., loss=...) before fit()")
+        opts = FitOptions(
             batch_size=batch_size,
             epochs=epochs,
             verbose=verbose,
@@ -265,6 +265,7 @@ class Model(Layer):
             initial_epoch=initial_epoch,
             **options,
         )
+        return self._get_trainer().fit(x, y, opts)
 
     def evaluate(
         self,

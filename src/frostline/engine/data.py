@@ -9,6 +9,7 @@ dataset) is iterated as given.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -171,23 +172,44 @@ def _index(y, idx):
     return y[idx]
 
 
-def split_sample(batch) -> tuple:
-    """A Dataset/DataLoader item -> ``(x, y)``: ``(x, y)``, ``(x, ya, yb)`` (several targets,
-    by position), ``{"x": ..., "y": ...}`` or a bare ``x``.
+def split_sample(batch, outputs: int | None = None) -> tuple:
+    """A Dataset/DataLoader item -> ``(x, y, sample_weight)``, as Keras unpacks one.
 
-    >>> x, y = split_sample((torch.zeros(2), torch.ones(2), torch.ones(2))); type(y).__name__
+    ``(x,)``/bare ``x``; ``(x, y)``; ``(x, y, sample_weight)``; ``(x, ya, yb)`` (several
+    targets, by position); ``{"x": ..., "y": ..., "sample_weight": ...}``. A 3-element
+    item is ``(x, y, sample_weight)`` when the model has one loss (``outputs=1``) or its
+    second element is itself a list, tuple or dict of targets; otherwise (several losses,
+    or ``outputs=None``: not known) its elements after ``x`` are the targets, and
+    ``outputs + 2`` elements are several targets followed by the sample weights.
+
+    >>> x, y, sw = split_sample((torch.zeros(2), torch.ones(2), torch.ones(2))); type(y).__name__
     'tuple'
+    >>> x, y, sw = split_sample((torch.zeros(2), torch.ones(2), torch.ones(2)), outputs=1); sw
+    tensor([1., 1.])
     """
     if isinstance(batch, list | tuple):
-        if len(batch) > 2:
-            return batch[0], tuple(batch[1:])
-        y = batch[1] if len(batch) > 1 else None
+        n = len(batch)
+        if n > 2:
+            keras_style = n == 3 and (outputs == 1 or isinstance(batch[1], list | tuple | Mapping))
+            if keras_style:
+                y = tuple(batch[1]) if isinstance(batch[1], list) else batch[1]
+                return batch[0], y, batch[2]
+            if outputs is None or n == outputs + 1:
+                return batch[0], tuple(batch[1:]), None
+            if n == outputs + 2:
+                return batch[0], tuple(batch[1:-1]), batch[-1]
+            raise DataError(
+                f"a data item of {n} elements for a model with {outputs} loss"
+                f"{'es' if outputs != 1 else ''}: expected (x, y), (x, y, sample_weight) or "
+                "(x, y_1, ..., y_k[, sample_weight]) with one target per loss"
+            )
+        y = batch[1] if n > 1 else None
         if isinstance(y, list):  # default_collate turns a sample's (ya, yb) into a list
             y = tuple(y)
-        return batch[0], y
+        return batch[0], y, None
     if isinstance(batch, dict) and "x" in batch:
-        return batch["x"], batch.get("y")
-    return batch, None
+        return batch["x"], batch.get("y"), batch.get("sample_weight")
+    return batch, None, None
 
 
 def _leaves(x) -> list:
@@ -199,7 +221,8 @@ def _leaves(x) -> list:
 
 
 class ArrayDataset(Dataset):
-    """In-memory ``(x, y)`` samples; deterministic (no random transforms), so cacheable.
+    """In-memory ``(x, y)`` samples (and optional per-sample weights); deterministic (no
+    random transforms), so cacheable.
 
     >>> ds = ArrayDataset(np.zeros((4, 2)), np.arange(4)); len(ds), ds.deterministic
     (4, True)
@@ -207,7 +230,7 @@ class ArrayDataset(Dataset):
 
     deterministic = True
 
-    def __init__(self, x, y=None) -> None:
+    def __init__(self, x, y=None, sample_weight=None) -> None:
         self.x = inputs_tensor(x, "x")
         n = len(_leaves(self.x)[0])
         self.y = _targets(y)
@@ -222,6 +245,17 @@ class ArrayDataset(Dataset):
                 raise DataError(
                     f"x has {n} samples but y{where} has {len(v)}; they must match{hint}"
                 )
+        self.sample_weight = None
+        if sample_weight is not None:
+            if self.y is None:
+                raise DataError("sample_weight was given without targets y; weights weigh losses")
+            sw = to_tensor(sample_weight, "sample_weight").float()
+            if len(sw) != n:
+                raise DataError(
+                    f"x has {n} samples but sample_weight has {len(sw)}; expected one weight "
+                    "per sample (shape (n,))"
+                )
+            self.sample_weight = sw
 
     def __len__(self) -> int:
         return len(_leaves(self.x)[0])
@@ -235,29 +269,41 @@ class ArrayDataset(Dataset):
 
 @dataclass
 class IndexedData:
-    """Random-access samples: ``gather(indices) -> (x, y)``; ``deterministic`` allows caching."""
+    """Random-access samples: ``sample(indices) -> (x, y, sample_weight)``; ``deterministic``
+    allows caching. ``outputs`` (the number of losses, when known) says how a Dataset's
+    3-element items read (see :func:`split_sample`)."""
 
     dataset: Dataset
     n: int
     deterministic: bool
+    outputs: int | None = None
 
-    def gather(self, idx: torch.Tensor):
+    def sample(self, idx: torch.Tensor):
+        """``(x, y, sample_weight)`` of these samples."""
         ds = self.dataset
         if isinstance(ds, ArrayDataset):
-            return ds.gather(idx)
+            return (*ds.gather(idx), _index(ds.sample_weight, idx))
         if isinstance(ds, TensorDataset):
-            return split_sample([t[idx] for t in ds.tensors])
+            return split_sample([t[idx] for t in ds.tensors], self.outputs)
         items = [ds[int(i)] for i in idx]
-        return split_sample(default_collate(items))
+        return split_sample(default_collate(items), self.outputs)
+
+    def gather(self, idx: torch.Tensor):
+        """``(x, y)`` of these samples."""
+        return self.sample(idx)[:2]
+
+    def labels(self, idx: torch.Tensor):
+        """``(y, sample_weight)`` of these samples (no input loading when the dataset allows)."""
+        ds = self.dataset
+        if isinstance(ds, ArrayDataset):
+            return _index(ds.y, idx), _index(ds.sample_weight, idx)
+        if isinstance(ds, TensorDataset):
+            return split_sample([None, *(t[idx] for t in ds.tensors[1:])], self.outputs)[1:]
+        return self.sample(idx)[1:]
 
     def targets(self, idx: torch.Tensor):
         """Only the targets of these samples (no input loading when the dataset allows)."""
-        ds = self.dataset
-        if isinstance(ds, ArrayDataset):
-            return _index(ds.y, idx)
-        if isinstance(ds, TensorDataset):
-            return split_sample([None, *(t[idx] for t in ds.tensors[1:])])[1]
-        return self.gather(idx)[1]
+        return self.labels(idx)[0]
 
     def inputs(self) -> tuple:
         """The raw arrays, for fingerprinting (None when not in memory)."""
@@ -278,7 +324,7 @@ class IndexedData:
         rank: int = 0,
         world: int = 1,
     ) -> list[torch.Tensor]:
-        """This rank's index batches for one epoch (reproducible from seed and epoch)."""
+        """This rank's index batches for one pass (reproducible from seed and pass number)."""
         idx = torch.arange(self.n)
         if world > 1:  # a fixed shard per rank (padded to equal length), shuffled within
             per = math.ceil(self.n / world)
@@ -296,6 +342,7 @@ class LoaderData:
 
     loader: DataLoader | IterableDataset
     deterministic: bool = False
+    outputs: int | None = None
 
     @property
     def n(self) -> int | None:
@@ -304,9 +351,10 @@ class LoaderData:
         except TypeError:
             return None
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, Target]]:
+    def batches(self) -> Iterator[tuple]:
+        """``(x, y, sample_weight)`` per batch."""
         for batch in self.loader:
-            yield split_sample(batch)
+            yield split_sample(batch, self.outputs)
 
 
 Data = IndexedData | LoaderData
@@ -324,44 +372,44 @@ def check_batch_size(batch_size, default: int = 32) -> int:
     return int(batch_size)
 
 
-def prepare(x, y=None, *, what: str = "x") -> Data:
-    """Turn ``fit``'s ``x``/``y`` into indexed or loader data, validating as it goes.
+def prepare(x, y=None, sample_weight=None, *, outputs: int | None = None, what: str = "x") -> Data:
+    """Turn ``fit``'s ``x``/``y``/``sample_weight`` into indexed or loader data, validating
+    as it goes. ``outputs``: the number of losses, which says how a Dataset's items read.
 
     >>> prepare(np.zeros((3, 2), "float32"), np.array([0, 1, 0])).n
     3
     """
-    if isinstance(x, DataLoader):
-        if y is not None:
-            raise DataError(
-                f"{what} is a DataLoader, so y must be None (the loader yields (x, y) batches)"
-            )
-        return LoaderData(x)
-    if isinstance(x, IterableDataset):
-        if y is not None:
-            raise DataError(f"{what} is an IterableDataset, so y must be None")
-        return LoaderData(x)
+    kind = next(
+        (k for t, k in ((DataLoader, "a DataLoader"), (Dataset, "a Dataset")) if isinstance(x, t)),
+        None,
+    )
+    if kind is not None and (y is not None or sample_weight is not None):
+        given = "y" if y is not None else "sample_weight"
+        raise DataError(
+            f"{what} is {kind}, so {given} must be None (its items are (x, y) or "
+            "(x, y, sample_weight))"
+        )
+    if isinstance(x, DataLoader | IterableDataset):
+        return LoaderData(x, outputs=outputs)
     if isinstance(x, Dataset):
-        if y is not None:
-            raise DataError(
-                f"{what} is a Dataset, so y must be None (the dataset yields (x, y) samples)"
-            )
         n = len(x)  # type: ignore[arg-type]
         if n == 0:
             raise DataError(f"{what} is an empty Dataset; expected at least one sample")
         deterministic = bool(
             getattr(x, "deterministic", isinstance(x, TensorDataset | ArrayDataset))
         )
-        return IndexedData(x, n, deterministic)
+        return IndexedData(x, n, deterministic, outputs)
     if x is None:
         raise DataError(f"{what} is None; expected arrays, tensors, a Dataset or a DataLoader")
-    ds = ArrayDataset(x, y)
+    ds = ArrayDataset(x, y, sample_weight)
     if len(ds) == 0:
         raise DataError(f"{what} is empty (0 samples); expected at least one sample")
-    return IndexedData(ds, len(ds), True)
+    return IndexedData(ds, len(ds), True, outputs)
 
 
-def split_validation(x, y, fraction: float):
-    """Keras' ``validation_split``: the last ``fraction`` of the samples, taken before shuffling."""
+def split_validation(x, y, fraction: float, sample_weight=None):
+    """Keras' ``validation_split``: the last ``fraction`` of the samples (and of their
+    weights), taken before shuffling; returns ``(x, y, sw), (x_val, y_val, sw_val)``."""
     if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction < 1:
         raise DataError(f"validation_split must be a float in [0, 1), got {fraction!r}")
     if isinstance(x, Dataset | DataLoader):
@@ -370,6 +418,7 @@ def split_validation(x, y, fraction: float):
         )
     xt = inputs_tensor(x, "x")
     yt = _targets(y)
+    sw = None if sample_weight is None else to_tensor(sample_weight, "sample_weight")
     n = len(_leaves(xt)[0])
     n_val = int(math.floor(n * fraction))
     if fraction and n_val == 0:
@@ -377,21 +426,279 @@ def split_validation(x, y, fraction: float):
     if n_val >= n:
         raise DataError(f"validation_split={fraction} of {n} samples leaves no training sample")
     cut = n - n_val
-    train, val = slice(0, cut), slice(cut, n)
-    return (_index(xt, train), _index(yt, train)), (_index(xt, val), _index(yt, val))
+    parts = [(_index(v, slice(0, cut)), _index(v, slice(cut, n))) for v in (xt, yt, sw)]
+    return tuple(p[0] for p in parts), tuple(p[1] for p in parts)
 
 
-def unpack_validation(validation_data):
-    """``(x_val, y_val)`` tuple, a Dataset or a DataLoader -> prepared data."""
+def unpack_validation(validation_data, outputs: int | None = None):
+    """``(x_val, y_val)``, ``(x_val, y_val, val_sample_weight)``, a Dataset or a
+    DataLoader -> prepared data."""
     if validation_data is None:
         return None
     if isinstance(validation_data, Dataset | DataLoader):
-        return prepare(validation_data, what="validation_data")
-    if isinstance(validation_data, tuple | list) and len(validation_data) == 2:
-        return prepare(validation_data[0], validation_data[1], what="validation_data x")
+        return prepare(validation_data, outputs=outputs, what="validation_data")
+    if isinstance(validation_data, tuple | list) and len(validation_data) in (2, 3):
+        return prepare(*validation_data, outputs=outputs, what="validation_data x")
     raise DataError(
-        f"validation_data must be (x_val, y_val), a Dataset or a DataLoader; got {type(validation_data).__name__}"
+        "validation_data must be (x_val, y_val), (x_val, y_val, val_sample_weight), a Dataset "
+        f"or a DataLoader; got {type(validation_data).__name__}"
+        + (f" of {len(validation_data)}" if isinstance(validation_data, tuple | list) else "")
     )
+
+
+def check_class_weight(class_weight) -> dict[int, float] | None:
+    """Keras' ``class_weight``: a dict from class index to weight (validated).
+
+    >>> check_class_weight({0: 1, 1: 2.5})
+    {0: 1.0, 1: 2.5}
+    """
+    if class_weight is None:
+        return None
+    if not isinstance(class_weight, Mapping) or not class_weight:
+        raise DataError(
+            "class_weight must be a non-empty dict from class index to weight, e.g. "
+            f"{{0: 1.0, 1: 5.0}}; got {class_weight!r}"
+        )
+    out: dict[int, float] = {}
+    for k, v in class_weight.items():
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
+            raise DataError(f"class_weight keys must be class indices (ints >= 0), got {k!r}")
+        if isinstance(v, bool) or not isinstance(v, int | float | np.number):
+            raise DataError(f"class_weight[{k}] must be a number, got {v!r}")
+        out[int(k)] = float(v)
+    return out
+
+
+def class_sample_weights(y: torch.Tensor, class_weight: dict[int, float]) -> torch.Tensor:
+    """Per-sample weights from ``class_weight`` as Keras computes them: the class is the
+    label (or the argmax of a one-hot row); a class missing from the dict weighs 1.
+
+    >>> class_sample_weights(torch.tensor([0, 2, 1]), {1: 3.0, 2: 0.5})
+    tensor([1.0000, 0.5000, 3.0000])
+    """
+    if not isinstance(y, torch.Tensor):
+        raise DataError(
+            f"class_weight needs one target tensor of class labels, got {type(y).__name__} "
+            "(class_weight is only supported for models with a single output)"
+        )
+    labels = y.reshape(len(y), -1)
+    labels = labels[:, 0] if labels.shape[1] == 1 else labels.argmax(dim=1)
+    labels = labels.double().round().long() if labels.is_floating_point() else labels.long()
+    table = torch.ones(max(class_weight) + 1)
+    for k, v in class_weight.items():
+        table[k] = v
+    inside = (labels >= 0) & (labels < len(table))
+    out = torch.ones(len(labels))
+    out[inside] = table[labels[inside].cpu()]
+    return out
+
+
+class Batch:
+    """One batch of an epoch: sample indices into random-access data (the inputs are read
+    only when asked for, so the activation cache may serve them instead) or the
+    ``(x, y, sample_weight)`` a loader gave. ``labels()`` applies ``class_weight``.
+
+    >>> b = Batch(prepare(np.zeros((3, 2)), np.array([0, 1, 1])), idx=torch.tensor([1, 2]))
+    >>> b.labels(), len(b)
+    ((tensor([1, 1]), None), 2)
+    """
+
+    def __init__(self, data: Data, idx=None, item=None, class_weight=None) -> None:
+        self.data, self.idx, self._item, self.class_weight = data, idx, item, class_weight
+
+    def _load(self) -> tuple:
+        if self._item is None:
+            assert isinstance(self.data, IndexedData)
+            self._item = self.data.sample(self.idx)
+        return self._item
+
+    @property
+    def x(self):
+        """The raw inputs (read from the data on first use)."""
+        return self._load()[0]
+
+    def labels(self) -> tuple:
+        """``(y, sample_weight)``, ``class_weight`` turned into sample weights."""
+        if self._item is None and isinstance(self.data, IndexedData):
+            y, sw = self.data.labels(self.idx)
+        else:
+            y, sw = self._load()[1:]
+        if self.class_weight is not None:
+            if sw is not None:
+                raise DataError(
+                    "class_weight and sample_weight cannot both be given (as in Keras): "
+                    "multiply the class weights into the sample weights instead"
+                )
+            sw = class_sample_weights(y, self.class_weight)
+        return y, sw
+
+    def __len__(self) -> int:
+        return len(self.idx) if self.idx is not None else batch_len(self._load()[0])
+
+
+def batch_len(x) -> int:
+    """Samples in a batch of inputs (a tensor, or a dict/tuple of them).
+
+    >>> batch_len({"ids": torch.zeros(5, 3)}), batch_len((torch.zeros(2), torch.zeros(2)))
+    (5, 2)
+    """
+    if isinstance(x, dict):
+        return batch_len(next(iter(x.values())))
+    if isinstance(x, tuple | list) and x and not isinstance(x[0], int | float):
+        return batch_len(x[0])
+    return len(x)
+
+
+class EpochIterator:
+    """One iterator over every data kind (Keras' ``trainers/epoch_iterator.py``): the
+    :class:`Batch` es of each epoch.
+
+    Without ``steps_per_epoch`` an epoch is one pass over the data (reshuffled per epoch
+    from ``seed``). With it, an epoch is that many batches and the next epoch goes on
+    where the last one stopped; as in Keras, an epoch that reaches the end of the data
+    stops there (with a warning when it had fewer batches than asked) and the next one
+    starts a new pass. Random-access data is sharded by ``rank``/``world``; a loader
+    calls ``on_pass(pass_number)`` before each pass (a distributed sampler's epoch).
+
+    >>> it = EpochIterator(prepare(np.zeros((4, 1)), np.zeros(4)), 1, steps_per_epoch=2)
+    >>> [[b.idx.tolist() for b in it.epoch(e)] for e in range(3)]
+    [[[0], [1]], [[2], [3]], [[0], [1]]]
+    """
+
+    def __init__(
+        self,
+        data: Data,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        steps_per_epoch: int | None = None,
+        class_weight: dict[int, float] | None = None,
+        rank: int = 0,
+        world: int = 1,
+        on_pass=None,
+    ) -> None:
+        self.data, self.batch_size, self.shuffle, self.seed = data, batch_size, shuffle, seed
+        self.steps_per_epoch, self.class_weight = steps_per_epoch, class_weight
+        self.rank, self.world, self.on_pass = rank, world, on_pass
+        self._passes: dict[int, list[torch.Tensor]] = {}
+        self._live: Iterator | None = None  # a loader's iterator, kept across epochs
+        self._seen = 0
+        self._pass = 0
+
+    @property
+    def indexed(self) -> bool:
+        """Whether batches come by sample index (the activation cache can serve them)."""
+        return isinstance(self.data, IndexedData)
+
+    def _batches(self, n: int) -> list[torch.Tensor]:
+        """The index batches of pass ``n``."""
+        assert isinstance(self.data, IndexedData)
+        if n not in self._passes:
+            self._passes = {
+                n: self.data.index_batches(
+                    self.batch_size,
+                    shuffle=self.shuffle,
+                    seed=self.seed,
+                    epoch=n,
+                    rank=self.rank,
+                    world=self.world,
+                )
+            }
+        return self._passes[n]
+
+    @property
+    def batches_per_pass(self) -> int | None:
+        if self.indexed:
+            return len(self._batches(0))
+        loader = self.data.loader  # type: ignore[union-attr]
+        return len(loader) if isinstance(loader, DataLoader) and _has_len(loader) else None
+
+    @property
+    def num_batches(self) -> int | None:
+        """Batches per epoch (None: not known before the loader runs out)."""
+        return self.steps_per_epoch or self.batches_per_pass
+
+    def shard(self) -> torch.Tensor | None:
+        """This rank's sample indices when sharded (None: all of them)."""
+        return torch.cat(self._batches(0)).unique() if self.world > 1 else None
+
+    def example(self, epoch: int = 0, n: int = 4):
+        """The raw inputs of the first ``n`` samples of ``epoch`` (random-access data)."""
+        pass_number, offset = self._start(epoch)
+        return self.data.sample(self._batches(pass_number)[offset][:n])[0]  # type: ignore[union-attr]
+
+    def reset(self) -> None:
+        """Forget where a loader stopped: the next epoch starts a new pass (evaluation)."""
+        self._live, self._seen, self._pass = None, 0, 0
+
+    def _start(self, epoch: int) -> tuple[int, int]:
+        """(pass, batch offset) at the start of ``epoch``: the same after a resume."""
+        steps, per = self.steps_per_epoch, self.batches_per_pass
+        if steps is None or per is None:
+            return epoch, 0
+        n, offset = 0, 0
+        for _ in range(epoch):
+            offset += min(steps, per - offset)
+            if offset >= per:
+                n, offset = n + 1, 0
+        return n, offset
+
+    def _ran_out(self, got: int) -> None:
+        warnings.warn(
+            f"the data ran out after {got} of steps_per_epoch={self.steps_per_epoch} batches: "
+            "this epoch ends there and the next starts a new pass (as in Keras); make sure "
+            "your data has at least steps_per_epoch * epochs batches",
+            stacklevel=3,
+        )
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """The batches of ``epoch``."""
+        cw = self.class_weight
+        if self.indexed:
+            n, offset = self._start(epoch)
+            batches = self._batches(n)
+            take = len(batches) - offset
+            if self.steps_per_epoch is not None:
+                if self.steps_per_epoch > take:
+                    self._ran_out(take)
+                take = min(take, self.steps_per_epoch)
+            for idx in batches[offset : offset + take]:
+                yield Batch(self.data, idx=idx, class_weight=cw)
+            return
+        loader = self.data
+        assert isinstance(loader, LoaderData)
+        steps, per = self.steps_per_epoch, self.batches_per_pass
+        if steps is None or self._live is None:
+            if self.on_pass is not None:
+                self.on_pass(epoch if steps is None else self._pass)
+            self._live, self._seen = loader.batches(), 0
+        step = 0
+        while steps is None or step < steps:
+            if steps is not None and per is not None and self._seen >= per:
+                self._ran_out(step)
+                break
+            try:
+                item = next(self._live)
+            except StopIteration:
+                if steps is not None:
+                    self._ran_out(step)
+                self._seen = per or self._seen
+                per = self._seen
+                break
+            self._seen += 1
+            step += 1
+            yield Batch(loader, item=item, class_weight=cw)
+        if steps is None or (per is not None and self._seen >= per):
+            self._live, self._pass = None, self._pass + 1
+
+
+def _has_len(obj) -> bool:
+    try:
+        len(obj)
+    except TypeError:
+        return False
+    return True
 
 
 def length_of(y: Target) -> int:

@@ -14,7 +14,8 @@ import math
 import random
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +41,44 @@ class TrainingError(RuntimeError):
     """Training cannot go on (nothing trainable, NaN loss, ...)."""
 
 
+@dataclass(frozen=True)
+class FitOptions:
+    """What ``fit`` was asked for, carried unchanged from ``Model.fit`` to the trainer.
+
+    >>> FitOptions(epochs=3).epochs
+    3
+    """
+
+    batch_size: int | None = None
+    epochs: int = 1
+    verbose: int | str = "auto"
+    callbacks: Iterable | None = None
+    validation_split: float = 0.0
+    validation_data: Any = None
+    shuffle: bool = True
+    initial_epoch: int = 0
+    seed: int | None = None
+    cache: bool | str = "auto"
+    cache_memory_bytes: int = 2 << 30
+    cache_dtype: torch.dtype | None = None
+    cache_dir: Any = None
+    checkpoint_dir: Any = None
+    keep_checkpoints: int = 3
+    resume: Any = None
+    verify_frozen: bool = True
+    on_nan: str = "raise"
+    frozen_inference: bool = False
+    unfreeze_next: Iterable[Tensor] = ()
+    augment_views: int | None = None
+
+    def __post_init__(self) -> None:
+        require_int("epochs", self.epochs)
+        require_int("initial_epoch", self.initial_epoch)
+        if self.on_nan not in ("raise", "stop"):
+            raise ValueError(f"on_nan must be 'raise' or 'stop', got {self.on_nan!r}")
+        data_mod.check_batch_size(self.batch_size)
+
+
 def _autocast(device: torch.device, precision: str | None):
     if precision in (None, "32", "fp32", "float32"):
         return contextlib.nullcontext()
@@ -60,14 +99,6 @@ def _to(obj, device):
     if isinstance(obj, list | tuple):
         return type(obj)(_to(v, device) for v in obj)
     return obj.to(device, non_blocking=True) if isinstance(obj, torch.Tensor) else obj
-
-
-def _batch_len(x) -> int:
-    if isinstance(x, dict):
-        return _batch_len(next(iter(x.values())))
-    if isinstance(x, tuple | list) and x and not isinstance(x[0], int | float):
-        return _batch_len(x[0])
-    return len(x)
 
 
 def _head(x, n: int):
@@ -137,7 +168,7 @@ class Trainer:
     def _config(self) -> CompileConfig:
         cfg = self.model.compile_config
         if cfg is None:
-            raise TrainingError("call model.compile(optimizer=..., loss=...) first")
+            raise TrainingError("call model.compile(optimizer=..., loss=...) before fit()")
         return cfg
 
     def _runner(self, cache, cache_options: dict | None) -> Runner:
@@ -201,150 +232,69 @@ class Trainer:
                 self._ever_trainable.update(id(b) for b in m.buffers(recurse=False))
 
     # -- fit ---------------------------------------------------------------------------
-    def fit(
-        self,
-        x=None,
-        y=None,
-        *,
-        batch_size: int | None = None,
-        epochs: int = 1,
-        verbose="auto",
-        callbacks=None,
-        validation_split: float = 0.0,
-        validation_data=None,
-        shuffle: bool = True,
-        initial_epoch: int = 0,
-        seed: int | None = None,
-        cache: bool | str = "auto",
-        cache_memory_bytes: int = 2 << 30,
-        cache_dtype: torch.dtype | None = None,
-        cache_dir=None,
-        checkpoint_dir=None,
-        keep_checkpoints: int = 3,
-        resume=None,
-        verify_frozen: bool = True,
-        on_nan: str = "raise",
-        frozen_inference: bool = False,
-        unfreeze_next: Iterable[Tensor] = (),
-        augment_views: int | None = None,
-    ) -> History:
-        model = self.model
-        cfg = model.compile_config
-        if cfg is None:
-            raise TrainingError("call model.compile(optimizer=..., loss=...) before fit()")
-        require_int("epochs", epochs)
-        require_int("initial_epoch", initial_epoch)
-        if on_nan not in ("raise", "stop"):
-            raise ValueError(f"on_nan must be 'raise' or 'stop', got {on_nan!r}")
-        batch_size = data_mod.check_batch_size(batch_size)
-        verbose = resolve_verbose(verbose)
-
-        if validation_split and validation_data is None:
-            (x, y), validation_data = data_mod.split_validation(x, y, validation_split)
-        elif validation_split:
-            raise data_mod.DataError("pass either validation_split or validation_data, not both")
-        train = data_mod.prepare(x, y)
-        val = data_mod.unpack_validation(validation_data)
-
-        device = cfg.device
-        module = model.module
-        self.ctx = distributed.detect(device, module=module)
-        module.to(device)
-        distributed.prepare_module(module, self.ctx, device)
-        if seed is not None:
-            seed_everything(seed)
-        shuffle_seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-
-        runner = self._runner(
-            cache,
-            {
-                "memory_budget_bytes": cache_memory_bytes,
-                "cache_dtype": cache_dtype,
-                "spill_dir": cache_dir,
-                "frozen_inference": frozen_inference,
-                "augment_views": augment_views,
-            },
-        )
-        runner.new_fit()
-        runner.plan_next(unfreeze_next)
-        self._ever_trainable: set[int] = set()
+    def fit(self, x=None, y=None, options: FitOptions | None = None) -> History:
+        """Train on ``x``/``y`` as :class:`FitOptions` say; returns the History."""
+        o = options if options is not None else FitOptions()
+        model, cfg = self.model, self._config()
+        verbose = resolve_verbose(o.verbose)
+        train_it, val_it = self._fit_data(x, y, o)
+        runner = self._fit_runner(o)
         history = History()
-        cbs = list(callbacks or [])
-        manager = None
-        if checkpoint_dir is not None:
-            manager = CheckpointWriter(checkpoint_dir, keep_last=keep_checkpoints)
+        cbs = list(o.callbacks or [])
         progress = [ProgressLogger(verbose)] if verbose and self.ctx.is_main else []
         cblist = CallbackList([history, *cbs, *progress], model)
-        self._params: dict = {"epochs": epochs, "steps": None, "verbose": verbose}
+        self._params: dict = {"epochs": o.epochs, "steps": None, "verbose": verbose}
         cblist.set_params(dict(self._params))
         model.stop_training = False
         model.history = history
-
-        if resume is not None:
-            state = restore(model, resume, cblist)
-            initial_epoch = state["epoch"] + 1
-            shuffle_seed = state["shuffle_seed"]
-            if state.get("ever_trainable_names"):
-                names = set(state["ever_trainable_names"])
-                self._ever_trainable |= {id(p) for n, p in module.named_parameters() if n in names}
+        writer = None
+        if o.checkpoint_dir is not None:
+            writer = CheckpointWriter(o.checkpoint_dir, keep_last=o.keep_checkpoints)
+        initial_epoch = (
+            self._resume(o, train_it, cblist) if o.resume is not None else o.initial_epoch
+        )
 
         # one read of the frozen weights serves the verification and the cache key
-        frozen_before = fingerprint(model, digest=runner.weight_digest) if verify_frozen else None
+        frozen_before = fingerprint(model, digest=runner.weight_digest) if o.verify_frozen else None
         self._sync()
-        self._note_trainable(module)
-        train_fp = fingerprint_of(train) if isinstance(train, data_mod.IndexedData) else None
-        val_fp = fingerprint_of(val) if isinstance(val, data_mod.IndexedData) else None
-        terminate_on_nan = any(cb.stops_on_nan for cb in cbs) or on_nan == "stop"
+        self._note_trainable(model.module)
+        stop_on_nan = any(cb.stops_on_nan for cb in cbs) or o.on_nan == "stop"
         rehash = any(cb.writes_weights for cb in cbs)
-
         try:
             logs: dict = {}
             cblist.on_train_begin(logs)
-            epoch = initial_epoch - 1
-            for epoch in range(initial_epoch, epochs):
+            for epoch in range(initial_epoch, o.epochs):
                 if model.stop_training:
                     break
                 t0 = time.perf_counter()  # the epoch's time counts all it does (cache build too)
-                module.train()
+                model.module.train()
                 # frozen weights are re-hashed only when code that may write them ran
                 runner.new_epoch(reread_weights=rehash)
-                self._named = named_parameters_once(module)  # the structure, once per epoch
+                self._named = named_parameters_once(model.module)  # the structure, once per epoch
                 cblist.on_epoch_begin(epoch, logs)
                 self._sync()
-                train_logs, notes = self._train_epoch(
-                    train,
-                    train_fp,
-                    epoch,
-                    epochs,
-                    batch_size,
-                    shuffle,
-                    shuffle_seed,
-                    cblist,
-                    terminate_on_nan,
-                )
-                logs = dict(train_logs)
-                if val is not None:
-                    val_logs = self._evaluate_data(val, val_fp, batch_size, role="val")
+                logs, notes = self._train_epoch(train_it, epoch, cblist, stop_on_nan)
+                if val_it is not None:
+                    val_logs = self._evaluate_data(val_it, "val")
                     logs.update({f"val_{k}": v for k, v in val_logs.items()})
                 logs["epoch_time"] = time.perf_counter() - t0
                 logs = distributed.same_logs(logs, self.ctx)
                 self._params["epoch_note"] = notes
                 cblist.set_params(dict(self._params))
                 cblist.on_epoch_end(epoch, logs)
-                live = model.live_optimizer
-                if live is not None and cfg.scheduler_interval == "epoch":
-                    live.scheduler_step()
-                if manager is not None and self.ctx.is_main:
-                    manager.save(
+                if model.live_optimizer is not None and cfg.scheduler_interval == "epoch":
+                    model.live_optimizer.scheduler_step()
+                if writer is not None and self.ctx.is_main:
+                    writer.save(
                         model,
                         epoch,
                         logs,
                         cblist,
-                        shuffle_seed=shuffle_seed,
+                        shuffle_seed=train_it.seed,
                         ever_trainable=self._ever_trainable,
                     )
                 distributed.end_epoch(model, self.ctx)
-            if epochs > 0 and model.live_optimizer is not None:
+            if o.epochs > 0 and model.live_optimizer is not None:
                 model.live_optimizer.finalize_variable_values()  # Keras: before on_train_end
             cblist.on_train_end(logs)
             distributed.barrier(self.ctx)  # ranks leave fit together: no collective left in flight
@@ -359,100 +309,93 @@ class Trainer:
                 raise FrozenWeightsChanged(str(report))
         return history
 
-    def _train_epoch(
-        self,
-        train,
-        train_fp,
-        epoch,
-        epochs,
-        batch_size,
-        shuffle,
-        shuffle_seed,
-        cblist,
-        terminate_on_nan,
-    ):
-        model = self.model
-        cfg = model.compile_config
-        device = cfg.device
-        objective = cfg.objective
-        live = model.live_optimizer
-        runner = self.runner
-        assert live is not None and runner is not None
-        objective.reset()
-        ctx = self.ctx
-
-        if isinstance(train, data_mod.IndexedData):
-            batches = train.index_batches(
-                batch_size,
-                shuffle=shuffle,
-                seed=shuffle_seed,
-                epoch=epoch,
-                rank=ctx.rank,
-                world=ctx.world,
+    def _fit_data(self, x, y, o: FitOptions):
+        """The epoch iterators of the training and validation data (device and seeds set)."""
+        model, cfg = self.model, self._config()
+        batch_size = data_mod.check_batch_size(o.batch_size)
+        x_val = o.validation_data
+        if o.validation_split and x_val is None:
+            (x, y, _), x_val = data_mod.split_validation(x, y, o.validation_split)
+        elif o.validation_split:
+            raise data_mod.DataError("pass either validation_split or validation_data, not both")
+        train = data_mod.prepare(x, y)
+        val = data_mod.unpack_validation(x_val)
+        self.ctx = distributed.detect(cfg.device, module=model.module)
+        model.module.to(cfg.device)
+        distributed.prepare_module(model.module, self.ctx, cfg.device)
+        if o.seed is not None:
+            seed_everything(o.seed)
+        seed = o.seed if o.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        rank, world = self.ctx.rank, self.ctx.world
+        train_it = data_mod.EpochIterator(
+            train,
+            batch_size,
+            shuffle=o.shuffle,
+            seed=seed,
+            rank=rank,
+            world=world,
+            on_pass=self._on_pass(train),
+        )
+        val_it = None
+        if val is not None:
+            val_it = data_mod.EpochIterator(
+                val, batch_size, rank=rank, world=world, on_pass=self._on_pass(val)
             )
-            steps = len(batches)
-            if not runner.verified:
-                x0, _ = train.gather(batches[0][:4])
-                self._verify(_to(x0, device))
-            shard = torch.cat(batches).unique() if ctx.enabled else None
-            with _autocast(device, cfg.precision):  # one numeric path: built as it would run
-                note = runner.ensure_cache(
-                    "train",
-                    train,
-                    indices=shard,
-                    device=device,
-                    batch_size=max(batch_size, 64),
-                    fingerprint=train_fp,
-                    epoch=epoch,
-                )
-            source = ((idx, None) for idx in batches)
-        else:
-            steps = len(train.loader) if hasattr(train.loader, "__len__") else None
-            note = None  # known once the first batch has been traced
-            distributed.prepare_loader(train.loader, ctx, epoch)
-            source = ((None, b) for b in train.batches())
-        self._params.update(steps=steps, epoch_note="")
-        cblist.set_params(dict(self._params))
+        self._fingerprints = {"train": fingerprint_of(train), "val": fingerprint_of(val)}
+        return train_it, val_it
 
-        for step, (idx, batch) in enumerate(source):
+    def _on_pass(self, data):
+        """What a loader does before each pass (a distributed sampler's epoch)."""
+        loader = getattr(data, "loader", None)
+        return None if loader is None else lambda n: distributed.prepare_loader(loader, self.ctx, n)
+
+    def _fit_runner(self, o: FitOptions) -> Runner:
+        runner = self._runner(
+            o.cache,
+            {
+                "memory_budget_bytes": o.cache_memory_bytes,
+                "cache_dtype": o.cache_dtype,
+                "spill_dir": o.cache_dir,
+                "frozen_inference": o.frozen_inference,
+                "augment_views": o.augment_views,
+            },
+        )
+        runner.new_fit()
+        runner.plan_next(o.unfreeze_next)
+        self._ever_trainable: set[int] = set()
+        return runner
+
+    def _resume(self, o: FitOptions, train_it, cblist) -> int:
+        """Restore the newest checkpoint under ``o.resume``; returns the epoch to start at."""
+        state = restore(self.model, o.resume, cblist)
+        train_it.seed = state["shuffle_seed"]
+        names = set(state.get("ever_trainable_names") or ())
+        params = self.model.module.named_parameters()
+        self._ever_trainable |= {id(p) for n, p in params if n in names}
+        return state["epoch"] + 1
+
+    def _train_epoch(self, it: data_mod.EpochIterator, epoch: int, cblist, stop_on_nan: bool):
+        """One epoch of train steps; returns its logs and the epoch note (the cache)."""
+        model, runner = self.model, self.runner
+        assert runner is not None
+        self._config().objective.reset()
+        note = self._prepare_cache("train", it, epoch)
+        self._params.update(steps=it.num_batches, epoch_note="")
+        cblist.set_params(dict(self._params))
+        for step, batch in enumerate(it.epoch(epoch)):
             cblist.on_train_batch_begin(step, {})
-            self._sync()
-            if idx is not None:
-                xin, y = self._indexed_inputs("train", train, idx, device)
-            else:
-                xr, y = batch
-                if not runner.verified:
-                    self._verify(_to(xr, device))
-                xin = self._prefix(_to(xr, device))
-            y = _to(y, device)
-            suffix = self._suffix(device)
-            with _autocast(device, cfg.precision):
-                out = self._forward(suffix, xin)
-                loss, parts = objective(out, y)
-            value = distributed.agreed_loss(float(loss.detach()), ctx)
-            if not math.isfinite(value):
-                if terminate_on_nan:
-                    model.stop_training = True
-                    logs = {"loss": value}
-                    cblist.on_train_batch_end(step, logs)
-                    break
-                raise TrainingError(
-                    f"loss is {value} at epoch {epoch + 1}, batch {step + 1}: training stopped (pass on_nan='stop' or use TerminateOnNaN to stop without an error)"
-                )
-            if cfg.scaler is not None:
-                cfg.scaler.scale(live.scale_loss(loss)).backward()
-                cfg.scaler.step(live.optimizer)
-                cfg.scaler.update()
-            else:
-                live.scale_loss(loss).backward()
-                live.step()
-            live.zero_grad()
-            if cfg.scheduler_interval == "step":
-                live.scheduler_step()
-            objective.update(out, y, value, parts, _batch_len(xin[0]))
-            batch_logs = objective.results()
+            try:
+                batch_logs = self.train_step(batch)
+            except _NonFiniteLoss as e:
+                if not stop_on_nan:
+                    raise TrainingError(
+                        f"loss is {e.value} at epoch {epoch + 1}, batch {step + 1}: training stopped (pass on_nan='stop' or use TerminateOnNaN to stop without an error)"
+                    ) from None
+                model.stop_training = True
+                cblist.on_train_batch_end(step, {"loss": e.value})
+                break
             cblist.on_train_batch_end(step, batch_logs)
-        logs = self._epoch_logs(objective)
+        logs = self._epoch_logs(self._config().objective)
         if note is None:
             note = runner.cacheable(False)  # loader data: never cached, says why
             assert note is not None
@@ -462,15 +405,81 @@ class Trainer:
             note = f"{final} mid-epoch (had {note})"  # the log says what really happened
         return logs, f"cache: {note}"
 
-    def _indexed_inputs(self, role: str, data, idx: torch.Tensor, device: torch.device):
-        """Inputs at the prefix boundary (from the cache when it can serve them) and targets."""
-        runner = self.runner
+    def _prepare_cache(self, role: str, it: data_mod.EpochIterator, epoch: int = 0):
+        """Random-access data: the model checked on a first batch (training) and the frozen
+        part's cache built or reused; returns its status (None for a loader's batches)."""
+        runner, cfg = self.runner, self._config()
+        device = cfg.device
         assert runner is not None
-        cached = runner.cached_inputs(role, idx)
+        if not it.indexed:
+            return None
+        if role == "train" and not runner.verified:
+            self._verify(_to(it.example(epoch), device))
+        with _autocast(device, cfg.precision):  # one numeric path: built as it would run
+            return runner.ensure_cache(
+                role,
+                it.data,
+                indices=it.shard() if self.ctx.enabled else None,
+                device=device,
+                batch_size=max(it.batch_size, 64),
+                fingerprint=self._fingerprints.get(role),
+                epoch=epoch,
+            )
+
+    # -- steps (as keras/src/backend/torch/trainer.py) ---------------------------------
+    def train_step(self, batch: data_mod.Batch) -> dict[str, float]:
+        """One optimizer step on one batch; returns the epoch's running logs."""
+        cfg, live = self._config(), self.model.live_optimizer
+        assert live is not None
+        self._sync()
+        xin, y = self._step_inputs("train", batch)
+        with _autocast(cfg.device, cfg.precision):
+            out = self._forward(self._suffix(cfg.device), xin)
+            loss, parts = cfg.objective(out, y)
+        value = distributed.agreed_loss(float(loss.detach()), self.ctx)
+        if not math.isfinite(value):
+            raise _NonFiniteLoss(value)
+        if cfg.scaler is not None:
+            cfg.scaler.scale(live.scale_loss(loss)).backward()
+            cfg.scaler.step(live.optimizer)
+            cfg.scaler.update()
+        else:
+            live.scale_loss(loss).backward()
+            live.step()
+        live.zero_grad()
+        if cfg.scheduler_interval == "step":
+            live.scheduler_step()
+        cfg.objective.update(out, y, value, parts, data_mod.batch_len(xin[0]))
+        return cfg.objective.results()
+
+    def test_step(self, batch: data_mod.Batch, role: str) -> None:
+        """Loss and metrics of one batch, added to the objective's running sums."""
+        cfg, runner = self._config(), self.runner
+        assert runner is not None
+        xin, y = self._step_inputs(role, batch)
+        with _autocast(cfg.device, cfg.precision):
+            out = self._forward(runner.suffix, xin)
+        loss, parts = cfg.objective(out, y)
+        cfg.objective.update(out, y, float(loss), parts, data_mod.batch_len(xin[0]))
+
+    def predict_step(self, batch: data_mod.Batch, whole: nn.Module, device: torch.device):
+        """The whole model's outputs on one batch."""
+        return self._forward(whole, (_to(batch.x, device),))
+
+    def _step_inputs(self, role: str, batch: data_mod.Batch):
+        """Inputs at the prefix boundary (from the cache when it can serve them) and targets."""
+        runner, device = self.runner, self._config().device
+        assert runner is not None
+        cached = runner.cached_inputs(role, batch.idx) if batch.idx is not None else None
         if cached is not None:
-            return tuple(t.to(device) for t in cached), data.targets(idx)
-        xr, y = data.gather(idx)
-        return self._prefix(_to(xr, device)), y
+            xin = tuple(t.to(device) for t in cached)
+        else:
+            x = _to(batch.x, device)
+            if role == "train" and not runner.verified:
+                self._verify(x)
+            xin = self._prefix(x)
+        y, _ = batch.labels()
+        return xin, _to(y, device)
 
     def _epoch_logs(self, objective) -> dict[str, float]:
         """The epoch's loss and metrics, averaged over all ranks when distributed."""
@@ -515,52 +524,23 @@ class Trainer:
             raise explain_input_error(self.model.module, xin[0], e) from e
 
     # -- evaluate / predict ------------------------------------------------------------
-    def _evaluate_data(self, data, fp, batch_size: int, role: str) -> dict[str, float]:
-        model = self.model
-        cfg = self._config()
-        device = cfg.device
-        module = model.module
-        objective = cfg.objective
-        runner = self.runner
+    def _evaluate_data(self, it: data_mod.EpochIterator, role: str) -> dict[str, float]:
+        module, runner = self.model.module, self.runner
         assert runner is not None
         was_training = module.training
         module.eval()
         runner.refresh()  # the eval-mode trace (Python bools such as self.training differ)
-        objective.reset()
+        self._config().objective.reset()
         try:
             with torch.no_grad():
-                if isinstance(data, data_mod.IndexedData):
-                    batches = data.index_batches(
-                        batch_size,
-                        shuffle=False,
-                        seed=0,
-                        epoch=0,
-                        rank=self.ctx.rank,
-                        world=self.ctx.world,
-                    )
-                    shard = torch.cat(batches).unique() if self.ctx.enabled else None
-                    with _autocast(device, cfg.precision):  # as the uncached path runs it
-                        runner.ensure_cache(
-                            role,
-                            data,
-                            indices=shard,
-                            device=device,
-                            batch_size=max(batch_size, 64),
-                            fingerprint=fp,
-                        )
-                    inputs = (self._indexed_inputs(role, data, idx, device) for idx in batches)
-                else:
-                    inputs = ((self._prefix(_to(xr, device)), y) for xr, y in data.batches())
-                for xin, y in inputs:
-                    with _autocast(device, cfg.precision):
-                        out = self._forward(runner.suffix, xin)
-                    y = _to(y, device)
-                    loss, parts = objective(out, y)
-                    objective.update(out, y, float(loss), parts, _batch_len(xin[0]))
+                self._prepare_cache(role, it)
+                it.reset()
+                for batch in it.epoch(0):
+                    self.test_step(batch, role)
         finally:
             module.train(was_training)
             runner.refresh()
-        return self._epoch_logs(objective)
+        return self._epoch_logs(self._config().objective)
 
     def evaluate(
         self, x=None, y=None, *, batch_size=None, verbose="auto", return_dict=False, callbacks=None
@@ -577,8 +557,9 @@ class Trainer:
         self.runner.new_fit()
         cbl = CallbackList(callbacks, model)
         cbl.on_test_begin({})
-        fp = fingerprint_of(data) if isinstance(data, data_mod.IndexedData) else None
-        logs = self._evaluate_data(data, fp, batch_size, role="evaluate")
+        self._fingerprints = {"evaluate": fingerprint_of(data)}
+        it = data_mod.EpochIterator(data, batch_size, rank=self.ctx.rank, world=self.ctx.world)
+        logs = self._evaluate_data(it, "evaluate")
         cbl.on_test_end(logs)
         if resolve_verbose(verbose) and self.ctx.is_main:
             print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()))
@@ -600,22 +581,21 @@ class Trainer:
         whole = WholeModel(module)
         was = module.training
         module.eval()
-        outs = []
         cbl = CallbackList(callbacks, model)
         cbl.on_predict_begin({})
+        it = data_mod.EpochIterator(data, batch_size)
         try:
             with torch.no_grad(), _autocast(device, precision):
-                if isinstance(data, data_mod.IndexedData):
-                    for idx in torch.arange(data.n).split(batch_size):
-                        xr, _ = data.gather(idx)
-                        outs.append(self._forward(whole, (_to(xr, device),)))
-                else:
-                    for xr, _ in data.batches():
-                        outs.append(self._forward(whole, (_to(xr, device),)))
+                outs = [self.predict_step(batch, whole, device) for batch in it.epoch(0)]
         finally:
             module.train(was)
         cbl.on_predict_end({})
         return _concat(outs)
+
+
+class _NonFiniteLoss(Exception):
+    def __init__(self, value: float) -> None:
+        self.value = value
 
 
 def _concat(outs):
