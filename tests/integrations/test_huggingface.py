@@ -195,3 +195,53 @@ def test_a_trainer_that_would_replace_the_callback_is_refused(tmp_path):
         )
     with pytest.raises(TypeError, match="frostline callbacks"):
         FreezeCallback("bert")
+
+
+def test_unfrozen_parameters_join_with_the_options_of_the_users_own_groups(tmp_path):
+    """An optimizer built by hand (decay 0.05 / none) is followed, not the Trainer's 0.01."""
+    model = bert()
+    fl.wrap(model).freeze("bert")
+    decay = set(transformers.Trainer.get_decay_parameter_names(None, model))
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in trainable if n in decay], "weight_decay": 0.05},
+            {"params": [p for n, p in trainable if n not in decay], "weight_decay": 0.0},
+        ],
+        lr=1e-3,
+    )
+    cb = FreezeCallback([fl.schedules.UnfreezeAt(1, "bert.encoder.layer.1")])
+    trainer = transformers.Trainer(
+        model=model,
+        args=args(tmp_path, 2),
+        train_dataset=Tokens(),
+        callbacks=[cb],
+        optimizers=(opt, None),
+    )
+    trainer.train()
+    where = {id(p): g for g in opt.param_groups for p in g["params"]}
+    layer = "bert.encoder.layer.1."
+    joined = {n: where[id(p)]["weight_decay"] for n, p in model.named_parameters() if layer in n}
+    assert joined and all(v == (0.05 if n in decay else 0.0) for n, v in joined.items())
+    assert {v for v in joined.values()} == {0.05, 0.0}
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["keras-semantics", "keep_frozen"])
+def test_unfreezing_a_parent_and_the_children_frozen_by_hand(tmp_path, keep):
+    model = bert()
+    model.bert.embeddings.requires_grad_(False)  # frozen by hand
+    before = snapshot(model)
+    cb = FreezeCallback([fl.schedules.UnfreezeAt(1, "bert")], freeze="bert", keep_frozen=keep)
+    trainer = transformers.Trainer(
+        model=model, args=args(tmp_path, 2), train_dataset=Tokens(), callbacks=[cb]
+    )
+    trainer.train()
+    after = snapshot(model)
+    word = "bert.embeddings.word_embeddings.weight"
+    assert not torch.equal(
+        after["bert.encoder.layer.0.output.dense.weight"],
+        before["bert.encoder.layer.0.output.dense.weight"],
+    )
+    # UnfreezeAt(1, "bert") reaches the embeddings too (Keras semantics) unless keep_frozen
+    assert torch.equal(after[word], before[word]) is keep
+    assert cb.report.ok

@@ -210,3 +210,139 @@ def test_ddp_two_processes_rebuild_when_the_trainable_set_changes(tmp_path):
         assert r["rebuilds"] == 2  # unfreeze at epoch 1, freeze back at epoch 2
         assert r["verified"]
         assert r["unfrozen_moved"] and not r["frozen_moved"]
+
+
+# --------------------------------------------------------------------------- group options
+
+
+class Grouped(Net):
+    """The user's own groups: decay for weights, none for biases and BatchNorm."""
+
+    def configure_optimizers(self):
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        return torch.optim.AdamW(
+            [
+                {"params": [p for _, p in trainable if p.ndim > 1], "weight_decay": 0.05},
+                {"params": [p for _, p in trainable if p.ndim <= 1], "weight_decay": 0.0},
+            ],
+            lr=1e-3,
+            betas=(0.8, 0.99),
+        )
+
+
+def options_of(opt: torch.optim.Optimizer, net: nn.Module) -> dict[str, tuple]:
+    where = {id(p): g for g in opt.param_groups for p in g["params"]}
+    return {
+        n: (where[id(p)]["weight_decay"], where[id(p)]["betas"])
+        for n, p in net.named_parameters()
+        if id(p) in where
+    }
+
+
+def test_unfrozen_parameters_join_with_the_options_of_the_users_group(tmp_path):
+    net = Grouped()
+    cb = FreezeCallback([fl.schedules.UnfreezeAt(1, "backbone")], freeze="backbone")
+    trainer(tmp_path, 2, [cb]).fit(net, loader())
+    got = options_of(cb.tracker.optimizer, net)
+    assert len(cb.tracker.optimizer.param_groups) == 4  # the user's two, then decay / no decay
+    for name in ("backbone.0.weight", "backbone.3.weight", "backbone.5.weight"):
+        assert got[name] == (0.05, (0.8, 0.99)), name  # not AdamW's default 0.01
+    for name in ("backbone.0.bias", "backbone.1.weight", "backbone.1.bias", "backbone.5.bias"):
+        assert got[name] == (0.0, (0.8, 0.99)), name  # biases and BatchNorm: no decay
+
+
+def test_group_options_overrides_the_rule(tmp_path):
+    net = Grouped()
+    cb = FreezeCallback(
+        [fl.schedules.UnfreezeAt(1, "backbone")],
+        freeze="backbone",
+        group_options=lambda name, p: {"weight_decay": 0.3},
+    )
+    trainer(tmp_path, 2, [cb]).fit(net, loader())
+    got = options_of(cb.tracker.optimizer, net)
+    assert {got[n][0] for n in got if n.startswith("backbone")} == {0.3}
+    assert got["head.weight"][0] == 0.05 and got["head.bias"][0] == 0.0  # the user's, untouched
+
+
+# --------------------------------------------------------------------------- hand-frozen children
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["keras-semantics", "keep_frozen"])
+def test_unfreezing_a_parent_and_the_children_frozen_by_hand(tmp_path, keep):
+    net = Net()
+    net.backbone[3].requires_grad_(False)  # frozen by hand before fit
+    before = snapshot(net)
+    cb = FreezeCallback(
+        [fl.schedules.UnfreezeAt(1, "backbone")], freeze="backbone", keep_frozen=keep
+    )
+    trainer(tmp_path, 2, [cb]).fit(net, loader())
+    after = snapshot(net)
+    assert not torch.equal(after["backbone.0.weight"], before["backbone.0.weight"])
+    # Keras: trainable = True on a parent reaches every child; keep_frozen keeps the hand-frozen one
+    assert torch.equal(after["backbone.3.weight"], before["backbone.3.weight"]) is keep
+    assert net.backbone[3].weight.requires_grad is not keep
+    assert cb.report is not None and cb.report.ok
+
+
+# --------------------------------------------------------------------------- several optimizers
+
+
+class TwoOptimizers(pl.LightningModule):
+    """A GAN-like module: two parts, two optimizers, manual optimization."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.gen = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+        self.disc = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt_g, opt_d = self.optimizers()
+        for opt in (opt_g, opt_d):
+            opt.zero_grad()
+            self.manual_backward(nn.functional.cross_entropy(self.disc(self.gen(x)), y))
+            opt.step()
+
+    def configure_optimizers(self):
+        def trainable(m):
+            return [p for p in m.parameters() if p.requires_grad]
+
+        return [
+            torch.optim.SGD(trainable(self.gen), lr=0.1),
+            torch.optim.SGD(trainable(self.disc), lr=0.01),
+        ]
+
+
+def test_with_several_optimizers_each_part_joins_the_optimizer_it_is_routed_to(tmp_path):
+    net = TwoOptimizers()
+    cb = FreezeCallback(
+        [fl.schedules.UnfreezeAt(1, "gen.0"), fl.schedules.UnfreezeAt(1, "disc.0")],
+        freeze=["gen.0", "disc.0"],
+        optimizer_index={"gen": 0, "disc": 1},
+    )
+    trainer(tmp_path, 2, [cb]).fit(net, loader())
+    opt_g, opt_d = (t.optimizer for t in cb.driver.trackers)
+    for name, p in net.named_parameters():
+        in_g = any(p is q for g in opt_g.param_groups for q in g["params"])
+        in_d = any(p is q for g in opt_d.param_groups for q in g["params"])
+        assert (in_g, in_d) == ((True, False) if name.startswith("gen") else (False, True)), name
+    rate = {id(p): g["lr"] for g in opt_d.param_groups for p in g["params"]}
+    assert rate[id(net.disc[0].weight)] == 0.01  # the discriminator optimizer's own rate
+    assert cb.report is not None and cb.report.ok
+
+
+def test_with_several_optimizers_an_index_never_takes_another_optimizers_parameters(tmp_path):
+    net = TwoOptimizers()
+    cb = FreezeCallback([fl.schedules.UnfreezeAt(1, "gen.0")], freeze="gen.0")
+    trainer(tmp_path, 2, [cb]).fit(net, loader())
+    opt_g = cb.tracker.optimizer
+    mine = {id(p) for g in opt_g.param_groups for p in g["params"]}
+    assert mine == {id(p) for p in net.gen.parameters()}  # disc's stay with their optimizer
+    with pytest.raises(ValueError, match="does not have"):
+        trainer(tmp_path, 1, [FreezeCallback(optimizer_index={"generator": 0})]).fit(
+            TwoOptimizers(), loader()
+        )
+    with pytest.raises(ValueError, match="module paths to optimizer indices"):
+        FreezeCallback(optimizer_index={"gen": -1})

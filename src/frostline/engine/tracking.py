@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import torch
@@ -45,9 +46,17 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, CosineAnnealingWarmResta
 
 from frostline.core.state import learning_rate_of
 
-__all__ = ["OptimizerTracker", "named_parameters_once", "named_trainable", "track"]
+__all__ = [
+    "OptimizerTracker",
+    "like_groups",
+    "named_parameters_once",
+    "named_trainable",
+    "no_decay_kind",
+    "track",
+]
 
 GroupOptions = Callable[[str, nn.Parameter], dict]
+Kind = Callable[[str, torch.Tensor], Hashable]
 
 # keys a saved layout never carries (tensors and what the tracker recomputes)
 _LAYOUT_SKIP = ("params", "param_names")
@@ -85,6 +94,73 @@ def named_trainable(
         for n, p in (named_parameters_once(module) if named is None else named)
         if p.requires_grad
     ]
+
+
+def no_decay_kind(name: str, p: torch.Tensor) -> bool:
+    """The usual weight-decay rule's split: True for biases and other 1-d tensors (norms' scales).
+
+    >>> no_decay_kind("0.weight", torch.zeros(2, 2)), no_decay_kind("0.bias", torch.zeros(2))
+    (False, True)
+    """
+    return p.ndim <= 1 or name.endswith("bias")
+
+
+def _shared_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def like_groups(
+    optimizer: torch.optim.Optimizer, module: nn.Module, kind: Kind = no_decay_kind
+) -> GroupOptions:
+    """Group options for a newly trainable parameter: those of the optimizer's group it
+    would have belonged to, as the groups are now.
+
+    Among the groups (their parameters as they are when this is called), those where the
+    parameter's ``kind`` is the most common one are candidates (else those holding any
+    of that kind, else all); of these, the group holding the parameter's nearest
+    relative by name (longest shared module path). Its options are copied: every key of
+    ``optimizer.defaults`` but ``lr`` (weight decay, betas, momentum, ...); the rate
+    follows the tracker's rules. So with decay and no-decay groups, an unfrozen bias joins
+    without decay and an unfrozen weight with the decay the user gave weights.
+
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    >>> opt = torch.optim.AdamW([{"params": [net[1].weight], "weight_decay": 0.05},
+    ...                          {"params": [net[1].bias], "weight_decay": 0.0}], lr=1e-3)
+    >>> rule = like_groups(opt, net)
+    >>> rule("0.weight", net[0].weight)["weight_decay"], rule("0.bias", net[0].bias)["weight_decay"]
+    (0.05, 0.0)
+    """
+    names = {id(p): n for n, p in module.named_parameters()}
+    members: list[list[tuple[str, Hashable]]] = []
+    for g in optimizer.param_groups:
+        members.append(
+            [(names[id(p)], kind(names[id(p)], p)) for p in g["params"] if id(p) in names]
+        )
+    keys = [k for k in optimizer.defaults if k != "lr"]
+
+    def options(name: str, param: torch.Tensor) -> dict:
+        k = kind(name, param)
+        counts = [Counter(kd for _, kd in m) for m in members]
+        candidates = [i for i, c in enumerate(counts) if c and c.most_common(1)[0][0] == k]
+        candidates = candidates or [i for i, c in enumerate(counts) if c[k]]
+        candidates = candidates or [i for i, m in enumerate(members) if m] or [0]
+        best = max(
+            candidates,
+            key=lambda i: (max((_shared_prefix(name, n) for n, _ in members[i]), default=0), -i),
+        )
+        group = optimizer.param_groups[best]
+        return {
+            key: group[key]
+            for key in keys
+            if key in group and isinstance(group[key], bool | int | float | str | tuple | None)
+        }
+
+    return options
 
 
 def _own_rate(p: torch.Tensor) -> float | None:
@@ -150,8 +226,12 @@ class OptimizerTracker:
     (default: the optimizer's constructor rate, ``optimizer.defaults["lr"]``; under a
     OneCycleLR or CyclicLR, which replace that rate, the first group's ``max_lr``).
     ``group_options``: ``(name, param) -> dict`` of extra options for the group a new
-    parameter joins (e.g. ``{"weight_decay": 0.0}`` for biases); other options come
-    from ``optimizer.defaults``, as with ``add_param_group``. ``owns_groups=True``:
+    parameter joins (e.g. ``{"weight_decay": 0.0}`` for biases; default:
+    :func:`like_groups`, the options of the optimizer's group it would have belonged
+    to); other options come from ``optimizer.defaults``, as with ``add_param_group``.
+    ``scope``: ``name -> bool``, the module's parameters this tracker manages (default:
+    all); the others are left alone, as parameters that are not the module's are
+    (another optimizer's, in a loop with several). ``owns_groups=True``:
     every group is the tracker's (removed when empty, all rates its own).
     ``factor``: what multiplies a tracker group's base rate (default: the ratio of the
     first original group's current rate to its initial one, so added groups follow the
@@ -177,6 +257,7 @@ class OptimizerTracker:
         factor: Callable[[], float] | None = None,
         scheduler: Any = None,
         scaler: Any = None,
+        scope: Callable[[str], bool] | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -191,6 +272,8 @@ class OptimizerTracker:
             raise TypeError(
                 f"group_options must be a callable (name, param) -> dict, got {group_options!r}"
             )
+        if scope is not None and not callable(scope):
+            raise TypeError(f"scope must be a callable name -> bool, got {scope!r}")
         if scheduler is not None and _innermost(getattr(scheduler, "optimizer", None)) is not (
             _innermost(optimizer)
         ):
@@ -226,7 +309,12 @@ class OptimizerTracker:
         self.optimizer = optimizer
         self.module = module
         self.lr = _check_rate(lr, "lr")
-        self.group_options = group_options
+        self.scope = scope
+        self.group_options = (
+            like_groups(optimizer, module)
+            if group_options is None and not owns_groups
+            else group_options
+        )
         self._factor = factor
         self.scheduler = scheduler
         self.scaler = scaler
@@ -298,13 +386,20 @@ class OptimizerTracker:
         >>> t = OptimizerTracker(opt, net); t.sync()
         False
         """
+        scope = self.scope
         current = named_trainable(self.module, named)
+        if scope is not None:
+            current = [(n, p) for n, p in current if scope(n)]
         key = tuple((id(p), _own_rate(p)) for _, p in current)
         if key == self._key:
             return False
         opt = self.optimizer
         wanted = {id(p): n for n, p in current}
-        own = {id(p) for p in self.module.parameters()}
+        own = {
+            id(p)
+            for n, p in (named_parameters_once(self.module) if named is None else named)
+            if scope is None or scope(n)
+        }
         changed = False
         placed: set[int] = set()
         moving: list[tuple[str, nn.Parameter]] = []

@@ -5,9 +5,10 @@ A :class:`FreezeDriver` runs frostline's freezing schedules (the callbacks of
 
 * :meth:`~FreezeDriver.bind` wraps the module as a frostline Model (frozen BatchNorm
   then runs in inference mode across ``.train()``) and freezes what should start frozen;
-* :meth:`~FreezeDriver.attach` tracks the library's optimizer
-  (:class:`~frostline.engine.tracking.OptimizerTracker`): frozen parameters leave it,
-  unfrozen ones join as new groups at their own rate;
+* :meth:`~FreezeDriver.attach` tracks the library's optimizer (or each of several,
+  :class:`~frostline.engine.tracking.OptimizerTracker`): frozen parameters leave it,
+  unfrozen ones join as new groups at their own rate, with the options of the group they
+  would have belonged to;
 * :meth:`~FreezeDriver.start`, :meth:`~FreezeDriver.epoch_begin`,
   :meth:`~FreezeDriver.epoch_end` call the schedules' hooks and sync the optimizer;
 * :meth:`~FreezeDriver.finish` verifies that every weight frozen at the start and
@@ -31,12 +32,13 @@ True
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from frostline.api import select
 from frostline.api.callbacks import Callback
 from frostline.api.model import Model
 from frostline.api.saving import apply_trainable_state
@@ -105,7 +107,10 @@ class FreezeDriver:
     matching moments (0-based epochs). ``freeze``: a selector (glob string, list,
     ``fl.select.*``) of layers to freeze when the model is bound (``None``: leave the
     model as it is). ``verify``: check frozen weights when training ends
-    (``"raise"``, ``"warn"`` or ``False``).
+    (``"raise"``, ``"warn"`` or ``False``). ``keep_frozen``: layers already frozen when
+    the model is bound (frozen by hand, before ``freeze=``) stay frozen whatever the
+    schedules unfreeze; by default (False) unfreezing a parent unfreezes every layer
+    below it, as Keras' ``trainable = True`` does.
     """
 
     def __init__(
@@ -114,16 +119,21 @@ class FreezeDriver:
         *,
         freeze: Any = None,
         verify: str | bool = "raise",
+        keep_frozen: bool = False,
     ) -> None:
         self.schedules = _check_schedules(schedules)
         if verify is True:
             verify = "raise"
         if verify not in ("raise", "warn", False):
             raise ValueError(f"verify must be 'raise', 'warn' or False, got {verify!r}")
+        if not isinstance(keep_frozen, bool):
+            raise TypeError(f"keep_frozen must be True or False, got {keep_frozen!r}")
         self.freeze = freeze
         self.verify = verify
+        self.keep_frozen = keep_frozen
+        self.hand_frozen: list[str] = []
         self.model: BoundModel | None = None
-        self.tracker: OptimizerTracker | None = None
+        self.trackers: list[OptimizerTracker] = []
         self.report: Report | None = None
         self.restored: dict[str, Any] | None = None
         self._fingerprint: Fingerprint | None = None
@@ -138,14 +148,28 @@ class FreezeDriver:
         if self.model is not None and self.model.module is module:
             return self.model
         model = BoundModel(module, self, name=type(module).__name__)
+        self.hand_frozen = (
+            [
+                e.path
+                for e in select.leaves_of(module)
+                if e.params() and not any(p.requires_grad for p in e.params())
+            ]
+            if self.keep_frozen
+            else []
+        )
         if self.freeze is not None:
             model.freeze(self.freeze)
         for s in self.schedules:
             s.set_model(model)  # GradualUnfreezing freezes its base here
         self.model = model
-        self.tracker = None
+        self.trackers = []
         self._started = False
         return model
+
+    @property
+    def tracker(self) -> OptimizerTracker | None:
+        """The (first) tracked optimizer's tracker; None before :meth:`attach`."""
+        return self.trackers[0] if self.trackers else None
 
     def _require_model(self) -> BoundModel:
         if self.model is None:
@@ -159,18 +183,35 @@ class FreezeDriver:
         lr: float | None = None,
         group_options: GroupOptions | None = None,
         scheduler: Any = None,
+        scope: Callable[[str], bool] | None = None,
+        also: bool = False,
     ) -> OptimizerTracker:
-        """Track ``optimizer`` (synced before each of its steps) and its LR ``scheduler``; a restored layout is applied."""
+        """Track ``optimizer`` (synced before each of its steps) and its LR ``scheduler``; a restored layout is applied.
+
+        ``scope``: the parameter names this optimizer manages (default: all).
+        ``also=True`` tracks it besides the optimizers already tracked (a loop with
+        several, each with its ``scope``); otherwise it replaces them.
+        """
         model = self._require_model()
-        if self.tracker is not None and self.tracker.optimizer is optimizer:
-            return self.tracker
-        if self.tracker is not None:
-            self.tracker.remove()
+        if not also:
+            if len(self.trackers) == 1 and self.trackers[0].optimizer is optimizer:
+                return self.trackers[0]
+            for old in self.trackers:
+                old.remove()
+            self.trackers = []
         tracker = OptimizerTracker(
-            optimizer, model.module, lr=lr, group_options=group_options, scheduler=scheduler
+            optimizer,
+            model.module,
+            lr=lr,
+            group_options=group_options,
+            scheduler=scheduler,
+            scope=scope,
         )
-        self.tracker = tracker
-        layout = (self.restored or {}).get("layout")
+        index = len(self.trackers)
+        self.trackers.append(tracker)
+        restored = self.restored or {}
+        layouts = restored.get("layouts") or [restored.get("layout")]
+        layout = layouts[index] if index < len(layouts) else None
         if layout is not None:
             tracker.restore_layout(layout)
         else:
@@ -186,13 +227,35 @@ class FreezeDriver:
             if batchnorm.is_batchnorm(m) and not batchnorm.runs_inference(m):
                 self._exempt.update(id(b) for b in m.buffers(recurse=False))
 
+    def _keep_hand_frozen(self) -> None:
+        """Freeze again what was frozen by hand when ``keep_frozen`` (after the schedules ran)."""
+        if not self.hand_frozen:
+            return
+        model = self._require_model()
+        entries = {e.path: e for e in select.leaves_of(model.module)}
+        if any(
+            p.requires_grad
+            for path in self.hand_frozen
+            if path in entries
+            for p in entries[path].params()
+        ):
+            model.freeze(self.hand_frozen)
+
     def sync(self) -> bool:
-        """Bring the tracked optimizer in line with the trainable set; True if it changed."""
-        changed = self.tracker.sync() if self.tracker is not None else False
-        if changed and self.tracker is not None:
-            self.tracker.refresh_rates()
+        """Bring the tracked optimizers in line with the trainable set; True if one changed."""
+        self._keep_hand_frozen()
+        changed = False
+        for tracker in self.trackers:
+            if tracker.sync():
+                tracker.refresh_rates()
+                changed = True
         self._note()
         return changed
+
+    def remove(self) -> None:
+        """Take the trackers' hooks off (training ended)."""
+        for tracker in self.trackers:
+            tracker.remove()
 
     def start(self, epoch: int = 0) -> None:
         """Training begins: schedules' ``on_train_begin``, then fingerprint the frozen weights."""
@@ -258,6 +321,7 @@ class FreezeDriver:
                 {"class": type(s).__name__, "state": s.get_state()} for s in self.schedules
             ],
             "layout": self.tracker.layout() if self.tracker is not None else None,
+            "layouts": [t.layout() for t in self.trackers],
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -280,8 +344,10 @@ class FreezeDriver:
         for entry, s in zip(saved, self.schedules):
             s.set_state(entry.get("state") or {})
         self.restored = state
-        if self.tracker is not None and state.get("layout") is not None:
-            self.tracker.restore_layout(state["layout"])
+        layouts = state.get("layouts") or [state.get("layout")]
+        for tracker, layout in zip(self.trackers, layouts):
+            if layout is not None:
+                tracker.restore_layout(layout)
 
 
 def epoch_of(value: float) -> int:

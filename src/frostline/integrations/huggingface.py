@@ -6,7 +6,8 @@ runs :mod:`frostline.schedules` (freeze at start, unfreeze at an epoch, gradual
 unfreezing, discriminative rates, progressive freezing) inside ``trainer.train()``:
 
 * newly unfrozen parameters join ``trainer.optimizer`` as new groups, at their own
-  rate, with the Trainer's weight-decay rule (no decay for biases and norms); their
+  rate, with the options of the optimizer's group they would have belonged to, by the
+  Trainer's weight-decay rule (no decay for biases and norms); their
   rate follows the Trainer's LR scheduler (warm-up, linear/cosine decay), whose own
   groups are left as it built them;
 * frozen parameters leave the optimizer (state and ``.grad`` dropped) and stay bitwise;
@@ -44,7 +45,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from frostline.api.callbacks import Callback
-from frostline.engine.tracking import GroupOptions
+from frostline.engine.tracking import GroupOptions, like_groups
 from frostline.integrations.driver import DriverViews, FreezeDriver, epoch_of
 
 __all__ = ["FreezeCallback"]
@@ -65,20 +66,20 @@ def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
     return inner
 
 
-def trainer_weight_decay(model: nn.Module, weight_decay: float) -> GroupOptions:
-    """The Trainer's rule for a parameter's group: ``weight_decay`` except for biases and norms.
+def trainer_groups(optimizer: torch.optim.Optimizer, model: nn.Module) -> GroupOptions:
+    """Options of the optimizer's group a parameter would have belonged to, the Trainer's
+    decay rule (no decay for biases and norms) telling the kinds apart.
 
     >>> from torch import nn
-    >>> rule = trainer_weight_decay(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)), 0.1)
-    >>> rule("0.weight", None), rule("0.bias", None), rule("1.weight", None)
-    ({'weight_decay': 0.1}, {'weight_decay': 0.0}, {'weight_decay': 0.0})
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2), nn.Linear(2, 2))
+    >>> opt = torch.optim.AdamW([{"params": [net[2].weight], "weight_decay": 0.1},
+    ...                          {"params": [net[2].bias], "weight_decay": 0.0}])
+    >>> rule = trainer_groups(opt, net)
+    >>> [rule(n, p)["weight_decay"] for n, p in [("0.weight", net[0].weight), ("1.weight", net[1].weight)]]
+    [0.1, 0.0]
     """
     decay = set(transformers.Trainer.get_decay_parameter_names(None, model))  # type: ignore[arg-type]
-
-    def options(name: str, param: Any) -> dict:
-        return {"weight_decay": float(weight_decay) if name in decay else 0.0}
-
-    return options
+    return like_groups(optimizer, model, kind=lambda name, p: name in decay)
 
 
 class FreezeCallback(DriverViews, TrainerCallback, ExportableState):
@@ -89,7 +90,11 @@ class FreezeCallback(DriverViews, TrainerCallback, ExportableState):
     built (a glob, a list or an ``fl.select`` selector). ``verify``: ``"raise"``
     (default), ``"warn"`` or False. ``lr``: rate of unfrozen parameters without their
     own (default: the Trainer's ``learning_rate``). ``group_options``: ``(name, param)
-    -> dict`` for the groups they join (default: the Trainer's weight-decay rule).
+    -> dict`` for the groups they join (default: the options of the optimizer's group
+    they would have belonged to, the Trainer's weight-decay rule telling biases and norms
+    apart). ``keep_frozen``: layers you froze by hand before building the Trainer stay
+    frozen when a schedule unfreezes a layer above them (default False: unfreezing a
+    parent, e.g. ``UnfreezeAt(1, "bert")``, unfreezes all below it, as in Keras).
     """
 
     def __init__(
@@ -100,8 +105,9 @@ class FreezeCallback(DriverViews, TrainerCallback, ExportableState):
         verify: str | bool = "raise",
         lr: float | None = None,
         group_options: GroupOptions | None = None,
+        keep_frozen: bool = False,
     ) -> None:
-        self.driver = FreezeDriver(schedules, freeze=freeze, verify=verify)
+        self.driver = FreezeDriver(schedules, freeze=freeze, verify=verify, keep_frozen=keep_frozen)
         self.lr = lr
         self.group_options = group_options
         self._base: list[list[torch.Tensor]] = []
@@ -141,7 +147,7 @@ class FreezeCallback(DriverViews, TrainerCallback, ExportableState):
                 self.resumed = "full" if full is not None else "layout only"
                 if full is None:
                     self.driver.restored = {**saved, "layout": None}
-        rule = self.group_options or trainer_weight_decay(model, args.weight_decay)
+        rule = self.group_options or trainer_groups(inner, model)
         self.driver.attach(inner, lr=self.lr, group_options=rule, scheduler=lr_scheduler)
         if full is not None:
             inner.load_state_dict(full)
@@ -164,8 +170,7 @@ class FreezeCallback(DriverViews, TrainerCallback, ExportableState):
         try:
             self.driver.finish()
         finally:
-            if self.driver.tracker is not None:
-                self.driver.tracker.remove()
+            self.driver.remove()
             if self._projection is not None:
                 self._projection.remove()
                 self._projection = None
