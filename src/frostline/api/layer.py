@@ -16,10 +16,12 @@ from typing import overload
 import torch
 from torch import nn
 
-from frostline.api import select
+from frostline.api import lora, select
 from frostline.core import batchnorm
+from frostline.core import lora as core_lora
 from frostline.core.freezing import set_module_trainable
 from frostline.core.leaves import LeafEntry, leaf_entries, own_named_weights
+from frostline.core.lora import Initializer
 from frostline.core.state import module_flag, own_weights, tensor_numel, unique_tensors, view_of
 
 
@@ -283,6 +285,65 @@ class Layer:
         2
         """
         return select.apply(self, selector, True, dry_run=dry_run, learning_rate=learning_rate)
+
+    # -- LoRA ----------------------------------------------------------------------
+    @property
+    def lora_enabled(self) -> bool:
+        """Whether LoRA is enabled on this layer's module (Keras ``layer.lora_enabled``)."""
+        return core_lora.is_lora(self._module)
+
+    @property
+    def lora_rank(self) -> int | None:
+        """The LoRA rank (None without LoRA)."""
+        return getattr(self._module, "lora_rank", None) if self.lora_enabled else None
+
+    @property
+    def lora_alpha(self) -> float | None:
+        """The LoRA alpha; the adapters are scaled by ``lora_alpha / lora_rank`` (None without LoRA)."""
+        return getattr(self._module, "lora_alpha", None) if self.lora_enabled else None
+
+    def enable_lora(
+        self,
+        rank: int,
+        selector=None,
+        *,
+        lora_alpha: float | None = None,
+        a_initializer: Initializer = "he_uniform",
+        b_initializer: Initializer = "zeros",
+    ) -> list[str]:
+        """Enable LoRA (Keras 3 semantics) on this layer, or on the leaf layers a selector picks.
+
+        The kernel becomes non-trainable (pinned frozen: ``trainable = True`` later does not
+        unfreeze it), ``lora_kernel_a`` (``a_initializer``) and ``lora_kernel_b``
+        (``b_initializer``) train, and the layer computes with ``kernel + a @ b *
+        (lora_alpha / rank)`` (``lora_alpha`` defaults to ``rank``; an Embedding's adapters
+        are ``lora_embeddings_a``/``_b``). Linear, Conv1d/2d/3d and Embedding layers take
+        LoRA; ``selector=None`` means every such layer below. Returns the paths enabled.
+        See :func:`frostline.api.lora.enable`.
+
+        >>> dense = Layer(nn.Linear(6, 3)); dense.enable_lora(2)
+        ['']
+        >>> len(dense.trainable_weights), sum(w.numel() for w in dense.trainable_weights)
+        (3, 21)
+        """
+        return lora.enable(
+            self,
+            rank,
+            selector,
+            lora_alpha=lora_alpha,
+            a_initializer=a_initializer,
+            b_initializer=b_initializer,
+        )
+
+    def merge_lora(self) -> list[str]:
+        """Fold every LoRA adapter below into its kernel (which stays frozen); the paths merged.
+
+        >>> dense = Layer(nn.Linear(2, 2)); _ = dense.enable_lora(1); dense.merge_lora()
+        ['']
+        >>> dense.lora_enabled, len(dense.weights)
+        (False, 2)
+        """
+        return lora.merge(self)
 
 
 class OwnWeight(Layer):

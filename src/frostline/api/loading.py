@@ -15,7 +15,7 @@ from torch import nn
 
 from frostline.api.layer import SequentialModule
 from frostline.api.model import Model, Sequential
-from frostline.api.saving import TRUSTED, apply_trainable_state, read
+from frostline.api.saving import TRUSTED, apply_trainable_state, prepare_lora, read
 from frostline.api.zoo import create_module
 from frostline.core import batchnorm
 from frostline.io.checkpoint import check_keys
@@ -155,6 +155,7 @@ def load_model(path: str | os.PathLike, *, trusted_modules=()):
         model = Model(module, name=meta.get("name"))
     if recipe.get("kind") in ("zoo", "import"):
         model.meta["architecture"] = recipe
+    prepare_lora(model.module, meta, str(path))
     check_keys(model.module, tensors, str(path))
     with torch.no_grad():
         model.module.load_state_dict(tensors)

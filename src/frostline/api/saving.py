@@ -23,6 +23,7 @@ from frostline._version import __version__
 from frostline.api import rebuild
 from frostline.core import freezing
 from frostline.core.freezing import trainable_state
+from frostline.core.lora import apply_lora_state, suspended
 from frostline.core.state import module_flag, view_of
 from frostline.io.checkpoint import check_keys
 from frostline.io.errors import CheckpointError
@@ -41,6 +42,15 @@ def apply_trainable_state(module: nn.Module, state: dict[str, Any]) -> None:
         freezing.apply_trainable_state(module, state)
     except KeyError as e:
         raise CheckpointError(e.args[0]) from None
+
+
+def prepare_lora(module: nn.Module, meta: dict[str, Any], source: str) -> None:
+    """Enable LoRA where a file's trainable state records it, before its weights load."""
+    trainable = meta.get("trainable") or {}
+    try:
+        apply_lora_state(module, trainable.get("lora"))
+    except KeyError as e:
+        raise CheckpointError(f"{source}: {e.args[0]}") from None
 
 
 # -- architecture recipes -------------------------------------------------------------
@@ -123,7 +133,9 @@ def save_model(model, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"model files end in .safetensors, got {str(path)!r}")
-    architecture = architecture_of(model)
+    with suspended(model.module):  # the architecture is the plain one; LoRA is state
+        architecture = architecture_of(model)
+        rebuild_call = None if architecture else rebuild.rebuild_call(model.module)
     meta = {
         "format": FORMAT,
         "version": 1,
@@ -131,7 +143,7 @@ def save_model(model, path: str | os.PathLike) -> Path:
         "name": model.name,
         "class": type(model).__name__,
         "architecture": architecture,
-        "rebuild_call": None if architecture else rebuild.rebuild_call(model.module),
+        "rebuild_call": rebuild_call,
         "trainable": trainable_state(model.module),
         "root_trainable": module_flag(model.module),
     }
@@ -159,6 +171,7 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
 def load_weights(model, path: str | os.PathLike, *, strict: bool = True) -> None:
     """Load weights (and trainable state, when the file has it) into ``model``."""
     tensors, meta = read(path)
+    prepare_lora(model.module, meta, str(path))
     if strict:
         check_keys(model.module, tensors, str(path))
     with torch.no_grad():
@@ -174,6 +187,7 @@ __all__ = [
     "apply_trainable_state",
     "architecture_of",
     "load_weights",
+    "prepare_lora",
     "read",
     "save_model",
     "trainable_state",

@@ -14,10 +14,12 @@ from typing import Any
 from torch import nn
 
 from frostline.core import batchnorm
+from frostline.core.lora import apply_lora_state, lora_state
 from frostline.core.state import (
     clear_learning_rates,
     learning_rate_of,
     own_flag,
+    pinned_frozen,
     set_learning_rate,
     set_own_flag,
 )
@@ -29,7 +31,8 @@ def set_module_trainable(module: nn.Module, value: bool, *, recurse: bool = True
     """Set the trainable flag (and ``requires_grad``) of ``module`` and, by default, its subtree.
 
     Freezing also drops ``.grad``: a frozen parameter owns no gradient buffer, so even a
-    stale optimizer in a hand-written loop (any ``zero_grad`` style) cannot move it.
+    stale optimizer in a hand-written loop (any ``zero_grad`` style) cannot move it. A
+    parameter pinned frozen (the kernel of a LoRA-enabled layer) stays frozen.
     BatchNorm layers below get the policy hooks of :mod:`frostline.core.batchnorm`.
 
     >>> lin = nn.Linear(2, 2); set_module_trainable(lin, False); lin.weight.requires_grad
@@ -43,8 +46,9 @@ def set_module_trainable(module: nn.Module, value: bool, *, recurse: bool = True
     for m in modules:
         set_own_flag(m, value)
         for p in m.parameters(recurse=False):
-            p.requires_grad_(value)
-            if not value:
+            on = value and not pinned_frozen(p)
+            p.requires_grad_(on)
+            if not on:
                 p.grad = None
         if batchnorm.is_batchnorm(m):
             batchnorm.install(m)
@@ -52,7 +56,9 @@ def set_module_trainable(module: nn.Module, value: bool, *, recurse: bool = True
 
 # -- a whole tree's state, as data ----------------------------------------------------
 def trainable_state(module: nn.Module) -> dict[str, Any]:
-    """JSON-able record of flags, frozen parameters, BatchNorm modes and per-parameter rates.
+    """JSON-able record of flags, frozen parameters, BatchNorm modes and per-parameter rates
+    (and, under ``"lora"``, the LoRA layers: :func:`frostline.core.lora.lora_state`, which a
+    loader applies with :func:`frostline.core.lora.apply_lora_state` before the weights).
 
     >>> net = nn.Sequential(nn.Linear(1, 1)); set_module_trainable(net[0], False)
     >>> trainable_state(net)["frozen"]
@@ -65,16 +71,20 @@ def trainable_state(module: nn.Module) -> dict[str, Any]:
         for n, p in module.named_parameters()
         if learning_rate_of(p) is not None
     }
-    return {
+    state: dict[str, Any] = {
         "flags": flags,
         "frozen": frozen,
         "batchnorm_modes": batchnorm.batchnorm_modes(module),
         "learning_rates": lrs,
     }
+    lora = lora_state(module)
+    if lora:
+        state["lora"] = lora
+    return state
 
 
 def apply_trainable_state(module: nn.Module, state: dict[str, Any]) -> None:
-    """Restore what :func:`trainable_state` recorded.
+    """Restore what :func:`trainable_state` recorded (LoRA layers first, where not yet enabled).
 
     Names that no longer exist raise ``KeyError`` naming them.
 
@@ -82,6 +92,7 @@ def apply_trainable_state(module: nn.Module, state: dict[str, Any]) -> None:
     >>> net[0].bias.requires_grad, net[0].weight.requires_grad
     (False, True)
     """
+    apply_lora_state(module, state.get("lora"))
     modules = dict(module.named_modules())
     params = dict(module.named_parameters())
     unknown = [p for p in state.get("flags", {}) if p not in modules] + [
@@ -95,8 +106,9 @@ def apply_trainable_state(module: nn.Module, state: dict[str, Any]) -> None:
         set_own_flag(modules[path], bool(flag))
     frozen = set(state.get("frozen", []))
     for n, p in params.items():
-        p.requires_grad_(n not in frozen)
-        if n in frozen:
+        on = n not in frozen and not pinned_frozen(p)
+        p.requires_grad_(on)
+        if not on:
             p.grad = None
     clear_learning_rates(module)
     for n, lr in state.get("learning_rates", {}).items():

@@ -30,10 +30,12 @@ __all__ = [
     "module_flag",
     "own_flag",
     "own_weights",
+    "pinned_frozen",
     "set_view",
     "view_of",
     "set_learning_rate",
     "set_own_flag",
+    "set_pinned_frozen",
     "tensor_numel",
     "unique_tensors",
 ]
@@ -41,6 +43,7 @@ __all__ = [
 _FLAG = "_frostline_trainable"
 _LR = "_frostline_lr"
 _VIEW = "_frostline_view"
+_PIN = "_frostline_pinned_frozen"
 
 
 # -- weights --------------------------------------------------------------------------
@@ -143,6 +146,29 @@ def module_flag(module: nn.Module) -> bool:
         return flag
     params = list(module.parameters())
     return not params or any(p.requires_grad for p in params)
+
+
+# -- parameters a freezing state keeps frozen ------------------------------------------
+def pinned_frozen(param: torch.Tensor) -> bool:
+    """Whether a freezing state (LoRA: the kernel under its adapters) keeps ``param`` frozen
+    whatever the ``trainable`` setter is given.
+
+    >>> p = nn.Parameter(torch.zeros(1)); pinned_frozen(p)
+    False
+    """
+    return bool(param.__dict__.get(_PIN, False))
+
+
+def set_pinned_frozen(param: torch.Tensor, pinned: bool) -> None:
+    """Pin ``param`` frozen (it stays ``requires_grad=False`` through the setter) or release it.
+
+    >>> p = nn.Parameter(torch.zeros(1)); set_pinned_frozen(p, True); pinned_frozen(p)
+    True
+    """
+    if pinned:
+        param.__dict__[_PIN] = True
+    else:
+        param.__dict__.pop(_PIN, None)
 
 
 # -- per-parameter learning rates -----------------------------------------------------

@@ -62,6 +62,7 @@ from torch.fx.proxy import TraceError as _TraceError
 from torch.utils import _pytree as pytree
 
 from frostline.core import batchnorm
+from frostline.core.lora import is_lora
 
 __all__ = [
     "GraphError",
@@ -202,6 +203,8 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.extra_leaves:
+            return True
+        if is_lora(m):  # called whole: a graph never holds a LoRA state enable/merge changes
             return True
         if self.timm_leaves and isinstance(m, self.timm_leaves):
             return True

@@ -19,6 +19,7 @@ import torch
 
 from frostline._version import __version__
 from frostline.core.freezing import apply_trainable_state, trainable_state
+from frostline.core.lora import apply_lora_state
 from frostline.io.checkpoint import (
     CheckpointManager,
     check_keys,
@@ -105,6 +106,10 @@ def restore(model, resume, cblist) -> dict[str, Any]:
     ckpt = load_checkpoint(resume)
     module = model.module
     weights = ckpt.tensors.get("model", {})
+    try:  # LoRA layers first (adapters are weights of the model)
+        apply_lora_state(module, ckpt.state.get("trainable", {}).get("lora"))
+    except KeyError as e:
+        raise CheckpointError(f"checkpoint {ckpt.path}: {e.args[0]}") from None
     check_keys(module, weights, f"checkpoint {ckpt.path}")
     with torch.no_grad():
         module.load_state_dict(weights)
