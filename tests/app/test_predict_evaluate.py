@@ -311,3 +311,46 @@ def test_arrays_run_evaluates_npz(tmp_path, capsys, monkeypatch):
     assert code == 0 and len(out.splitlines()) == 7, err
     code, _, err = run(["predict", "run", "wide.npz", "--trust", "predict_nets"], capsys)
     assert code == 2 and "shape (7,)" in one_line_error(err)
+
+
+def test_export_writes_onnx_and_torch_programs_that_match_the_run(here, capsys, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    run_dir = here / "runs/tiny"
+    code, out, err = run(["export", run_dir, "--trust", "predict_nets"], capsys)
+    assert code == 0, err
+    assert "input (batch, 3, 12, 12)" in out and (run_dir / "model.onnx").is_file()
+    files = sorted((here / "held_out").rglob("*.png"))
+    want = by_hand(run_dir, files)
+    session = ort.InferenceSession(str(run_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    info = json.loads((run_dir / "preprocessing.json").read_text())
+    mean, std = np.array(info["mean"], np.float32), np.array(info["std"], np.float32)
+    xs = []
+    for f in files:  # the same preparation as by_hand, for the exported model's input
+        with Image.open(f) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            side = min(w, h)
+            left, top = (w - side) // 2, (h - side) // 2
+            im = im.resize(
+                (12, 12), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side)
+            )
+            xs.append((np.asarray(im, dtype=np.float32) / 255.0 - mean) / std)
+    x = np.stack(xs).transpose(0, 3, 1, 2).copy()
+    (logits,) = session.run(None, {session.get_inputs()[0].name: x})
+    probs = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+    np.testing.assert_allclose(probs, want, atol=1e-5)
+
+    target = tmp_path / "deploy.pt2"
+    code, out, err = run(
+        ["export", run_dir, "--format", "torch", "--output", target, "--trust", "predict_nets"],
+        capsys,
+    )
+    assert code == 0, err
+    program = torch.export.load(target).module()
+    with torch.no_grad():
+        probs = torch.softmax(program(torch.from_numpy(x)).double(), dim=1).numpy()
+    np.testing.assert_allclose(probs, want, atol=1e-5)
+
+    code, out, err = run(["export", run_dir, "--output", tmp_path / "m.pt2"], capsys)
+    assert code == 2 and "onnx files end in .onnx" in one_line_error(err)

@@ -6,6 +6,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 from frostline.api import optimizers as optimizers_mod
 from frostline.api import saving
 from frostline.api.callbacks import History
+from frostline.api.export import export as export_model
 from frostline.api.layer import Layer, SequentialModule, snake_case
 from frostline.api.objective import Objective
 from frostline.api.summary import counts, format_size, print_summary, render
@@ -368,6 +370,36 @@ class Model(Layer):
     def load_weights(self, path: str | os.PathLike, *, strict: bool = True) -> None:
         """Load weights (and trainable state) saved by :meth:`save`; a mismatch lists the keys."""
         saving.load_weights(self, path, strict=strict)
+
+    def export(
+        self,
+        path: str | os.PathLike,
+        format: str = "onnx",
+        *,
+        example=None,
+        input_shape: Sequence[int] | None = None,
+        input_dtype: torch.dtype | None = None,
+        dynamic_batch: bool = True,
+    ) -> Path:
+        """Export for inference: ``format="onnx"`` (``.onnx``) or ``"torch"`` (a ``torch.export``
+        program, ``.pt2``). LoRA is merged, BatchNorm after a conv folded, eval mode, on a copy;
+        the export is checked against the model before it is written (atomically). Give
+        ``example`` (a batch) or ``input_shape`` (one sample). See :func:`frostline.api.export.export`.
+
+        >>> import tempfile, torch, frostline as fl
+        >>> m = fl.Sequential([nn.Linear(4, 2)])
+        >>> m.export(tempfile.mkdtemp() + "/m.pt2", format="torch", input_shape=(4,)).suffix
+        '.pt2'
+        """
+        return export_model(
+            self,
+            path,
+            format,
+            example=example,
+            input_shape=input_shape,
+            input_dtype=input_dtype,
+            dynamic_batch=dynamic_batch,
+        )
 
 
 def _valid_name(name: str) -> str:

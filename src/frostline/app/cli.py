@@ -1,7 +1,7 @@
 """The ``frostline`` command: the parser, the dispatch and the exit codes.
 
 Each subcommand lives in :mod:`frostline.app.commands` (``demo``, ``fit``, ``summary``,
-``predict``, ``evaluate``); its flags come from its ``Options`` dataclass. ``main(argv)``
+``predict``, ``evaluate``, ``export``); its flags come from its ``Options`` dataclass. ``main(argv)``
 returns the exit code: 0 success, 1 training or writing failed, 2 bad input or usage
 (one line on stderr, no traceback, no half-written run directory), 3 ``predict`` done but
 some inputs unreadable (each named on stderr), 130 interrupted.
@@ -18,13 +18,13 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import NoReturn
 
-from frostline.app.commands import demo, evaluate, fit, predict, summary
+from frostline.app.commands import demo, evaluate, export, fit, predict, summary
 from frostline.app.config import UsageError, add_flags, one_line
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 PROG = "frostline"
-COMMANDS: tuple[ModuleType, ...] = (demo, fit, summary, predict, evaluate)
+COMMANDS: tuple[ModuleType, ...] = (demo, fit, summary, predict, evaluate, export)
 
 
 class _Parser(argparse.ArgumentParser):

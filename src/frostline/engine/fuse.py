@@ -44,7 +44,7 @@ from torch.nn import functional as F
 
 from frostline.engine.graph import module_at, timm_no_trace
 
-__all__ = ["FoldedConvBn", "InferenceCopy", "inference_copy", "replay_draws"]
+__all__ = ["FoldedConvBn", "InferenceCopy", "fold_batchnorm", "inference_copy", "replay_draws"]
 
 
 @functools.cache
@@ -515,16 +515,17 @@ def _find_pairs(
     return pairs
 
 
-def _fuse_in_place(
-    root: nn.Module, channels_last: bool, *, rtol: float = 1e-3, atol: float = 1e-4
-) -> list[tuple[str, str]]:
-    """Fold every conv->BN pair of ``root`` (an eval-mode copy); returns the folded paths."""
+def _foldable_pairs(
+    root: nn.Module,
+) -> Iterator[tuple[str, str, nn.Conv2d, nn.BatchNorm2d, dict[str, nn.Module]]]:
+    """Each conv->BN pair of ``root`` that folds, as ``(conv path, bn path, conv, bn, named)``:
+    paths found in forward order, each module once and not shared; the caller replaces them
+    (``named`` is the path table to replace them through)."""
     counts: dict[int, int] = {}
     named: dict[str, nn.Module] = {}
     for path, m in root.named_modules(remove_duplicate=False):
         counts[id(m)] = counts.get(id(m), 0) + 1
         named.setdefault(path, m)
-    done = []
     seen: set[int] = set()
     for conv_path, bn_path in _find_pairs(root, named=named):
         try:  # (a path replaced below still names the module it held: never paired twice)
@@ -537,15 +538,50 @@ def _fuse_in_place(
             continue
         if counts[id(conv)] != 1 or counts[id(bn)] != 1:  # shared modules: leave alone
             continue
-        _set(root, bn_path, _bn_replacement(bn), named)
-        pair = FoldedConvBn(
-            cast(nn.Conv2d, conv),
-            cast(nn.BatchNorm2d, bn),
-            channels_last=channels_last,
-            rtol=rtol,
-            atol=atol,
-        )
-        _set(root, conv_path, pair, named)
         seen |= {id(conv), id(bn)}
+        yield conv_path, bn_path, cast(nn.Conv2d, conv), cast(nn.BatchNorm2d, bn), named
+
+
+def _fuse_in_place(
+    root: nn.Module, channels_last: bool, *, rtol: float = 1e-3, atol: float = 1e-4
+) -> list[tuple[str, str]]:
+    """Fold every conv->BN pair of ``root`` (an eval-mode copy); returns the folded paths."""
+    done = []
+    for conv_path, bn_path, conv, bn, named in _foldable_pairs(root):
+        _set(root, bn_path, _bn_replacement(bn), named)
+        pair = FoldedConvBn(conv, bn, channels_last=channels_last, rtol=rtol, atol=atol)
+        _set(root, conv_path, pair, named)
+        done.append((conv_path, bn_path))
+    return done
+
+
+def fold_batchnorm(root: nn.Module) -> list[tuple[str, str]]:
+    """Fold each BatchNorm2d fed only by a Conv2d into that conv's weight and bias, in place,
+    for a module that will only run in inference (an exported copy): the conv gets new,
+    frozen ``weight``/``bias`` tensors (``root``'s old ones are not written), the BatchNorm
+    is replaced by ``nn.Identity`` (timm ``BatchNormAct2d``: by its drop+act part). Returns
+    the folded ``(conv, bn)`` paths.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+        >>> x = torch.randn(2, 3, 8, 8); ref = net(x)
+        >>> fold_batchnorm(net), type(net[1]).__name__
+        ([('0', '1')], 'Identity')
+        >>> bool(torch.allclose(net(x), ref, atol=1e-5))
+        True
+    """
+    done = []
+    for conv_path, bn_path, conv, bn, named in _foldable_pairs(root):
+        mean, var = bn.running_mean, bn.running_var
+        assert mean is not None and var is not None  # _is_foldable_bn
+        with torch.no_grad():
+            scale, shift = _scale_shift(conv.bias, mean, var, bn.eps, bn.weight, bn.bias)
+            w = conv.weight
+            folded = (w.to(scale.dtype) * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
+        conv.weight = nn.Parameter(folded, requires_grad=False)
+        conv.bias = nn.Parameter(shift.to(w.dtype), requires_grad=False)
+        _set(root, bn_path, _bn_replacement(bn), named)
         done.append((conv_path, bn_path))
     return done
