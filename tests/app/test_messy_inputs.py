@@ -236,3 +236,175 @@ def test_evaluate_lists_skipped_files_in_its_folder(tmp_path, capsys):
     record = json.loads((run_dir / "eval" / "evaluation.json").read_text())
     assert [s["file"] for s in record["skipped"]] == ["green/junk.png"]
     assert record["samples"] == 12
+
+
+def edit_record(run_dir: Path, change) -> None:
+    info = json.loads((run_dir / "preprocessing.json").read_text())
+    change(info)
+    (run_dir / "preprocessing.json").write_text(json.dumps(info))
+
+
+def setter(key, value):
+    def change(info):
+        info[key] = value
+
+    return change
+
+
+def model_file(value):
+    def change(info):
+        info["model"]["file"] = value
+
+    return change
+
+
+HOSTILE_RECORDS = {
+    "image_size 100000": (setter("image_size", 100000), "image_size is 100000"),
+    "image_size 0": (setter("image_size", 0), "from 8 to 4096"),
+    "image_size true": (setter("image_size", True), "image_size is True"),
+    "image_size float": (setter("image_size", 32.5), "image_size is 32.5"),
+    "channels 1": (setter("channels", 1), "channels is 1"),
+    "model.file 123": (model_file(123), "model.file is 123"),
+    "model.file absolute": (model_file("/etc/passwd"), "a relative path without '..'"),
+    "model.file dotdot": (model_file("../model.safetensors"), "a relative path without '..'"),
+    "model.file folder": (model_file("."), "is a folder"),
+    "model.file missing": (model_file("gone.safetensors"), "has no gone.safetensors"),
+    "model not a table": (setter("model", "tiny"), "must record the zoo name"),
+    "model kind": (lambda i: i["model"].update(kind="pickle"), "model.kind is 'pickle'"),
+    "model extra key": (lambda i: i["model"].update(code="x"), "unexpected key(s) 'code'"),
+    "mean NaN": (setter("mean", [float("nan"), 0.5, 0.5]), "mean is [nan, 0.5, 0.5]"),
+    "mean short": (setter("mean", [0.5]), "expected 3 finite numbers"),
+    "std zero": (setter("std", [0.5, 0.0, 0.5]), "3 positive numbers"),
+    "scale": (setter("scale", 1.0), "scaled by 1/255"),
+    "resize": (setter("resize", "nearest"), "resizes one way"),
+    "color": (setter("color", "CMYK"), "color is 'CMYK'"),
+    "class_names one": (setter("class_names", ["a"]), "2 to 100,000 distinct"),
+    "class_names int": (setter("class_names", [1, 2]), "2 to 100,000 distinct"),
+    "class_names dup": (setter("class_names", ["a", "a"]), "2 to 100,000 distinct"),
+    "input": (setter("input", "video"), "input is 'video'"),
+    "unknown field": (setter("loader", "os:system"), "unexpected field(s) 'loader'"),
+    "missing field": (lambda i: i.pop("class_names"), "lacks the field(s) 'class_names'"),
+    "arrays huge": (
+        lambda i: i.update(input="arrays", input_shape=[10**9], channels=10**9, image_size=None),
+        "input_shape is [1000000000]",
+    ),
+    "version": (setter("version", 99), "has version 99"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_RECORDS))
+def test_a_hostile_preprocessing_record_is_one_line_exit_2(tmp_path, capsys, case):
+    change, expected = HOSTILE_RECORDS[case]
+    run_dir = make_run(tmp_path / "run")
+    edit_record(run_dir, change)
+    img = tmp_path / "one.png"
+    Image.new("RGB", (8, 8), (0, 0, 200)).save(img)
+    for argv in (["predict", run_dir, img], ["evaluate", run_dir, tmp_path]):
+        code, out, err = run(argv, capsys)
+        assert code == 2 and not out, (out, err)
+        assert expected in one_line_error(err)
+
+
+def test_damaged_json_is_one_line_exit_2(tmp_path, capsys):
+    run_dir = make_run(tmp_path / "run")
+    img = tmp_path / "one.png"
+    Image.new("RGB", (8, 8)).save(img)
+    for text in (
+        "[" * 100_000,
+        '{"format": "frostline.preprocessing", "version": 1' + "9" * 5000 + "}",
+    ):
+        (run_dir / "preprocessing.json").write_text(text)
+        code, _, err = run(["predict", run_dir, img], capsys)
+        assert code == 2 and "could not be read as JSON" in one_line_error(err)
+
+
+def test_symlinks_out_of_the_run_directory_are_refused(tmp_path, capsys):
+    outside = make_run(tmp_path / "elsewhere")
+    img = tmp_path / "one.png"
+    Image.new("RGB", (8, 8)).save(img)
+    run_dir = make_run(tmp_path / "run")
+    (run_dir / "model.safetensors").unlink()
+    (run_dir / "model.safetensors").symlink_to(outside / "model.safetensors")
+    code, out, err = run(["predict", run_dir, img], capsys)
+    line = one_line_error(err)
+    assert code == 2 and "symbolic link" in line and "outside the run directory" in line
+    other = make_run(tmp_path / "run2")
+    (other / "preprocessing.json").unlink()
+    (other / "preprocessing.json").symlink_to(outside / "preprocessing.json")
+    code, out, err = run(["predict", other, img], capsys)
+    assert code == 2 and "outside the run directory" in one_line_error(err)
+    # a link that stays inside is fine
+    inside = make_run(tmp_path / "run3")
+    (inside / "model.safetensors").rename(inside / "weights.bin")
+    (inside / "model.safetensors").symlink_to("weights.bin")
+    code, out, err = run(["predict", inside, img], capsys)
+    assert code == 0, err
+    # evaluate's default eval/ may not lead out of the run directory either
+    (tmp_path / "target").mkdir()
+    (inside / "eval").symlink_to(tmp_path / "target")
+    held = write_folder(tmp_path / "held", per_class=1, size=8)
+    code, out, err = run(["evaluate", inside, held], capsys)
+    assert code == 2 and "symbolic link" in one_line_error(err)
+    assert not any((tmp_path / "target").iterdir())
+
+
+def test_a_fifo_as_model_file_is_refused_not_waited_on(tmp_path, capsys):
+    import os
+    import threading
+
+    run_dir = make_run(tmp_path / "run")
+    (run_dir / "model.safetensors").unlink()
+    os.mkfifo(run_dir / "model.safetensors")
+    img = tmp_path / "one.png"
+    Image.new("RGB", (8, 8)).save(img)
+    result: list = []
+    worker = threading.Thread(
+        target=lambda: result.append(cli.main(["predict", str(run_dir), str(img)])), daemon=True
+    )
+    worker.start()
+    worker.join(120)
+    assert result == [2], "predict waited on a FIFO"
+    assert "not a regular file" in one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["fit", "data", "--image-size", "100000"],
+        ["fit", "data", "--image-size", "4"],
+        ["demo", "--image-size", "100000"],
+        ["summary", "efficientnet_lite0", "--image-size", "100000"],
+        ["summary", "efficientnet_lite0", "--num-classes", "1000000000"],
+        ["predict", "run", "x.png", "--threads", "100000"],
+    ],
+)
+def test_sizes_on_the_command_line_are_bounded(argv, capsys):
+    code, out, err = run(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and f"frostline {argv[0]}: error: argument" in lines[0]
+    assert "expected" in lines[0] and " from " in lines[0], lines
+
+
+def test_image_size_in_a_config_file_is_bounded(tmp_path, capsys):
+    cfg = tmp_path / "fit.toml"
+    cfg.write_text('data = "photos"\nimage_size = 100000\n')
+    code, _, err = run(["fit", "--config", cfg], capsys)
+    line = one_line_error(err)
+    assert code == 2 and "'image_size'" in line and "from 8 to 4096" in line
+
+
+def test_an_npz_header_with_a_huge_shape_is_one_line(tmp_path, capsys):
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": (10**12, 64, 64, 3)}
+    )
+    labels = io.BytesIO()
+    np.save(labels, np.zeros(3, np.int64))
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as z:
+        z.writestr("x.npy", header.getvalue())
+        z.writestr("y.npy", labels.getvalue())
+    code, _, err = run(["fit", tmp_path / "huge.npz", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and "could not be read as an .npz" in one_line_error(err)

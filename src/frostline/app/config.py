@@ -32,6 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from frostline.app.runinfo import MAX_CLASSES, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+
+#: more compute threads than this is a typo, not a machine (torch would try to start them)
+MAX_THREADS = 1024
+
 __all__ = [
     "Flag",
     "UsageError",
@@ -83,6 +88,17 @@ count = checked(int, lambda v: v >= 0, "an integer >= 0")
 integer = checked(int, lambda v: True, "an integer")
 rate = checked(float, lambda v: 0 < v < math.inf, "a positive number such as 1e-3")
 fraction = checked(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+image_side = checked(
+    int,
+    lambda v: MIN_IMAGE_SIZE <= v <= MAX_IMAGE_SIZE,
+    f"an image side in pixels from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}",
+)
+thread_count = checked(
+    int, lambda v: 1 <= v <= MAX_THREADS, f"a number of threads from 1 to {MAX_THREADS}"
+)
+class_count = checked(
+    int, lambda v: 1 <= v <= MAX_CLASSES, f"a number of classes from 1 to {MAX_CLASSES:,}"
+)
 
 
 def text(value: str) -> str:

@@ -390,7 +390,7 @@ def load_npz(
             y = npz["y"] if need_labels else np.zeros(len(x), np.int64)
     except InputError:
         raise
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, MemoryError) as e:  # MemoryError: a header's huge shape
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(
             f"{str(p)!r} could not be read as an .npz file ({msg}); expected np.savez(path, x=..., y=...)"

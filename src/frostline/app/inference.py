@@ -88,7 +88,7 @@ def load_run(run_dir: str | os.PathLike, trust: Sequence[str] = ()) -> Run:
             f"the model in {str(path)!r} is built by {info.model['spec']!r}; frostline imports code named "
             f"by a file only when you trust it: add --trust {missing[0]}"
         )
-    weights = path / info.model.get("file", "model.safetensors")
+    weights = info.model_file(path)  # a regular file inside the run directory
     try:
         with cwd_importable():
             model = fl.load(weights, trusted_modules=tuple(trust))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from frostline.app.config import option, positive_int
+from frostline.app.config import option, positive_int, thread_count
 
 __all__ = ["batch_size_option", "run_dir_option", "threads_option", "trust_option"]
 
@@ -56,7 +56,7 @@ def threads_option() -> Any:
     """``--threads N``: CPU threads for torch (default: torch's choice)."""
     return option(
         None,
-        parse=positive_int,
+        parse=thread_count,
         metavar="N",
         help="CPU threads for torch (default: torch's choice)",
     )

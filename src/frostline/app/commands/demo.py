@@ -27,7 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from frostline.app.config import count, integer, option, positive_int, resolve
+from frostline.app.config import (
+    count,
+    image_side,
+    integer,
+    option,
+    positive_int,
+    resolve,
+    thread_count,
+)
 
 __all__ = ["DemoConfig", "Options", "digits_data", "run_demo"]
 
@@ -108,7 +116,7 @@ class Options:
     )
     image_size: int | None = option(
         None,
-        parse=positive_int,
+        parse=image_side,
         metavar="S",
         help="side of the upscaled images in pixels",
         default_help="64; --fast: 32",
@@ -144,7 +152,7 @@ class Options:
     no_baseline: bool = option(False, switch=True, help="skip the from-scratch comparison")
     threads: int | None = option(
         None,
-        parse=positive_int,
+        parse=thread_count,
         metavar="N",
         help="CPU threads for torch",
         default_help="torch's default, lowered to the idle cores of a busy machine",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,11 @@ def run(opts: Options, command: str) -> int:
         torch.set_num_threads(opts.threads)
     out = Path(opts.out) if opts.out else Path(opts.run_dir) / "eval"
     loaded = inference.load_run(opts.run_dir, opts.trust)
+    if not opts.out and out.is_symlink():  # a run directory's eval/ is written by frostline only
+        raise UsageError(
+            f"{str(out)!r} is a symbolic link (to {os.readlink(out)!r}); frostline writes the evaluation "
+            "into the run directory itself: remove the link or pass --out DIR"
+        )
     check_out_dir(out)
     info = loaded.info
     data = inference.read_labelled(opts.data, info)

@@ -12,12 +12,14 @@ from frostline.app.config import (
     count,
     fraction,
     given_flags,
+    image_side,
     integer,
     option,
     positive_int,
     rate,
     read_config,
     resolve,
+    thread_count,
 )
 
 NAME = "fit"
@@ -117,7 +119,7 @@ class Options:
     batch_size: int = option(32, parse=positive_int, metavar="N", group=TRAINING, help="batch size")
     image_size: int | None = option(
         None,
-        parse=positive_int,
+        parse=image_side,
         metavar="S",
         group=TRAINING,
         help="images are centre-cropped and resized to SxS",
@@ -140,7 +142,7 @@ class Options:
     seed: int = option(0, parse=integer, metavar="N", group=TRAINING, help="random seed")
     threads: int | None = option(
         None,
-        parse=positive_int,
+        parse=thread_count,
         metavar="N",
         group=TRAINING,
         help="CPU threads for torch",

@@ -6,7 +6,15 @@ import argparse
 from dataclasses import dataclass
 
 from frostline.app.commands.fit import FREEZE_HELP, FREEZE_TYPE_HELP
-from frostline.app.config import UsageError, count, option, positive_int, resolve
+from frostline.app.config import (
+    UsageError,
+    class_count,
+    count,
+    image_side,
+    option,
+    positive_int,
+    resolve,
+)
 
 NAME = "summary"
 HELP = "print a model's summary after freezing"
@@ -81,14 +89,14 @@ class Options:
     )
     num_classes: int | None = option(
         None,
-        parse=positive_int,
+        parse=class_count,
         metavar="N",
         group=DISPLAY,
         help="replace the classifier with an N-way one (or pass num_classes=N to a factory)",
     )
     image_size: int | None = option(
         None,
-        parse=positive_int,
+        parse=image_side,
         metavar="S",
         group=DISPLAY,
         help="add an Output Shape column for an SxS RGB input",
