@@ -36,7 +36,9 @@ implements ``get_state``/``set_state`` so a resumed fit carries on exactly.
 
 from __future__ import annotations
 
+import importlib
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -132,13 +134,92 @@ def _child_groups(root: nn.Module) -> list[Group]:
     return groups
 
 
+def _stage_groups(root: nn.Module) -> list[Group]:
+    """The model's own stages, bottom to top.
+
+    A timm model says them itself (``group_matcher(coarse=True)``: stem, each block
+    stage, the head); otherwise the direct children that own weights, where a child
+    holding more than half the leaf layers (torchvision's ``features``, a Hugging Face
+    ``encoder.layer``, a timm ``blocks``) is split into its own children, again and
+    again (``bert`` -> ``encoder`` -> ``encoder.layer`` -> ``encoder.layer.0``, ...).
+    """
+    leaves = select.leaves_of(root)
+    matcher = getattr(root, "group_matcher", None)
+    if callable(matcher) and "timm" in sys.modules:
+        try:
+            named = importlib.import_module("timm.models").group_parameters(
+                root, matcher(coarse=True)
+            )
+        except Exception:  # a model whose matcher timm cannot apply: the generic rule
+            named = None
+        if named:
+            group_of = {n: k for k, names in named.items() for n in names}
+            params = dict(root.named_parameters())
+            by_id = {id(params[n]): k for n, k in group_of.items() if n in params}
+            order: dict[Any, list[int]] = {}
+            for i, e in enumerate(leaves):
+                ks = [by_id[id(t)] for t in e.params() if id(t) in by_id]
+                if ks:
+                    order.setdefault(ks[0], []).append(i)
+            out = [
+                Group(
+                    _common_path([leaves[i][0] for i in idx]),
+                    tuple(idx),
+                    tuple(leaves[i][0] for i in idx),
+                )
+                for _, idx in sorted(order.items(), key=lambda kv: min(kv[1]))
+            ]
+            if len(out) > 1:
+                return out
+    out = _child_groups(root)
+    while True:
+        big = max(out, key=lambda g: len(g.indices), default=None)
+        if big is None or 2 * len(big.indices) <= len(leaves) or big.name == "(own weights)":
+            return out
+        try:
+            module = root.get_submodule(big.name)
+        except AttributeError:
+            return out
+        parts = []
+        for name, _ in module.named_children():
+            path = f"{big.name}.{name}"
+            idx = tuple(
+                i
+                for i in big.indices
+                if leaves[i][0] == path or leaves[i][0].startswith(path + ".")
+            )
+            if idx:
+                parts.append(Group(path, idx, tuple(leaves[i][0] for i in idx)))
+        rest = set(big.indices) - {i for g in parts for i in g.indices}
+        if not parts or rest:  # a leaf, or weights of its own beside its children
+            return out
+        at = out.index(big)  # (one child: a wrapper such as ``encoder``; look inside it)
+        out = out[:at] + parts + out[at + 1 :]
+
+
+def _common_path(paths: list[str]) -> str:
+    """``blocks.1`` for ``blocks.1.0.conv``, ``blocks.1.1.bn``; the first path if none is shared."""
+    split = [p.split(".") for p in paths]
+    common = []
+    for parts in zip(*split):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    if common and len(paths) > 1:
+        return ".".join(common)
+    return paths[0] if len(paths) == 1 else f"{paths[0]} .. {paths[-1]}"
+
+
 def layer_groups(base: Layer | nn.Module, groups: GroupsSpec = None) -> list[Group]:
     """The blocks of ``base`` a schedule works on, bottom to top.
 
     ``None``: the base's direct children that own weights (through single-child
-    wrappers); ``n`` (int): the leaf layers split into ``n`` contiguous, near-equal
-    runs; a list of selectors or glob strings: one group each, in the order given
-    (bottom first), disjoint.
+    wrappers); ``"stages"``: the model's own stages (timm's ``group_matcher``;
+    otherwise the children, with a child holding most of the model split into its
+    children: torchvision's ``features.N``, Hugging Face ``encoder.layer.N``); ``n``
+    (int): the leaf layers split into ``n`` contiguous, near-equal runs; a list of
+    selectors or glob strings: one group each, in the order given (bottom first),
+    disjoint.
 
     >>> from torch import nn
     >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
@@ -157,6 +238,8 @@ def layer_groups(base: Layer | nn.Module, groups: GroupsSpec = None) -> list[Gro
         if len(out) < 2 and len(leaves) > 1:  # one opaque block: fall back to leaf layers
             out = [Group(p or layer.name, (i,), (p,)) for i, (p, _) in enumerate(leaves)]
         return out
+    if groups == "stages":
+        return _stage_groups(layer.module)
     if isinstance(groups, bool):
         raise TypeError("groups must be None, an int or a list of selectors, got a bool")
     if isinstance(groups, int):
@@ -177,7 +260,7 @@ def layer_groups(base: Layer | nn.Module, groups: GroupsSpec = None) -> list[Gro
         return out
     if isinstance(groups, str | Selector) or not isinstance(groups, Sequence):
         raise TypeError(
-            "groups must be None, an int, or a list of selectors / glob strings (one per group, bottom first); "
+            "groups must be None, 'stages', an int, or a list of selectors / glob strings (one per group, bottom first); "
             f"got {type(groups).__name__}: {groups!r}"
         )
     if not groups:
@@ -566,16 +649,31 @@ class DiscriminativeLR(_BaseSchedule):
 
 
 class ProgressiveFreezing(_BaseSchedule):
-    """FreezeOut / Composer-style layer freezing: blocks freeze from the bottom as training goes on.
+    """FreezeOut / AutoFreeze / Egeria-style freezing: blocks freeze from the bottom as training goes on.
 
-    At epoch ``start_epoch`` the bottom group of ``base`` (default: the model) is
-    frozen, at ``start_epoch + every`` the next one up, and so on, up to
-    ``max_groups`` groups (default: all but what must stay trainable: a group is never
-    frozen if that would leave nothing to train). Once frozen, a bottom run of the
-    model is a frozen prefix: it runs without autograd and, on deterministic data, its
-    outputs are cached across epochs, so each freeze makes the following epochs
-    cheaper. ``log[i]["cache"]`` records the fit's cache note for each epoch. (A frozen
-    BatchNorm runs on its running statistics, as everywhere in frostline.)
+    The groups are the model's own stages by default (``groups="stages"``: timm's
+    ``group_matcher``, torchvision's ``features.N`` / ``layerN``, Hugging Face's
+    ``encoder.layer.N``; see :func:`layer_groups`). Once frozen, a bottom run of the model
+    is a frozen prefix: it runs without autograd and, on deterministic data, its outputs
+    are cached; each freeze extends that cache from the old boundary to the new one
+    instead of rebuilding it ("extended" in ``log[i]["cache"]``), so every freeze makes
+    the following epochs cheaper. (A frozen BatchNorm runs on its running statistics, as
+    everywhere in frostline.) A group is never frozen if that would leave nothing to
+    train, and at most ``max_groups`` are.
+
+    When a group freezes:
+
+    * ``criterion=None``: by the calendar: the bottom group at epoch ``start_epoch``,
+      the next one up at ``start_epoch + every``, and so on;
+    * ``criterion="weight_change"`` (Egeria's plasticity, simplified): from
+      ``start_epoch`` on, the bottom groups whose weights moved (``|w_end - w_start| /
+      |w_start|`` over the last epoch) less than ``tolerance`` times their movement in
+      their first epoch, as a run from the bottom;
+    * ``criterion="grad_norm"`` (AutoFreeze): likewise with the group's gradient norm
+      over the last epoch against its first epoch's.
+
+    ``log`` holds each freeze and, per epoch, the fit's cache note and the criterion's
+    ratios (``"activity"``, group -> last / first).
 
     >>> import frostline as fl, numpy as np
     >>> from torch import nn
@@ -589,34 +687,83 @@ class ProgressiveFreezing(_BaseSchedule):
     ['off', 'built', 'extended', 'reused']
     """
 
+    CRITERIA = (None, "weight_change", "grad_norm")
+
     def __init__(
         self,
         base: BaseSpec | None = None,
         start_epoch: int = 1,
         every: int = 1,
-        groups: GroupsSpec = None,
+        groups: GroupsSpec = "stages",
         *,
         max_groups: int | None = None,
+        criterion: str | None = None,
+        tolerance: float = 0.5,
     ) -> None:
         super().__init__(base, groups)
         self.start_epoch = _check_int(start_epoch, "start_epoch", 0)
         self.every = _check_int(every, "every", 1)
         self.max_groups = None if max_groups is None else _check_int(max_groups, "max_groups", 0)
+        if criterion not in self.CRITERIA:
+            raise ValueError(f"criterion must be one of {self.CRITERIA}, got {criterion!r}")
+        if (
+            isinstance(tolerance, bool)
+            or not isinstance(tolerance, int | float)
+            or not 0 < tolerance <= 1
+        ):
+            raise ValueError(f"tolerance must be a number in (0, 1], got {tolerance!r}")
+        self.criterion = criterion
+        self.tolerance = float(tolerance)
         self.frozen = 0
         self.stopped = False
+        self._first: dict[int, float] = {}  # group -> its activity in its first epoch
+        self._last: dict[int, float] = {}  # group -> its activity in the last epoch
+        self._start: dict[int, list[torch.Tensor]] = {}  # weight_change: weights at epoch start
+        self._grads: dict[int, float] = {}  # grad_norm: sum of squared gradient norms
+        self._batches = 0
+        self._hooks: list[Any] = []
+
+    def _cap(self) -> int:
+        n = len(self.groups)
+        return n if self.max_groups is None else min(self.max_groups, n)
 
     def target(self, epoch: int) -> int:
         """How many groups (from the bottom) should be frozen during ``epoch``."""
         if epoch < self.start_epoch:
             return 0
+        if self.criterion is not None:
+            k = self.frozen
+            while (
+                k < self._cap()
+                and k in self._last
+                and self._first.get(k, 0.0) > 0
+                and self._last[k] < self.tolerance * self._first[k]
+            ):
+                k += 1
+            return k
         n = (epoch - self.start_epoch) // self.every + 1
-        cap = (
-            len(self.groups) if self.max_groups is None else min(self.max_groups, len(self.groups))
-        )
-        return min(n, cap)
+        return min(n, self._cap())
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self.frozen, self.stopped = 0, False
+        if self.criterion == "grad_norm":
+            assert self.base is not None
+            for k, g in enumerate(self.groups):
+                for p in g.params(self.base.module):
+                    if p.requires_grad:
+                        self._hooks.append(p.register_hook(self._grad_hook(k)))
+
+    def _grad_hook(self, k: int):
+        def hook(grad: torch.Tensor) -> None:
+            self._grads[k] = self._grads.get(k, 0.0) + float(grad.detach().float().pow(2).sum())
+
+        return hook
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._start.clear()
 
     def _leaves_something(self, k: int) -> bool:
         assert self.base is not None
@@ -624,7 +771,17 @@ class ProgressiveFreezing(_BaseSchedule):
         return any(p.requires_grad and id(p) not in frozen for p in self.model.module.parameters())
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        want = self.target(epoch)
+        self._freeze_to(epoch, self.target(epoch))
+        assert self.base is not None
+        if self.criterion == "weight_change":  # what the candidates hold now
+            self._start = {
+                k: [p.detach().clone() for p in self.groups[k].params(self.base.module)]
+                for k in range(self.frozen, self._cap())
+            }
+        self._grads.clear()
+        self._batches = 0
+
+    def _freeze_to(self, epoch: int, want: int) -> None:
         if self.stopped or want <= self.frozen:
             return
         while want > self.frozen and not self._leaves_something(want):
@@ -646,10 +803,40 @@ class ProgressiveFreezing(_BaseSchedule):
                 reason="freezing the next group would leave nothing to train",
             )
 
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._batches += 1
+
+    def _measure(self) -> dict[str, float]:
+        """Each candidate group's activity over the epoch just ended, as last / first."""
+        assert self.base is not None
+        for k in range(self.frozen, self._cap()):
+            if self.criterion == "weight_change" and k in self._start:
+                now = self.groups[k].params(self.base.module)
+                moved = sum(
+                    float((a.detach() - b).float().pow(2).sum())
+                    for a, b in zip(now, self._start[k])
+                )
+                size = sum(float(b.float().pow(2).sum()) for b in self._start[k])
+                value = math.sqrt(moved / max(size, 1e-30))
+            elif self.criterion == "grad_norm" and k in self._grads:
+                value = math.sqrt(self._grads[k] / max(self._batches, 1))
+            else:
+                continue
+            self._first.setdefault(k, value)
+            self._last[k] = value
+        self._start.clear()
+        return {
+            self.groups[k].name: round(self._last[k] / self._first[k], 4)
+            for k in self._last
+            if k >= self.frozen and self._first[k] > 0
+        }
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        activity = self._measure() if self.criterion is not None else None
         trainer = getattr(self.model, "_trainer", None)
         runner = getattr(trainer, "runner", None)
         status = getattr(runner, "status", {}) if runner is not None else {}
+        extra: dict[str, Any] = {"activity": activity} if activity is not None else {}
         self._record(
             epoch,
             "epoch",
@@ -658,10 +845,26 @@ class ProgressiveFreezing(_BaseSchedule):
             0,
             cache=str(status.get("train", "n/a")),
             epoch_time=(logs or {}).get("epoch_time"),
+            **extra,
         )
 
     def get_state(self) -> dict:
-        return {**super().get_state(), "frozen": self.frozen, "stopped": self.stopped}
+        return {
+            **super().get_state(),
+            "frozen": self.frozen,
+            "stopped": self.stopped,
+            "first": {str(k): v for k, v in self._first.items()},
+            "last": {str(k): v for k, v in self._last.items()},
+        }
+
+    def set_state(self, state: dict) -> None:
+        """The log and the criterion's measurements, so a resumed fit decides as before."""
+        super().set_state(state)
+        self._first = {int(k): float(v) for k, v in state.get("first", {}).items()}
+        self._last = {int(k): float(v) for k, v in state.get("last", {}).items()}
 
     def __repr__(self) -> str:
-        return f"ProgressiveFreezing(start_epoch={self.start_epoch}, every={self.every}, groups={len(self.groups) or self._groups_spec})"
+        how = (
+            f"criterion={self.criterion!r}, tolerance={self.tolerance}, " if self.criterion else ""
+        )
+        return f"ProgressiveFreezing(start_epoch={self.start_epoch}, every={self.every}, {how}groups={len(self.groups) or self._groups_spec!r})"

@@ -1,0 +1,89 @@
+"""ProgressiveFreezing on the model's own stages, by calendar or by a criterion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import frostline as fl
+from frostline import schedules
+from frostline.workflows.schedules import layer_groups
+
+
+def test_stages_come_from_the_model():
+    lite = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0)
+    names = [g.name for g in layer_groups(lite, "stages")]
+    assert names[0] == "conv_stem .. bn1" and names[1:6] == [
+        "blocks.0.0",
+        "blocks.1",
+        "blocks.2",
+        "blocks.3",
+        "blocks.4",
+    ]
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3)
+    groups = layer_groups(vit, "stages")
+    assert groups[0].paths[:2] == ("cls_token", "pos_embed")  # own weights join the stem
+    assert [g.name for g in groups][1:3] == ["blocks.0", "blocks.1"]
+    mobile = [g.name for g in layer_groups(torchvision.models.mobilenet_v2(), "stages")]
+    assert mobile[:3] == ["features.0", "features.1", "features.2"] and mobile[-1] == "classifier"
+    resnet = [g.name for g in layer_groups(torchvision.models.resnet18(), "stages")]
+    assert resnet == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    bert = [g.name for g in layer_groups(BertForSequenceClassification(cfg), "stages")]
+    assert bert == [
+        "bert.embeddings",
+        "bert.encoder.layer.0",
+        "bert.encoder.layer.1",
+        "bert.pooler",
+        "classifier",
+    ]
+    every = {i for g in layer_groups(lite, "stages") for i in g.indices}
+    assert every == set(range(len(fl.select.leaves_of(lite))))  # each leaf in one stage
+
+
+def _regression(criterion: str, tolerance: float, epochs: int = 4):
+    torch.manual_seed(0)
+    model = fl.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 1)))
+    model.compile(fl.optimizers.SGD(0.01), loss="mse")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    y = (x @ rng.normal(size=(4, 1))).astype(np.float32)
+    cb = schedules.ProgressiveFreezing(start_epoch=1, criterion=criterion, tolerance=tolerance)
+    snaps = []
+
+    class Snap(fl.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            snaps.append(self.model.module[0].weight.detach().clone())
+
+    # full batches: gradient descent on a convex loss slows down epoch after epoch
+    model.fit(x, y, batch_size=64, epochs=epochs, shuffle=False, verbose=0, callbacks=[cb, Snap()])
+    return cb, snaps
+
+
+@pytest.mark.parametrize("criterion", ["weight_change", "grad_norm"])
+def test_a_criterion_freezes_a_stage_once_it_has_slowed_down(criterion):
+    cb, snaps = _regression(criterion, tolerance=1.0)
+    freezes = [(e["epoch"], e["groups"]) for e in cb.log if e["action"] == "freeze"]
+    # measured in epochs 0 and 1, slower in 1: frozen at 2, as a run from the bottom
+    assert freezes[0][0] == 2 and freezes[0][1][0] == "0"
+    assert all(g != "2" for _, gs in freezes for g in gs)  # the top stays trainable
+    ratios = [e["activity"] for e in cb.log if e["action"] == "epoch"]
+    assert ratios[0] == {"0": 1.0, "1": 1.0, "2": 1.0} and ratios[1]["0"] < 1.0
+    assert torch.equal(snaps[2], snaps[3])  # frozen from epoch 2 on, bitwise
+    strict, _ = _regression(criterion, tolerance=1e-6)
+    assert [e for e in strict.log if e["action"] == "freeze"] == []  # still moving: not frozen
+
+
+def test_criterion_and_tolerance_are_checked():
+    with pytest.raises(ValueError, match="criterion must be one of .* got 'loss'"):
+        schedules.ProgressiveFreezing(criterion="loss")
+    with pytest.raises(ValueError, match=r"tolerance must be a number in \(0, 1\], got 2"):
+        schedules.ProgressiveFreezing(criterion="grad_norm", tolerance=2)
