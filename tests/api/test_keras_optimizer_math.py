@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from frostline.api import keras_optimizers as ko  # noqa: E402
+import frostline as fl  # noqa: E402
 from frostline.api import lr_schedules  # noqa: E402
 
 with contextlib.suppress(Exception):  # triton before TensorFlow (see tests/conftest.py)
@@ -89,7 +89,9 @@ def first_frozen(scenario: str, step: int) -> bool:
     return scenario == "unfreeze" and step < UNFREEZE_AT
 
 
-def run_torch(name: str, opts: dict, scenario: str, lr_torch=None):
+def run_torch(name: str, opts: dict, scenario: str, lr_torch=None, finalize_at=()):
+    """Train with our optimizer; ``finalize_at``: steps after which to call
+    ``finalize_variable_values`` (what the end of a ``fit`` does)."""
     net = torch_model()
     first, rest = list(net[0].parameters()), list(net[2].parameters())
     opts = dict(opts)
@@ -98,7 +100,7 @@ def run_torch(name: str, opts: dict, scenario: str, lr_torch=None):
     frozen0 = first_frozen(scenario, 0)
     for p in first:
         p.requires_grad_(not frozen0)
-    opt = getattr(ko, name)(rest if frozen0 else first + rest, lr, **opts)
+    opt = getattr(fl.optimizers, name)(lr, **opts).build(rest if frozen0 else first + rest)
     before = [p.detach().clone() for p in first]
     x, y = (torch.from_numpy(a) for a in data())
     step = 0
@@ -109,21 +111,29 @@ def run_torch(name: str, opts: dict, scenario: str, lr_torch=None):
                     p.requires_grad_(True)
                 opt.add_param_group({"params": first})
             loss = nn.functional.mse_loss(net(x[i : i + BATCH]), y[i : i + BATCH])
-            loss.backward()
+            opt.scale_loss(loss).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-    assert opt.iterations == step
+            if step in finalize_at:
+                opt.finalize_variable_values()
+    assert opt.iterations == step // (opts.get("gradient_accumulation_steps") or 1)
     if scenario in ("frozen", "weight_decay"):
         assert all(torch.equal(a, b) for a, b in zip(before, first)), "a frozen weight changed"
     return [t.detach().numpy() for layer in (net[0], net[2]) for t in (layer.weight, layer.bias)]
 
 
-def run_keras(name: str, opts: dict, scenario: str, net: nn.Sequential):
+def run_keras(
+    name: str, opts: dict, scenario: str, net: nn.Sequential, finalize_at=(), exclude=None
+):
+    """Real Keras: the same steps as Keras's ``train_step`` (``scale_loss``, ``apply``);
+    ``exclude(optimizer, model)`` configures weight-decay exclusions before the build."""
     model = keras_model(net)
     opt = getattr(keras.optimizers, name)(**opts)
     first = model.layers[0].trainable_variables
     everything = list(model.trainable_variables)
+    if exclude is not None:
+        exclude(opt, model)
     opt.build(everything)  # one optimizer over every variable, updated on a subset
     loss_fn = keras.losses.MeanSquaredError()
     x, y = data()
@@ -134,10 +144,13 @@ def run_keras(name: str, opts: dict, scenario: str, net: nn.Sequential):
             if first_frozen(scenario, step):
                 variables = [v for v in everything if all(v is not f for f in first)]
             with tf.GradientTape() as tape:
-                loss = loss_fn(y[i : i + BATCH], model(x[i : i + BATCH]))
+                loss = opt.scale_loss(loss_fn(y[i : i + BATCH], model(x[i : i + BATCH])))
             grads = tape.gradient(loss, variables)
             opt.apply(grads, variables)
             step += 1
+            if step in finalize_at:
+                opt.finalize_variable_values(everything)
+    assert int(opt.iterations) == step // (opts.get("gradient_accumulation_steps") or 1)
     out = []
     for layer in model.layers:
         kernel, bias = layer.get_weights()
@@ -207,7 +220,7 @@ def test_formulas_match_keras_in_float64(name):
         theirs = getattr(keras.optimizers, name)(learning_rate=lr, weight_decay=0.1, **momentum)
         theirs.build([var])
         w = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
-        ours = getattr(ko, name)([w], lr, weight_decay=0.1, **momentum)
+        ours = getattr(fl.optimizers, name)(lr, weight_decay=0.1, **momentum).build([w])
         rng = np.random.default_rng(1)
         for _ in range(10):
             g = rng.normal(size=3) * rng.choice([1e-3, 1.0, 10.0])
@@ -219,20 +232,87 @@ def test_formulas_match_keras_in_float64(name):
         keras.backend.set_floatx("float32")
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_fit_with_unfreeze_matches_keras(name, one_thread):
-    """End to end: ``fl.optimizers.X`` spec, ``compile`` and ``fit``, first layer unfrozen
-    between two fits without recompiling, momentum options and weight decay on."""
-    import frostline as fl
+#: Keras's base options, each against real Keras (with EMA, the weights end as their averages)
+KERAS_OPTIONS = {
+    "ema": {"use_ema": True, "ema_momentum": 0.9},
+    "ema_overwrite": {"use_ema": True, "ema_momentum": 0.8, "ema_overwrite_frequency": 3},
+    "accumulation": {"gradient_accumulation_steps": 2},
+    "accumulation_5": {"gradient_accumulation_steps": 5},  # 12 steps: ends mid-accumulation
+    "accumulation_ema": {
+        "gradient_accumulation_steps": 3,
+        "use_ema": True,
+        "ema_momentum": 0.7,
+        "ema_overwrite_frequency": 2,
+    },
+    "loss_scale": {"loss_scale_factor": 3.0},
+}
+LAST = EPOCHS * N // BATCH
 
+
+@pytest.mark.parametrize("option", list(KERAS_OPTIONS))
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_keras_options_match_keras_across_an_unfreeze(name, option, one_thread):
+    """The first layer joins mid-run (step 6, mid-accumulation for N=5 and N=4), momentum
+    options and weight decay on; weights finalized at the end as ``fit`` does."""
+    opts = {**options(name, "momentum"), "weight_decay": 0.05, **KERAS_OPTIONS[option]}
+    ours = run_torch(name, opts, "unfreeze", finalize_at={LAST})
+    theirs = run_keras(name, opts, "unfreeze", torch_model(), finalize_at={LAST})
+    compare(ours, theirs)
+
+
+@pytest.mark.parametrize("option", list(KERAS_OPTIONS))
+@pytest.mark.parametrize("name", ["SGD", "Adam", "Nadam"])
+def test_keras_options_keep_a_frozen_layer_bitwise_and_match_keras(name, option, one_thread):
+    """First layer frozen throughout under weight decay (run_torch asserts it bitwise)."""
+    opts = {**options(name, "weight_decay"), **KERAS_OPTIONS[option]}
+    ours = run_torch(name, opts, "weight_decay", finalize_at={LAST // 2, LAST})
+    theirs = run_keras(name, opts, "weight_decay", torch_model(), finalize_at={LAST // 2, LAST})
+    compare(ours, theirs)
+
+
+@pytest.mark.parametrize("schedule", ["ExponentialDecay", "PiecewiseConstantDecay"])
+def test_schedules_see_every_step_under_accumulation_as_in_keras(schedule, one_thread):
+    args, kwargs = SCHEDULES[schedule]
+    opts = {**options("SGD", "momentum"), "gradient_accumulation_steps": 3}
+    got = run_torch(
+        "SGD", opts, "unfreeze", lr_torch=getattr(lr_schedules, schedule)(*args, **kwargs)
+    )
+    theirs = getattr(keras.optimizers.schedules, schedule)(*args, **kwargs)
+    want = run_keras("SGD", {**opts, "learning_rate": theirs}, "unfreeze", torch_model())
+    compare(got, want)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"use_ema": True, "ema_momentum": 0.8, "gradient_accumulation_steps": 2},
+        {"loss_scale_factor": 1024.0, "ema_overwrite_frequency": 5, "use_ema": True},
+        {"exclude_names": ["bias"]},
+        {"exclude_last_kernel": True, "gradient_accumulation_steps": 4},
+    ],
+    ids=["plain", "ema-accumulation", "loss-scale-ema", "exclude-names", "exclude-var"],
+)
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_fit_with_unfreeze_matches_keras(name, extra, one_thread):
+    """End to end: an ``fl.optimizers.X``, ``compile`` and ``fit``, first layer unfrozen
+    between two fits without recompiling, momentum options, weight decay and Keras's
+    options on; each ``fit`` ends by finalizing the weights (EMA), as Keras's does."""
+    extra = dict(extra)
+    names = extra.pop("exclude_names", None)
+    last_kernel = extra.pop("exclude_last_kernel", False)
     lr, momentum = OPTIMIZERS[name]
-    opts = {"learning_rate": lr, "weight_decay": 0.05, **momentum}
+    opts = {"learning_rate": lr, "weight_decay": 0.05, **momentum, **extra}
     net = torch_model()
     model = fl.wrap(net)
     model.layers[0].trainable = False
     spec = getattr(fl.optimizers, name)(
         lr, **{k: v for k, v in opts.items() if k != "learning_rate"}
     )
+    if names or last_kernel:
+        spec.exclude_from_weight_decay(
+            var_list=[net[2].weight] if last_kernel else None, var_names=names
+        )
     model.compile(optimizer=spec, loss="mse")
     x, y = data()
     frozen = [p.detach().clone() for p in net[0].parameters()]
@@ -240,6 +320,34 @@ def test_fit_with_unfreeze_matches_keras(name, one_thread):
     assert all(torch.equal(a, b) for a, b in zip(frozen, net[0].parameters()))
     model.layers[0].trainable = True
     model.fit(x, y, batch_size=BATCH, epochs=EPOCHS - 2, shuffle=False, verbose=0)
-    assert model.optimizer.iterations == EPOCHS * N // BATCH
+    assert model.optimizer.iterations == LAST // (extra.get("gradient_accumulation_steps") or 1)
     ours = [t.detach().numpy() for layer in (net[0], net[2]) for t in (layer.weight, layer.bias)]
-    compare(ours, run_keras(name, opts, "unfreeze", torch_model()))
+
+    def exclude(opt, kmodel):
+        opt.exclude_from_weight_decay(
+            var_list=[kmodel.layers[1].kernel] if last_kernel else None, var_names=names
+        )
+
+    theirs = run_keras(
+        name, opts, "unfreeze", torch_model(), finalize_at={UNFREEZE_AT, LAST}, exclude=exclude
+    )
+    compare(ours, theirs)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_signatures_and_defaults_are_keras(name):
+    """Same arguments, order and defaults as Keras 3 (SGD's ``weight_decay=0.0`` is the
+    SPEC's, the same math as Keras's None); ``get_config`` names every argument."""
+    import inspect
+
+    def arguments(cls):
+        params = inspect.signature(cls.__init__).parameters.values()
+        return [(p.name, p.default) for p in params if p.name not in ("self", "kwargs")]
+
+    want = arguments(getattr(keras.optimizers, name))
+    if name == "SGD":
+        want = [(k, 0.0 if k == "weight_decay" else v) for k, v in want]
+    assert arguments(getattr(fl.optimizers, name)) == want
+    ours = getattr(fl.optimizers, name)().get_config()
+    theirs = getattr(keras.optimizers, name)().get_config()
+    assert set(theirs) - {"name"} <= set(ours) - {"class"}

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import frostline as fl
-from frostline.api import keras_optimizers as ko
+from frostline.api.optimizers.base import KerasTorchOptimizer
 
 schedules = fl.optimizers.schedules
 X = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
@@ -25,7 +25,7 @@ def model(spec) -> fl.Model:
 def test_strings_and_specs_build_keras_math_and_torch_classes_keep_torch_math():
     for name in ("sgd", "adam", "adamw", "rmsprop", "adamax", "nadam", "adagrad", "lion"):
         assert isinstance(
-            fl.optimizers.get(name).build([{"params": [torch.zeros(1)]}]), ko.KerasOptimizer
+            fl.optimizers.get(name).build([{"params": [torch.zeros(1)]}]), KerasTorchOptimizer
         )
     m = model(torch.optim.Adam)
     m.fit(X, Y, epochs=1, batch_size=8, verbose=0)
@@ -34,11 +34,14 @@ def test_strings_and_specs_build_keras_math_and_torch_classes_keep_torch_math():
 
 def test_a_keras_optimizer_instance_given_to_compile_keeps_its_configuration():
     sched = schedules.ExponentialDecay(0.1, 2, 0.5)
-    inst = ko.Nadam([torch.zeros(1, requires_grad=True)], sched, beta_1=0.8, clipnorm=1.0)
+    inst = fl.optimizers.Nadam(sched, beta_1=0.8, clipnorm=1.0).build(
+        [torch.zeros(1, requires_grad=True)]
+    )
     spec = fl.optimizers.get(inst)
     opt = spec.build([{"params": [torch.zeros(2, requires_grad=True)], "lr": spec.learning_rate}])
-    assert type(opt) is ko.Nadam and opt.schedule is sched and opt.clipnorm == 1.0
-    assert opt.defaults["beta_1"] == 0.8 and opt.iterations == 0
+    assert type(opt.spec) is fl.optimizers.Nadam and opt.spec is not inst.spec
+    assert opt.schedule is sched and opt.spec.clipnorm == 1.0
+    assert opt.spec.beta_1 == 0.8 and opt.iterations == 0
 
 
 @pytest.mark.parametrize(
@@ -76,7 +79,7 @@ def test_schedule_rate_is_reported_and_scaled_by_rate_changing_callbacks():
 def test_a_group_at_half_the_nominal_rate_follows_half_the_schedule():
     w, v = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
     sched = schedules.CosineDecay(0.0, 10, warmup_target=0.2, warmup_steps=2)
-    opt = ko.SGD([{"params": [w]}, {"params": [v], "lr": 0.1}], sched)
+    opt = fl.optimizers.SGD(sched).build([{"params": [w]}, {"params": [v], "lr": 0.1}])
     for step in range(6):
         full, half = opt.rate(opt.param_groups[0]), opt.rate(opt.param_groups[1])
         assert full == pytest.approx(sched(step)) and half == pytest.approx(sched(step) / 2)
@@ -87,7 +90,7 @@ def test_a_group_at_half_the_nominal_rate_follows_half_the_schedule():
 
 def test_iterations_and_slots_survive_state_dict_and_a_layer_joining_later():
     a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
-    opt = ko.Nadam([a], 0.01)
+    opt = fl.optimizers.Nadam(0.01).build([a])
     for _ in range(3):
         a.grad = torch.ones(3)
         opt.step()
@@ -96,7 +99,7 @@ def test_iterations_and_slots_survive_state_dict_and_a_layer_joining_later():
     assert opt.param_groups[1]["u_product"] == opt.param_groups[0]["u_product"]
     b.grad, a.grad = torch.ones(2), torch.ones(3)
     opt.step()
-    other = ko.Nadam([{"params": [a]}, {"params": [b]}], 0.01)
+    other = fl.optimizers.Nadam(0.01).build([{"params": [a]}, {"params": [b]}])
     other.load_state_dict(opt.state_dict())
     assert other.iterations == 4 and torch.equal(
         other.state[b]["velocity"], opt.state[b]["velocity"]
@@ -118,7 +121,7 @@ def test_frozen_weights_bitwise_unchanged_under_weight_decay(name):
 def test_steps_are_vectorised_one_kernel_per_operation_not_per_parameter():
     def foreach_calls(n: int) -> int:
         params = [nn.Parameter(torch.randn(3)) for _ in range(n)]
-        opt = ko.Adam(params, 0.01, weight_decay=0.1, global_clipnorm=1.0)
+        opt = fl.optimizers.Adam(0.01, weight_decay=0.1, global_clipnorm=1.0).build(params)
         for p in params:
             p.grad = torch.randn(3)
         with torch.profiler.profile() as prof:
@@ -187,3 +190,135 @@ def test_fit_scales_the_loss_and_finalizes_through_the_optimizer_before_on_train
     plain.fit(X, Y, epochs=2, batch_size=8, verbose=0)
     for a, b in zip(m.module.parameters(), plain.module.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # scaled, then divided back
+
+
+KERAS_OPTIONS = {
+    "use_ema": True,
+    "ema_momentum": 0.9,
+    "ema_overwrite_frequency": 4,
+    "gradient_accumulation_steps": 3,
+    "loss_scale_factor": 8.0,
+    "weight_decay": 0.1,
+}
+
+
+class _FreezeThaw(fl.callbacks.Callback):
+    """Epoch 1: the middle layer freezes; epoch 2: the first layer (frozen so far) thaws."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 1:
+            self.model.layers[2].trainable = False
+        if epoch == 2:
+            self.model.layers[0].trainable = True
+
+
+def _three_layers(spec) -> fl.Model:
+    torch.manual_seed(0)
+    m = fl.Sequential([nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)])
+    m.layers[0].trainable = False
+    m.compile(spec, loss="sparse_categorical_crossentropy")
+    return m
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "Nadam", "Lion"])
+def test_frozen_weights_stay_bitwise_under_every_keras_option_across_freeze_and_thaw(name):
+    """Layer 0 frozen until epoch 2, layer 2 frozen from epoch 1: each keeps its exact
+    values while frozen, through EMA overwrites, accumulation and the final EMA copy."""
+
+    class Check(_FreezeThaw):
+        def on_epoch_begin(self, epoch, logs=None):
+            super().on_epoch_begin(epoch, logs)
+            if epoch == 1:
+                self.middle = [t.clone() for t in self.model.layers[2].weights]
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.model.layers[0].weights[0].requires_grad is False:
+                assert all(torch.equal(a, b) for a, b in zip(first, self.model.layers[0].weights))
+
+    m = _three_layers(getattr(fl.optimizers, name)(0.01, **KERAS_OPTIONS))
+    first = [t.clone() for t in m.layers[0].weights]
+    check = Check()
+    m.fit(X, Y, epochs=3, batch_size=4, verbose=0, callbacks=[check])  # 8 steps an epoch
+    assert all(torch.equal(a, b) for a, b in zip(check.middle, m.layers[2].weights))
+    assert not all(torch.equal(a, b) for a, b in zip(first, m.layers[0].weights))
+
+
+def test_resume_is_bitwise_with_ema_and_accumulation_state_in_the_checkpoint(tmp_path):
+    """5 accumulation steps over 8 batches an epoch: checkpoints fall mid-accumulation."""
+
+    def run(epochs, **kw):
+        spec = fl.optimizers.AdamW(0.01, **{**KERAS_OPTIONS, "gradient_accumulation_steps": 5})
+        m = _three_layers(spec)
+        m.fit(X, Y, epochs=epochs, batch_size=4, verbose=0, seed=1, callbacks=[_FreezeThaw()], **kw)
+        return m
+
+    full = run(4)
+    run(2, checkpoint_dir=tmp_path)  # ends (and finalizes) after epoch index 1
+    resumed = run(4, resume=tmp_path)
+    for (k, a), (_, b) in zip(
+        full.module.state_dict().items(), resumed.module.state_dict().items()
+    ):
+        assert torch.equal(a, b), k
+    assert resumed.optimizer.iterations == full.optimizer.iterations == 32 // 5
+    tensors, _ = resumed.live_optimizer.state_dict()
+    ours = full.live_optimizer.state_dict()[0]
+    assert tensors.keys() == ours.keys()
+    assert any(k.endswith("/gradient_accumulator") for k in tensors)
+    assert any(k.endswith("/average") for k in tensors)
+    assert all(torch.equal(tensors[k], ours[k]) for k in tensors)
+
+
+def test_exclude_from_weight_decay_by_name_and_by_weight():
+    def decayed(**exclude) -> list[bool]:
+        spec = fl.optimizers.SGD(0.1, weight_decay=0.5)
+        m = model(spec)
+        if exclude:
+            spec.exclude_from_weight_decay(**{k: v(m) for k, v in exclude.items()})
+        before = [p.detach().clone() for p in m.module.parameters()]
+        for p in m.module.parameters():
+            p.register_hook(lambda g: torch.zeros_like(g))  # no gradient: decay alone moves it
+        m.fit(X, Y, epochs=1, batch_size=32, verbose=0)
+        return [not torch.equal(a, b) for a, b in zip(before, m.module.parameters())]
+
+    assert decayed() == [True, True, True, True]
+    assert decayed(var_names=lambda m: ["bias"]) == [True, False, True, False]
+    assert decayed(var_list=lambda m: [m.layers[-1].module.weight]) == [True, True, False, True]
+    assert decayed(var_names=lambda m: ["^linear\\."]) == [False, False, True, True]  # a regex
+
+
+def test_exclude_from_weight_decay_is_configured_before_the_build():
+    spec = fl.optimizers.AdamW(1e-3)
+    m = model(spec)
+    m.fit(X, Y, epochs=1, batch_size=32, verbose=0)
+    with pytest.raises(ValueError, match="before the optimizer is built"):
+        spec.exclude_from_weight_decay(var_names=["bias"])
+    with pytest.raises(TypeError, match="var_names"):
+        fl.optimizers.AdamW().exclude_from_weight_decay(var_names="bias")
+
+
+@pytest.mark.parametrize(
+    "option, error",
+    [
+        ({"gradient_accumulation_steps": 1}, ValueError),
+        ({"gradient_accumulation_steps": 2.0}, ValueError),
+        ({"use_ema": True, "ema_momentum": 1.5}, ValueError),
+        ({"use_ema": True, "ema_overwrite_frequency": 0}, ValueError),
+        ({"use_ema": "yes"}, TypeError),
+        ({"loss_scale_factor": -1.0}, ValueError),
+        ({"name": 3}, TypeError),
+    ],
+)
+def test_bad_keras_options_fail_at_construction_and_say_what_was_given(option, error):
+    (key, value), *_ = [(k, v) for k, v in option.items() if k != "use_ema"] or option.items()
+    with pytest.raises(error, match=key):
+        fl.optimizers.Adam(1e-3, **option)
+
+
+def test_accumulation_counts_iterations_as_keras_and_the_rate_follows_every_step():
+    sched = schedules.ExponentialDecay(0.1, decay_steps=1, decay_rate=0.5)
+    m = model(fl.optimizers.SGD(sched, momentum=0.9, gradient_accumulation_steps=2))
+    m.fit(X, Y, epochs=1, batch_size=8, verbose=0)  # 4 steps, 2 updates
+    assert m.optimizer.iterations == 2 and m.optimizer.schedule_step == 4
+    assert m.learning_rate == pytest.approx(0.1 * 0.5**4)
+    # momentum and the accumulator
+    assert m.live_optimizer.state_numel() == 2 * sum(p.numel() for p in m.module.parameters())

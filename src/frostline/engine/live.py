@@ -34,6 +34,8 @@ class OptimizerSpec(Protocol):
 
     def get_config(self) -> dict: ...
 
+    def group_options(self, name: str, param: torch.Tensor) -> dict[str, Any]: ...
+
 
 SchedulerFactory = Callable[[torch.optim.Optimizer], "torch.optim.lr_scheduler.LRScheduler"]
 
@@ -96,7 +98,7 @@ class LiveOptimizer:
                 "Unfreeze something first, e.g. model.trainable = True or model.unfreeze(fl.select.last(5))."
             )
         if self.tracker is None:
-            self.adopt(self.spec.build(self._groups([p for _, p in current])))
+            self.adopt(self.spec.build(self._groups(current)))
             changed = True
         else:
             changed = self.tracker.sync(named)
@@ -115,15 +117,24 @@ class LiveOptimizer:
             lr=self.spec.learning_rate,
             owns_groups=True,
             factor=lambda: self.scale,
+            group_options=self.spec.group_options,
         )
         self.tracker.sync()
         self.names = {id(p): n for n, p in self.trainable()}
 
-    def _groups(self, params: Iterable[torch.Tensor]) -> list[dict]:
-        by_lr: dict[float, list] = {}
-        for p in params:
-            by_lr.setdefault(self._lr_for(p), []).append(p)
-        return [{"params": ps, "lr": lr * self.scale, "base_lr": lr} for lr, ps in by_lr.items()]
+    def _groups(self, named: Iterable[tuple[str, torch.Tensor]]) -> list[dict]:
+        """One group per rate and options (the spec's ``group_options``: e.g. no weight decay)."""
+        buckets: dict[tuple, list] = {}
+        options: dict[tuple, dict] = {}
+        for name, p in named:
+            extra = self.spec.group_options(name, p)
+            key = (self._lr_for(p), tuple(sorted(extra.items())))
+            buckets.setdefault(key, []).append(p)
+            options[key] = extra
+        return [
+            {**options[key], "params": ps, "lr": key[0] * self.scale, "base_lr": key[0]}
+            for key, ps in buckets.items()
+        ]
 
     def regroup(self) -> bool:
         """Put every parameter in the group of its own rate (after per-parameter rates changed).
@@ -144,7 +155,7 @@ class LiveOptimizer:
     # -- learning rates ------------------------------------------------------------
     def _headline(self) -> float:
         """The spec's rate now: its schedule's value at the optimizer's step count, or its rate."""
-        step = int(getattr(self.optimizer, "iterations", 0))
+        step = int(getattr(self.optimizer, "schedule_step", 0))
         return float(self.spec.learning_rate_at(step))
 
     @property

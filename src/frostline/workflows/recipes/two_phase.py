@@ -29,7 +29,6 @@ def _with_lr(optimizer: Any, lr: float, what: str) -> optimizers_mod.Optimizer:
     if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"{what} must be a positive number, got {lr!r}")
     spec = copy.copy(optimizers_mod.get(optimizer))
-    spec.options = dict(spec.options)
     spec.learning_rate = float(lr)
     return spec
 
