@@ -17,8 +17,8 @@ from frostline.workflows.schedules import layer_groups
 def test_stages_come_from_the_model():
     lite = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0)
     names = [g.name for g in layer_groups(lite, "stages")]
-    assert names[0] == "conv_stem .. bn1" and names[1:6] == [
-        "blocks.0.0",
+    assert names[0] == "conv_stem+bn1" and names[1:6] == [
+        "blocks.0",
         "blocks.1",
         "blocks.2",
         "blocks.3",

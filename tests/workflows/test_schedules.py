@@ -296,3 +296,88 @@ def test_progressive_freezing_max_groups_and_errors():
         schedules.ProgressiveFreezing(start_epoch=-1)
     with pytest.raises(TypeError, match="base"):
         schedules.ProgressiveFreezing(base=3)
+
+
+# --------------------------------------------------------------------------- the model's own stages
+
+
+def _stage_models():
+    import timm
+    import torchvision
+    import transformers
+
+    bert = transformers.BertConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=16,
+    )
+    gpt2 = transformers.GPT2Config(
+        vocab_size=99,
+        n_positions=16,
+        n_embd=32,
+        n_layer=3,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return {
+        # name: (module, the stage modules; each must be a group of its own)
+        "timm efficientnet_lite0": (
+            fl.models.pretrained("efficientnet_lite0").module,
+            [f"blocks.{i}" for i in range(7)],
+        ),
+        "timm resnet18": (timm.create_model("resnet18"), [f"layer{i}" for i in range(1, 5)]),
+        "torchvision resnet18": (torchvision.models.resnet18(), [f"layer{i}" for i in range(1, 5)]),
+        "torchvision efficientnet_b0": (
+            torchvision.models.efficientnet_b0(),
+            [f"features.{i}" for i in range(1, 8)],
+        ),
+        "torchvision mobilenet_v3_small": (
+            torchvision.models.mobilenet_v3_small(),
+            [f"features.{i}" for i in range(1, 12)],
+        ),
+        "hf bert": (
+            transformers.BertForSequenceClassification(bert),
+            [f"bert.encoder.layer.{i}" for i in range(3)],
+        ),
+        "hf gpt2": (transformers.GPT2LMHeadModel(gpt2), [f"transformer.h.{i}" for i in range(3)]),
+    }
+
+
+def test_default_groups_are_the_models_own_stages():
+    for name, (module, stages) in _stage_models().items():
+        groups = schedules.layer_groups(module)
+
+        def stage_of(path: str, stages: list[str] = stages) -> str | None:
+            return next((s for s in stages if path == s or path.startswith(s + ".")), None)
+
+        for g in groups:  # no group holds more than one stage
+            held = {stage_of(p) for p in g.paths} - {None}
+            assert len(held) <= 1, f"{name}: group {g.name!r} holds stages {sorted(held)}"
+        homes = {
+            s: {i for i, g in enumerate(groups) for p in g.paths if stage_of(p) == s}
+            for s in stages
+        }
+        for s, home in homes.items():  # and no stage is split across groups
+            assert len(home) == 1, f"{name}: stage {s} is spread over groups {sorted(home)}"
+        assert len({min(h) for h in homes.values()}) == len(stages)  # one group per stage
+
+
+def test_discriminative_rates_on_efficientnet_lite0_give_each_stage_its_rate():
+    """The issue's case: the seven blocks stages were one group (85% of the base)."""
+    base = fl.models.pretrained("efficientnet_lite0")
+    cb = schedules.DiscriminativeLR(base, base_lr=1e-3, decay=0.5)
+    table = cb.dry_run(base)
+    names = [r["group"] for r in table]
+    assert names == [
+        "conv_stem+bn1",
+        *[f"blocks.{i}" for i in range(6)],
+        "blocks.6+conv_head+bn2",
+        "classifier",
+    ]
+    rates = [r["learning_rate"] for r in table]
+    assert rates == pytest.approx([1e-3 * 0.5 ** (8 - i) for i in range(9)])
+    assert "blocks.3" in str(table) and "learning rate" in str(table).splitlines()[0]

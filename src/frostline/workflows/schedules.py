@@ -36,9 +36,8 @@ implements ``get_state``/``set_state`` so a resumed fit carries on exactly.
 
 from __future__ import annotations
 
-import importlib
 import math
-import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -59,6 +58,7 @@ __all__ = [
     "DiscriminativeLR",
     "GradualUnfreezing",
     "Group",
+    "GroupRates",
     "ProgressiveFreezing",
     "UnfreezeAt",
     "layer_groups",
@@ -105,121 +105,134 @@ def _as_layer(base: Layer | nn.Module, what: str = "base") -> Layer:
     )
 
 
-def _child_groups(root: nn.Module) -> list[Group]:
-    """Direct children owning weights, descending through single-child wrappers."""
-    leaves = select.leaves_of(root)
-    prefix, module = "", root
-    while True:
-        own = [
-            i
-            for i, e in enumerate(leaves)
-            if e.path == prefix or (e.weight is not None and e.module is module)
-        ]
-        kids = []
-        for name, child in module.named_children():
-            path = f"{prefix}.{name}" if prefix else name
-            idx = [i for i, (p, _) in enumerate(leaves) if p == path or p.startswith(path + ".")]
-            if idx:
-                kids.append((path, child, idx))
-        if len(kids) == 1 and not own and next(kids[0][1].children(), None) is not None:
-            prefix, module = kids[0][0], kids[0][1]
-            continue
-        break
-    groups = (
-        [Group(prefix or "(own weights)", tuple(own), tuple(leaves[i][0] for i in own))]
-        if own
-        else []
+def _has_weights(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def _is_stack(module: nn.Module) -> bool:
+    """A Sequential/ModuleList of two or more children with weights: stages, or blocks of one."""
+    return isinstance(module, nn.Sequential | nn.ModuleList) and (
+        sum(1 for c in module.children() if _has_weights(c)) >= 2
     )
-    groups += [Group(path, tuple(idx), tuple(leaves[i][0] for i in idx)) for path, _, idx in kids]
-    return groups
 
 
-def _stage_groups(root: nn.Module) -> list[Group]:
-    """The model's own stages, bottom to top.
+def _stage_paths(module: nn.Module, prefix: str = "") -> list[str]:
+    """Module paths, bottom to top, whose leaves form one group each (see :func:`layer_groups`)."""
+    kids = [
+        (f"{prefix}.{name}" if prefix else name, child)
+        for name, child in module.named_children()
+        if _has_weights(child)
+    ]
+    own = next(module.parameters(recurse=False), None) is not None
+    if len(kids) == 1 and not own and next(kids[0][1].children(), None) is not None:
+        return _stage_paths(kids[0][1], kids[0][0])  # a single-child wrapper: look through
+    if _is_stack(module):
+        return [path for path, _ in kids]  # a stack's children are its stages
+    alike = Counter(_signature(c) for _, c in kids if _is_stack(c))
+    out: list[str] = []
+    for path, child in kids:
+        if _is_stack(child) and alike[_signature(child)] >= 2:
+            out.append(path)  # one of several like stacks: a stage (ResNet's layer1..4)
+        elif any(_is_stack(m) for m in child.modules()):
+            out += _stage_paths(child, path)  # a stack inside: its children are the stages
+        else:
+            out.append(path)
+    return out
 
-    A timm model says them itself (``group_matcher(coarse=True)``: stem, each block
-    stage, the head); otherwise the direct children that own weights, where a child
-    holding more than half the leaf layers (torchvision's ``features``, a Hugging Face
-    ``encoder.layer``, a timm ``blocks``) is split into its own children, again and
-    again (``bert`` -> ``encoder`` -> ``encoder.layer`` -> ``encoder.layer.0``, ...).
+
+def _signature(stack: nn.Module) -> frozenset[str]:
+    return frozenset(type(c).__name__ for c in stack.children() if _has_weights(c))
+
+
+def _groups_of(leaves: list, keys: list[Any]) -> list[Group]:
+    """One group per distinct key, in order of first appearance (leaves with key None join the previous one).
+
+    A group is named by the shortest module paths that hold its leaves and none of
+    another group's (``"layer1"``, ``"blocks.6+conv_head+bn2"``).
+    """
+    order: dict[Any, list[int]] = {}
+    last = None
+    for i, key in enumerate(keys):
+        key = last if key is None else key
+        last = key
+        order.setdefault(key, []).append(i)
+    owner = {leaves[i][0]: g for g, idx in enumerate(order.values()) for i in idx}
+    out = []
+    for g, idx in enumerate(order.values()):
+        names: list[str] = []
+        for i in idx:
+            parts = leaves[i][0].split(".")
+            for depth in range(1, len(parts) + 1):
+                prefix = ".".join(parts[:depth])
+                if all(
+                    o == g
+                    for path, o in owner.items()
+                    if path == prefix or path.startswith(prefix + ".")
+                ):
+                    break
+            if prefix not in names:
+                names.append(prefix)
+        paths = tuple(leaves[i][0] for i in idx)
+        out.append(Group("+".join(names), tuple(idx), paths))
+    return out
+
+
+def _timm_groups(root: nn.Module, leaves: list) -> list[Group] | None:
+    """Groups from a timm model's own ``group_matcher(coarse=True)`` (its stages); None if it has none."""
+    matcher = getattr(root, "group_matcher", None)
+    if not callable(matcher):
+        return None
+    try:
+        from timm.models import group_parameters
+
+        spec = matcher(coarse=True)
+        by_group = group_parameters(root, spec)
+    except (ImportError, TypeError, ValueError, AttributeError):
+        return None
+    gid = {name: g for g, names in by_group.items() for name in names}
+    names = {id(p): n for n, p in root.named_parameters()}
+    keys = []
+    for entry in leaves:
+        ids = [gid[names[id(p)]] for p in entry.params() if names.get(id(p)) in gid]
+        keys.append(min(ids) if ids else None)
+    if all(k is None for k in keys):
+        return None
+    return _groups_of(leaves, keys)
+
+
+def _model_groups(root: nn.Module) -> list[Group]:
+    """The default groups: what the model says about its stages, else its children.
+
+    A timm model's ``group_matcher(coarse=True)``; otherwise its stage modules: a stack
+    (``Sequential``/``ModuleList``) found under single-weighted-child paths is split into
+    its children (Hugging Face ``encoder.layer.N`` and ``h.N``, torchvision
+    ``features.N``), sibling stacks are stages themselves (ResNet ``layer1``..``layer4``),
+    everything else is one group per child that owns weights.
     """
     leaves = select.leaves_of(root)
-    matcher = getattr(root, "group_matcher", None)
-    if callable(matcher) and "timm" in sys.modules:
-        try:
-            named = importlib.import_module("timm.models").group_parameters(
-                root, matcher(coarse=True)
-            )
-        except Exception:  # a model whose matcher timm cannot apply: the generic rule
-            named = None
-        if named:
-            group_of = {n: k for k, names in named.items() for n in names}
-            params = dict(root.named_parameters())
-            by_id = {id(params[n]): k for n, k in group_of.items() if n in params}
-            order: dict[Any, list[int]] = {}
-            for i, e in enumerate(leaves):
-                ks = [by_id[id(t)] for t in e.params() if id(t) in by_id]
-                if ks:
-                    order.setdefault(ks[0], []).append(i)
-            out = [
-                Group(
-                    _common_path([leaves[i][0] for i in idx]),
-                    tuple(idx),
-                    tuple(leaves[i][0] for i in idx),
-                )
-                for _, idx in sorted(order.items(), key=lambda kv: min(kv[1]))
-            ]
-            if len(out) > 1:
-                return out
-    out = _child_groups(root)
-    while True:
-        big = max(out, key=lambda g: len(g.indices), default=None)
-        if big is None or 2 * len(big.indices) <= len(leaves) or big.name == "(own weights)":
-            return out
-        try:
-            module = root.get_submodule(big.name)
-        except AttributeError:
-            return out
-        parts = []
-        for name, _ in module.named_children():
-            path = f"{big.name}.{name}"
-            idx = tuple(
-                i
-                for i in big.indices
-                if leaves[i][0] == path or leaves[i][0].startswith(path + ".")
-            )
-            if idx:
-                parts.append(Group(path, idx, tuple(leaves[i][0] for i in idx)))
-        rest = set(big.indices) - {i for g in parts for i in g.indices}
-        if not parts or rest:  # a leaf, or weights of its own beside its children
-            return out
-        at = out.index(big)  # (one child: a wrapper such as ``encoder``; look inside it)
-        out = out[:at] + parts + out[at + 1 :]
-
-
-def _common_path(paths: list[str]) -> str:
-    """``blocks.1`` for ``blocks.1.0.conv``, ``blocks.1.1.bn``; the first path if none is shared."""
-    split = [p.split(".") for p in paths]
-    common = []
-    for parts in zip(*split):
-        if len(set(parts)) != 1:
-            break
-        common.append(parts[0])
-    if common and len(paths) > 1:
-        return ".".join(common)
-    return paths[0] if len(paths) == 1 else f"{paths[0]} .. {paths[-1]}"
+    timm = _timm_groups(root, leaves)
+    if timm is not None:
+        return timm
+    paths = _stage_paths(root)
+    keys: list[Any] = []
+    for e in leaves:
+        match = [p for p in paths if e.path == p or e.path.startswith(p + ".")]
+        # weights a module owns beside its children (a class token) are a group of their own
+        keys.append(max(match, key=len) if match else f"own:{e.path}")
+    return _groups_of(leaves, keys)
 
 
 def layer_groups(base: Layer | nn.Module, groups: GroupsSpec = None) -> list[Group]:
     """The blocks of ``base`` a schedule works on, bottom to top.
 
-    ``None``: the base's direct children that own weights (through single-child
-    wrappers); ``"stages"``: the model's own stages (timm's ``group_matcher``;
-    otherwise the children, with a child holding most of the model split into its
-    children: torchvision's ``features.N``, Hugging Face ``encoder.layer.N``); ``n``
-    (int): the leaf layers split into ``n`` contiguous, near-equal runs; a list of
-    selectors or glob strings: one group each, in the order given (bottom first),
-    disjoint.
+    ``None`` or ``"stages"``: the model's own stages: a timm model's ``group_matcher(coarse=True)``;
+    otherwise a stack of blocks found through single-child paths is split into its
+    children (Hugging Face ``encoder.layer.N`` / ``h.N``, torchvision ``features.N``),
+    sibling stacks are stages (ResNet ``layer1``..``layer4``), and every other child that
+    owns weights is a group (through single-child wrappers); a model that is one opaque
+    block falls back to its leaf layers. ``n`` (int): the leaf layers split into ``n`` contiguous, near-equal
+    runs; a list of selectors or glob strings: one group each, in the order given
+    (bottom first), disjoint.
 
     >>> from torch import nn
     >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
@@ -233,13 +246,11 @@ def layer_groups(base: Layer | nn.Module, groups: GroupsSpec = None) -> list[Gro
     leaves = select.leaves_of(layer.module)
     if not leaves:
         raise SelectionError(f"{layer.name!r} has no layer with weights: nothing to group")
-    if groups is None:
-        out = _child_groups(layer.module)
+    if groups is None or groups == "stages":
+        out = _model_groups(layer.module)
         if len(out) < 2 and len(leaves) > 1:  # one opaque block: fall back to leaf layers
             out = [Group(p or layer.name, (i,), (p,)) for i, (p, _) in enumerate(leaves)]
         return out
-    if groups == "stages":
-        return _stage_groups(layer.module)
     if isinstance(groups, bool):
         raise TypeError("groups must be None, an int or a list of selectors, got a bool")
     if isinstance(groups, int):
@@ -552,6 +563,22 @@ def _regroup(model: Model) -> bool:
     return live is not None and live.regroup()
 
 
+class GroupRates(list):
+    """Rows ``{"group", "layers", "params", "learning_rate"}``, bottom to top; prints as a table."""
+
+    def __str__(self) -> str:
+        head = ("group", "layers", "params", "learning rate")
+        cells = [head] + [
+            (r["group"], str(r["layers"]), f"{r['params']:,}", f"{r['learning_rate']:.6g}")
+            for r in self
+        ]
+        widths = [max(len(c[i]) for c in cells) for i in range(4)]
+        return "\n".join(
+            "  ".join(c[i].ljust(widths[i]) if i == 0 else c[i].rjust(widths[i]) for i in range(4))
+            for c in cells
+        )
+
+
 class DiscriminativeLR(_BaseSchedule):
     """Layer-wise learning rates for the groups of ``base`` (ULMFiT's discriminative fine-tuning).
 
@@ -561,6 +588,9 @@ class DiscriminativeLR(_BaseSchedule):
     like fastai's ``slice(lo, hi)``. ``base_lr=None`` takes the compile rate. Frozen
     groups get their rate too and use it once unfrozen (works with
     :class:`GradualUnfreezing`). Parameters outside ``base`` keep the compile rate.
+    The groups are the model's own stages by default (:func:`layer_groups`: timm's
+    ``group_matcher``, torchvision's and Hugging Face's stage modules);
+    :meth:`dry_run` shows them with their rates.
     The rates land in ``model.optimizer.param_groups`` when each fit begins (optimizer
     state is kept; a recompile clears them and the next fit sets them again); a
     learning-rate schedule scales them all, keeping their ratios.
@@ -623,6 +653,35 @@ class DiscriminativeLR(_BaseSchedule):
                 return [hi]
             return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
         return [top_lr * self.decay ** (n - 1 - i) for i in range(n)]
+
+    def dry_run(self, model: Model | nn.Module) -> GroupRates:
+        """The groups of ``base`` inside ``model`` and the rate each would get; changes nothing.
+
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+        >>> print(DiscriminativeLR(net, 1e-3).dry_run(net))
+        group  layers  params  learning rate
+        0           1      40        0.00025
+        1           1      72         0.0005
+        2           1      18          0.001
+        """
+        if isinstance(model, nn.Module):
+            from frostline.api.model import Model
+
+            model = Model(model)
+        self.set_model(model)
+        assert self.base is not None
+        top = self.base_lr if self.base_lr is not None else model.learning_rate
+        rows = [
+            {
+                "group": g.name,
+                "layers": len(g.indices),
+                "params": sum(p.numel() for p in g.params(self.base.module)),
+                "learning_rate": float(lr),
+            }
+            for g, lr in zip(self.groups, self.compute_rates(top))
+        ]
+        return GroupRates(rows)
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         assert self.base is not None
