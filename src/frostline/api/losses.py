@@ -37,8 +37,54 @@ class Loss:
     def __call__(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def per_sample(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
+        """The unreduced losses (Keras's: one per sample, reduced over the last axis)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} defines no per-sample losses, so it cannot weigh samples "
+            "(sample_weight / class_weight); define per_sample(y_pred, y_true)"
+        )
+
+    def weighted(
+        self, y_pred: torch.Tensor, y_true: torch.Tensor, sample_weight: torch.Tensor
+    ) -> torch.Tensor:
+        """The loss with per-sample weights, reduced as Keras reduces it
+        (``"sum_over_batch_size"``: the sum of the weighted losses over their number).
+
+        >>> mse = MeanSquaredError()
+        >>> mse.weighted(torch.tensor([[1.0], [2.0]]), torch.zeros(2, 1), torch.tensor([1.0, 0.0]))
+        tensor(0.5000)
+        """
+        return reduce_weighted(self.per_sample(y_pred, y_true), sample_weight)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(from_logits={self.from_logits})"
+
+
+def reduce_weighted(values: torch.Tensor, sample_weight: torch.Tensor) -> torch.Tensor:
+    """``sum(values * sample_weight) / values.numel()``, the weights brought to the values'
+    rank first (trailing axes added or size-1 ones dropped, as Keras's
+    ``squeeze_or_expand_to_same_rank``).
+
+    >>> reduce_weighted(torch.tensor([[1.0, 3.0], [2.0, 2.0]]), torch.tensor([2.0, 0.0]))
+    tensor(2.)
+    """
+    sw = sample_weight.to(device=values.device, dtype=values.dtype)
+    while sw.dim() > values.dim() and sw.shape[-1] == 1:
+        sw = sw.squeeze(-1)
+    sw = sw.reshape(*sw.shape, *([1] * (values.dim() - sw.dim())))
+    try:
+        weighted = values * sw
+    except RuntimeError:
+        raise ValueError(
+            f"sample_weight of shape {tuple(sample_weight.shape)} does not fit the per-sample "
+            f"losses of shape {tuple(values.shape)}; expected one weight per sample, shape "
+            f"({values.shape[0] if values.dim() else 1},)"
+        ) from None
+    return weighted.sum() / max(values.numel(), 1)
+
+
+def _last_axis_mean(values: torch.Tensor) -> torch.Tensor:
+    return values.mean(dim=-1) if values.dim() >= 2 else values
 
 
 def ends_in_probabilities(module: nn.Module) -> bool:
@@ -85,6 +131,12 @@ class SparseCategoricalCrossentropy(Loss):
             return F.nll_loss(torch.log(y_pred.clamp_min(1e-7)), y_true)
         return F.cross_entropy(y_pred, y_true)
 
+    def per_sample(self, y_pred, y_true):
+        y_true = _check_class_targets(y_pred, y_true, self.name)
+        if self.from_logits is False:
+            return F.nll_loss(torch.log(y_pred.clamp_min(1e-7)), y_true, reduction="none")
+        return F.cross_entropy(y_pred, y_true, reduction="none")
+
 
 class CategoricalCrossentropy(Loss):
     """One-hot (or soft) targets against class scores."""
@@ -92,15 +144,24 @@ class CategoricalCrossentropy(Loss):
     name = "categorical_crossentropy"
 
     def __call__(self, y_pred, y_true):
+        y_true = self._checked(y_pred, y_true)
+        if self.from_logits is False:
+            return self.per_sample(y_pred, y_true).mean()
+        return F.cross_entropy(y_pred, y_true)
+
+    def _checked(self, y_pred, y_true):
         if y_true.shape != y_pred.shape:
             raise LabelError(
                 f"{self.name}: targets must be one-hot with shape {tuple(y_pred.shape)}, got {tuple(y_true.shape)}; for integer labels use 'sparse_categorical_crossentropy'"
             )
-        y_true = y_true.to(y_pred.dtype)
+        return y_true.to(y_pred.dtype)
+
+    def per_sample(self, y_pred, y_true):
+        y_true = self._checked(y_pred, y_true)
         if self.from_logits is False:
             p = y_pred / y_pred.sum(dim=-1, keepdim=True)
-            return -(y_true * torch.log(p.clamp_min(1e-7))).sum(dim=-1).mean()
-        return F.cross_entropy(y_pred, y_true)
+            return -(y_true * torch.log(p.clamp_min(1e-7))).sum(dim=-1)
+        return F.cross_entropy(y_pred, y_true, reduction="none")
 
 
 class BinaryCrossentropy(Loss):
@@ -109,6 +170,20 @@ class BinaryCrossentropy(Loss):
     name = "binary_crossentropy"
 
     def __call__(self, y_pred, y_true):
+        y_true = self._checked(y_pred, y_true)
+        if self.from_logits is False:
+            return F.binary_cross_entropy(y_pred.clamp(1e-7, 1 - 1e-7), y_true)
+        return F.binary_cross_entropy_with_logits(y_pred, y_true)
+
+    def per_sample(self, y_pred, y_true):
+        y_true = self._checked(y_pred, y_true)
+        if self.from_logits is False:
+            values = F.binary_cross_entropy(y_pred.clamp(1e-7, 1 - 1e-7), y_true, reduction="none")
+        else:
+            values = F.binary_cross_entropy_with_logits(y_pred, y_true, reduction="none")
+        return _last_axis_mean(values)
+
+    def _checked(self, y_pred, y_true):
         y_true = (
             y_true.to(y_pred.dtype).reshape(y_pred.shape)
             if y_true.numel() == y_pred.numel()
@@ -122,9 +197,7 @@ class BinaryCrossentropy(Loss):
             raise LabelError(
                 f"{self.name}: targets must be in [0, 1], got values in [{y_true.min().item()}, {y_true.max().item()}]"
             )
-        if self.from_logits is False:
-            return F.binary_cross_entropy(y_pred.clamp(1e-7, 1 - 1e-7), y_true)
-        return F.binary_cross_entropy_with_logits(y_pred, y_true)
+        return y_true
 
 
 class _Regression(Loss):
@@ -134,11 +207,18 @@ class _Regression(Loss):
         self.from_logits = None
 
     def __call__(self, y_pred, y_true):
+        return type(self).fn(y_pred, self._checked(y_pred, y_true))
+
+    def per_sample(self, y_pred, y_true):
+        values = type(self).fn(y_pred, self._checked(y_pred, y_true), reduction="none")
+        return _last_axis_mean(values)
+
+    def _checked(self, y_pred, y_true):
         if y_true.numel() != y_pred.numel():
             raise LabelError(
                 f"{self.name}: targets shape {tuple(y_true.shape)} does not match predictions {tuple(y_pred.shape)}"
             )
-        return type(self).fn(y_pred, y_true.to(y_pred.dtype).reshape(y_pred.shape))
+        return y_true.to(y_pred.dtype).reshape(y_pred.shape)
 
 
 class MeanSquaredError(_Regression):
@@ -184,6 +264,18 @@ class _Callable(Loss):
             raise ValueError(f"loss {self.name} must return a scalar tensor, got {shape}")
         return out
 
+    def per_sample(self, y_pred, y_true):
+        out = self.fn(y_pred, y_true)
+        if not isinstance(out, torch.Tensor) or out.dim() == 0 or len(out) != len(y_pred):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"loss {self.name} returned {shape}, so it cannot weigh samples (sample_weight / "
+                "class_weight): a weighted loss needs one loss per sample, shape "
+                f"({len(y_pred)},); return the unreduced losses when weights are given, or use "
+                "a frostline Loss"
+            )
+        return _last_axis_mean(out)
+
 
 def get(identifier) -> Loss:
     """Resolve ``compile(loss=...)``: a Keras name, a :class:`Loss`, an ``nn.Module`` or a callable.
@@ -220,4 +312,5 @@ __all__ = [
     "SparseCategoricalCrossentropy",
     "ends_in_probabilities",
     "get",
+    "reduce_weighted",
 ]

@@ -28,24 +28,40 @@ class Metric:
 
     def reset(self) -> None:
         self._total = 0.0
-        self._count = 0
+        self._count: float = 0
 
     def values(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     @torch.no_grad()
-    def update(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> None:
+    def update(
+        self, y_pred: torch.Tensor, y_true: torch.Tensor, sample_weight: torch.Tensor | None = None
+    ) -> None:
+        """Add a batch; with ``sample_weight`` each value counts its weight (Keras's ``Mean``).
+
+        >>> m = MeanAbsoluteError(); m.update(torch.tensor([[1.0], [3.0]]), torch.zeros(2, 1),
+        ...                                     torch.tensor([3.0, 1.0])); m.result()
+        1.5
+        """
         v = self.values(y_pred.detach(), y_true)
-        self._total += float(v.double().sum())
-        self._count += v.numel()
+        if sample_weight is None:
+            self._total += float(v.double().sum())
+            self._count += v.numel()
+            return
+        sw = sample_weight.to(device=v.device, dtype=torch.float64)
+        while sw.dim() > v.dim() and sw.shape[-1] == 1:
+            sw = sw.squeeze(-1)
+        sw = sw.reshape(*sw.shape, *([1] * (v.dim() - sw.dim()))).expand(v.shape)
+        self._total += float((v.double() * sw).sum())
+        self._count += float(sw.sum())
 
     def result(self) -> float:
         return self._total / self._count if self._count else float("nan")
 
-    def merge_state(self) -> tuple[float, int]:
+    def merge_state(self) -> tuple[float, float]:
         return self._total, self._count
 
-    def set_state(self, total: float, count: int) -> None:
+    def set_state(self, total: float, count: float) -> None:
         self._total, self._count = total, count
 
 
@@ -130,7 +146,12 @@ class TorchMetric(Metric):
         self.metric.reset()
 
     @torch.no_grad()
-    def update(self, y_pred, y_true):
+    def update(self, y_pred, y_true, sample_weight=None):
+        if sample_weight is not None:
+            raise TypeError(
+                f"the torchmetrics metric {self.name!r} takes no sample weights: list it in "
+                "metrics=, not weighted_metrics="
+            )
         self.metric.update(y_pred.detach(), y_true)
 
     def result(self) -> float:

@@ -118,6 +118,7 @@ class Model(Layer):
         loss=None,
         metrics=None,
         loss_weights=None,
+        weighted_metrics=None,
         *,
         device=None,
         precision: str | None = None,
@@ -130,6 +131,9 @@ class Model(Layer):
         Every parameter starts at this optimizer's rate: rates given earlier with
         ``unfreeze(..., learning_rate=...)`` are cleared (give them after compiling).
 
+        ``weighted_metrics``: metrics (as ``metrics``) weighted by ``fit``'s and
+        ``evaluate``'s ``sample_weight``/``class_weight``, named as Keras names them
+        (``weighted_accuracy`` where ``accuracy`` is also an unweighted metric).
         ``precision``: None (float32), ``"bf16"`` or ``"fp16"`` autocast.
         ``scheduler``: a factory ``optimizer -> torch LR scheduler``; it is rebuilt and
         fast-forwarded when layers are frozen or unfrozen.
@@ -156,7 +160,7 @@ class Model(Layer):
             scaler = torch.amp.GradScaler("cuda")
         self._config = CompileConfig(
             optimizer=spec,
-            objective=Objective(loss, metrics, loss_weights, self._module),
+            objective=Objective(loss, metrics, loss_weights, self._module, weighted_metrics),
             device=dev,
             precision=precision,
             scheduler=scheduler,
@@ -230,10 +234,26 @@ class Model(Layer):
         validation_split: float = 0.0,
         validation_data=None,
         shuffle: bool = True,
+        class_weight: dict | None = None,
+        sample_weight=None,
         initial_epoch: int = 0,
+        steps_per_epoch: int | None = None,
+        validation_steps: int | None = None,
+        validation_batch_size: int | None = None,
+        validation_freq: int | Sequence[int] = 1,
         **options,
     ) -> History:
         """Train; returns a History (``history.history["loss"]`` etc.).
+
+        The arguments are Keras 3's, in its order, with its meaning: ``class_weight``
+        (``{class: weight}``, one output) and ``sample_weight`` (one weight per sample;
+        a Dataset or loader gives them as a third item element, ``(x, y, sample_weight)``)
+        weigh each sample's loss, reduced as Keras reduces it (the sum of the weighted
+        losses over the batch size); ``validation_data`` may be ``(x, y, sample_weight)``;
+        ``steps_per_epoch`` makes an epoch that many batches, the next one going on where
+        the last stopped; ``validation_steps`` and ``validation_batch_size`` bound the
+        validation run, done at the epochs ``validation_freq`` says (every N-th, or the
+        1-based epochs listed).
 
         Extra options: ``seed``, ``cache`` (True/False/"auto"), ``cache_memory_bytes``,
         ``cache_dtype``, ``cache_dir``, ``checkpoint_dir``, ``keep_checkpoints``,
@@ -251,6 +271,13 @@ class Model(Layer):
         ``None``, the default, draws afresh every epoch and caches nothing random).
         ``x`` may be an array, a tuple of arrays (positional model inputs) or a dict of
         arrays (keyword inputs such as ``input_ids`` and ``attention_mask``).
+
+        >>> import numpy as np, frostline as fl
+        >>> m = fl.wrap(nn.Linear(3, 2)); m.compile("sgd", "sparse_categorical_crossentropy")
+        >>> h = m.fit(np.ones((8, 3), "float32"), np.array([0, 1] * 4), class_weight={1: 3.0},
+        ...           epochs=2, verbose=0)
+        >>> len(h.history["loss"])
+        2
         """
         if "unfreeze_next" in options:
             options["unfreeze_next"] = parameters_of(options["unfreeze_next"], "unfreeze_next")
@@ -264,7 +291,13 @@ class Model(Layer):
             validation_split=validation_split,
             validation_data=validation_data,
             shuffle=shuffle,
+            class_weight=class_weight,
+            sample_weight=sample_weight,
             initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch,
+            validation_steps=validation_steps,
+            validation_batch_size=validation_batch_size,
+            validation_freq=validation_freq,
             **options,
         )
         return self._get_trainer().fit(x, y, opts)
@@ -275,23 +308,31 @@ class Model(Layer):
         y=None,
         batch_size: int | None = None,
         verbose="auto",
-        return_dict: bool = False,
+        sample_weight=None,
+        steps: int | None = None,
         callbacks=None,
+        return_dict: bool = False,
     ):
-        """Loss and metrics on data (a scalar, a list, or a dict with ``return_dict=True``)."""
+        """Loss and metrics on data (a scalar, a list, or a dict with ``return_dict=True``);
+        ``sample_weight`` and ``steps`` (the first that many batches) as in Keras."""
         return self._get_trainer().evaluate(
             x,
             y,
             batch_size=batch_size,
             verbose=verbose,
+            sample_weight=sample_weight,
+            steps=steps,
             return_dict=return_dict,
             callbacks=callbacks,
         )
 
-    def predict(self, x, batch_size: int | None = None, verbose=0, callbacks=None):
-        """Outputs for ``x`` as a NumPy array (a dict/tuple of arrays for several outputs)."""
+    def predict(
+        self, x, batch_size: int | None = None, verbose=0, steps: int | None = None, callbacks=None
+    ):
+        """Outputs for ``x`` as a NumPy array (a dict/tuple of arrays for several outputs);
+        ``steps``: only the first that many batches."""
         return self._get_trainer().predict(
-            x, batch_size=batch_size, verbose=verbose, callbacks=callbacks
+            x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks
         )
 
     # -- reporting -----------------------------------------------------------------

@@ -47,7 +47,12 @@ def describe(obj) -> str:
 
 class Objective:
     def __init__(
-        self, loss, metrics=None, loss_weights=None, module: nn.Module | None = None
+        self,
+        loss,
+        metrics=None,
+        loss_weights=None,
+        module: nn.Module | None = None,
+        weighted_metrics=None,
     ) -> None:
         if loss is None:
             raise ValueError(
@@ -68,6 +73,15 @@ class Objective:
             for fn in self.losses.values():
                 fn.configure(module)
         self.metrics = self._metrics(metrics)
+        self.weighted_metrics = self._metrics(weighted_metrics, "weighted_metrics")
+        for ms in self.weighted_metrics.values():
+            for m in ms:
+                if isinstance(m, metrics_mod.TorchMetric):
+                    raise TypeError(
+                        f"weighted_metrics: the torchmetrics metric {m.name!r} takes no sample "
+                        "weights; list it in metrics= instead"
+                    )
+        self._log_names = self._names()
         self.reset()
 
     def _weights(self, lw) -> dict:
@@ -90,7 +104,7 @@ class Objective:
             f"loss_weights must be a dict or a list with one weight per output ({len(self.keys)}), got {lw!r}"
         )
 
-    def _metrics(self, metrics) -> dict:
+    def _metrics(self, metrics, what: str = "metrics") -> dict:
         out: dict = {k: [] for k in self.keys}
         if metrics is None:
             return out
@@ -98,7 +112,7 @@ class Objective:
             for k, ms in metrics.items():
                 if k not in out:
                     raise ValueError(
-                        f"metrics names output {k!r}, which has no loss; outputs: {self.keys}"
+                        f"{what} names output {k!r}, which has no loss; outputs: {self.keys}"
                     )
                 out[k] = [metrics_mod.get(m) for m in ([ms] if isinstance(ms, str) else ms)]
             return out
@@ -107,6 +121,33 @@ class Objective:
         for k in self.keys:
             out[k] = [metrics_mod.get(m) for m in metrics]
         return out
+
+    def _names(self) -> dict[tuple[bool, object, int], str]:
+        """Each metric's log name, as Keras names them: ``<output>_<name>``; a weighted
+        metric whose name is taken by an unweighted one becomes ``weighted_<name>``
+        (then ``_1``, ``_2``, ... for further repeats)."""
+        names: dict[tuple[bool, object, int], str] = {}
+        seen: dict[str, int] = {}
+        for weighted, table in ((False, self.metrics), (True, self.weighted_metrics)):
+            for k, ms in table.items():
+                for i, m in enumerate(ms):
+                    name = self._name(k, m.name)
+                    if name in seen:
+                        if weighted:
+                            name = self._name(k, f"weighted_{m.name}")
+                        if name in seen:
+                            seen[name] += 1
+                            name = f"{name}_{seen[name] - 1}"
+                    seen.setdefault(name, 1)
+                    names[(weighted, k, i)] = name
+        return names
+
+    def _all_metrics(self):
+        """``(log name, output key, metric, weighted)`` for every compiled metric."""
+        for weighted, table in ((False, self.metrics), (True, self.weighted_metrics)):
+            for k, ms in table.items():
+                for i, m in enumerate(ms):
+                    yield self._log_names[(weighted, k, i)], k, m, weighted
 
     # -- helpers -------------------------------------------------------------------
     def direction(self, log_key: str) -> str | None:
@@ -120,10 +161,9 @@ class Objective:
         name = log_key.removeprefix("val_")
         if name == "loss" or any(name == self._name(k, "loss") for k in self.keys):
             return "down"
-        for k, ms in self.metrics.items():
-            for m in ms:
-                if self._name(k, m.name) == name:
-                    return m.direction
+        for log_name, _, m, _ in self._all_metrics():
+            if log_name == name:
+                return m.direction
         return None
 
     def _name(self, key, base: str) -> str:
@@ -211,7 +251,18 @@ class Objective:
         return targets[order.index(key)]
 
     # -- loss ----------------------------------------------------------------------
-    def __call__(self, outputs, targets) -> tuple[torch.Tensor, dict[str, float]]:
+    def _weights_for(self, sample_weight, key, outputs):
+        """The sample weights of output ``key``: one tensor for every output, or one per
+        output (a dict by name or a list/tuple by position, as targets)."""
+        if sample_weight is None or isinstance(sample_weight, torch.Tensor):
+            return sample_weight
+        return self._target(sample_weight, key, outputs)
+
+    def __call__(
+        self, outputs, targets, sample_weight=None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The total loss (weighted by ``loss_weights``) and, for several outputs, each
+        output's loss; ``sample_weight`` weighs each sample's loss as Keras does."""
         total = None
         parts: dict[str, float] = {}
         for k in self.keys:
@@ -219,8 +270,12 @@ class Objective:
             true = self._target(targets, k, outputs)
             if not isinstance(pred, torch.Tensor):
                 raise self._mismatch(f"output {k!r} is not a tensor", outputs, targets)
-            value = self.losses[k](
-                pred.float() if pred.dtype in (torch.float16, torch.bfloat16) else pred, true
+            pred = pred.float() if pred.dtype in (torch.float16, torch.bfloat16) else pred
+            sw = self._weights_for(sample_weight, k, outputs)
+            value = (
+                self.losses[k](pred, true)
+                if sw is None
+                else self.losses[k].weighted(pred, true, sw)
             )
             if self.multi:
                 parts[self._name(k, "loss")] = float(value.detach())
@@ -234,21 +289,24 @@ class Objective:
         self._loss_sum = 0.0
         self._parts_sum: dict[str, float] = {}
         self._count = 0
-        for ms in self.metrics.values():
-            for m in ms:
-                m.reset()
+        for _, _, m, _ in self._all_metrics():
+            m.reset()
 
-    def update(self, outputs, targets, loss: float, parts: dict[str, float], n: int) -> None:
+    def update(
+        self, outputs, targets, loss: float, parts: dict[str, float], n: int, sample_weight=None
+    ) -> None:
+        """Add a batch of ``n`` samples: the losses count per sample (Keras's loss
+        tracker), ``metrics`` unweighted and ``weighted_metrics`` with ``sample_weight``."""
         self._loss_sum += loss * n
         for k, v in parts.items():
             self._parts_sum[k] = self._parts_sum.get(k, 0.0) + v * n
         self._count += n
-        for k, ms in self.metrics.items():
-            if not ms:
-                continue
+        for _, k, m, weighted in self._all_metrics():
             pred = self._output(outputs, k, targets)
             true = self._target(targets, k, outputs)
-            for m in ms:
+            if weighted and sample_weight is not None:
+                m.update(pred.float(), true, self._weights_for(sample_weight, k, outputs))
+            else:
                 m.update(pred.float(), true)
 
     def results(self) -> dict[str, float]:
@@ -256,18 +314,16 @@ class Objective:
         logs = {"loss": self._loss_sum / n if n else math.nan}
         for k, v in self._parts_sum.items():
             logs[k] = v / n
-        for k, ms in self.metrics.items():
-            for m in ms:
-                logs[self._name(k, m.name)] = float(m.result())
+        for name, _, m, _ in self._all_metrics():
+            logs[name] = float(m.result())
         return logs
 
-    def state(self) -> dict[str, tuple[float, int]]:
+    def state(self) -> dict[str, tuple[float, float]]:
         """Sums and counts, for averaging across processes."""
-        st = {"loss": (self._loss_sum, self._count)}
+        st: dict[str, tuple[float, float]] = {"loss": (self._loss_sum, self._count)}
         for k, v in self._parts_sum.items():
             st[k] = (v, self._count)
-        for k, ms in self.metrics.items():
-            for m in ms:
-                if hasattr(m, "merge_state") and not isinstance(m, metrics_mod.TorchMetric):
-                    st[self._name(k, m.name)] = m.merge_state()
+        for name, _, m, _ in self._all_metrics():
+            if hasattr(m, "merge_state") and not isinstance(m, metrics_mod.TorchMetric):
+                st[name] = m.merge_state()
         return st

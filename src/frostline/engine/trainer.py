@@ -13,7 +13,7 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +56,13 @@ class FitOptions:
     validation_split: float = 0.0
     validation_data: Any = None
     shuffle: bool = True
+    class_weight: Mapping | None = None
+    sample_weight: Any = None
     initial_epoch: int = 0
+    steps_per_epoch: int | None = None
+    validation_steps: int | None = None
+    validation_batch_size: int | None = None
+    validation_freq: int | Sequence[int] = 1
     seed: int | None = None
     cache: bool | str = "auto"
     cache_memory_bytes: int = 2 << 30
@@ -77,6 +83,22 @@ class FitOptions:
         if self.on_nan not in ("raise", "stop"):
             raise ValueError(f"on_nan must be 'raise' or 'stop', got {self.on_nan!r}")
         data_mod.check_batch_size(self.batch_size)
+        data_mod.check_batch_size(self.validation_batch_size)
+        for name in ("steps_per_epoch", "validation_steps"):
+            if getattr(self, name) is not None:
+                require_int(name, getattr(self, name), minimum=1)
+        data_mod.check_class_weight(self.class_weight)
+        if self.class_weight is not None and self.sample_weight is not None:
+            raise ValueError(
+                "class_weight and sample_weight cannot both be given (as in Keras): multiply "
+                "the class weights into the sample weights instead"
+            )
+        freq = self.validation_freq
+        if isinstance(freq, list | tuple | set | range):
+            for e in freq:
+                require_int("each epoch in validation_freq", e, minimum=1)
+        else:
+            require_int("validation_freq (an int, or a list of 1-based epochs)", freq, minimum=1)
 
 
 def _autocast(device: torch.device, precision: str | None):
@@ -274,7 +296,7 @@ class Trainer:
                 cblist.on_epoch_begin(epoch, logs)
                 self._sync()
                 logs, notes = self._train_epoch(train_it, epoch, cblist, stop_on_nan)
-                if val_it is not None:
+                if val_it is not None and _should_validate(epoch, o.validation_freq):
                     val_logs = self._evaluate_data(val_it, "val")
                     logs.update({f"val_{k}": v for k, v in val_logs.items()})
                 logs["epoch_time"] = time.perf_counter() - t0
@@ -313,13 +335,19 @@ class Trainer:
         """The epoch iterators of the training and validation data (device and seeds set)."""
         model, cfg = self.model, self._config()
         batch_size = data_mod.check_batch_size(o.batch_size)
-        x_val = o.validation_data
+        x_val, sw = o.validation_data, o.sample_weight
         if o.validation_split and x_val is None:
-            (x, y, _), x_val = data_mod.split_validation(x, y, o.validation_split)
+            (x, y, sw), x_val = data_mod.split_validation(x, y, o.validation_split, sw)
         elif o.validation_split:
             raise data_mod.DataError("pass either validation_split or validation_data, not both")
-        train = data_mod.prepare(x, y)
-        val = data_mod.unpack_validation(x_val)
+        outputs = len(cfg.objective.keys)
+        if o.class_weight is not None and outputs > 1:
+            raise data_mod.DataError(
+                f"class_weight is only supported for models with a single output (as in Keras); "
+                f"this one has {outputs} losses: pass sample_weight instead"
+            )
+        train = data_mod.prepare(x, y, sw, outputs=outputs)
+        val = data_mod.unpack_validation(x_val, outputs=outputs)
         self.ctx = distributed.detect(cfg.device, module=model.module)
         model.module.to(cfg.device)
         distributed.prepare_module(model.module, self.ctx, cfg.device)
@@ -332,6 +360,8 @@ class Trainer:
             batch_size,
             shuffle=o.shuffle,
             seed=seed,
+            steps_per_epoch=o.steps_per_epoch,
+            class_weight=data_mod.check_class_weight(o.class_weight),
             rank=rank,
             world=world,
             on_pass=self._on_pass(train),
@@ -339,7 +369,12 @@ class Trainer:
         val_it = None
         if val is not None:
             val_it = data_mod.EpochIterator(
-                val, batch_size, rank=rank, world=world, on_pass=self._on_pass(val)
+                val,
+                data_mod.check_batch_size(o.validation_batch_size or batch_size),
+                steps_per_epoch=o.validation_steps,
+                rank=rank,
+                world=world,
+                on_pass=self._on_pass(val),
             )
         self._fingerprints = {"train": fingerprint_of(train), "val": fingerprint_of(val)}
         return train_it, val_it
@@ -432,10 +467,10 @@ class Trainer:
         cfg, live = self._config(), self.model.live_optimizer
         assert live is not None
         self._sync()
-        xin, y = self._step_inputs("train", batch)
+        xin, y, sw = self._step_inputs("train", batch)
         with _autocast(cfg.device, cfg.precision):
             out = self._forward(self._suffix(cfg.device), xin)
-            loss, parts = cfg.objective(out, y)
+            loss, parts = cfg.objective(out, y, sw)
         value = distributed.agreed_loss(float(loss.detach()), self.ctx)
         if not math.isfinite(value):
             raise _NonFiniteLoss(value)
@@ -449,18 +484,18 @@ class Trainer:
         live.zero_grad()
         if cfg.scheduler_interval == "step":
             live.scheduler_step()
-        cfg.objective.update(out, y, value, parts, data_mod.batch_len(xin[0]))
+        cfg.objective.update(out, y, value, parts, data_mod.batch_len(xin[0]), sw)
         return cfg.objective.results()
 
     def test_step(self, batch: data_mod.Batch, role: str) -> None:
         """Loss and metrics of one batch, added to the objective's running sums."""
         cfg, runner = self._config(), self.runner
         assert runner is not None
-        xin, y = self._step_inputs(role, batch)
+        xin, y, sw = self._step_inputs(role, batch)
         with _autocast(cfg.device, cfg.precision):
             out = self._forward(runner.suffix, xin)
-        loss, parts = cfg.objective(out, y)
-        cfg.objective.update(out, y, float(loss), parts, data_mod.batch_len(xin[0]))
+        loss, parts = cfg.objective(out, y, sw)
+        cfg.objective.update(out, y, float(loss), parts, data_mod.batch_len(xin[0]), sw)
 
     def predict_step(self, batch: data_mod.Batch, whole: nn.Module, device: torch.device):
         """The whole model's outputs on one batch."""
@@ -478,8 +513,8 @@ class Trainer:
             if role == "train" and not runner.verified:
                 self._verify(x)
             xin = self._prefix(x)
-        y, _ = batch.labels()
-        return xin, _to(y, device)
+        y, sw = batch.labels()
+        return xin, _to(y, device), _to(sw, device)
 
     def _epoch_logs(self, objective) -> dict[str, float]:
         """The epoch's loss and metrics, averaged over all ranks when distributed."""
@@ -543,13 +578,25 @@ class Trainer:
         return self._epoch_logs(self._config().objective)
 
     def evaluate(
-        self, x=None, y=None, *, batch_size=None, verbose="auto", return_dict=False, callbacks=None
+        self,
+        x=None,
+        y=None,
+        *,
+        batch_size=None,
+        verbose="auto",
+        sample_weight=None,
+        steps=None,
+        return_dict=False,
+        callbacks=None,
     ):
         model = self.model
         if model.compile_config is None:
             raise TrainingError("call model.compile(optimizer=..., loss=...) before evaluate()")
         batch_size = data_mod.check_batch_size(batch_size)
-        data = data_mod.prepare(x, y)
+        if steps is not None:
+            require_int("steps", steps, minimum=1)
+        outputs = len(model.compile_config.objective.keys)
+        data = data_mod.prepare(x, y, sample_weight, outputs=outputs)
         model.module.to(model.compile_config.device)
         self._runner(self.runner.cache_setting if self.runner is not None else "auto", None)
         assert self.runner is not None
@@ -558,7 +605,9 @@ class Trainer:
         cbl = CallbackList(callbacks, model)
         cbl.on_test_begin({})
         self._fingerprints = {"evaluate": fingerprint_of(data)}
-        it = data_mod.EpochIterator(data, batch_size, rank=self.ctx.rank, world=self.ctx.world)
+        it = data_mod.EpochIterator(
+            data, batch_size, steps_per_epoch=steps, rank=self.ctx.rank, world=self.ctx.world
+        )
         logs = self._evaluate_data(it, "evaluate")
         cbl.on_test_end(logs)
         if resolve_verbose(verbose) and self.ctx.is_main:
@@ -567,9 +616,11 @@ class Trainer:
             return logs
         return logs["loss"] if len(logs) == 1 else list(logs.values())
 
-    def predict(self, x, *, batch_size=None, verbose=0, callbacks=None):
+    def predict(self, x, *, batch_size=None, verbose=0, steps=None, callbacks=None):
         model = self.model
         batch_size = data_mod.check_batch_size(batch_size)
+        if steps is not None:
+            require_int("steps", steps, minimum=1)
         data = data_mod.prepare(x, None)
         device = (
             model.compile_config.device
@@ -583,7 +634,7 @@ class Trainer:
         module.eval()
         cbl = CallbackList(callbacks, model)
         cbl.on_predict_begin({})
-        it = data_mod.EpochIterator(data, batch_size)
+        it = data_mod.EpochIterator(data, batch_size, steps_per_epoch=steps)
         try:
             with torch.no_grad(), _autocast(device, precision):
                 outs = [self.predict_step(batch, whole, device) for batch in it.epoch(0)]
@@ -591,6 +642,15 @@ class Trainer:
             module.train(was)
         cbl.on_predict_end({})
         return _concat(outs)
+
+
+def _should_validate(epoch: int, freq) -> bool:
+    """Keras's ``validation_freq``: every ``freq``-th epoch, or the (1-based) epochs listed.
+
+    >>> [e for e in range(6) if _should_validate(e, 2)], _should_validate(0, [1, 5])
+    ([1, 3, 5], True)
+    """
+    return (epoch + 1) % freq == 0 if isinstance(freq, int) else epoch + 1 in freq
 
 
 class _NonFiniteLoss(Exception):
