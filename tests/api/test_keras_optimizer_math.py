@@ -351,3 +351,43 @@ def test_signatures_and_defaults_are_keras(name):
     ours = getattr(fl.optimizers, name)().get_config()
     theirs = getattr(keras.optimizers, name)().get_config()
     assert set(theirs) - {"name"} <= set(ours) - {"class"}
+
+
+@pytest.mark.parametrize("name, overwrite", [("SGD", None), ("Adam", 3), ("Nadam", None)])
+def test_fit_with_ema_accumulation_and_loss_scale_matches_keras_fit(name, overwrite, one_thread):
+    """Against Keras's own ``model.fit`` (its train_step, its end-of-fit EMA copy): first
+    layer frozen, 4 epochs, EMA (the end-of-fit copy decides the weights), 5-step
+    accumulation, loss scaling."""
+    lr, momentum = OPTIMIZERS[name]
+    opts = {
+        "learning_rate": lr,
+        "weight_decay": 0.05,
+        **momentum,
+        "use_ema": True,
+        "ema_momentum": 0.8,
+        "ema_overwrite_frequency": overwrite,
+        "gradient_accumulation_steps": 5,
+        "loss_scale_factor": 4.0,
+    }
+    net = torch_model()
+    model = fl.wrap(net)
+    model.layers[0].trainable = False
+    spec = getattr(fl.optimizers, name)(**opts)
+    model.compile(optimizer=spec, loss="mse")
+    x, y = data()
+    frozen = [p.detach().clone() for p in net[0].parameters()]
+    history = model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0)
+    assert all(torch.equal(a, b) for a, b in zip(frozen, net[0].parameters()))
+    ours = [t.detach().numpy() for layer in (net[0], net[2]) for t in (layer.weight, layer.bias)]
+
+    kmodel = keras_model(torch_model())
+    kmodel.layers[0].trainable = False
+    kmodel.compile(optimizer=getattr(keras.optimizers, name)(**opts), loss="mse")
+    khistory = kmodel.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0)
+    theirs = []
+    for layer in kmodel.layers:
+        kernel, bias = layer.get_weights()
+        theirs += [kernel.T, bias]
+    compare(ours, theirs)
+    np.testing.assert_allclose(history.history["loss"], khistory.history["loss"], rtol=1e-4)
+    assert model.optimizer.iterations == int(kmodel.optimizer.iterations) == LAST // 5
