@@ -352,8 +352,8 @@ def test_failure_while_writing_leaves_no_run_dir(tmp_path, capsys, monkeypatch):
     data = write_folder(tmp_path / "data", per_class=3, size=16)
     out = tmp_path / "runs" / "r"
 
-    def boom(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    def boom(path, *args, **kwargs):  # as the kernel says it: errno text and the temporary path
+        raise OSError(28, "No space left on device", str(path))
 
     monkeypatch.setattr(report, "plot_freeze_map", boom)
     code, _, err = run(
@@ -361,7 +361,8 @@ def test_failure_while_writing_leaves_no_run_dir(tmp_path, capsys, monkeypatch):
         capsys,
     )
     assert code == 1
-    assert "No space left on device" in one_line_error(err)
+    line = one_line_error(err)
+    assert "the disk is full" in line and repr(str(out)) in line and ".tmp-" not in line
     assert_no_run_dir(out)
     assert not (tmp_path / "runs").exists()  # created by this run, removed with it
 

@@ -4,7 +4,8 @@ Each subcommand lives in :mod:`frostline.app.commands` (``demo``, ``fit``, ``sum
 ``predict``, ``evaluate``, ``export``); its flags come from its ``Options`` dataclass. ``main(argv)``
 returns the exit code: 0 success, 1 training or writing failed, 2 bad input or usage
 (one line on stderr, no traceback, no half-written run directory), 3 ``predict`` done but
-some inputs unreadable (each named on stderr), 130 interrupted.
+some inputs unreadable (each named on stderr), 128 + the signal's number when interrupted
+(130 Ctrl-C/SIGINT, 143 SIGTERM, 129 SIGHUP), temporary folders removed on the way out.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import argparse
 import contextlib
 import os
 import shlex
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from types import ModuleType
 from typing import NoReturn
 
@@ -84,7 +87,7 @@ def command_line(argv: Sequence[str]) -> str:
 def _bad_input() -> tuple[type[BaseException], ...]:
     from frostline.api.select import SelectionError
     from frostline.api.zoo import ZooError
-    from frostline.app import imagefolder, report
+    from frostline.app import imagefolder, outputs, report
     from frostline.app.extras import MissingExtra
     from frostline.app.runinfo import RunInfoError
     from frostline.engine.data import DataError
@@ -96,9 +99,58 @@ def _bad_input() -> tuple[type[BaseException], ...]:
         ZooError,
         SelectionError,
         report.RunDirectoryError,
+        outputs.OutputError,
         RunInfoError,
         DataError,
     )
+
+
+class Terminated(KeyboardInterrupt):
+    """A signal (SIGTERM, SIGINT, SIGHUP) raised as an exception, so that cleanup runs as for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+#: the signals a command turns into :class:`Terminated` while it runs
+SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name)
+)
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """While a command runs, SIGTERM/SIGINT/SIGHUP raise :class:`Terminated` (temporary folders
+    are removed on the way out); a second signal during that cleanup is ignored. The previous
+    handlers are restored afterwards. Outside the main thread (where Python cannot set
+    handlers) nothing changes.
+
+    >>> before = signal.getsignal(signal.SIGTERM)
+    >>> with signals_raise():
+    ...     signal.getsignal(signal.SIGTERM) is not before
+    True
+    >>> signal.getsignal(signal.SIGTERM) is before
+    True
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        for sig in SIGNALS:  # cleanup runs once, to the end
+            signal.signal(sig, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    try:
+        for sig in SIGNALS:
+            if previous[sig] is not signal.SIG_IGN:  # nohup and friends: leave ignored alone
+                signal.signal(sig, handler)
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,16 +169,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad_input = _bad_input()
     threads = torch.get_num_threads()  # commands may lower it; in-process callers get it back
     try:
-        return int(command.run(command.options(ns), command_line(argv)) or 0)
+        with signals_raise():
+            return int(command.run(command.options(ns), command_line(argv)) or 0)
     except bad_input as e:
         _err(one_line(e))
         return 2
     except TrainingError as e:
         _err(f"training failed: {one_line(e)}")
         return 1
-    except KeyboardInterrupt:
-        _err("interrupted (no run directory was written)")
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        name = signal.Signals(signum).name
+        _err(f"interrupted by {name}; nothing half-written was left behind")
+        return 128 + int(signum)
     except BrokenPipeError:  # output piped into `head` and closed: not an error worth a message
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from frostline.app import outputs
+from frostline.app.outputs import OutputError
 from frostline.io.atomic import atomic_directory
 
 __all__ = [
@@ -69,7 +71,7 @@ _COLORS = {
 _LABELS = {"frozen": "frozen throughout", "trainable": "trainable throughout"}
 
 
-class RunDirectoryError(ValueError):
+class RunDirectoryError(OutputError):
     """The run directory cannot be used (exists and is not empty, not writable)."""
 
 
@@ -102,25 +104,60 @@ def check_run_dir(path: str | os.PathLike) -> Path:
     return p
 
 
+#: room for a run directory's files besides the model's weights (plots, report, metrics)
+RUN_FILES_BYTES = 8 << 20
+
+
+def expected_bytes(module: Any) -> int:
+    """About what a run directory of ``module`` takes on disk: its weights plus the other files."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return RUN_FILES_BYTES + sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_output(final: Path, *, flag: str = "--out", need_bytes: int = 0) -> None:
+    """Before any work: ``final`` is absent or empty, and its disk takes ``need_bytes``.
+
+    Sweeps abandoned temporary folders beside it first (:func:`frostline.app.outputs.sweep`),
+    naming each on stderr, so that their space counts as free.
+    """
+    check_run_dir(final)
+    for gone in outputs.sweep(final.parent):
+        warn(
+            f"removed {str(gone)!r}, the temporary folder of an interrupted run whose process is gone"
+        )
+    outputs.check_writable(final, flag=flag, need_bytes=need_bytes)
+
+
 class RunDirectory:
     """A run directory written through :func:`frostline.io.atomic.atomic_directory`.
 
     Files go into ``.<name>.tmp-*`` beside ``final``; when the ``with`` block ends
     without an exception every file and the folder are fsynced and the folder is
-    renamed into place. An exception removes the temporary folder and the parent
-    folders this run created, so nothing half-written stays behind.
+    renamed into place. An exception (``SIGTERM`` and ``SIGINT`` included, which the
+    command line turns into one) removes the temporary folder and the parent folders
+    this run created, so nothing half-written stays behind; an ``OSError`` comes out as
+    a :class:`~frostline.app.outputs.WriteError` naming ``final`` in plain words. The
+    temporary folder holds an owner file until the rename, so that a run killed
+    outright (``SIGKILL``) leaves a folder the next run can prove abandoned and sweep
+    (:func:`frostline.app.outputs.sweep`, done on entry here). ``replace=True``
+    atomically replaces an existing ``final`` (the caller checked it may).
 
     >>> import tempfile, pathlib
     >>> root = pathlib.Path(tempfile.mkdtemp())
     >>> with RunDirectory(root / "runs" / "a") as run:
     ...     _ = (run.path / "x.txt").write_text("hi")
-    >>> sorted(p.name for p in (root / "runs").iterdir())
-    ['a']
+    >>> sorted(p.name for p in (root / "runs").iterdir()), sorted(p.name for p in run.path.iterdir())
+    (['a'], ['x.txt'])
     """
 
-    def __init__(self, final: str | os.PathLike) -> None:
-        self.final = check_run_dir(final)
+    def __init__(
+        self, final: str | os.PathLike, *, replace: bool = False, what: str = "the run directory"
+    ) -> None:
+        self.final = Path(final) if replace else check_run_dir(final)
+        self.replace = replace
+        self.what = what
         self.path = self.final  # the temporary folder while the block runs
+        self.swept: list[Path] = []
         self._created: list[Path] = []
         self._stack = contextlib.ExitStack()
 
@@ -129,19 +166,35 @@ class RunDirectory:
         while not parent.exists():
             self._created.append(parent)
             parent = parent.parent
-        self.path = self._stack.enter_context(atomic_directory(self.final))
+        self.swept = outputs.sweep(self.final.parent)
+        try:
+            with outputs.plain_errors(self.final, self.what):
+                self.path = self._stack.enter_context(atomic_directory(self.final))
+                outputs.claim(self.path)
+        except BaseException:
+            self._stack.close()
+            self._remove_created()
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if exc_type is None:
-                check_run_dir(self.final)  # nobody filled it meanwhile
-            self._stack.__exit__(exc_type, exc, tb)
+            with outputs.plain_errors(self.final, self.what):
+                if exc_type is None:
+                    if not self.replace:
+                        check_run_dir(self.final)  # nobody filled it meanwhile
+                    outputs.release(self.path)
+                self._stack.__exit__(exc_type, exc, tb)
         except BaseException:
             self._remove_created()
             raise
         if exc_type is not None:
             self._remove_created()
+            if issubclass(exc_type, OSError) and not issubclass(exc_type, outputs.WriteError):
+                raise outputs.WriteError(
+                    f"could not write {self.what} {str(self.final)!r}: {outputs.reason(exc)}; "
+                    "nothing was left behind"
+                ) from None
         else:
             self.path = self.final
 

@@ -243,7 +243,7 @@ def run_demo(
     threads, why = training.choose_threads(cfg.threads)
     fl.seed_everything(cfg.seed)
     final = Path(cfg.out) if cfg.out else report.default_run_dir("demo")
-    report.check_run_dir(final)
+    report.check_output(final)
     record = training.base_record("demo", command, torch.get_num_threads())
     record["title"] = (
         f"frostline demo: {MODEL} transfer learning on digits, {cfg.per_class} labelled examples per class"

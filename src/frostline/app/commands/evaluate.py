@@ -155,9 +155,8 @@ def options(ns) -> Options:
 def run(opts: Options, command: str) -> int:
     import torch
 
-    from frostline.app import imagefolder, inference, report, text
+    from frostline.app import imagefolder, inference, outputs, report, text
     from frostline.app.extras import require
-    from frostline.io.atomic import atomic_directory
 
     require("matplotlib", "the confusion matrix picture of frostline evaluate")
     require("sklearn", "frostline evaluate")
@@ -171,6 +170,7 @@ def run(opts: Options, command: str) -> int:
             "into the run directory itself: remove the link or pass --out DIR"
         )
     check_out_dir(out)
+    outputs.check_writable(out, flag="--out")
     info = loaded.info
     data = inference.read_labelled(opts.data, info)
     for line in imagefolder.skipped_lines(data.skipped, data.files, str(out / report.SKIPPED_FILE)):
@@ -214,7 +214,8 @@ def run(opts: Options, command: str) -> int:
         **s,
         "skipped": [{"file": k.path, "reason": k.reason} for k in data.skipped],
     }
-    with atomic_directory(out) as tmp:
+    with report.RunDirectory(out, replace=True, what="the evaluation") as written:
+        tmp = written.path
         plot_confusion(
             tmp / "confusion_matrix.png",
             s["confusion_matrix"],

@@ -209,7 +209,7 @@ def run(opts: Options, command: str) -> int:
         default_size = int(cfg["input_size"][-1])
     image_size = opts.image_size or default_size
     final = Path(opts.out) if opts.out else report.default_run_dir("fit")
-    report.check_run_dir(final)
+    report.check_output(final)  # before the data is read: exists, under a file, read-only
 
     threads, why = training.choose_threads(opts.threads)
     print(f"threads: {threads} ({why})")
@@ -248,6 +248,7 @@ def run(opts: Options, command: str) -> int:
             f"`fl.Sequential([base, head])`: base = `fl.models.pretrained('{spec}', headless=True)`, "
             f"head = `nn.Linear({head.in_features}, {head.out_features})`"
         )
+    report.check_output(final, need_bytes=report.expected_bytes(model.module))  # before training
     kind = "import" if importing else "zoo"
     if data.is_images:
         preprocessing = Preprocessing.for_images(

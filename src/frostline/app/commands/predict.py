@@ -93,7 +93,7 @@ def options(ns) -> Options:
 def run(opts: Options, command: str) -> int:
     import torch
 
-    from frostline.app import imagefolder, inference, report, text
+    from frostline.app import imagefolder, inference, outputs, report, text
     from frostline.io.atomic import atomic_write_text
 
     if opts.csv:
@@ -103,6 +103,7 @@ def run(opts: Options, command: str) -> int:
             raise UsageError(
                 f"--csv {opts.csv!r} {what}; expected a file path in an existing folder"
             )
+        outputs.check_writable(target, flag="--csv")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     loaded = inference.load_run(opts.run_dir, opts.trust)
@@ -115,7 +116,8 @@ def run(opts: Options, command: str) -> int:
     table_rows = rows(data.names, probs, info.class_names, k)
     hdr = headers(k)
     if opts.csv:
-        atomic_write_text(Path(opts.csv), text.csv_text(hdr, table_rows))
+        with outputs.plain_errors(opts.csv, "the predictions"):
+            atomic_write_text(Path(opts.csv), text.csv_text(hdr, table_rows))
     if sys.stdout.isatty():
         shown = [
             [r[0]] + [f"{c} ({float(p):.1%})" for c, p in zip(r[1::2], r[2::2])] for r in table_rows
