@@ -11,6 +11,7 @@
 from frostline import (
     batchnorm,
     callbacks,
+    freezing,
     layers,
     losses,
     metrics,
@@ -64,6 +65,7 @@ __all__ = [
     "TrainingError",
     "batchnorm",
     "callbacks",
+    "freezing",
     "layers",
     "load",
     "losses",

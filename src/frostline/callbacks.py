@@ -1,4 +1,32 @@
-"""Public face of :mod:`frostline.api.callbacks` (``fl.callbacks``)."""
+"""``fl.callbacks``: Keras callbacks with Keras 3's decisions.
 
-from frostline.api.callbacks import *  # noqa: F403
-from frostline.api.callbacks import __all__ as __all__  # noqa: F401
+>>> import frostline as fl
+>>> fl.callbacks.EarlyStopping(monitor="val_loss", patience=2).patience
+2
+"""
+
+from frostline.api.callbacks import (
+    Callback,
+    CallbackList,
+    CSVLogger,
+    EarlyStopping,
+    History,
+    LearningRateScheduler,
+    ModelCheckpoint,
+    MonitorCallback,
+    ReduceLROnPlateau,
+    TerminateOnNaN,
+)
+
+__all__ = [
+    "Callback",
+    "CallbackList",
+    "CSVLogger",
+    "EarlyStopping",
+    "History",
+    "LearningRateScheduler",
+    "ModelCheckpoint",
+    "MonitorCallback",
+    "ReduceLROnPlateau",
+    "TerminateOnNaN",
+]

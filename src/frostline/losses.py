@@ -1,4 +1,30 @@
-"""Public face of :mod:`frostline.api.losses` (``fl.losses``)."""
+"""``fl.losses``: losses by Keras name and class.
 
-from frostline.api.losses import *  # noqa: F403
-from frostline.api.losses import __all__ as __all__  # noqa: F401
+>>> import frostline as fl
+>>> fl.losses.get("mse")
+MeanSquaredError(from_logits=None)
+"""
+
+from frostline.api.losses import (
+    BinaryCrossentropy,
+    CategoricalCrossentropy,
+    Huber,
+    LabelError,
+    Loss,
+    MeanAbsoluteError,
+    MeanSquaredError,
+    SparseCategoricalCrossentropy,
+    get,
+)
+
+__all__ = [
+    "BinaryCrossentropy",
+    "CategoricalCrossentropy",
+    "get",
+    "Huber",
+    "LabelError",
+    "Loss",
+    "MeanAbsoluteError",
+    "MeanSquaredError",
+    "SparseCategoricalCrossentropy",
+]

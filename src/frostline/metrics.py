@@ -1,4 +1,26 @@
-"""Public face of :mod:`frostline.api.metrics` (``fl.metrics``)."""
+"""``fl.metrics``: metrics by Keras name and class (a torchmetrics metric works too).
 
-from frostline.api.metrics import *  # noqa: F403
-from frostline.api.metrics import __all__ as __all__  # noqa: F401
+>>> import frostline as fl
+>>> type(fl.metrics.get("accuracy")).__name__
+'Accuracy'
+"""
+
+from frostline.api.metrics import (
+    Accuracy,
+    MeanAbsoluteError,
+    MeanSquaredError,
+    Metric,
+    TopKAccuracy,
+    TorchMetric,
+    get,
+)
+
+__all__ = [
+    "Accuracy",
+    "get",
+    "MeanAbsoluteError",
+    "MeanSquaredError",
+    "Metric",
+    "TopKAccuracy",
+    "TorchMetric",
+]

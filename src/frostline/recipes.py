@@ -1,4 +1,45 @@
-"""Public face of :mod:`frostline.workflows.recipes` (``fl.recipes``)."""
+"""``fl.recipes``: the seeds' workflows composed from the model API (two-phase training,
+the strategy table, distillation, multi-task models, forgetting reports, verification).
 
-from frostline.workflows.recipes import *  # noqa: F403
-from frostline.workflows.recipes import __all__ as __all__  # noqa: F401
+>>> import frostline as fl
+>>> callable(fl.recipes.two_phase)
+True
+"""
+
+from frostline.workflows.recipes import (
+    STRATEGY_TABLE,
+    DistillationLoss,
+    ForgettingReport,
+    ForgettingRow,
+    FrozenCheck,
+    MultiTaskModule,
+    RecipePhase,
+    StrategyPlan,
+    TwoPhaseResult,
+    VerifyFrozen,
+    apply_strategy,
+    distill,
+    forgetting_report,
+    multitask_model,
+    two_phase,
+    verify_frozen,
+)
+
+__all__ = [
+    "apply_strategy",
+    "distill",
+    "DistillationLoss",
+    "forgetting_report",
+    "ForgettingReport",
+    "ForgettingRow",
+    "FrozenCheck",
+    "multitask_model",
+    "MultiTaskModule",
+    "RecipePhase",
+    "STRATEGY_TABLE",
+    "StrategyPlan",
+    "two_phase",
+    "TwoPhaseResult",
+    "verify_frozen",
+    "VerifyFrozen",
+]

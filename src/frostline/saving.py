@@ -1,8 +1,36 @@
-"""Public face of :mod:`frostline.api.saving` and :mod:`frostline.api.loading` (``fl.saving``)."""
+"""``fl.saving``: model files (safetensors weights + JSON metadata, never pickle) and
+the import-path builder ``fl.load`` can rebuild from. ``fl.load`` and ``Model.save`` are
+the everyday names; these are the pieces under them.
 
-from frostline.api.loading import *  # noqa: F403
-from frostline.api.loading import __all__ as _loading_all
-from frostline.api.saving import *  # noqa: F403
-from frostline.api.saving import __all__ as _saving_all
+>>> import frostline as fl
+>>> fl.saving.build("torch.nn:Linear", 4, 2).count_params()
+10
+"""
 
-__all__ = [*_saving_all, *_loading_all]
+from frostline.api.loading import (
+    ImportPathError,
+    build,
+    import_path,
+    load_model,
+)
+from frostline.api.saving import (
+    apply_trainable_state,
+    architecture_of,
+    load_weights,
+    read,
+    save_model,
+    trainable_state,
+)
+
+__all__ = [
+    "apply_trainable_state",
+    "architecture_of",
+    "build",
+    "import_path",
+    "ImportPathError",
+    "load_model",
+    "load_weights",
+    "read",
+    "save_model",
+    "trainable_state",
+]

@@ -1,4 +1,38 @@
-"""Public face of :mod:`frostline.api.select` (``fl.select``)."""
+"""``fl.select``: selectors over leaf layers, for ``freeze``/``unfreeze``/``enable_lora``.
 
-from frostline.api.select import *  # noqa: F403
-from frostline.api.select import __all__ as __all__  # noqa: F401
+>>> import frostline as fl
+>>> (fl.select.first(2) | fl.select.of_type("Linear")).description
+'first(2) | of_type(Linear)'
+"""
+
+from frostline.api.select import (
+    Change,
+    Plan,
+    SelectionError,
+    Selector,
+    all_layers,
+    as_selector,
+    between,
+    first,
+    last,
+    name,
+    of_type,
+    parse,
+    regex,
+)
+
+__all__ = [
+    "all_layers",
+    "as_selector",
+    "between",
+    "Change",
+    "first",
+    "last",
+    "name",
+    "of_type",
+    "parse",
+    "Plan",
+    "regex",
+    "SelectionError",
+    "Selector",
+]

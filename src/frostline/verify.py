@@ -1,4 +1,22 @@
-"""Public face of :mod:`frostline.engine.verify` (``fl.verify``)."""
+"""``fl.verify``: fingerprints of frozen weights, and the check that they did not move.
 
-from frostline.engine.verify import *  # noqa: F403
-from frostline.engine.verify import __all__ as __all__  # noqa: F401
+>>> import frostline as fl
+>>> from torch import nn
+>>> net = nn.Linear(2, 2).requires_grad_(False)
+>>> fl.verify.fingerprint(net).check(net).ok
+True
+"""
+
+from frostline.engine.verify import (
+    Fingerprint,
+    FrozenWeightsChanged,
+    Report,
+    fingerprint,
+)
+
+__all__ = [
+    "Fingerprint",
+    "fingerprint",
+    "FrozenWeightsChanged",
+    "Report",
+]

@@ -5,7 +5,7 @@
 * :mod:`frostline.integrations.huggingface` — ``FreezeCallback`` for the Hugging Face
   ``transformers.Trainer`` (needs the ``[huggingface]`` extra).
 * :mod:`frostline.integrations.driver` — what both share: the schedules
-  (:mod:`frostline.schedules`), optimizer tracking, verification and resume state.
+  (:mod:`frostline.freezing`), optimizer tracking, verification and resume state.
 
 Plain loops need no integration: ``fl.track(optimizer, model)``.
 

@@ -1,7 +1,7 @@
 """What the Lightning and Hugging Face callbacks share, independent of either library.
 
 A :class:`FreezeDriver` runs frostline's freezing schedules (the callbacks of
-:mod:`frostline.schedules`, unchanged) against a model some other library trains:
+:mod:`frostline.freezing`, unchanged) against a model some other library trains:
 
 * :meth:`~FreezeDriver.bind` wraps the module as a frostline Model (frozen BatchNorm
   then runs in inference mode across ``.train()``) and freezes what should start frozen;
@@ -19,7 +19,7 @@ A :class:`FreezeDriver` runs frostline's freezing schedules (the callbacks of
 >>> import torch, frostline as fl
 >>> from torch import nn
 >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
->>> driver = FreezeDriver([fl.schedules.UnfreezeAt(1, "0")], freeze="0")
+>>> driver = FreezeDriver([fl.freezing.UnfreezeAt(1, "0")], freeze="0")
 >>> model = driver.bind(net)
 >>> opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
 >>> _ = driver.attach(opt); driver.start(0)
@@ -87,13 +87,13 @@ def _check_schedules(schedules: object) -> list[Callback]:
         return []
     if not isinstance(schedules, Sequence) or isinstance(schedules, str):
         raise TypeError(
-            f"schedules must be a list of frostline callbacks (fl.schedules.*), got {type(schedules).__name__}"
+            f"schedules must be a list of frostline callbacks (fl.freezing.*), got {type(schedules).__name__}"
         )
     out = list(schedules)
     for s in out:
         if not isinstance(s, Callback):
             raise TypeError(
-                "schedules must be frostline callbacks (fl.schedules.UnfreezeAt, GradualUnfreezing, "
+                "schedules must be frostline callbacks (fl.freezing.UnfreezeAt, GradualUnfreezing, "
                 f"DiscriminativeLR, ProgressiveFreezing, or an fl.callbacks.Callback), got {type(s).__name__}: {s!r}"
             )
     return out
@@ -102,7 +102,7 @@ def _check_schedules(schedules: object) -> list[Callback]:
 class FreezeDriver:
     """Freezing schedules, optimizer tracking and verification for a foreign training loop.
 
-    ``schedules``: frostline callbacks (:mod:`frostline.schedules`) whose
+    ``schedules``: frostline callbacks (:mod:`frostline.freezing`) whose
     ``on_train_begin``/``on_epoch_begin``/``on_epoch_end`` run at the library's
     matching moments (0-based epochs). ``freeze``: a selector (glob string, list,
     ``fl.select.*``) of layers to freeze when the model is bound (``None``: leave the

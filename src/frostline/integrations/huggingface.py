@@ -2,7 +2,7 @@
 
 The Trainer builds its optimizer once, from the parameters that require grad at that
 moment: a layer unfrozen later never trains. :class:`FreezeCallback` fixes that and
-runs :mod:`frostline.schedules` (freeze at start, unfreeze at an epoch, gradual
+runs :mod:`frostline.freezing` (freeze at start, unfreeze at an epoch, gradual
 unfreezing, discriminative rates, progressive freezing) inside ``trainer.train()``:
 
 * newly unfrozen parameters join ``trainer.optimizer`` as new groups, at their own
@@ -26,7 +26,7 @@ builds its optimizer). Resuming expects the checkpoint under ``args.output_dir``
 Needs ``transformers`` and ``accelerate`` (``pip install frostline[huggingface]``).
 
 >>> import frostline as fl
->>> FreezeCallback([fl.schedules.UnfreezeAt(1, "bert.encoder")], freeze="bert")
+>>> FreezeCallback([fl.freezing.UnfreezeAt(1, "bert.encoder")], freeze="bert")
 FreezeCallback(schedules=['UnfreezeAt'], freeze='bert')
 """
 

@@ -1,6 +1,6 @@
 """frostline's freezing workflows inside ``lightning.Trainer``.
 
-:class:`FreezeCallback` runs :mod:`frostline.schedules` (freeze at start, unfreeze at
+:class:`FreezeCallback` runs :mod:`frostline.freezing` (freeze at start, unfreeze at
 an epoch, gradual unfreezing, discriminative rates, progressive freezing) in a
 Lightning fit:
 
@@ -21,7 +21,7 @@ Lightning fit:
 Needs the ``lightning`` package (``pip install frostline[lightning]``).
 
 >>> import frostline as fl
->>> cb = FreezeCallback([fl.schedules.UnfreezeAt(2, "backbone")], freeze="backbone")
+>>> cb = FreezeCallback([fl.freezing.UnfreezeAt(2, "backbone")], freeze="backbone")
 >>> cb
 FreezeCallback(schedules=['UnfreezeAt'], freeze='backbone')
 """

@@ -7,5 +7,6 @@
 0
 """
 
-from frostline.api.zoo import *  # noqa: F403
-from frostline.api.zoo import __all__ as __all__  # noqa: F401
+from frostline.api.zoo import ZooError, available, data_config, preprocess, pretrained
+
+__all__ = ["ZooError", "available", "data_config", "preprocess", "pretrained"]
