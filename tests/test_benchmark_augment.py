@@ -79,3 +79,15 @@ def test_augment_keras_peer_runs(tmp_path):
     phase = payload["results"]["keras"]["augment"]
     assert phase["seconds"] > 0 and len(phase["losses"]) == 2
     assert "| augment | keras |" in stdout
+
+
+def test_compile_frozen_doctests():
+    """benchmarks/compile_frozen.py (torch.compile of the frozen part: measured, not used)."""
+    spec = importlib.util.spec_from_file_location(
+        "frostline_bench_compile", ROOT / "benchmarks" / "compile_frozen.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
