@@ -157,6 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--peers", default=",".join(PEERS), help="plain,progressive (both: the table)")
     p.add_argument("--size", type=int, default=None, help="image side (default 64)")
     p.add_argument("--train", type=int, default=None, help="training digits (default 600)")
     p.add_argument("--epochs", type=int, default=None, help="default 10")
@@ -174,6 +175,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
     args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.peer_list = [m.strip() for m in args.peers.split(",") if m.strip()]
+    if not args.peer_list or set(args.peer_list) - set(PEERS):
+        p.error(f"--peers: choose from {','.join(PEERS)}, got {args.peers!r}")
     if not args.model_list or set(args.model_list) - set(MODELS):
         p.error(f"--models: choose from {','.join(MODELS)}, got {args.models!r}")
     if not 1 <= args.train < 1797 or args.epochs < 1 or args.repeat < 1:
@@ -193,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         f"load {load[0]:.2f}",
         flush=True,
     )
-    runs: dict[str, dict[str, list]] = {m: {p: [] for p in PEERS} for m in args.model_list}
+    runs: dict[str, dict[str, list]] = {m: {p: [] for p in args.peer_list} for m in args.model_list}
     for rep in range(args.repeat):
         for m in args.model_list:
-            for peer in PEERS:
+            for peer in args.peer_list:
                 r = _peer(m, peer, args)
                 runs[m][peer].append(r)
                 print(
@@ -209,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         m: {p: min(rs, key=lambda r: r["seconds"]) for p, rs in per.items()}
         for m, per in runs.items()
     }
-    lines = report(results)
+    lines = report(results) if len(args.peer_list) == len(PEERS) else []
     print("\n" + "\n".join(lines))
     print(f"\nload before/after: {load[0]:.2f} / {os.getloadavg()[0]:.2f}")
     if args.json_out:

@@ -37,12 +37,14 @@ import torch
 from torch.utils.data import Dataset
 
 __all__ = [
+    "AUGMENTATIONS",
     "BACKGROUND",
     "DataSet",
     "ImageArrayDataset",
     "InputError",
     "Skipped",
     "as_rgb",
+    "augmentation",
     "decode_image",
     "fit_square",
     "image_files",
@@ -94,11 +96,42 @@ class DataSet:
         return DataSet(self.x[idx], self.y[idx], self.class_names, self.source, self.is_images)
 
 
+AUGMENTATIONS = ("flip", "rotate")
+
+
+def augmentation(kinds: Sequence[str]) -> torch.nn.Module | None:
+    """Keras's random augmentation layers for ``kinds`` (``flip``: RandomFlip("horizontal"),
+    ``rotate``: RandomRotation(0.1)), in that order; None for none.
+
+    >>> augmentation(["rotate", "flip"])
+    Sequential(
+      (0): RandomFlip('horizontal')
+      (1): RandomRotation(factor=(-0.1, 0.1), fill_mode='reflect')
+    )
+    """
+    from frostline.api.augment import RandomFlip, RandomRotation
+
+    unknown = sorted(set(kinds) - set(AUGMENTATIONS))
+    if unknown:
+        raise InputError(
+            f"unknown augmentation {', '.join(map(repr, unknown))}; choose from {', '.join(AUGMENTATIONS)}"
+        )
+    layers: list[torch.nn.Module] = []
+    if "flip" in kinds:
+        layers.append(RandomFlip("horizontal"))
+    if "rotate" in kinds:
+        layers.append(RandomRotation(0.1))
+    return torch.nn.Sequential(*layers) if layers else None
+
+
 class ImageArrayDataset(Dataset):
     """uint8 NHWC images normalised on the fly to float NCHW: ``(x - mean) / std``.
 
-    Deterministic (no random augmentation) and fingerprinted, so ``fit`` caches
-    what the frozen part of a model computes from it.
+    Without ``augment``, deterministic and fingerprinted, so ``fit`` caches what the
+    frozen part of a model computes from it. ``augment`` (a module taking a batch of
+    normalised images, e.g. :func:`augmentation`) runs on each sample as it is read:
+    the dataset then declares itself not deterministic, nothing it yields is cached, and
+    the frozen part runs on every batch (without autograd, folded).
     """
 
     deterministic = True
@@ -109,6 +142,7 @@ class ImageArrayDataset(Dataset):
         labels: np.ndarray,
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
+        augment: torch.nn.Module | None = None,
     ) -> None:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
             raise InputError(
@@ -119,13 +153,20 @@ class ImageArrayDataset(Dataset):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self._fp: str | None = None
+        self.augment = augment
+        if augment is not None:
+            self.deterministic = False  # a fresh draw at every read
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i):
         x = self.images[i].permute(2, 0, 1).float().div_(255.0)
-        return (x - self.mean) / self.std, self.labels[i]
+        x = (x - self.mean) / self.std
+        if self.augment is not None:
+            with torch.no_grad():
+                x = self.augment.train()(x[None])[0]
+        return x, self.labels[i]
 
     def fingerprint(self) -> str:
         if self._fp is None:

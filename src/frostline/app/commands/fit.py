@@ -116,6 +116,16 @@ class Options:
         help="phase 2 Adam learning rate",
         default_help="1e-5",
     )
+    augment: list = option(
+        list,
+        repeat=True,
+        metavar="KIND",
+        group=TRAINING,
+        help="random augmentation of the training images, as Keras's layers: flip "
+        "(RandomFlip('horizontal')), rotate (RandomRotation(0.1)); comma-separated or repeated. "
+        "Augmented images are never cached: the frozen base runs on every batch",
+        default_help="none",
+    )
     batch_size: int = option(32, parse=positive_int, metavar="N", group=TRAINING, help="batch size")
     image_size: int | None = option(
         None,
@@ -172,6 +182,12 @@ def options(ns: argparse.Namespace) -> Options:
     opts = resolve(Options, ns, config, flags=frozenset(flags))
     if opts.freeze_all is None:
         opts.freeze_all = not (opts.freeze or opts.freeze_type)
+    opts.augment = [t.strip() for v in opts.augment for t in str(v).split(",") if t.strip()]
+    unknown = sorted(set(opts.augment) - {"flip", "rotate"})
+    if unknown:
+        raise UsageError(
+            f"--augment: unknown augmentation {', '.join(map(repr, unknown))}; choose from flip, rotate"
+        )
     if not opts.data:
         raise UsageError(
             "fit needs DATA: an image folder (one subfolder per class) or an .npz file, on the command line or as 'data' in --config"
@@ -225,12 +241,17 @@ def run(opts: Options, command: str) -> int:
         f"{len(train_idx)} for training, {len(val_idx)} for validation ({time.perf_counter() - t:.1f} s)"
     )
 
-    def as_input(idx):
+    def as_input(idx, augment=None):
         if data.is_images:
-            return imagefolder.ImageArrayDataset(data.x[idx], data.y[idx], mean, std), None
+            ds = imagefolder.ImageArrayDataset(data.x[idx], data.y[idx], mean, std, augment)
+            return ds, None
         return data.x[idx], data.y[idx]
 
-    x_tr, y_tr = as_input(train_idx)
+    if opts.augment and not data.is_images:
+        raise imagefolder.InputError(
+            f"--augment {','.join(opts.augment)} needs images; {data.source} holds float inputs"
+        )
+    x_tr, y_tr = as_input(train_idx, imagefolder.augmentation(opts.augment))
     val = None
     if len(val_idx):
         x_va, y_va = as_input(val_idx)
@@ -278,6 +299,7 @@ def run(opts: Options, command: str) -> int:
         if data.is_images
         else f"inputs as given, shape {tuple(data.x.shape[1:])}",
         "preprocessing": f"centre crop, bicubic resize, (x - mean) / std with mean {tuple(mean)}, std {tuple(std)}"
+        + (f"; training images augmented: {', '.join(opts.augment)}" if opts.augment else "")
         if data.is_images
         else "none (float inputs used as given)",
     }
