@@ -91,6 +91,7 @@ def _bad_input() -> tuple[type[BaseException], ...]:
     from frostline.app.extras import MissingExtra
     from frostline.app.runinfo import RunInfoError
     from frostline.engine.data import DataError
+    from frostline.io.errors import CheckpointError
 
     return (
         UsageError,
@@ -102,6 +103,7 @@ def _bad_input() -> tuple[type[BaseException], ...]:
         outputs.OutputError,
         RunInfoError,
         DataError,
+        CheckpointError,
     )
 
 

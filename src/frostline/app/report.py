@@ -495,6 +495,13 @@ def write_report(path: str | os.PathLike, record: dict) -> None:
         f"Created {record.get('created', '')} with frostline {record.get('frostline_version', '')}, torch {record.get('torch_version', '')}, "
         f"{record.get('threads', '?')} CPU thread(s); total wall time {_secs(timings.get('total_s'))}{cpu}."
     )
+    resumed = record.get("resumed")
+    if resumed:
+        lines.append(
+            f"Resumed from the checkpoint after epoch {resumed['after_epoch']} in `{resumed['from']}`: "
+            "every epoch is reported, but the wall time and each phase's frozen-weight check cover "
+            "this process only."
+        )
     lines.append("")
     ds = record.get("dataset", {})
     lines.append("## Result")

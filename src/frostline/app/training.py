@@ -138,7 +138,22 @@ class PhaseRecorder(Callback):
         self.phases: list[dict] = []
         self.summaries: dict[str, str] = {}
         self.states: list[list[dict]] = []
+        self.resumed_at: int | None = None  # the epoch a resumed run went on from
         self._t0 = 0.0
+        self._restored = False
+
+    def get_state(self) -> dict:
+        """What the report holds so far: it goes into every checkpoint, so a resumed run
+        reports every phase and epoch as a run that never stopped."""
+        return {"phases": self.phases, "summaries": self.summaries, "states": self.states}
+
+    def set_state(self, state: dict) -> None:
+        """Restored from a checkpoint: the fit that restores it goes on in the phase it records."""
+        self.phases = list(state.get("phases") or [])
+        self.summaries = dict(state.get("summaries") or {})
+        self.states = list(state.get("states") or [])
+        self._restored = bool(self.phases)
+        self.resumed_at = sum(len(ph["history"].get("loss", [])) for ph in self.phases)
 
     def _verified(self) -> None:
         if self.phases and "verified" not in self.phases[-1]:
@@ -147,6 +162,10 @@ class PhaseRecorder(Callback):
             self.phases[-1]["verified"] = bool(v is not None and v.ok)
 
     def on_train_begin(self, logs=None) -> None:
+        if self._restored:  # the phase the checkpoint was written in goes on
+            self._restored = False
+            self._t0 = time.perf_counter()
+            return
         self._verified()
         i = len(self.phases)
         c = counts(self.model.module)
@@ -240,10 +259,12 @@ def train_two_phase(
     headings: list[str | None] | None = None,
     verbose: Any = "auto",
     print_fn: PrintFn = print,
+    **fit_kwargs: Any,
 ) -> tuple[list[dict], PhaseRecorder, Any]:
     """Run :func:`frostline.recipes.two_phase` and return the report's phase records.
 
-    ``epochs2=0`` runs phase 1 only. Returns ``(phases, recorder, result)``.
+    ``epochs2=0`` runs phase 1 only. ``fit_kwargs`` (``checkpoint_dir``, ``resume``) go
+    to both fits. Returns ``(phases, recorder, result)``.
     """
     recorder = PhaseRecorder(summary_titles, headings, print_fn)
     result = fl.recipes.two_phase(
@@ -266,6 +287,7 @@ def train_two_phase(
         verbose=verbose,
         bn_inference=batchnorm,
         seed=seed,
+        **fit_kwargs,
     )
     phases = recorder.finish()
     plans = [result.freeze_plan, result.unfreeze_plan]

@@ -75,6 +75,7 @@ class DemoConfig:
     baseline: bool = True
     threads: int | None = None
     fast: bool = False
+    quiet: bool = False  # no progress or summaries: warnings, errors and the run directory only
     verbose: Any = "auto"
 
     @classmethod
@@ -150,6 +151,11 @@ class Options:
         default_help="all the rest; --fast: 60",
     )
     no_baseline: bool = option(False, switch=True, help="skip the from-scratch comparison")
+    quiet: bool = option(
+        False,
+        switch=True,
+        help="print no progress, summaries or results: warnings, errors and the run directory's path only",
+    )
     threads: int | None = option(
         None,
         parse=thread_count,
@@ -171,7 +177,12 @@ def options(ns: argparse.Namespace) -> DemoConfig:
 
 
 def run(cfg: DemoConfig, command: str) -> int:
-    run_demo(cfg, command=command)
+    if cfg.quiet:
+        cfg.verbose = 0
+        final, _ = run_demo(cfg, command=command, print_fn=lambda text: None)
+        print(final)
+    else:
+        run_demo(cfg, command=command)
     return 0
 
 
@@ -249,7 +260,7 @@ def run_demo(
         f"frostline demo: {MODEL} transfer learning on digits, {cfg.per_class} labelled examples per class"
     )
     record["val_name"] = "held-out"
-    record["config"] = {k: v for k, v in vars(cfg).items() if k != "verbose"}
+    record["config"] = {k: v for k, v in vars(cfg).items() if k not in ("verbose", "quiet")}
 
     t = time.perf_counter()
     x_tr, y_tr, x_te, y_te = digits_data(cfg.per_class, cfg.image_size, cfg.seed, cfg.heldout)

@@ -165,6 +165,26 @@ class Options:
         help="run directory to create",
         default_help="./frostline-runs/fit-<timestamp>",
     )
+    checkpoint_dir: str | None = option(
+        None,
+        metavar="DIR",
+        group=OUTPUT,
+        help="save a checkpoint after every epoch into DIR (the last 3 are kept), for --resume",
+    )
+    resume: str | None = option(
+        None,
+        metavar="DIR",
+        group=OUTPUT,
+        help="go on from the newest checkpoint in DIR, with the same DATA and options, to the "
+        "result a run that never stopped gives; checkpoints go on into DIR unless "
+        "--checkpoint-dir names another folder",
+    )
+    quiet: bool = option(
+        False,
+        switch=True,
+        group=OUTPUT,
+        help="print no progress, summaries or results: warnings, errors and the run directory's path only",
+    )
     config: str | None = option(
         None,
         metavar="FILE",
@@ -200,7 +220,7 @@ def run(opts: Options, command: str) -> int:
 
     import frostline as fl
     from frostline.api.summary import counts
-    from frostline.app import imagefolder, report, training
+    from frostline.app import imagefolder, outputs, report, training
     from frostline.app.extras import require
     from frostline.app.models import (
         build_import_model,
@@ -227,8 +247,20 @@ def run(opts: Options, command: str) -> int:
     final = Path(opts.out) if opts.out else report.default_run_dir("fit")
     report.check_output(final)  # before the data is read: exists, under a file, read-only
 
+    def say(text: str = "") -> None:
+        if not opts.quiet:
+            print(text)
+
+    checkpoints = opts.checkpoint_dir or opts.resume
+    if opts.resume and not Path(opts.resume).is_dir():
+        raise UsageError(
+            f"--resume {opts.resume!r} is not a folder; expected the --checkpoint-dir of the run to go on with"
+        )
+    if checkpoints:
+        outputs.check_writable(Path(checkpoints) / "epoch", flag="--checkpoint-dir")
+
     threads, why = training.choose_threads(opts.threads)
-    print(f"threads: {threads} ({why})")
+    say(f"threads: {threads} ({why})")
     t = time.perf_counter()
     assert opts.data is not None  # options() refuses a run without DATA
     data = imagefolder.load_data(opts.data, image_size)
@@ -236,7 +268,7 @@ def run(opts: Options, command: str) -> int:
         report.warn(line)
     train_idx, val_idx = imagefolder.stratified_split(data.y, opts.validation_split, opts.seed)
     shown = ", ".join(data.class_names[:10]) + (", ..." if data.num_classes > 10 else "")
-    print(
+    say(
         f"data: {data.source}: {len(data)} samples, {data.num_classes} classes ({shown}); "
         f"{len(train_idx)} for training, {len(val_idx)} for validation ({time.perf_counter() - t:.1f} s)"
     )
@@ -309,8 +341,8 @@ def run(opts: Options, command: str) -> int:
         "total_params": counts(model.module).total,
     }
     before = model.summary_text()
-    print("\nBefore freezing:")
-    print(before)
+    say("\nBefore freezing:")
+    say(before)
     selector = freeze_selector(
         base,
         freeze_all=opts.freeze_all,
@@ -343,12 +375,19 @@ def run(opts: Options, command: str) -> int:
         titles=("base frozen as selected", f"+ last {k} base layers"),
         summary_titles=["Summary after freezing (phase 1)", phase2_title],
         headings=["After freezing:", None],
+        verbose=0 if opts.quiet else "auto",
+        print_fn=say,
+        checkpoint_dir=checkpoints,
+        resume=opts.resume,
     )
-    print()
+    say()
+    if recorder.resumed_at is not None:
+        say(f"resumed from the checkpoint after epoch {recorder.resumed_at} in {opts.resume}")
+        record["resumed"] = {"from": str(opts.resume), "after_epoch": recorder.resumed_at}
     for phase in phases:
-        print(f"{phase['name']}: {phase['plan']}")
-        print(training.describe_phase(phase, "validation"))
-        print(f"  {phase['verification']}")
+        say(f"{phase['name']}: {phase['plan']}")
+        say(training.describe_phase(phase, "validation"))
+        say(f"  {phase['verification']}")
     record["phases"] = phases
     record["summaries"] = {"Summary before freezing": before, **recorder.summaries}
     acc = (phases[-1].get("val") or {}).get("accuracy")
@@ -368,6 +407,9 @@ def run(opts: Options, command: str) -> int:
         )
         report.write_metrics(run_dir.path, record)
         report.write_report(run_dir.path / "report.md", record)
+    if opts.quiet:
+        print(final)
+        return 0
     print(f"\nrun directory: {final}")
     print(
         f"total time: {time.perf_counter() - t_start:.1f} s wall, {time.process_time() - cpu_start:.1f} s CPU, {torch.get_num_threads()} thread(s)"
