@@ -306,12 +306,35 @@ class Noisy(nn.Module):
         return self.head(nn.functional.dropout(self.f(x), 0.5, training=self.training))
 
 
+class NoisyDeep(Noisy):
+    def __init__(self) -> None:
+        super().__init__()
+        self.g = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.head(self.g(nn.functional.dropout(self.f(x), 0.5, training=self.training)))
+
+
 def test_functional_dropout_in_the_frozen_part_is_random_in_train_mode_only() -> None:
+    model = NoisyDeep()
+    model.f.requires_grad_(False)
+    model.g.requires_grad_(False)
+    x = torch.randn(3, 4)
+    part = partition(trace(model.train(), x))
+    assert part.random == "dropout draws random numbers (torch generator)"
+    assert partition(trace(model.eval(), x)).random is None
+
+
+def test_functional_dropout_feeding_the_head_runs_on_the_trainable_side() -> None:
     model = Noisy()
     model.f.requires_grad_(False)
     x = torch.randn(3, 4)
-    assert partition(trace(model.train(), x)).random == "dropout"
-    assert partition(trace(model.eval(), x)).random is None
+    part = partition(trace(model.train(), x))
+    assert part.random is None and part.boundary == ("f",)
+    torch.manual_seed(1)
+    ref = model(x)
+    torch.manual_seed(1)
+    assert same_outputs(part.trainable(*part.run_frozen(x)), ref)  # the same mask, drawn after
 
 
 def test_batchnorm_in_batch_statistics_mode_is_flagged() -> None:
@@ -320,7 +343,8 @@ def test_batchnorm_in_batch_statistics_mode_is_flagged() -> None:
     )
     model[:2].requires_grad_(False)
     part = partition(trace(model.eval(), torch.randn(3, 4)))
-    assert part.random is not None and "batch-statistics" in part.random
+    assert part.random is None
+    assert part.batch_statistics is not None and "batch-statistics" in part.batch_statistics
 
 
 class TwoInputs(nn.Module):
@@ -409,7 +433,7 @@ def test_fit_with_the_cache_equals_fit_without(arch: str) -> None:
         if not torch.is_floating_point(a):
             continue
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
-    if statuses[0].reason is OffReason.STOCHASTIC:
+    if statuses[0].reason in (OffReason.STOCHASTIC, OffReason.RANDOM):
         # dropout in the frozen part: off by default, cacheable in inference mode
         inf, inf_losses, inf_statuses = _fit(arch, frozen_inference=True)
         _, ref_losses, _ = _fit(arch, frozen_inference=True, cache=False)
@@ -676,7 +700,7 @@ def _dropout_model() -> fl.Model:
 
 def test_a_mode_change_inside_a_whole_layer_keeps_the_fx_trace(monkeypatch) -> None:
     """With ``frozen_inference`` the frozen part's Dropouts run in eval mode; after an
-    unfreeze one of them is trainable-side again (training mode). fx calls Dropout as a
+    unfreeze one of them is trainable-side (training mode). fx calls Dropout as a
     whole module, so phase 2 re-partitions the same trace, and stays exact."""
     x = np.random.default_rng(0).standard_normal((24, 6)).astype(np.float32)
     y = np.arange(24) % 3
@@ -691,7 +715,10 @@ def test_a_mode_change_inside_a_whole_layer_keeps_the_fx_trace(monkeypatch) -> N
         model.fit(x, y, frozen_inference=True, **kw)
         assert len(calls) == 1, cache  # one trace for both phases
     status = models["auto"].cache_status["train"]
-    assert status.state is CacheState.REUSED and status.boundary == ("base.2",), status
+    # phase 2: base.1's Dropout (then a ReLU) feeds the unfrozen base.3 only, so it runs
+    # on the trainable side, in training mode, and the cache sits in front of it
+    assert status.state is CacheState.REUSED and status.boundary == ("base.0",), status
+    assert models["auto"].layers[0].module[1].training
     for (name, a), b in zip(
         models["auto"].module.state_dict().items(), models[False].module.state_dict().values()
     ):

@@ -43,6 +43,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import keyword
@@ -55,7 +56,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.proxy import Attribute as _FxAttribute
 from torch.fx.proxy import TraceError as _TraceError
@@ -63,10 +63,12 @@ from torch.utils import _pytree as pytree
 
 from frostline.core import batchnorm
 from frostline.core.lora import is_lora
+from frostline.engine import rng
 
 __all__ = [
     "GraphError",
     "Partition",
+    "RandomnessError",
     "Traced",
     "call_model",
     "inputs_of",
@@ -78,8 +80,8 @@ __all__ = [
     "joint_frozen",
     "partition",
     "same_outputs",
+    "batch_statistics",
     "stochastic_frozen",
-    "stochastic_module",
     "timm_no_trace",
     "trace",
 ]
@@ -87,6 +89,12 @@ __all__ = [
 
 class GraphError(RuntimeError):
     """The model could not be traced or partitioned; ``str(err)`` says why."""
+
+
+class RandomnessError(GraphError):
+    """Randomness stops the trace or the split: the model's own forward draws random
+    numbers while it is traced (the draw, or a branch on it, would be baked into the graph),
+    or the split would change the order of the model's random draws."""
 
 
 # --------------------------------------------------------------------------- inputs
@@ -191,14 +199,29 @@ def _timm_no_trace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
     return tuple(get_notrace_modules()), fns
 
 
-class _Tracer(fx.Tracer):
-    """Module-level tracer: torch.nn layers, timm no-trace modules and ``extra`` are leaves."""
+class _DrewWhileTracing(Exception):
+    """A module's Python code drew random numbers while it was traced (``kinds``: which
+    generators moved): a trace would bake the draw, or a branch taken on it."""
 
-    def __init__(self, extra_leaves: set[str]) -> None:
+    def __init__(self, path: str, kinds: tuple[str, ...]) -> None:
+        super().__init__(f"{path or 'the model'} draws random numbers ({', '.join(kinds)})")
+        self.path, self.kinds = path, kinds
+
+
+class _Tracer(fx.Tracer):
+    """Module-level tracer: torch.nn layers, timm no-trace modules and ``extra`` are leaves.
+
+    Every module it traces through is watched: when a generator moves while its Python
+    code runs (``torch.rand(1) >= p``, ``random.random() < 0.5``), tracing stops with
+    :class:`_DrewWhileTracing` for that module, which the caller then makes a leaf (it
+    runs as written, drawing afresh at every call)."""
+
+    def __init__(self, extra_leaves: set[str], generators: tuple[Any, ...] = ()) -> None:
         leaves, fns = timm_no_trace()
         super().__init__(autowrap_functions=fns)
         self.timm_leaves = leaves
         self.extra_leaves = extra_leaves
+        self.generators = generators
         self.stack: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -213,7 +236,12 @@ class _Tracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Callable, args: Any, kwargs: Any) -> Any:
         path = self.path_of_module(m)
         self.stack.append(path)
+        before = rng.capture(self.generators)
         out = super().call_module(m, forward, args, kwargs)
+        moved = before.moved()
+        if moved:  # the stack keeps ``path`` on top: the caller makes it a leaf
+            before.restore()
+            raise _DrewWhileTracing(_strip(path), moved)
         self.stack.pop()
         return out
 
@@ -300,8 +328,10 @@ class _ValueTracer(_Tracer):
 
     proxy_buffer_attributes = True
 
-    def __init__(self, extra_leaves: set[str], inputs: dict[str, Any]) -> None:
-        super().__init__(extra_leaves)
+    def __init__(
+        self, extra_leaves: set[str], inputs: dict[str, Any], generators: tuple[Any, ...] = ()
+    ) -> None:
+        super().__init__(extra_leaves, generators)
         self.inputs = inputs
         self.concrete = 0  # > 0 while computing an example value: plain calls, no recording
 
@@ -336,8 +366,9 @@ class _ValueTracer(_Tracer):
             a = pytree.tree_map(_value_of, args)
             kw = pytree.tree_map(_value_of, kwargs)
             self.concrete += 1
-            try:
-                value, static = self._run(kind, target, args, kwargs, a, kw)
+            try:  # a recorded operation draws when the graph runs, not while it is traced
+                with rng.kept(self.generators):
+                    value, static = self._run(kind, target, args, kwargs, a, kw)
             finally:
                 self.concrete -= 1
         proxy.value, proxy.static = value, static
@@ -425,6 +456,30 @@ class Traced:
     baked: tuple[nn.Module, ...] = ()
     sample_shapes: tuple[Any, ...] | None = None  # fx-values: per-sample input shapes
     device: torch.device | None = None
+    #: per mode key (:func:`mode_key`): the nodes that drew random numbers on the example
+    draws: dict[tuple[bool, ...], dict[str, tuple[str, ...]]] = field(default_factory=dict)
+
+    def random_nodes(self) -> dict[str, tuple[str, ...]]:
+        """The nodes that draw random numbers in the modules' current modes, with the
+        generators each one moved: found by running the graph on the example with every
+        generator watched (:mod:`frostline.engine.rng`), not from a list of operations.
+        A layer called whole counts as one node. Generators are restored afterwards.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+            >>> t = trace(net, torch.randn(3, 2))
+            >>> t.random_nodes()
+            {'model_1': ('torch generator',)}
+            >>> _ = net.eval(); t.random_nodes()
+            {}
+        """
+        key = mode_key(self.module)
+        found = self.draws.get(key)
+        if found is None:
+            found = self.draws[key] = _draws(self)
+        return found
 
     def fits_modes(self) -> bool:
         """Whether the modules' ``training`` flags are still those the graph baked in.
@@ -522,6 +577,7 @@ def trace(
         order.remove(like.backend)
         order.insert(0, like.backend)
         leaves = like.leaves
+    drew = False
     for backend in order:
         try:
             if backend == "fx":
@@ -534,9 +590,10 @@ def trace(
             return t
         except GraphError as e:
             errors.append(f"{backend}: {e}")
+            drew = drew or isinstance(e, RandomnessError)
         except Exception as e:  # any tracer failure means: try the next, else fall back
             errors.append(f"{backend}: {type(e).__name__}: {_short(e)}")
-    raise GraphError("; ".join(errors))
+    raise (RandomnessError if drew else GraphError)("; ".join(errors))
 
 
 def _short(e: BaseException, limit: int = 160) -> str:
@@ -557,20 +614,21 @@ def _trace_fx(
     The submodules in ``start`` are leaves from the first attempt (an earlier trace's)."""
     root = _root_for(module, names, kw, flat=example is not None)
     leaves: set[str] = set(start)
+    generators = rng.generators_of(module)
     for _ in range(max_leaves + 1):
         if example is None:
-            tracer = _Tracer(leaves)
+            tracer = _Tracer(leaves, generators)
         else:
-            tracer = _ValueTracer(leaves, dict(zip(names, example)))
+            tracer = _ValueTracer(leaves, dict(zip(names, example)), generators)
         try:
-            if example is None:
+            grad = torch.no_grad() if example is not None else contextlib.nullcontext()
+            with _restored_state(module), grad:
                 graph = tracer.trace(root)
-            else:
-                with _restored_state(module), torch.no_grad():
-                    graph = tracer.trace(root)
         except Exception as e:
             inner = [p for p in tracer.stack if p not in leaves]
             if not inner or inner[-1] in ("", "model"):
+                if isinstance(e, _DrewWhileTracing):
+                    raise RandomnessError(f"{e} while it is traced") from e
                 raise GraphError(f"{type(e).__name__}: {_short(e)}") from e
             leaves.add(inner[-1])
             continue
@@ -611,7 +669,7 @@ def _trace_export(module: nn.Module, names: tuple[str, ...], values: tuple, kw: 
     batch = Dim("batch", min=1)
     shapes = [{0: batch} if isinstance(v, Tensor) and v.dim() >= 1 else None for v in values]
     flags = [(m, m.training) for m in module.modules()]
-    with _restored_state(module):
+    with _restored_state(module) as watch:
         if kw:
             ep = torch.export.export(
                 module,
@@ -626,6 +684,8 @@ def _trace_export(module: nn.Module, names: tuple[str, ...], values: tuple, kw: 
             )
     for m, t in flags:  # export may flip modes while tracing
         m.training = t
+    if watch.moved:  # export draws no real random numbers: Python code did, and was baked
+        raise RandomnessError(f"the model draws random numbers ({', '.join(watch.moved)})")
     gm = ep.module()
     # a flat graph: the pytree (de)serialisation of ep.module() is done by Traced.run
     out_spec = gm._out_spec if hasattr(gm, "_out_spec") else None
@@ -675,24 +735,23 @@ def _check_shared_weights(module: nn.Module, gm: nn.Module) -> None:
 
 
 class _restored_state:
-    """Buffers and RNG put back as they were (probes must not change the model)."""
+    """Buffers and every random number generator (:mod:`frostline.engine.rng`, with those
+    the model holds) put back as they were: probes must not change the model, nor what
+    its training draws. ``moved`` then says which generators the block drew from."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
+        self.moved: tuple[str, ...] = ()
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> _restored_state:
         self.buffers = [(b, b.detach().clone()) for b in self.module.buffers()]
-        devices = sorted(
-            {d.index for d in self.devices() if d.type == "cuda" and d.index is not None}
-        )
-        self.rng = torch.random.fork_rng(devices=devices)
+        self.rng = rng.kept(rng.generators_of(self.module))
         self.rng.__enter__()
-
-    def devices(self) -> set[torch.device]:
-        return {t.device for t in (*self.module.parameters(), *self.module.buffers())}
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.rng.__exit__(None, None, None)
+        self.moved = self.rng.moved
         with torch.no_grad():
             for b, saved in self.buffers:
                 if b.shape == saved.shape and not torch.equal(b, saved):
@@ -759,6 +818,40 @@ def _probe(t: Traced, values: tuple) -> None:
     t.meta = meta
 
 
+class _DrawWatcher(fx.Interpreter):
+    """Runs a graph and notes each node during which a generator moved."""
+
+    def __init__(self, gm: fx.GraphModule, generators: tuple[Any, ...]) -> None:
+        super().__init__(gm)
+        self.generators = generators
+        self.found: dict[str, tuple[str, ...]] = {}
+        self.state = rng.capture(generators)
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        moved = self.state.moved()
+        if moved:
+            self.found[n.name] = moved
+            self.state = rng.capture(self.generators)
+        return out
+
+
+def _draws(t: Traced) -> dict[str, tuple[str, ...]]:
+    """:meth:`Traced.random_nodes`, computed: one run of the graph on the example."""
+    if t.example is None:
+        return {}
+    held = rng.generators_of(t.module) + rng.generators_in(
+        a for n in t.gm.graph.nodes for a in (*n.args, *n.kwargs.values())
+    )
+    with _restored_state(t.module), torch.no_grad():
+        watcher = _DrawWatcher(t.gm, held)
+        try:
+            watcher.run(*t.example)
+        except Exception as e:  # the probe ran it: only a model that changed gets here
+            raise GraphError(f"the graph no longer runs: {type(e).__name__}: {_short(e)}") from e
+    return watcher.found
+
+
 class _Recorder(fx.Interpreter):
     """Runs a graph and keeps a small summary (tensors as empty stand-ins) of every value."""
 
@@ -809,37 +902,6 @@ def same_outputs(ref: Any, y: Any, rtol: float = 1e-4, atol: float = 1e-5) -> bo
 
 # ------------------------------------------------------------------------ partition
 
-_RANDOM_FUNCTIONS: frozenset = frozenset(
-    {
-        torch.bernoulli,
-        torch.rand,
-        torch.rand_like,
-        torch.randn,
-        torch.randn_like,
-        torch.randint,
-        torch.randint_like,
-        torch.randperm,
-        torch.normal,
-        torch.multinomial,
-        torch.poisson,
-    }
-)
-_DROPOUT_FUNCTIONS: dict[Any, tuple[int, str, bool]] = {
-    # function: (position of the training flag, its keyword, its default)
-    F.dropout: (2, "training", True),
-    F.dropout1d: (2, "training", True),
-    F.dropout2d: (2, "training", True),
-    F.dropout3d: (2, "training", True),
-    F.alpha_dropout: (2, "training", False),
-    F.feature_alpha_dropout: (2, "training", False),
-    torch.dropout: (2, "train", True),
-    torch.alpha_dropout: (2, "train", True),
-    torch.feature_dropout: (2, "train", True),
-}
-_RANDOM_METHODS = frozenset(
-    {"bernoulli", "bernoulli_", "uniform_", "normal_", "exponential_", "random_", "geometric_"}
-    | {"cauchy_", "log_normal_"}
-)
 _INPLACE_OPERATORS = frozenset(
     {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv}
     | {operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor}
@@ -847,111 +909,195 @@ _INPLACE_OPERATORS = frozenset(
 )
 
 
-def stochastic_module(m: nn.Module) -> str | None:
-    """Why a call of ``m`` (a leaf of the graph) is not a pure function of its input.
+def batch_statistics(m: nn.Module) -> str | None:
+    """Why ``m`` (or a submodule) normalises with the statistics of the batch it is given
+    (a BatchNorm in training mode whose policy does not make it use running statistics, or
+    one without running statistics): its outputs are then no function of one sample, and it
+    writes its running statistics.
 
     Example:
         >>> from torch import nn
-        >>> stochastic_module(nn.Dropout(0.5))
-        'Dropout'
-        >>> stochastic_module(nn.Dropout(0.5).eval()) is None
+        >>> batch_statistics(nn.Sequential(nn.BatchNorm1d(2)))
+        'BatchNorm1d in batch-statistics mode'
+        >>> batch_statistics(nn.BatchNorm1d(2).eval()) is None
         True
     """
     for sub in m.modules():
-        why = _stochastic_itself(sub)
+        why = _batch_statistics_itself(sub)
         if why is not None:
             return why
     return None
 
 
-def _stochastic_itself(sub: nn.Module) -> str | None:
-    """:func:`stochastic_module` for ``sub`` alone (not its submodules)."""
-    bn = isinstance(sub, nn.modules.batchnorm._NormBase)
-    if bn and sub.running_mean is None:
-        return f"{type(sub).__name__} in batch-statistics mode (no running statistics)"
-    if not sub.training:
+def _batch_statistics_itself(sub: nn.Module) -> str | None:
+    """:func:`batch_statistics` for ``sub`` alone (not its submodules)."""
+    if not isinstance(sub, nn.modules.batchnorm._NormBase):
         return None
-    if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p > 0:
-        return type(sub).__name__
-    if (
-        type(sub).__name__ in ("DropPath", "StochasticDepth")
-        and float(getattr(sub, "drop_prob", getattr(sub, "p", 0)) or 0) > 0
-    ):
-        return type(sub).__name__
-    if bn and sub.track_running_stats and not _runs_inference(sub):
+    if sub.running_mean is None:
+        return f"{type(sub).__name__} in batch-statistics mode (no running statistics)"
+    if sub.training and sub.track_running_stats and not _runs_inference(sub):
         return f"{type(sub).__name__} in batch-statistics mode"
     return None
 
 
-def stochastic_frozen(module: nn.Module, example: Any) -> str | None:
-    """Why the frozen part of ``module`` draws random numbers, found without tracing.
+@dataclass(frozen=True)
+class FrozenEffect:
+    """What makes the frozen part's output no function of its inputs and weights alone:
+    ``kind`` is ``"random"`` (it draws random numbers) or ``"batch-statistics"`` (a
+    BatchNorm normalising with batch statistics); ``detail`` says where.
 
-    Runs ``module`` on two slices of ``example`` (3 and 2 samples, autograd on, buffers
-    and RNG restored) and watches its stochastic layers (active Dropout, DropPath,
-    StochasticDepth, batch-statistics BatchNorm; see :func:`stochastic_module`). One of
-    them is in the frozen part when, on both slices, it holds no trainable parameter,
-    receives no tensor that requires grad (nothing it reads depends on a trainable
-    weight), its input is per-sample (dim 0 follows the batch), and no module it runs
-    inside that fx calls whole (torch.nn layers, timm's no-trace modules) holds trainable
-    weights or reads trainable values. Then the trace's frozen part holds it and
-    :func:`partition` would report it as ``random``: the caller may skip tracing.
-    ``None`` says nothing (tracing decides): an in-place layer (recomputed on the
-    trainable side), a functional dropout, a layer fed by trainable computation.
-    Not foreseen: a module whose own Python fx cannot trace becomes one whole node; if
-    it holds trainable weights and such a layer, the check still counts the layer as
-    frozen (the cache stays off, as it would with ``cache=False``).
+    Example:
+        >>> str(FrozenEffect("random", "layer 'aug' draws random numbers (Python random)"))
+        "layer 'aug' draws random numbers (Python random)"
+    """
+
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+def draw_reason(where: str, kinds: Iterable[str]) -> str:
+    """The log's wording for a layer (a module path) that draws random numbers.
+
+    Example:
+        >>> draw_reason("0", ["torch generator"])
+        "layer '0' draws random numbers (torch generator)"
+    """
+    return f"layer {where!r} draws random numbers ({', '.join(kinds)})"
+
+
+def stochastic_frozen(module: nn.Module, example: Any) -> FrozenEffect | None:
+    """What certainly makes the frozen part of ``module`` random, found without tracing.
+
+    Runs ``module`` once on three samples of ``example`` (autograd on, buffers and every
+    generator restored, :mod:`frostline.engine.rng`) and watches each module call: a call
+    during which a generator moved (and during none of whose inner calls one did) draws
+    random numbers, whatever its class. A call is frozen when its module holds no trainable
+    parameter, receives no tensor that requires grad, its input is per-sample (dim 0
+    follows the batch), and no module it runs inside that fx calls whole (torch.nn layers,
+    timm's no-trace modules) holds trainable weights or reads trainable values. A frozen
+    draw in a layer fx calls whole is certainly in the trace's frozen part (which
+    :func:`partition` then reports as ``random``, and which could not be folded) when that
+    layer holds frozen weights, or a frozen layer fx calls whole that holds weights takes
+    its output as it is: the draw cannot move to the trainable side. A BatchNorm in
+    batch-statistics mode on frozen, per-sample values is reported as
+    ``"batch-statistics"``. ``None`` says nothing (tracing decides): a draw feeding only
+    weightless computation (a Dropout head, which :func:`partition` moves to the trainable
+    side), a draw by operations a trace records (augmentation in front of a frozen base,
+    which the split runs folded), an in-place layer, a draw fed by trainable computation.
 
     Example:
         >>> import torch
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 4), nn.Linear(4, 2))
         >>> _ = net[:3].requires_grad_(False)
-        >>> stochastic_frozen(net, torch.randn(4, 4))
-        'Dropout'
-        >>> _ = net[0].requires_grad_(True)  # the dropout now reads trainable values
+        >>> str(stochastic_frozen(net, torch.randn(4, 4)))
+        "layer '1' draws random numbers (torch generator)"
+        >>> _ = net[2].requires_grad_(True)  # the dropout now feeds trainable computation only
         >>> stochastic_frozen(net, torch.randn(4, 4)) is None
         True
     """
-    if not any(
-        _stochastic_itself(m) and not any(p.requires_grad for p in m.parameters())
-        for m in module.modules()
-    ):
-        return None  # nothing that could be frozen to watch (a trainable BatchNorm is not)
     names, values, kw = inputs_of(module, example)
     batch = _batch_size(values)
     if batch is None:
         return None
-    found: list[dict[nn.Module, str]] = []
-    for rows in _probe_rows(batch):
-        inputs = _take(values, rows)
-        found.append(_watch_stochastic(module, names, inputs, kw, len(rows)))
-    both = [m for m in found[0] if m in found[1]]
-    return found[0][both[0]] if both else None
+    inputs = _take(values, _probe_rows(batch)[0])
+    x = dict(zip(names, inputs)) if kw else inputs
+    found = _Watch(module, len(inputs[0]) if inputs else 0).run(x).found
+    return found[0] if found else None
 
 
-def _watch_stochastic(
-    module: nn.Module, names: tuple[str, ...], inputs: tuple[Any, ...], kw: bool, batch: int
-) -> dict[nn.Module, str]:
-    """The stochastic layers that ran on frozen, per-sample values (one forward)."""
-    trains = _holds_trainable(module)
-    tracer = _Tracer(set())
-    whole = {m: tracer.is_leaf_module(m, "") for m in module.modules()}  # fx calls it whole
-    stack: list[bool] = []  # per open module call: no trainable node could hold what runs in it
-    found: dict[nn.Module, str] = {}
+@dataclass
+class _Call:
+    """One open module call of a watched run."""
 
-    def pre(m: nn.Module, args: Any, kwargs: Any) -> None:
-        trainable = trains[m] or _reads_grad((args, kwargs))
-        why = _stochastic_itself(m)
-        if why and not trainable and all(stack[1:]) and not getattr(m, "inplace", False):
-            first = next((t for t in pytree.tree_leaves(args) if isinstance(t, Tensor)), None)
-            if first is not None and first.dim() and first.shape[0] == batch:
-                found.setdefault(m, why)
+    module: nn.Module
+    frozen: bool  # no trainable node could hold what runs in it
+    here: bool  # this call is frozen (see stochastic_frozen)
+    state: rng.RngState
+    inner_drew: bool = False
+
+
+class _Watch:
+    """One watched forward of a model (autograd on, buffers and every generator restored),
+    with hooks on every submodule: which calls are frozen, which draw random numbers, and
+    what certainly makes the frozen part random (see :func:`stochastic_frozen`)."""
+
+    def __init__(self, module: nn.Module, batch: int) -> None:
+        self.module, self.batch = module, batch
+        self.trains = _holds_trainable(module)
+        self.held = rng.generators_of(module)
+        self.path = {m: n for n, m in module.named_modules()}
+        tracer = _Tracer(set())
+        self.whole = {m: tracer.is_leaf_module(m, "") for m in module.modules()}
+        self.weighted = {
+            m: any(True for _ in (*m.parameters(), *m.buffers())) for m in module.modules()
+        }
+        self.stack: list[_Call] = []
+        self.found: list[FrozenEffect] = []
+        self.calls: dict[nn.Module, bool] = {}  # every call on frozen values only
+        #: modules that drew on frozen values, unless certainly in the frozen part
+        self.movable: set[nn.Module] = set()
+        #: id(output) -> (output, why, the module that drew it, whether fx calls it whole)
+        self.drawn: dict[int, tuple[Tensor, str, nn.Module, bool]] = {}
+
+    def run(self, x: Any) -> _Watch:
+        _run_watched(self.module, x, self.pre, self.post)
+        return self
+
+    def frozen_call(self, m: nn.Module, args: Any, kwargs: Any) -> bool:
+        if self.trains[m] or _reads_grad((args, kwargs)) or getattr(m, "inplace", False):
+            return False
+        if not all(c.frozen for c in self.stack[1:]):
+            return False
+        first = next((t for t in pytree.tree_leaves(args) if isinstance(t, Tensor)), None)
+        return first is not None and first.dim() > 0 and first.shape[0] == self.batch
+
+    def pre(self, m: nn.Module, args: Any, kwargs: Any) -> None:
+        trainable = self.trains[m] or _reads_grad((args, kwargs))
+        self.calls[m] = self.calls.get(m, True) and not trainable
+        if isinstance(m, nn.Identity):  # recomputed after the frontier, as are its callers
+            for open_call in self.stack:
+                self.calls[open_call.module] = False
+            self.calls[m] = False
+        frozen = self.frozen_call(m, args, kwargs)
+        why = _batch_statistics_itself(m)
+        if why and frozen:
+            self.found.append(FrozenEffect("batch-statistics", why))
+        if frozen and self.whole[m] and self.weighted[m]:  # frozen weights reading a draw
+            for t in pytree.tree_leaves((args, kwargs)):
+                for seen in (t, t._base) if isinstance(t, Tensor) else ():
+                    hit = self.drawn.get(id(seen)) if seen is not None else None
+                    if hit is not None and hit[0] is seen:
+                        self.movable.discard(hit[2])  # certainly stays in the frozen part
+                        if hit[3]:  # an opaque layer: the split could not fold it
+                            self.found.append(FrozenEffect("random", hit[1]))
         # a module traced through has no node of its own; one fx calls whole is one node,
         # trainable when it holds trainable weights or reads trainable values
-        stack.append(not (whole[m] and trainable))
+        self.stack.append(
+            _Call(m, not (self.whole[m] and trainable), frozen, rng.capture(self.held))
+        )
 
-    _run_watched(module, dict(zip(names, inputs)) if kw else inputs, pre, stack)
-    return found
+    def post(self, m: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+        call = self.stack.pop()
+        moved = call.state.moved()
+        if moved and self.stack:
+            self.stack[-1].inner_drew = True
+        if not moved or call.inner_drew or not call.here:
+            return
+        # the node the draw lies in: the outermost open layer fx calls whole, or this one
+        node = next((c.module for c in self.stack[1:] if self.whole[c.module]), m)
+        why = draw_reason(self.path.get(node, ""), moved)
+        if self.whole[node] and self.weighted[node]:
+            self.found.append(FrozenEffect("random", why))
+            return
+        self.movable.add(node)
+        if node is m:
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, Tensor) and t.dim() and t.shape[0] == self.batch:
+                    self.drawn[id(t)] = (t, why, m, self.whole[m])
 
 
 def _holds_trainable(module: nn.Module) -> dict[nn.Module, bool]:
@@ -964,14 +1110,15 @@ def _reads_grad(args: Any) -> bool:
     return any(isinstance(t, Tensor) and t.requires_grad for t in pytree.tree_leaves(args))
 
 
-def _run_watched(module: nn.Module, x: Any, pre: Callable[..., None], stack: list) -> None:
-    """Run ``module`` on ``x`` (autograd on, buffers and RNG restored) with ``pre(m, args,
-    kwargs)`` called as each submodule is entered; ``pre`` pushes one item on ``stack``
-    per call, popped when the call returns."""
-
-    def post(m: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
-        stack.pop()
-
+def _run_watched(
+    module: nn.Module,
+    x: Any,
+    pre: Callable[[nn.Module, Any, Any], None],
+    post: Callable[[nn.Module, Any, Any, Any], None],
+) -> None:
+    """Run ``module`` on ``x`` (autograd on, buffers and every generator restored) with
+    ``pre(m, args, kwargs)`` called as each submodule is entered and ``post(m, args,
+    kwargs, out)`` as it returns."""
     handles = []
     try:
         for m in module.modules():
@@ -988,31 +1135,27 @@ def frozen_calls(module: nn.Module, example: Any) -> list[nn.Module]:
     """The submodules whose every call runs on frozen values only (a guess of the
     frozen part's modules, :attr:`Partition.frozen_modules`, without tracing).
 
-    Runs ``module`` once on ``example`` (autograd on, buffers and RNG restored): a call
-    is frozen when the submodule holds no trainable parameter and receives no tensor
-    that requires grad. A guess only: the caller checks it against the partition.
+    Runs ``module`` once on ``example`` (autograd on, buffers and every generator
+    restored): a call is frozen when the submodule holds no trainable parameter and
+    receives no tensor that requires grad. A module that draws random numbers on frozen
+    values is left out unless it certainly stays in the frozen part (see
+    :func:`stochastic_frozen`): a Dropout head runs on the trainable side. A guess only:
+    the caller checks it against the partition.
 
     Example:
         >>> import torch
         >>> from torch import nn
-        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2))
-        >>> _ = net[0].requires_grad_(False)
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> _ = net[:3].requires_grad_(False)
         >>> [type(m).__name__ for m in frozen_calls(net, torch.randn(3, 4))]
-        ['Linear', 'Dropout']
+        ['Linear', 'Dropout', 'Linear']
+        >>> _ = net[2].requires_grad_(True)  # the Dropout feeds trainable computation only
+        >>> [type(m).__name__ for m in frozen_calls(net, torch.randn(3, 4))]
+        ['Linear']
     """
-    trains = _holds_trainable(module)
-    frozen: dict[nn.Module, bool] = {}
-    stack: list[nn.Module] = []
-
-    def pre(m: nn.Module, args: Any, kwargs: Any) -> None:
-        frozen[m] = frozen.get(m, True) and not trains[m] and not _reads_grad((args, kwargs))
-        if isinstance(m, nn.Identity):  # recomputed after the frontier, as are its callers
-            for a in (*stack, m):
-                frozen[a] = False
-        stack.append(m)
-
-    _run_watched(module, example, pre, stack)
-    return [m for m, ok in frozen.items() if ok and m is not module]
+    _, values, _ = inputs_of(module, example)
+    watch = _Watch(module, _batch_size(values) or 0).run(example)
+    return [m for m, ok in watch.calls.items() if ok and m is not module and m not in watch.movable]
 
 
 def _runs_inference(m: nn.Module) -> bool:
@@ -1026,49 +1169,17 @@ def _arg(n: fx.Node, pos: int, name: str, default: Any) -> Any:
     return n.args[pos] if len(n.args) > pos else default
 
 
-def _random_op(n: fx.Node, root: nn.Module, named: dict[str, nn.Module]) -> str | None:
-    """Why node ``n`` draws random numbers (None when it does not); ``named``: see
-    :func:`module_at`."""
+def _batch_statistics_op(n: fx.Node, root: nn.Module, named: dict[str, nn.Module]) -> str | None:
+    """Why node ``n`` normalises with batch statistics (None when it does not); ``named``:
+    see :func:`module_at`."""
     if n.op == "call_module":
-        return stochastic_module(module_at(named, root, str(n.target)))
-    if n.op == "call_method":
-        return f"Tensor.{n.target}" if n.target in _RANDOM_METHODS else None
-    if n.op != "call_function":
-        return None
+        return batch_statistics(module_at(named, root, str(n.target)))
     t = n.target
-    if t in _DROPOUT_FUNCTIONS:
-        pos, name, default = _DROPOUT_FUNCTIONS[t]
-        p = _arg(n, 1, "p", 0.5)
-        return getattr(t, "__name__", str(t)) if _arg(n, pos, name, default) and p != 0 else None
-    if t is F.scaled_dot_product_attention:
-        return (
-            "scaled_dot_product_attention(dropout_p > 0)" if _arg(n, 4, "dropout_p", 0.0) else None
-        )
-    if t in _RANDOM_FUNCTIONS:
-        return getattr(t, "__name__", str(t))
-    if getattr(t, "__name__", "") == "stochastic_depth":  # torchvision.ops
-        return "stochastic_depth" if _arg(n, 3, "training", True) and _arg(n, 1, "p", 0) else None
-    if isinstance(t, torch._ops.OpOverload):
-        base = t.name()
-        if base in (
-            "aten::dropout",
-            "aten::native_dropout",
-            "aten::feature_dropout",
-            "aten::alpha_dropout",
-        ):
-            return base if _arg(n, 2, "train", True) and _arg(n, 1, "p", 0) else None
-        if base in (
-            "aten::batch_norm",
-            "aten::_native_batch_norm_legit",
-            "aten::native_batch_norm",
-        ):
-            return f"{base} in batch-statistics mode" if _batchnorm_trains(n, base) else None
-        if base == "aten::_native_batch_norm_legit_no_training":
-            return None
-        if base == "aten::scaled_dot_product_attention":
-            return base if _arg(n, 4, "dropout_p", 0.0) else None
-        if torch.Tag.nondeterministic_seeded in t.tags:
-            return base
+    if n.op != "call_function" or not isinstance(t, torch._ops.OpOverload):
+        return None
+    base = t.name()
+    if base in ("aten::batch_norm", "aten::_native_batch_norm_legit", "aten::native_batch_norm"):
+        return f"{base} in batch-statistics mode" if _batchnorm_trains(n, base) else None
     return None
 
 
@@ -1132,10 +1243,13 @@ class Partition:
     is frozen: then ``trainable`` takes the flat inputs); ``trainable`` maps those tensors
     to the model's output. ``boundary`` names each frontier tensor (the module that made
     it, ``#op`` for a function inside a module, ``input:NAME`` for a raw input).
-    ``random`` says why the frozen part draws random numbers, ``stateful`` why it writes
-    to state, ``mixes_samples`` which frontier rows depend on other samples of the batch
-    (all ``None`` when the frontier can be cached per sample), and
-    ``frozen_modules`` lists the modules all of whose computation is frozen.
+    ``random`` says why the frozen part draws random numbers (found by what it draws,
+    :meth:`Traced.random_nodes`), ``stateful`` why it writes to state, ``mixes_samples``
+    which frontier rows depend on other samples of the batch, ``batch_statistics`` which
+    BatchNorm normalises with batch statistics (all ``None`` when the frontier can be
+    cached per sample), and
+    ``frozen_modules`` lists the modules all of whose computation is frozen, and
+    ``random_layers`` the layers called whole that draw random numbers in the frozen part.
     ``example_frontier`` holds the frozen part's outputs on ``traced.example`` as computed
     for the split (the modes as set, the weights then), or ``None``: a reference that
     checks of the frozen part (:func:`frostline.engine.fuse.inference_copy`) need not
@@ -1155,6 +1269,9 @@ class Partition:
     frozen_nodes: int
     trainable_nodes: int
     example_frontier: tuple[Any, ...] | None = None
+    batch_statistics: str | None = None
+    #: the layers called whole (opaque modules) that draw random numbers in the frozen part
+    random_layers: tuple[str, ...] = ()
 
     def run_frozen(self, x: Any) -> tuple[Any, ...]:
         """The frontier tensors for the batch ``x`` (no autograd recording)."""
@@ -1184,11 +1301,17 @@ def partition(traced: Traced, *, trainable: Collection[int] | None = None) -> Pa
     Frozen means: no trainable (``requires_grad``) parameter flows into the value.
     ``trainable``, ids of parameters, splits as if exactly those were trainable (the
     split a planned unfreeze will need); the flags themselves are not read or changed.
+    A node that draws random numbers (:meth:`Traced.random_nodes`) on frozen values and
+    feeds, through weightless computation only, trainable computation (a Dropout head)
+    runs on the trainable side; any other frozen draw stays in the frozen part and is
+    reported in ``random``.
 
     Raises:
         GraphError: a value the trainable part needs cannot be handed over (an input
             that is not a per-sample tensor) or the split would reorder a write into a
             frozen value that trainable computation reads first.
+        RandomnessError: the split would change the order of the model's random draws
+            (a frozen draw after a trainable one) or draw one twice.
 
     Example:
         >>> import torch
@@ -1227,6 +1350,10 @@ def partition(traced: Traced, *, trainable: Collection[int] | None = None) -> Pa
                 train[n] = train[n] or any(trains(p) for p in m.parameters())
     frozen_side = {n for n in nodes if n.op != "output" and dep_in[n] and not train[n]}
     out_node = next(n for n in nodes if n.op == "output")
+    # a weightless draw on frozen values that feeds trainable computation only (a Dropout
+    # head) runs on the trainable side: the frozen part in front of it stays deterministic
+    draws = traced.random_nodes()
+    frozen_side -= _weightless_draws(nodes, frozen_side, draws, gm, named)
 
     # a write into a frozen value must not move ahead of a trainable read of it
     for n in nodes:
@@ -1245,14 +1372,15 @@ def partition(traced: Traced, *, trainable: Collection[int] | None = None) -> Pa
         frontier, pulled, sized = _frontier(traced, nodes, frozen_side, forced, gm, named)
         frontier.sort(key=order.__getitem__)
         frozen_gm = None
+        runs = _needed(nodes, frozen_side, frontier, pulled)
         if frontier and any(n.op != "placeholder" for n in frontier):
-            frozen_gm = _frozen_module(gm, nodes, frozen_side, frontier, pulled)
+            frozen_gm = _frozen_module(gm, nodes, runs, frontier)
         # what the frozen part does besides computing values (recomputed values run later,
         # every step, on the trainable side: they do not count)
-        random, stateful = _side_effects(
-            gm, [n for n in nodes if n in frozen_side and n not in pulled], named
+        random, stateful, stats = _side_effects(
+            gm, [n for n in nodes if n in frozen_side and n not in pulled], named, draws
         )
-        if frozen_gm is None or random is not None or stateful is not None:
+        if frozen_gm is None or random or stateful or stats:
             break
         # a cached frontier row must depend on its own sample only (not arange(batch) etc.)
         bad, example_frontier = _batch_dependent(frozen_gm, traced, frontier)
@@ -1267,6 +1395,8 @@ def partition(traced: Traced, *, trainable: Collection[int] | None = None) -> Pa
     trainable_side = [
         n for n in nodes if n.op != "output" and (n not in frozen_side or n in pulled)
     ]
+    if frozen_gm is not None:
+        _check_draw_order(gm, [n for n in nodes if n in runs], trainable_side, draws)
     trainable_gm = _trainable_module(
         gm, trainable_side, frontier, out_node, frozen_gm is None, sized
     )
@@ -1283,6 +1413,12 @@ def partition(traced: Traced, *, trainable: Collection[int] | None = None) -> Pa
         random=random,
         stateful=stateful,
         mixes_samples=mixes,
+        batch_statistics=stats,
+        random_layers=tuple(
+            _describe(gm, n) for n in frozen_computed if n.op == "call_module" and n.name in draws
+        )
+        if frozen_gm is not None
+        else (),
         example_frontier=example_frontier if frozen_gm is not None else None,
         frozen_modules=_frozen_modules(gm, nodes, frozen_side, pulled),
         frozen_nodes=sum(1 for n in frozen_computed if n.op not in ("placeholder", "get_attr"))
@@ -1293,17 +1429,118 @@ def partition(traced: Traced, *, trainable: Collection[int] | None = None) -> Pa
 
 
 def _side_effects(
-    gm: fx.GraphModule, frozen: list[fx.Node], named: dict[str, nn.Module]
-) -> tuple[str | None, str | None]:
-    """Why the frozen nodes draw random numbers, and why they write to model state."""
-    random = stateful = None
+    gm: fx.GraphModule,
+    frozen: list[fx.Node],
+    named: dict[str, nn.Module],
+    draws: Mapping[str, tuple[str, ...]],
+) -> tuple[str | None, str | None, str | None]:
+    """Why the frozen nodes draw random numbers (``draws``: :meth:`Traced.random_nodes`),
+    why they write to model state, and why they normalise with batch statistics."""
+    random = stateful = stats = None
     for n in frozen:
-        random = random or _random_op(n, gm, named)
+        if random is None and n.name in draws:
+            random = _draw_reason(gm, n, draws[n.name])
+        stats = stats or _batch_statistics_op(n, gm, named)
         if stateful is None and _inplace(n, gm, named) and n.args:
             root_arg = _alias_root(n.args[0])
             if isinstance(root_arg, fx.Node) and root_arg.op == "get_attr":
                 stateful = f"{n.name} writes into {root_arg.target}"
-    return random, stateful
+    return random, stateful, stats
+
+
+def _draw_reason(gm: fx.GraphModule, n: fx.Node, kinds: tuple[str, ...]) -> str:
+    """The log's wording for node ``n``, which draws from the generators ``kinds``."""
+    where = _describe(gm, n)
+    layer, _, op = where.partition("#")
+    if n.op == "call_module" or op:
+        return draw_reason(layer, kinds) + (f" in {op}" if op else "")
+    return f"{where} draws random numbers ({', '.join(kinds)})"
+
+
+def _weightless_draws(
+    nodes: list[fx.Node],
+    frozen_side: set[fx.Node],
+    draws: Mapping[str, tuple[str, ...]],
+    gm: fx.GraphModule,
+    named: dict[str, nn.Module],
+) -> set[fx.Node]:
+    """The frozen nodes that move to the trainable side: each draw whose frozen users,
+    and theirs in turn, read no weight (no parameter or buffer of a layer called whole, no
+    weight read by an operation), together with those users, and the weightless tensor a
+    draw overwrites in place when nothing else reads it (``x.new_empty(s).bernoulli_(p)``:
+    its uninitialised values are never handed over)."""
+    moved: set[fx.Node] = set()
+    for r in nodes:
+        if r.name not in draws or r not in frozen_side or r in moved:
+            continue
+        closure: set[fx.Node] = set()
+        stack = [r]
+        while stack:
+            n = stack.pop()
+            if n in closure:
+                continue
+            closure.add(n)
+            stack.extend(u for u in n.users if u in frozen_side)
+        if all(_weightless(n, gm, named) for n in closure):
+            moved |= closure
+            for n in closure:
+                target = n.args[0] if n.args and _inplace(n, gm, named) else None
+                if (
+                    isinstance(target, fx.Node)
+                    and target in frozen_side
+                    and all(u in moved for u in target.users)
+                    and _weightless(target, gm, named)
+                ):
+                    moved.add(target)
+    return moved
+
+
+def _weightless(n: fx.Node, gm: fx.GraphModule, named: dict[str, nn.Module]) -> bool:
+    if n.op == "call_module":
+        m = module_at(named, gm, str(n.target))
+        return not any(True for _ in (*m.parameters(), *m.buffers()))
+    return n.op in ("call_function", "call_method") and not any(
+        i.op == "get_attr" for i in n.all_input_nodes
+    )
+
+
+def _check_draw_order(
+    gm: fx.GraphModule,
+    frozen: list[fx.Node],
+    trainable: list[fx.Node],
+    draws: Mapping[str, tuple[str, ...]],
+) -> None:
+    """The split keeps the model's order of random draws: the frozen part runs first, so
+    none of its draws may come after one of the trainable side, nor be drawn twice.
+
+    Raises:
+        RandomnessError: the split would change what the model draws.
+    """
+    ours = [n for n in frozen if n.name in draws]
+    theirs = [n for n in trainable if n.name in draws]
+    if not ours or not theirs:
+        return
+    twice = set(ours) & set(theirs)
+    if twice:
+        n = min(twice, key=frozen.index)
+        raise RandomnessError(f"{_draw_reason(gm, n, draws[n.name])}, and would run twice")
+    first = theirs[0]
+    late = [n for n in ours if _before(first, n)]
+    if late:
+        raise RandomnessError(
+            f"{_draw_reason(gm, late[0], draws[late[0].name])} after "
+            f"{_describe(gm, first)!r} draws: the split would change the order of the draws"
+        )
+
+
+def _before(a: fx.Node, b: fx.Node) -> bool:
+    """Whether node ``a`` comes before node ``b`` in their graph."""
+    n = a.next
+    while n.op != "root":
+        if n is b:
+            return True
+        n = n.next
+    return False
 
 
 def _frontier(
@@ -1492,17 +1729,12 @@ def _copy_into(g: fx.Graph, n: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node:
     return g.node_copy(n, lambda a: env[a])
 
 
-def _frozen_module(
-    gm: fx.GraphModule,
-    nodes: list[fx.Node],
-    frozen_side: set[fx.Node],
-    frontier: list[fx.Node],
-    pulled: set[fx.Node],
-) -> fx.GraphModule:
-    g = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
+def _needed(
+    nodes: list[fx.Node], frozen_side: set[fx.Node], frontier: list[fx.Node], pulled: set[fx.Node]
+) -> set[fx.Node]:
+    """The nodes the frozen part runs: the frontier, frozen writes and checks (nodes
+    nobody reads), and what they read."""
     needed: set[fx.Node] = set()
-    # the frontier, frozen writes and checks (nodes nobody reads), and what they read
     stack = list(frontier) + [
         n for n in nodes if n in frozen_side and n not in pulled and not n.users
     ]
@@ -1512,6 +1744,14 @@ def _frozen_module(
             continue
         needed.add(n)
         stack.extend(n.all_input_nodes)
+    return needed
+
+
+def _frozen_module(
+    gm: fx.GraphModule, nodes: list[fx.Node], needed: set[fx.Node], frontier: list[fx.Node]
+) -> fx.GraphModule:
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
     for n in nodes:
         if n in needed:
             env[n] = _copy_into(g, n, env)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -29,12 +30,15 @@ from torch import Tensor, nn
 
 from frostline.core import batchnorm
 from frostline.core.digest import tensor_digest, text_digest
+from frostline.engine import rng
 from frostline.engine.activations import ActivationStore
 from frostline.engine.fingerprints import CacheKey, StepCounter, data_fingerprint, weights_version
 from frostline.engine.fuse import inference_copy, replay_draws
 from frostline.engine.graph import (
+    FrozenEffect,
     GraphError,
     Partition,
+    RandomnessError,
     Traced,
     bridge,
     call_model,
@@ -45,7 +49,6 @@ from frostline.engine.graph import (
     partition,
     same_outputs,
     stochastic_frozen,
-    stochastic_module,
     trace,
 )
 
@@ -73,6 +76,8 @@ class OffReason(enum.Enum):
         "data is not declared deterministic: a DataLoader, or a Dataset without deterministic=True"
     )
     NO_FINGERPRINT = "data could not be fingerprinted"
+    RANDOM = "randomness in the frozen part"
+    DATA_RANDOM = "data declared deterministic is not"
     STOCHASTIC = "the frozen part has an active stochastic layer"
     STATEFUL = "the frozen part writes to model state"
     MIXES_SAMPLES = "frozen values depend on other samples in the batch"
@@ -157,6 +162,21 @@ class _Entry:
     local: Tensor | None  # global sample index -> row in the stores (sharded data)
     version: tuple  # cheap per-step weights key, checked every batch
     partition: Partition
+    checked: int = -1  # the fit whose first reuse recomputed a sample of it (-1: none yet)
+
+
+class _Drew(Exception):
+    """The data or the frozen part drew random numbers while the cache was built or
+    checked: ``source`` is ``"data"`` or ``"frozen"``, ``why`` the log's detail."""
+
+    def __init__(self, source: str, why: str) -> None:
+        super().__init__(why)
+        self.source, self.why = source, why
+
+
+def _data_name(data) -> str:
+    ds = getattr(data, "dataset", data)
+    return f"dataset {type(ds).__name__}"
 
 
 class Runner:
@@ -213,7 +233,11 @@ class Runner:
         self.example: Any = None
         self.traces: dict[tuple, tuple[Traced, tuple]] = {}
         self.partitions: dict[tuple, Partition] = {}
-        self._stochastic: dict[tuple, str | None] = {}
+        self._stochastic: dict[tuple, FrozenEffect | None] = {}
+        # found drawing random numbers by the cache build or check: per split (this fit),
+        # and per data key (declared deterministic, it is not: for good)
+        self._drew: dict[int, tuple[Partition, str]] = {}
+        self._untrusted: dict[str, str] = {}
         # frozen_inference: the modules a guess put in eval mode, by the key before it
         # (fit puts the model in train mode every epoch; the guess is not made again)
         self._guesses: dict[tuple, list[nn.Module]] = {}
@@ -307,8 +331,10 @@ class Runner:
             # (no cache, no folding), so the model runs whole and nothing is traced
             if key not in self._stochastic:
                 self._stochastic[key] = stochastic_frozen(self.module, self.example)
-            if self._stochastic[key] is not None:
-                self.failure = (OffReason.STOCHASTIC, str(self._stochastic[key]))
+            effect = self._stochastic[key]
+            if effect is not None:
+                random = effect.kind == "random"
+                self.failure = (OffReason.RANDOM if random else OffReason.STOCHASTIC, str(effect))
                 return None
         # what a trace bakes in: training flags; an export trace runs BatchNorm inline, so
         # also whether each BatchNorm's policy makes it use running statistics
@@ -340,18 +366,20 @@ class Runner:
             try:
                 traced = trace(self.module, self.example, like=like)
             except GraphError as e:
-                reason = (
-                    OffReason.NOT_VERIFIED
-                    if "does not reproduce" in str(e)
-                    else OffReason.NOT_TRACEABLE
-                )
+                if isinstance(e, RandomnessError):
+                    reason = OffReason.RANDOM
+                elif "does not reproduce" in str(e):
+                    reason = OffReason.NOT_VERIFIED
+                else:
+                    reason = OffReason.NOT_TRACEABLE
                 self.failure = (reason, str(e))
                 return None
             self.traces[modes] = (traced, policies)
         try:
             part = partition(traced)
         except GraphError as e:
-            self.failure = (OffReason.NOT_TRACEABLE, str(e))
+            random = isinstance(e, RandomnessError)
+            self.failure = (OffReason.RANDOM if random else OffReason.NOT_TRACEABLE, str(e))
             return None
         if part.frozen is None:
             self.failure = (OffReason.NO_FROZEN_PART, "")
@@ -478,11 +506,12 @@ class Runner:
         frozen = part.frozen if module is None else module
         if (
             not self.fuse
-            or (part.random is not None and stochastic_module(frozen) is not None)
+            or (part.random is not None and part.random_layers)
+            or part.batch_statistics is not None
             or not any(isinstance(v, Tensor) and v.dim() == 4 for v in values)
             or values[0].shape[0] < 2
         ):
-            return frozen  # a random layer the copy's eval mode would turn off: run as set
+            return frozen  # a random layer the copy's eval mode may change: run as set
         first = values[0]
         version = weights_version(self.prefix_tensors())
         key = (id(frozen), version, first.device, first.dtype)
@@ -544,7 +573,7 @@ class Runner:
             return part.example_frontier
         if part.frozen is None or part.traced.example is None:
             return None
-        with torch.no_grad():
+        with torch.no_grad(), rng.kept(rng.generators_of(self.module)):
             return tuple(part.frozen(*part.traced.example))
 
     def cacheable(self, deterministic: bool) -> CacheStatus | None:
@@ -558,13 +587,17 @@ class Runner:
             return off(OffReason.DISABLED)
         if self.part is None:
             reason, detail = self.failure or (OffReason.NO_FROZEN_PART, "")
-            if reason is OffReason.STOCHASTIC and not deterministic:
+            if reason in (OffReason.STOCHASTIC, OffReason.RANDOM) and not deterministic:
                 return off(OffReason.NOT_DETERMINISTIC)  # the first reason, as with a split
             return off(reason, detail)
         if not deterministic:
             return off(OffReason.NOT_DETERMINISTIC)
-        if self.part.random and not self.augment_views:
-            return off(OffReason.STOCHASTIC, self.part.random)
+        drew = self._drew.get(id(self.part))
+        drew_why = drew[1] if drew is not None and drew[0] is self.part else None
+        if (self.part.random or drew_why) and not self.augment_views:
+            return off(OffReason.RANDOM, self.part.random or drew_why or "")
+        if self.part.batch_statistics:
+            return off(OffReason.STOCHASTIC, self.part.batch_statistics)
         if self.part.stateful:
             return off(OffReason.STATEFUL, self.part.stateful)
         if self.part.mixes_samples:
@@ -623,15 +656,20 @@ class Runner:
         batch_size: int,
         fingerprint: str | None,
     ) -> CacheStatus:
+        """:meth:`ensure_cache` for the entry ``slot``.
+
+        Every generator is watched (:mod:`frostline.engine.rng`) while the data is read and
+        the frozen part runs for the cache, and restored: a draw there means the data (or
+        the frozen part, outside an augmented view) is random, and the cache is off. The
+        first reuse of a cache in each fit recomputes a few of its entries from the data
+        and compares them; data declared deterministic that reads otherwise turns the
+        cache off for it, with one warning naming the dataset.
+        """
         status = self.cacheable(getattr(data, "deterministic", False))
         if status is None and fingerprint is None:
             status = CacheStatus(CacheState.OFF, self.boundary, OffReason.NO_FINGERPRINT)
         if status is not None:
-            old = self.entries.pop(slot, None)
-            if old is not None:
-                _close(old.stores)
-            self.status[role] = status
-            return status
+            return self._off(role, slot, status)
         part = self.part
         assert part is not None
         rows = indices if indices is not None else torch.arange(data.n)
@@ -641,17 +679,70 @@ class Runner:
             self._content_key(self.prefix_tensors()),
             self._mode_string(part),
         )
+        untrusted = self._untrusted.get(key.data)
+        if untrusted is not None:
+            return self._off(role, slot, self._off_status(OffReason.DATA_RANDOM, untrusted))
+        held = rng.generators_of(self.module)
+        try:
+            return self._fill(role, slot, data, part, key, rows, indices, device, batch_size, held)
+        except _Drew as e:
+            if e.source == "frozen":
+                self._drew[id(part)] = (part, e.why)
+                return self._off(role, slot, self._off_status(OffReason.RANDOM, e.why))
+            self._untrusted[key.data] = e.why
+            warnings.warn(
+                f"{e.why}: the activation cache is off for it (declare a Dataset "
+                "deterministic only when every read of a sample gives the same values)",
+                UserWarning,
+                stacklevel=2,
+            )
+            return self._off(role, slot, self._off_status(OffReason.DATA_RANDOM, e.why))
+
+    def _off_status(self, reason: OffReason, detail: str = "") -> CacheStatus:
+        mode = "inference" if self.frozen_inference else "as set"
+        return CacheStatus(CacheState.OFF, self.boundary, reason, detail, frozen_mode=mode)
+
+    def _off(self, role: str, slot: str, status: CacheStatus) -> CacheStatus:
+        """Record ``status`` (off) for ``role``, dropping the cache in ``slot``."""
+        old = self.entries.pop(slot, None)
+        if old is not None:
+            _close(old.stores)
+        self.status[role] = status
+        return status
+
+    def _fill(
+        self,
+        role: str,
+        slot: str,
+        data,
+        part: Partition,
+        key: CacheKey,
+        rows: Tensor,
+        indices: Tensor | None,
+        device: torch.device,
+        batch_size: int,
+        held: tuple,
+    ) -> CacheStatus:
+        """Reuse, extend or build the entry ``slot``; raises :class:`_Drew`."""
+        view = slot != role  # an augmented view: its frozen part draws, by design
+
+        def watched(fn):
+            return fn if view else _watched(fn, held)
+
         entry = self.entries.get(slot)
         if entry is not None and entry.key == key:
             entry.version = self._version()  # same contents, maybe new counters
             entry.partition = part
+            if not view:
+                self._check(entry, data, rows, device, held)
             return self._record(role, CacheState.REUSED, entry)
-        ready = self.prepared.pop(role, None) if slot == role else None
+        ready = self.prepared.pop(role, None) if not view else None
         if ready is not None:
             if self._serves(ready, key, part):
                 if entry is not None:
                     _close(entry.stores)
                 self.entries[slot] = _Entry(key, ready.stores, ready.local, self._version(), part)
+                self._check(self.entries[slot], data, rows, device, held)
                 return self._record(role, CacheState.REUSED, self.entries[slot])
             _close(ready.stores)
         local = None
@@ -662,7 +753,8 @@ class Runner:
         if entry is not None and entry.key.data == key.data:
             extra = self._extension(entry, part)
         if extra is not None and entry is not None:
-            stores = self._build(extra, _store_batches(entry.stores, batch_size, device), len(rows))
+            step = watched(extra)
+            stores = self._build(step, _store_batches(entry.stores, batch_size, device), len(rows))
             if stores is None:
                 return self._too_large(role)
             _close(entry.stores)
@@ -674,7 +766,7 @@ class Runner:
 
         def batches() -> Iterator[tuple[Tensor, tuple]]:
             for chunk in torch.arange(len(rows)).split(batch_size):
-                x, _ = data.gather(rows[chunk])
+                x = _read(data, rows[chunk], held)
                 yield chunk, part.traced.flat(_to(x, device))
 
         later, joint = self._next_split(part)
@@ -682,10 +774,12 @@ class Runner:
         if joint is not None:  # in memory or not at all (refused at the first batch): the
             # planned split's tensors must not push this fit's cache to disk
             fn = self._frozen_fn
-            stores = self._build(lambda *v: fn(v, joint)(*v), batches(), len(rows), spill=False)
+            both = watched(lambda *v: fn(v, joint)(*v))
+            stores = self._build(both, batches(), len(rows), spill=False)
         if stores is None:
             later = None
-            stores = self._build(lambda *v: self._frozen_fn(v)(*v), batches(), len(rows))
+            one = watched(lambda *v: self._frozen_fn(v)(*v))
+            stores = self._build(one, batches(), len(rows))
         if stores is None:
             return self._too_large(role)
         if later is not None:
@@ -693,6 +787,34 @@ class Runner:
             stores = stores[: len(part.frontier)]
         self.entries[slot] = _Entry(key, stores, local, self._version(), part)
         return self._record(role, CacheState.BUILT, self.entries[slot])
+
+    def _check(self, entry: _Entry, data, rows: Tensor, device: torch.device, held) -> None:
+        """At the first reuse of ``entry`` in this fit, recompute a few of its entries
+        (spread over the data) and compare; raises :class:`_Drew` when they differ."""
+        if entry.checked == self._fits:
+            return
+        pos = torch.linspace(0, len(rows) - 1, steps=min(_CHECKED, len(rows))).round().long()
+        pos = pos.unique()
+        idx = rows[pos]
+        values = entry.partition.traced.flat(_to(_read(data, idx, held), device))
+        with torch.no_grad():
+            now = _watched(lambda *v: self._frozen_fn(v)(*v), held)(*values)
+        for store, fresh in zip(entry.stores, now):
+            kept = store[pos].to(fresh.device)  # the stores hold ``rows`` in order
+            fresh = fresh.to(kept.dtype)
+            tol = 1e-3 if kept.dtype in (torch.float32, torch.float64) else 3e-2
+            same = [
+                torch.allclose(a, b, rtol=tol, atol=tol / 10, equal_nan=True)
+                for a, b in zip(kept, fresh)
+            ]
+            if not all(same):
+                raise _Drew(
+                    "data",
+                    f"{_data_name(data)} is declared deterministic, but sample "
+                    f"{int(idx[same.index(False)])} read again gives other values than "
+                    "when its cache was built",
+                )
+        entry.checked = self._fits
 
     def _next_split(self, part: Partition) -> tuple[Partition | None, nn.Module | None]:
         """The split the planned unfreeze needs, and the frozen module giving both frontiers."""
@@ -707,6 +829,7 @@ class Runner:
             later.frozen is None
             or later.boundary == part.boundary
             or later.random
+            or later.batch_statistics
             or later.stateful
             or later.mixes_samples
         ):
@@ -929,6 +1052,41 @@ def _running_statistics(part: Partition) -> str:
         for m in part.frozen.modules()
         if batchnorm.is_batchnorm(m)
     )
+
+
+_CHECKED = 4  # entries of a reused cache recomputed and compared, once per fit
+
+
+def _read(data, idx: Tensor, held: tuple) -> Any:
+    """The inputs of samples ``idx``; raises :class:`_Drew` when reading them drew random
+    numbers (every generator is put back first)."""
+    with rng.kept(held) as watch:
+        x, _ = data.gather(idx)
+    if watch.moved:
+        raise _Drew(
+            "data",
+            f"{_data_name(data)} is declared deterministic, but reading it draws random "
+            f"numbers ({', '.join(watch.moved)})",
+        )
+    return x
+
+
+def _watched(fn, held: tuple):
+    """``fn`` (the frozen part, run for the cache) that raises :class:`_Drew` when it
+    draws random numbers (every generator is put back first)."""
+
+    def run(*values: Any) -> Any:
+        with rng.kept(held) as watch:
+            out = fn(*values)
+        if watch.moved:
+            raise _Drew(
+                "frozen",
+                f"the frozen part draws random numbers ({', '.join(watch.moved)}) while "
+                "its outputs are cached",
+            )
+        return out
+
+    return run
 
 
 def _close(stores: list[ActivationStore]) -> None:

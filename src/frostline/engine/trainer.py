@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from frostline.core import batchnorm
 from frostline.core.checks import require_int
 from frostline.engine import data as data_mod
-from frostline.engine import distributed
+from frostline.engine import distributed, rng
 from frostline.engine.callbacks import CallbackList, History
 from frostline.engine.graph import call_model
 from frostline.engine.progress import ProgressLogger, resolve_verbose
@@ -449,7 +449,9 @@ class Trainer:
         if not it.indexed:
             return None
         if role == "train" and not runner.verified:
-            self._verify(_to(it.example(epoch), device))
+            with rng.kept(rng.generators_of(self.model.module)):  # the loop's draws stay
+                example = it.example(epoch)
+            self._verify(_to(example, device))
         with _autocast(device, cfg.precision):  # one numeric path: built as it would run
             return runner.ensure_cache(
                 role,
@@ -533,7 +535,7 @@ class Trainer:
             modes = {m: m.training for m in module.modules()}
             try:
                 module.eval()
-                with torch.no_grad():
+                with torch.no_grad(), rng.kept(rng.generators_of(module)):
                     call_model(module, _head(x, 1))
             except (RuntimeError, TypeError, ValueError) as e:
                 raise explain_input_error(module, x, e) from e

@@ -1,0 +1,408 @@
+"""Randomness is first-class: found by what it draws, never cached stale, never baked.
+
+Every random form of issue 21 (a layer flipping each sample with ``torch.rand(batch)``,
+torchvision's ``RandomHorizontalFlip`` as a layer, a branch on ``random.random()``, on
+``np.random.rand()``, a layer drawing from its own ``torch.Generator``, a Dataset whose
+``__getitem__`` flips at random) trains, with and without the cache, for 6 seeds, to the
+very losses of the plain model trained eagerly by a hand-written loop with the same seed:
+the same draws in the same order, fresh in every epoch (a stale cache or a trace that baked
+one draw gives other losses), and no crash. A Dropout between the frozen part and the head
+runs on the trainable side, so the cache sits in front of it. Data declared deterministic
+is checked when its cache is reused.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+import frostline as fl
+from frostline.engine import rng, runner
+from frostline.engine.runner import CacheState, OffReason
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+N, F, K, BATCH, EPOCHS = 24, 6, 3, 8, 3
+SEEDS = range(6)
+
+
+class TorchFlip(nn.Module):
+    """Flips each sample with probability 1/2 (``torch.rand(batch)``)."""
+
+    def forward(self, x):
+        flip = torch.rand(x.shape[0], device=x.device) < 0.5
+        return torch.where(flip[:, None], x.flip(-1), x)
+
+
+class PythonFlip(nn.Module):
+    def forward(self, x):
+        return x.flip(-1) if random.random() < 0.5 else x
+
+
+class NumpyFlip(nn.Module):
+    def forward(self, x):
+        return x.flip(-1) if np.random.rand() < 0.5 else x
+
+
+class GeneratorFlip(nn.Module):
+    """Draws from its own generator (``torch.rand(..., generator=self.gen)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gen = torch.Generator().manual_seed(7)
+
+    def forward(self, x):
+        flip = torch.rand(x.shape[0], generator=self.gen) < 0.5
+        return torch.where(flip[:, None], x.flip(-1), x)
+
+
+LAYERS = {
+    "torch.rand": TorchFlip,
+    "RandomHorizontalFlip": lambda: v2.RandomHorizontalFlip(),
+    "random.random": PythonFlip,
+    "np.random.rand": NumpyFlip,
+    "torch.Generator": GeneratorFlip,
+}
+FORMS = [*LAYERS, "Dataset"]
+WHY = {
+    "torch.rand": "torch generator",
+    "RandomHorizontalFlip": "torch generator",
+    "random.random": "Python random",
+    "np.random.rand": "NumPy global RNG",
+    "torch.Generator": "torch.Generator on cpu",
+}
+
+
+class Flippy(Dataset):
+    """Flips a sample at random on every read, yet declares itself deterministic."""
+
+    deterministic = True
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        x = self.x[i]
+        return (x.flip(-1) if torch.rand(()) < 0.5 else x), self.y[i]
+
+    def fingerprint(self) -> str:
+        return "flippy-v1"
+
+
+def data() -> tuple[np.ndarray, np.ndarray]:
+    g = np.random.default_rng(0)
+    return g.standard_normal((N, F)).astype(np.float32), g.integers(0, K, N)
+
+
+def build(form: str) -> tuple[nn.Module, nn.Module]:
+    """``Sequential(random layer, frozen base, head)``: the same weights for every call."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(F, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+    head = nn.Linear(8, K)
+    front = LAYERS[form]() if form in LAYERS else nn.Identity()
+    base.requires_grad_(False)
+    return nn.Sequential(front, base, head), base
+
+
+def plain_losses(net: nn.Module, seed: int, dataset: Dataset | None = None) -> list[float]:
+    """The plain model, trained eagerly by a hand-written loop (SGD, lr 0.1), seeded as
+    ``fit(seed=)`` seeds."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    x, y = data()
+    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    losses = []
+    for _ in range(EPOCHS):
+        total = 0.0
+        for start in range(0, N, BATCH):
+            if dataset is not None:
+                items = [dataset[i] for i in range(start, start + BATCH)]
+                xb = torch.stack([a for a, _ in items])
+                yb = torch.stack([b for _, b in items])
+            else:
+                xb, yb = xs[start : start + BATCH], ys[start : start + BATCH]
+            loss = nn.functional.cross_entropy(net(xb), yb)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            total += float(loss.detach()) * len(xb)
+        losses.append(total / N)
+    return losses
+
+
+def fit_losses(net: nn.Module, seed: int, cache, dataset: Dataset | None = None):
+    model = fl.wrap(net)
+    model.compile(optimizer=fl.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    x, y = data()
+    args = (dataset, None) if dataset is not None else (x, y)
+    history = model.fit(
+        *args, batch_size=BATCH, epochs=EPOCHS, seed=seed, shuffle=False, verbose=0, cache=cache
+    )
+    return history.history["loss"], model.cache_status["train"]
+
+
+@pytest.mark.parametrize("cache", ["auto", False], ids=["cache", "no-cache"])
+@pytest.mark.parametrize("form", FORMS)
+def test_every_random_form_trains_as_the_plain_model(form: str, cache) -> None:
+    for seed in SEEDS:
+        net, _ = build(form)
+        dataset = Flippy(*data()) if form == "Dataset" else None
+        want = plain_losses(net, seed, dataset)
+        net, _ = build(form)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got, status = fit_losses(net, seed, cache, Flippy(*data()) if dataset else None)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"seed {seed}")
+        assert len(set(np.round(want, 6))) == EPOCHS  # each epoch drew afresh
+        assert not status.cached
+        flagged = [w for w in caught if "dataset Flippy" in str(w.message)]
+        if cache is False:
+            assert status.reason is OffReason.DISABLED
+            assert not flagged
+        else:
+            assert explained(form, status), status
+            # declared deterministic, the dataset draws while the cache is built: one warning
+            assert len(flagged) == (form == "Dataset")
+
+
+def explained(form: str, status) -> bool:
+    """Whether the cache status gives the right reason: what draws, and from where."""
+    if form == "Dataset":
+        return (
+            status.reason is OffReason.DATA_RANDOM
+            and "dataset Flippy is declared deterministic, but reading it draws random "
+            "numbers (torch generator)"
+            in status.detail
+        )
+    return status.reason is OffReason.RANDOM and status.detail.startswith(
+        f"layer '0' draws random numbers ({WHY[form]})"
+    )
+
+
+class Twice(nn.Module):
+    """A weightless step between the random layer and the frozen base: the pre-check
+    cannot tell, the trace decides."""
+
+    def forward(self, x):
+        return x * 2.0
+
+
+@pytest.mark.parametrize("form", list(LAYERS))
+def test_the_trace_finds_each_random_layer(form: str, monkeypatch) -> None:
+    prechecks: list = []
+    real = runner.stochastic_frozen
+    monkeypatch.setattr(
+        runner, "stochastic_frozen", lambda *a: prechecks.append(real(*a)) or prechecks[-1]
+    )
+    for seed in (0, 1):
+        for cache in ("auto", False):
+            net, _ = build(form)
+            net.insert(1, Twice())
+            want = plain_losses(net, seed)
+            net, _ = build(form)
+            net.insert(1, Twice())
+            got, status = fit_losses(net, seed, cache)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+            if cache == "auto":
+                assert status.reason is OffReason.RANDOM, status
+                assert f"layer '0' draws random numbers ({WHY[form]})" in status.detail
+    assert prechecks and all(p is None for p in prechecks)  # decided by the trace
+
+
+def test_without_the_rng_watch_random_forms_go_wrong(monkeypatch) -> None:
+    """The watch is what finds them: with it blind, fit bakes or caches draws (other
+    losses than the plain model's), or it catches them later for another reason (a
+    batch-dependence check, a failed probe, a cache check) and says so."""
+    monkeypatch.setattr(rng.RngState, "moved", lambda self: ())
+    wrong = {}
+    for form in FORMS:
+        net, _ = build(form)
+        dataset = Flippy(*data()) if form == "Dataset" else None
+        want = plain_losses(net, 0, dataset)
+        net, _ = build(form)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got, status = fit_losses(net, 0, "auto", Flippy(*data()) if dataset else None)
+        if not np.allclose(got, want, rtol=1e-5, atol=1e-6):
+            wrong[form] = "other losses"
+        elif not explained(form, status):
+            wrong[form] = str(status)
+    assert set(wrong) == set(FORMS), wrong
+    assert wrong["random.random"] == wrong["np.random.rand"] == "other losses"  # baked
+
+
+# ---------------------------------------------------------- random ops on the trainable side
+
+
+def head_model(drop: float = 0.2) -> tuple[nn.Module, nn.Module]:
+    """The Keras guide's head: a frozen base, ``Dropout``, then ``Linear``."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(F, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+    base.requires_grad_(False)
+    return nn.Sequential(base, nn.Dropout(drop), nn.Linear(8, K)), base
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_dropout_head_is_cached_in_front_of(seed: int) -> None:
+    net, _ = head_model()
+    want = plain_losses(net, seed)
+    statuses = {}
+    for cache in ("auto", False):
+        net, _ = head_model()
+        got, statuses[cache] = fit_losses(net, seed, cache)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    status = statuses["auto"]
+    assert status.state is CacheState.REUSED and status.boundary == ("0.3",), status
+
+
+def test_a_dropout_head_keeps_training_with_the_frozen_part_in_inference_mode() -> None:
+    net, base = head_model()
+    want = plain_losses(net, 0)  # base has no dropout: inference mode changes nothing
+    net, base = head_model()
+    model = fl.wrap(net)
+    model.compile(optimizer=fl.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    modes: list = []
+
+    class Modes(fl.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            modes.append((net[0].training, net[1].training))
+
+    x, y = data()
+    h = model.fit(
+        x, y, batch_size=BATCH, epochs=EPOCHS, seed=0, shuffle=False, verbose=0,
+        frozen_inference=True, callbacks=[Modes()],
+    )  # fmt: skip
+    np.testing.assert_allclose(h.history["loss"], want, rtol=1e-5, atol=1e-6)
+    assert set(modes) == {(False, True)}  # the base in eval mode, the Dropout training
+    assert model.cache_status["train"].state is CacheState.REUSED
+
+
+def mobilenet(unfreeze: str) -> nn.Module:
+    torch.manual_seed(0)
+    net = torchvision.models.mobilenet_v2(num_classes=K, width_mult=0.25)
+    net.requires_grad_(False)
+    net.get_submodule(unfreeze).requires_grad_(True)
+    return net
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unfreeze", ["classifier", "classifier.1"])
+def test_mobilenet_v2_classifier_is_cached_in_front_of_its_dropout(unfreeze: str) -> None:
+    g = np.random.default_rng(0)
+    x = g.standard_normal((16, 3, 32, 32)).astype(np.float32)
+    y = g.integers(0, K, 16)
+    # the plain model, eagerly: the frozen BatchNorms use running statistics, as fit's do
+    net = mobilenet(unfreeze)
+    torch.manual_seed(3)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    net.train()
+    net.features.eval()
+    want = []
+    for _ in range(2):
+        total = 0.0
+        for s in range(0, 16, 8):
+            loss = nn.functional.cross_entropy(
+                net(torch.from_numpy(x[s : s + 8])), torch.from_numpy(y[s : s + 8])
+            )
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            total += float(loss.detach()) * 8
+        want.append(total / 16)
+    for cache in ("auto", False):
+        model = fl.wrap(mobilenet(unfreeze))
+        model.compile(optimizer=fl.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+        h = model.fit(x, y, batch_size=8, epochs=2, seed=3, shuffle=False, verbose=0, cache=cache)
+        np.testing.assert_allclose(h.history["loss"], want, rtol=1e-4, atol=1e-5)
+        if cache == "auto":
+            status = model.cache_status["train"]
+            assert status.state is CacheState.REUSED, status
+            assert status.boundary == ("flatten",), status
+
+
+# ------------------------------------------------------------- declared-deterministic data
+
+
+class Drifting(Dataset):
+    """Declared deterministic, but each read adds how often it was read: no generator
+    moves, only reading a sample again shows it."""
+
+    deterministic = True
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.x[i] + self.reads, self.y[i]
+
+    def fingerprint(self) -> str:
+        return "drifting-v1"
+
+
+def test_a_reused_cache_is_checked_against_the_data() -> None:
+    net, _ = head_model(drop=0.0)
+    model = fl.wrap(net)
+    model.compile(optimizer=fl.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    notes: list = []
+
+    class Record(fl.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            notes.append(self.model.cache_status["train"])
+
+    ds = Drifting(*data())
+    with pytest.warns(UserWarning, match="dataset Drifting is declared deterministic") as w:
+        model.fit(ds, batch_size=BATCH, epochs=3, verbose=0, callbacks=[Record()])
+    assert len([m for m in w if "Drifting" in str(m.message)]) == 1  # one warning
+    assert notes[0].state is CacheState.BUILT
+    assert all(s.reason is OffReason.DATA_RANDOM for s in notes[1:]), notes
+    assert "read again gives other values" in notes[1].detail
+    # a dataset that reads the same every time is checked and kept
+    stable = Flippy(*data())
+    stable.__class__ = type("Stable", (Flippy,), {"__getitem__": lambda s, i: (s.x[i], s.y[i])})
+    notes.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.fit(stable, batch_size=BATCH, epochs=2, verbose=0, callbacks=[Record()])
+    assert [s.state for s in notes] == [CacheState.BUILT, CacheState.REUSED], notes
+
+
+def test_the_rng_helpers_restore_every_generator() -> None:
+    gen = torch.Generator().manual_seed(3)
+    own = random.Random(4)
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    with rng.kept([gen, own]) as k:
+        torch.rand(2)
+        random.random()
+        np.random.rand()
+        torch.rand(2, generator=gen)
+        own.random()
+    assert set(k.moved) == {
+        "torch generator",
+        "Python random",
+        "NumPy global RNG",
+        "torch.Generator on cpu",
+        "random.Random",
+    }
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert np.array_equal(np.random.get_state()[1], before[2])
+    assert gen.initial_seed() == 3 and torch.equal(
+        torch.rand(2, generator=gen), torch.rand(2, generator=torch.Generator().manual_seed(3))
+    )
