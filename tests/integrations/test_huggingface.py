@@ -245,3 +245,50 @@ def test_unfreezing_a_parent_and_the_children_frozen_by_hand(tmp_path, keep):
     # UnfreezeAt(1, "bert") reaches the embeddings too (Keras semantics) unless keep_frozen
     assert torch.equal(after[word], before[word]) is keep
     assert cb.report.ok
+
+
+@pytest.mark.slow
+def test_two_processes_unfreeze_and_resume_bitwise_with_onecycle_and_plateau(tmp_path):
+    """torchrun, 2 CPU processes (gloo): the layer unfrozen after DDP was built is averaged
+    over the processes, and a resume in fresh processes continues bitwise."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "dist_scripts" / "hf_trainer.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    for mode in ("full", "resume"):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                "2",
+                str(script),
+                str(tmp_path),
+                "onecycle,plateau",
+                mode,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=480,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for sched in ("onecycle", "plateau"):
+        runs = {
+            (m, r): torch.load(tmp_path / sched / f"{m}-rank{r}.pt")
+            for m in ("full", "resume")
+            for r in (0, 1)
+        }
+        reference = runs[("full", 0)]
+        new = "bert.encoder.layer.1.attention.self.query.weight"
+        assert not torch.equal(reference["weights"][new], bert().state_dict()[new])  # it trained
+        for key, run in runs.items():
+            for k, v in reference["weights"].items():
+                assert torch.equal(run["weights"][k], v), f"{sched} {key}: {k}"
+            assert run["lrs"] == reference["lrs"]
+        rates = reference["lrs"]  # the Trainer's two groups, then the unfrozen ones at 5e-4 / 1e-3
+        assert rates[-1] / rates[0] == pytest.approx(0.5)

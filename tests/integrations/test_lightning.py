@@ -346,3 +346,25 @@ def test_with_several_optimizers_an_index_never_takes_another_optimizers_paramet
         )
     with pytest.raises(ValueError, match="module paths to optimizer indices"):
         FreezeCallback(optimizer_index={"gen": -1})
+
+
+@pytest.mark.slow
+def test_resume_in_a_fresh_process_is_bitwise_with_onecycle_and_plateau(tmp_path):
+    script = Path(__file__).parent / "dist_scripts" / "lightning_resume.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    for mode in ("full", "resume"):  # each in a process of its own
+        proc = subprocess.run(
+            [sys.executable, str(script), str(tmp_path), "onecycle,plateau", mode],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for sched, ratio in (("onecycle", 0.02 / 0.05), ("plateau", 0.02 / 0.01)):
+        full, resumed = (torch.load(tmp_path / sched / f"{m}.pt") for m in ("full", "resume"))
+        for k, v in full["weights"].items():
+            assert torch.equal(resumed["weights"][k], v), f"{sched}: {k}"
+        assert resumed["lrs"] == full["lrs"] and len(full["lrs"]) == 2
+        head, new = full["lrs"]  # the layer unfrozen at 0.02: against OneCycle's peak 0.05
+        assert new / head == pytest.approx(ratio), sched

@@ -12,6 +12,9 @@ unfreezing, discriminative rates, progressive freezing) inside ``trainer.train()
   groups are left as it built them;
 * frozen parameters leave the optimizer (state and ``.grad`` dropped) and stay bitwise;
 * frozen BatchNorm runs in inference mode across ``model.train()``;
+* with several processes (``torchrun``, DDP on gloo or NCCL) the gradients of layers
+  unfrozen after the Trainer built its DDP wrapper are averaged over the processes
+  (:class:`LateGradients`), so the processes stay in step;
 * weights frozen at the start and never unfrozen are verified when training ends;
 * ``trainer.train(resume_from_checkpoint=...)`` continues with the trainable state, the
   schedules' state and the optimizer state (of unfrozen layers too) the run stopped with.
@@ -38,6 +41,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import transformers
 from torch import nn
 from transformers import TrainerCallback
@@ -82,6 +86,41 @@ def trainer_groups(optimizer: torch.optim.Optimizer, model: nn.Module) -> GroupO
     return like_groups(optimizer, model, kind=lambda name, p: name in decay)
 
 
+class LateGradients:
+    """All-reduce, across processes, the gradients of parameters the DDP wrapper was built without.
+
+    The Trainer wraps the model in DDP once, over the parameters that require grad then;
+    a layer unfrozen later would train on each process's own gradients and the processes
+    would drift apart. Each such parameter gets a hook that averages its gradient over the
+    processes as soon as backward has accumulated it (on a process group of its own, before
+    gradient clipping and the optimizer step see it).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.world = dist.get_world_size()
+        self.known = {id(p) for p in model.parameters() if p.requires_grad}
+        group = dist.new_group()
+        assert isinstance(group, dist.ProcessGroup)  # every process is in it
+        self.group = group
+        self.hooks: dict[int, Any] = {}
+
+    def update(self, model: nn.Module) -> None:
+        """Hook every trainable parameter DDP does not reduce (same order on every process)."""
+        for p in model.parameters():
+            if p.requires_grad and id(p) not in self.known and id(p) not in self.hooks:
+                self.hooks[id(p)] = p.register_post_accumulate_grad_hook(self._reduce)
+
+    def _reduce(self, p: torch.Tensor) -> None:
+        assert p.grad is not None
+        dist.all_reduce(p.grad, group=self.group)
+        p.grad.div_(self.world)
+
+    def remove(self) -> None:
+        for hook in self.hooks.values():
+            hook.remove()
+        self.hooks = {}
+
+
 class FreezeCallback(DriverViews, TrainerCallback, ExportableState):
     """Freezing schedules for ``transformers.Trainer`` (see the module docstring).
 
@@ -112,6 +151,7 @@ class FreezeCallback(DriverViews, TrainerCallback, ExportableState):
         self.group_options = group_options
         self._base: list[list[torch.Tensor]] = []
         self._projection: Any = None
+        self._late: LateGradients | None = None
         self._epoch = 0
         #: what the last resume restored: "none", "full" or "layout only"
         self.resumed = "none"
@@ -135,6 +175,11 @@ class FreezeCallback(DriverViews, TrainerCallback, ExportableState):
                 "FreezeCallback: the Trainer passed no model or optimizer to on_train_begin"
             )
         self.driver.bind(model)
+        if self._late is not None:
+            self._late.remove()
+        # several processes: DDP was built over what is trainable now (before a resume's state)
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self._late = LateGradients(model) if distributed else None
         inner = _unwrap(optimizer)
         self._base = [list(g["params"]) for g in inner.param_groups]  # as the Trainer built them
         full = None
@@ -157,20 +202,30 @@ class FreezeCallback(DriverViews, TrainerCallback, ExportableState):
         self._epoch = epoch_of(state.epoch or 0)
         self.driver.start(self._epoch)
         self.driver.restored = None
+        self._reduce_late()
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self._epoch = epoch_of(state.epoch or 0)
         self.driver.epoch_begin(self._epoch)
+        self._reduce_late()
 
     def on_epoch_end(self, args, state, control, **kwargs):
         logs = state.log_history[-1] if state.log_history else {}
         self.driver.epoch_end(self._epoch, logs)
+        self._reduce_late()
+
+    def _reduce_late(self) -> None:
+        if self._late is not None and self.driver.model is not None:
+            self._late.update(self.driver.model.module)
 
     def on_train_end(self, args, state, control, **kwargs):
         try:
             self.driver.finish()
         finally:
             self.driver.remove()
+            if self._late is not None:
+                self._late.remove()
+                self._late = None
             if self._projection is not None:
                 self._projection.remove()
                 self._projection = None
