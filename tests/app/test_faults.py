@@ -117,6 +117,12 @@ def test_a_full_disk_is_refused_before_training(here, capsys, monkeypatch):
     assert code == 2 and not trained
     assert "not enough free space" in line and "1.0 MB free" in line and "'runs/full'" in line
     assert not (here / "runs").exists()
+    # room for the run directory, not for the checkpoints as well
+    need = report.expected_bytes(__import__("tiny_nets").build(2))
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda p: real(p)._replace(free=2 * need))
+    code, _, err = run([*FIT, "--out", "runs/full", "--checkpoint-dir", "ck"], capsys)
+    line = one_line_error(err)
+    assert code == 2 and not trained and "--checkpoint-dir 'ck': not enough free space" in line
 
 
 def test_evaluate_and_predict_outputs_are_checked_first(here, capsys, monkeypatch):

@@ -102,9 +102,12 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _existing_folder(path: Path, flag: str) -> Path:
-    """The nearest existing folder at or above ``path``'s parent (where writing starts)."""
-    here = Path(os.path.abspath(path)).parent
+def _existing_folder(path: Path, flag: str, into: bool) -> Path:
+    """The nearest existing folder where writing starts: at or above ``path`` when files go
+    ``into`` it, else at or above its parent."""
+    here = Path(os.path.abspath(path))
+    if not into:
+        here = here.parent
     while not os.path.lexists(here):
         here = here.parent
     if not here.is_dir():
@@ -115,14 +118,17 @@ def _existing_folder(path: Path, flag: str) -> Path:
     return here
 
 
-def check_writable(path: str | os.PathLike, *, flag: str, need_bytes: int = 0) -> None:
+def check_writable(
+    path: str | os.PathLike, *, flag: str, need_bytes: int = 0, into: bool = False
+) -> None:
     """Refuse, before any work, an output ``path`` that cannot be written.
 
     Tries what writing will do (a hidden folder made and removed where the output's
-    temporary folder will go) and compares the disk's free space with ``need_bytes``.
+    temporary folder will go: beside ``path``, or inside it with ``into=True``, for a
+    folder that receives files) and compares the disk's free space with ``need_bytes``.
     """
     target = Path(path)
-    here = _existing_folder(target, flag)
+    here = _existing_folder(target, flag, into)
     try:
         probe = tempfile.mkdtemp(prefix=".frostline-probe-", dir=here)
     except OSError as e:

@@ -288,6 +288,7 @@ def run_demo(
 
     t = time.perf_counter()
     model, base = training.build_classifier(MODEL, 10, cfg.image_size)
+    report.check_output(final, need_bytes=report.expected_bytes(model.module))  # before training
     model_s = time.perf_counter() - t
     head = model.layers[-1].module
     record["model"] = {

@@ -170,7 +170,7 @@ def run(opts: Options, command: str) -> int:
             "into the run directory itself: remove the link or pass --out DIR"
         )
     check_out_dir(out)
-    outputs.check_writable(out, flag="--out")
+    outputs.check_writable(out, flag="--out", need_bytes=report.RUN_FILES_BYTES)
     info = loaded.info
     data = inference.read_labelled(opts.data, info)
     for line in imagefolder.skipped_lines(data.skipped, data.files, str(out / report.SKIPPED_FILE)):

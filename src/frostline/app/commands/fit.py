@@ -56,6 +56,8 @@ FREEZE_HELP = (
 )
 FREEZE_TYPE_HELP = "freeze every layer of a class, by class name: Conv2d, BatchNorm2d, ... (repeatable, or comma-separated)"
 FREEZING = "freezing"
+#: checkpoints fit keeps in --checkpoint-dir (fl.Model.fit's keep_checkpoints default)
+KEPT_CHECKPOINTS = 3
 TRAINING = "training"
 OUTPUT = "output"
 
@@ -257,7 +259,7 @@ def run(opts: Options, command: str) -> int:
             f"--resume {opts.resume!r} is not a folder; expected the --checkpoint-dir of the run to go on with"
         )
     if checkpoints:
-        outputs.check_writable(Path(checkpoints) / "epoch", flag="--checkpoint-dir")
+        outputs.check_writable(checkpoints, flag="--checkpoint-dir", into=True)
 
     threads, why = training.choose_threads(opts.threads)
     say(f"threads: {threads} ({why})")
@@ -302,6 +304,11 @@ def run(opts: Options, command: str) -> int:
             f"head = `nn.Linear({head.in_features}, {head.out_features})`"
         )
     report.check_output(final, need_bytes=report.expected_bytes(model.module))  # before training
+    if checkpoints:  # the kept checkpoints and the one being written: weights + optimizer state
+        ckpt_bytes = (KEPT_CHECKPOINTS + 1) * 3 * report.expected_bytes(model.module)
+        outputs.check_writable(
+            checkpoints, flag="--checkpoint-dir", need_bytes=ckpt_bytes, into=True
+        )
     kind = "import" if importing else "zoo"
     if data.is_images:
         preprocessing = Preprocessing.for_images(
