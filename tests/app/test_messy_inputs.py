@@ -139,6 +139,21 @@ def test_every_skipped_file_is_listed(tmp_path):
     assert all(s.reason for s in ds.skipped) and ds.files == 20 and len(ds) == 18
 
 
+def test_fifos_and_dangling_links_are_listed_not_waited_on(tmp_path):
+    import os
+
+    data = write_folder(tmp_path / "data", per_class=6)
+    os.mkfifo(data / "red" / "pipe.png")
+    (data / "blue" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    ds = load_image_folder(data, 8)
+    reasons = {s.path: s.reason for s in ds.skipped}
+    assert reasons == {
+        "blue/gone.png": "No such file or directory",
+        "red/pipe.png": "not a regular file (a FIFO, socket or device)",
+    }
+    assert ds.files == 20 and len(ds) == 18
+
+
 def test_fit_lists_every_skipped_file_in_log_report_and_csv(tmp_path, capsys, monkeypatch):
     """Two unreadable files: each named on stderr, in report.md and in skipped.csv."""
     data = write_folder(tmp_path / "data", per_class=6)

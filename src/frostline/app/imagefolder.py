@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,9 +254,12 @@ def fit_square(img, size: int):
 def decode_image(path: str | os.PathLike, size: int) -> np.ndarray:
     """One image file as a ``size`` x ``size`` RGB uint8 array: :func:`as_rgb`, then :func:`fit_square`.
 
-    Raises what Pillow raises for a file it cannot read (see :data:`UNREADABLE`).
+    Raises what Pillow raises for a file it cannot read (:func:`unreadable_errors`); a
+    FIFO, socket or device is refused before it is opened (reading one could wait forever).
     """
     Image = _pil()
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError("not a regular file (a FIFO, socket or device)")
     with Image.open(path) as img:
         img.load()
         return np.asarray(fit_square(as_rgb(img), size), dtype=np.uint8)
@@ -266,11 +270,15 @@ def _is_hidden(name: str) -> bool:
 
 
 def image_files(root: Path) -> list[Path]:
-    """Every non-hidden file below ``root`` (hidden folders skipped), sorted."""
+    """Every non-hidden entry below ``root`` that is not a folder (hidden folders skipped), sorted.
+
+    FIFOs, devices and dangling links are included, so that reading them reports each
+    one as skipped instead of leaving it out unseen.
+    """
     return sorted(
         p
         for p in root.rglob("*")
-        if p.is_file() and not any(_is_hidden(q) for q in p.relative_to(root).parts)
+        if not p.is_dir() and not any(_is_hidden(q) for q in p.relative_to(root).parts)
     )
 
 
@@ -328,7 +336,8 @@ def read_images(
         try:
             arr = decode_image(p, image_size)
         except errors as e:
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            why = text.splitlines()[0] if text else type(e).__name__
             shown = p.relative_to(root) if root is not None else p
             skipped.append(Skipped(str(shown), why))
             continue
