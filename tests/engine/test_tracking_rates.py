@@ -266,3 +266,57 @@ def test_a_late_join_under_an_unknown_scaler_is_not_silent():
         scaled_step(model, opt, scaler, torch.bfloat16, through_root=False)
     with pytest.raises(TypeError, match="GradScaler"):
         fl.track(opt, model, scaler="fp16")
+
+
+# --------------------------------------------------------------------------- fit's own scheduler
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda o: S.OneCycleLR(o, max_lr=0.01, total_steps=16, cycle_momentum=False),
+        lambda o: S.CyclicLR(o, base_lr=0.001, max_lr=0.01, step_size_up=3, cycle_momentum=False),
+        lambda o: S.LambdaLR(o, lambda s: 1 / (1 + s)),
+    ],
+    ids=["OneCycleLR", "CyclicLR", "LambdaLR"],
+)
+def test_fit_with_a_torch_scheduler_keeps_an_unfrozen_layers_own_rate(factory):
+    """compile(scheduler=...) rebuilds the scheduler when groups change; a OneCycleLR or
+    CyclicLR given one max_lr gave every group the same curve, own rates erased."""
+    import numpy as np
+
+    model = fl.wrap(net())
+    model.layers[0].trainable = False
+    model.compile(
+        fl.optimizers.SGD(0.01),
+        loss="sparse_categorical_crossentropy",
+        scheduler=factory,
+        scheduler_interval="step",
+    )
+    rates: list[list[float]] = []
+
+    class Rates(fl.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            rates.append([g["lr"] for g in self.model.optimizer.param_groups])
+
+    x = np.random.default_rng(0).random((32, 4), dtype=np.float32)
+    y = np.random.default_rng(1).integers(0, 2, 32)
+    cb = fl.freezing.UnfreezeAt(1, "0", learning_rate=1e-3)
+    model.fit(x, y, epochs=2, batch_size=4, verbose=0, callbacks=[cb, Rates()])
+    joined = [r for r in rates if len(r) == 2]
+    assert len(joined) == 8
+    for head, new in joined:  # a tenth of the compile rate: a tenth of the curve
+        assert new == pytest.approx(0.1 * head, rel=1e-9)
+
+
+def test_fit_refuses_torchs_plateau_scheduler_with_the_fix():
+    import numpy as np
+
+    model = fl.wrap(net())
+    model.compile(
+        "sgd",
+        loss="sparse_categorical_crossentropy",
+        scheduler=lambda o: S.ReduceLROnPlateau(o),
+    )
+    with pytest.raises(TypeError, match=r"fl.callbacks.ReduceLROnPlateau"):
+        model.fit(np.zeros((4, 4), np.float32), np.zeros(4, np.int64), verbose=0)

@@ -17,9 +17,10 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import CyclicLR, ReduceLROnPlateau
 
 from frostline.core.state import learning_rate_of
-from frostline.engine.tracking import OptimizerTracker, named_trainable
+from frostline.engine.tracking import OptimizerTracker, named_trainable, schedulers_in
 from frostline.io.optimizer_state import optimizer_state_from_tensors, optimizer_state_to_tensors
 
 
@@ -187,8 +188,44 @@ class LiveOptimizer:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.scheduler = self.scheduler_factory(self.optimizer)
+            if any(isinstance(s, ReduceLROnPlateau) for s in schedulers_in(self.scheduler)):
+                raise TypeError(
+                    "compile(scheduler=...) built torch's ReduceLROnPlateau, which needs the "
+                    "monitored metric at every step; use fl.callbacks.ReduceLROnPlateau(monitor=...) "
+                    "with fit instead"
+                )
+            self._scale_peaks()
             for _ in range(self.scheduler_steps):
                 self.scheduler.step()
+
+    def _scale_peaks(self) -> None:
+        """Give each group its own OneCycleLR/CyclicLR curve, scaled by its rate's ratio to the spec's.
+
+        Those schedulers replace the groups' rates with their own (one ``max_lr`` for all
+        when given a number), which would erase per-layer rates; every other scheduler
+        starts from each group's rate already.
+        """
+        assert self.optimizer is not None
+        nominal = float(self.spec.learning_rate)
+        if not nominal:
+            return
+        for i, g in enumerate(self.optimizer.param_groups):
+            k = float(g.get("base_lr", nominal)) / nominal
+            if k == 1.0:
+                continue
+            if all(key in g for key in ("max_lr", "initial_lr", "min_lr")):  # OneCycleLR's
+                for key in ("max_lr", "initial_lr", "min_lr"):
+                    g[key] *= k
+                g["lr"] = g["initial_lr"]
+            for s in schedulers_in(self.scheduler):
+                if isinstance(s, CyclicLR):
+                    s.base_lrs[i] *= k
+                    s.max_lrs[i] *= k
+                    g["lr"] = s.base_lrs[i]
+            for s in schedulers_in(self.scheduler):
+                last = getattr(s, "_last_lr", None)
+                if isinstance(last, list) and i < len(last):
+                    last[i] = g["lr"]
 
     def scheduler_step(self) -> None:
         if self.scheduler is not None:
