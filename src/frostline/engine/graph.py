@@ -211,17 +211,21 @@ class _DrewWhileTracing(Exception):
 class _Tracer(fx.Tracer):
     """Module-level tracer: torch.nn layers, timm no-trace modules and ``extra`` are leaves.
 
-    Every module it traces through is watched: when a generator moves while its Python
-    code runs (``torch.rand(1) >= p``, ``random.random() < 0.5``), tracing stops with
-    :class:`_DrewWhileTracing` for that module, which the caller then makes a leaf (it
-    runs as written, drawing afresh at every call)."""
+    With ``watch``, every module it traces through is watched: when a generator moves
+    while its Python code runs (``torch.rand(1) >= p``, ``random.random() < 0.5``), tracing
+    stops with :class:`_DrewWhileTracing` for that module, which the caller then makes a
+    leaf (it runs as written, drawing afresh at every call). A trace runs unwatched first
+    and again watched only when a generator moved."""
 
-    def __init__(self, extra_leaves: set[str], generators: tuple[Any, ...] = ()) -> None:
+    def __init__(
+        self, extra_leaves: set[str], generators: tuple[Any, ...] = (), watch: bool = False
+    ) -> None:
         leaves, fns = timm_no_trace()
         super().__init__(autowrap_functions=fns)
         self.timm_leaves = leaves
         self.extra_leaves = extra_leaves
         self.generators = generators
+        self.watch = watch  # capture the generators around every module call
         self.stack: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -236,6 +240,10 @@ class _Tracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Callable, args: Any, kwargs: Any) -> Any:
         path = self.path_of_module(m)
         self.stack.append(path)
+        if not self.watch:
+            out = super().call_module(m, forward, args, kwargs)
+            self.stack.pop()
+            return out
         before = rng.capture(self.generators)
         out = super().call_module(m, forward, args, kwargs)
         moved = before.moved()
@@ -329,9 +337,13 @@ class _ValueTracer(_Tracer):
     proxy_buffer_attributes = True
 
     def __init__(
-        self, extra_leaves: set[str], inputs: dict[str, Any], generators: tuple[Any, ...] = ()
+        self,
+        extra_leaves: set[str],
+        inputs: dict[str, Any],
+        generators: tuple[Any, ...] = (),
+        watch: bool = False,
     ) -> None:
-        super().__init__(extra_leaves, generators)
+        super().__init__(extra_leaves, generators, watch)
         self.inputs = inputs
         self.concrete = 0  # > 0 while computing an example value: plain calls, no recording
 
@@ -615,14 +627,16 @@ def _trace_fx(
     root = _root_for(module, names, kw, flat=example is not None)
     leaves: set[str] = set(start)
     generators = rng.generators_of(module)
-    for _ in range(max_leaves + 1):
+    watch = False  # each module is watched once a trace drew somewhere
+    for _ in range(max_leaves + 2):
         if example is None:
-            tracer = _Tracer(leaves, generators)
+            tracer = _Tracer(leaves, generators, watch)
         else:
-            tracer = _ValueTracer(leaves, dict(zip(names, example)), generators)
+            tracer = _ValueTracer(leaves, dict(zip(names, example)), generators, watch)
+        state = _restored_state(module)
         try:
             grad = torch.no_grad() if example is not None else contextlib.nullcontext()
-            with _restored_state(module), grad:
+            with state, grad:
                 graph = tracer.trace(root)
         except Exception as e:
             inner = [p for p in tracer.stack if p not in leaves]
@@ -631,6 +645,11 @@ def _trace_fx(
                     raise RandomnessError(f"{e} while it is traced") from e
                 raise GraphError(f"{type(e).__name__}: {_short(e)}") from e
             leaves.add(inner[-1])
+            continue
+        if state.moved:
+            if watch:  # not in any module's code: the tracer's own (cannot happen)
+                raise RandomnessError(f"tracing drew random numbers ({', '.join(state.moved)})")
+            watch = True
             continue
         gm = fx.GraphModule(root, graph)
         baked = _traced_through(root, graph)
@@ -843,12 +862,16 @@ def _draws(t: Traced) -> dict[str, tuple[str, ...]]:
     held = rng.generators_of(t.module) + rng.generators_in(
         a for n in t.gm.graph.nodes for a in (*n.args, *n.kwargs.values())
     )
-    with _restored_state(t.module), torch.no_grad():
-        watcher = _DrawWatcher(t.gm, held)
-        try:
+    try:
+        with _restored_state(t.module) as state, torch.no_grad():
+            t.gm(*t.example)  # one plain run first: most graphs draw nothing
+        if not state.moved:
+            return {}
+        with _restored_state(t.module), torch.no_grad():
+            watcher = _DrawWatcher(t.gm, held)
             watcher.run(*t.example)
-        except Exception as e:  # the probe ran it: only a model that changed gets here
-            raise GraphError(f"the graph no longer runs: {type(e).__name__}: {_short(e)}") from e
+    except Exception as e:  # the probe ran it: only a model that changed gets here
+        raise GraphError(f"the graph no longer runs: {type(e).__name__}: {_short(e)}") from e
     return watcher.found
 
 
@@ -1005,8 +1028,15 @@ def stochastic_frozen(module: nn.Module, example: Any) -> FrozenEffect | None:
         return None
     inputs = _take(values, _probe_rows(batch)[0])
     x = dict(zip(names, inputs)) if kw else inputs
-    found = _Watch(module, len(inputs[0]) if inputs else 0).run(x).found
+    found = _watched_run(module, x, len(inputs[0]) if inputs else 0).found
     return found[0] if found else None
+
+
+def _watched_run(module: nn.Module, x: Any, batch: int) -> _Watch:
+    """A :class:`_Watch` of ``module`` on ``x``: one run without capturing the generators,
+    and one with, only when that run drew."""
+    watch = _Watch(module, batch, draws=False).run(x)
+    return _Watch(module, batch, draws=True).run(x) if watch.moved else watch
 
 
 @dataclass
@@ -1016,7 +1046,7 @@ class _Call:
     module: nn.Module
     frozen: bool  # no trainable node could hold what runs in it
     here: bool  # this call is frozen (see stochastic_frozen)
-    state: rng.RngState
+    state: rng.RngState | None  # the generators as the call began (when watching draws)
     inner_drew: bool = False
 
 
@@ -1025,8 +1055,9 @@ class _Watch:
     with hooks on every submodule: which calls are frozen, which draw random numbers, and
     what certainly makes the frozen part random (see :func:`stochastic_frozen`)."""
 
-    def __init__(self, module: nn.Module, batch: int) -> None:
-        self.module, self.batch = module, batch
+    def __init__(self, module: nn.Module, batch: int, draws: bool = True) -> None:
+        self.module, self.batch, self.draws = module, batch, draws
+        self.moved: tuple[str, ...] = ()  # what the whole run drew
         self.trains = _holds_trainable(module)
         self.held = rng.generators_of(module)
         self.path = {m: n for n, m in module.named_modules()}
@@ -1044,7 +1075,7 @@ class _Watch:
         self.drawn: dict[int, tuple[Tensor, str, nn.Module, bool]] = {}
 
     def run(self, x: Any) -> _Watch:
-        _run_watched(self.module, x, self.pre, self.post)
+        self.moved = _run_watched(self.module, x, self.pre, self.post)
         return self
 
     def frozen_call(self, m: nn.Module, args: Any, kwargs: Any) -> bool:
@@ -1076,13 +1107,12 @@ class _Watch:
                             self.found.append(FrozenEffect("random", hit[1]))
         # a module traced through has no node of its own; one fx calls whole is one node,
         # trainable when it holds trainable weights or reads trainable values
-        self.stack.append(
-            _Call(m, not (self.whole[m] and trainable), frozen, rng.capture(self.held))
-        )
+        state = rng.capture(self.held) if self.draws else None
+        self.stack.append(_Call(m, not (self.whole[m] and trainable), frozen, state))
 
     def post(self, m: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
         call = self.stack.pop()
-        moved = call.state.moved()
+        moved = call.state.moved() if call.state is not None else ()
         if moved and self.stack:
             self.stack[-1].inner_drew = True
         if not moved or call.inner_drew or not call.here:
@@ -1115,20 +1145,22 @@ def _run_watched(
     x: Any,
     pre: Callable[[nn.Module, Any, Any], None],
     post: Callable[[nn.Module, Any, Any, Any], None],
-) -> None:
+) -> tuple[str, ...]:
     """Run ``module`` on ``x`` (autograd on, buffers and every generator restored) with
     ``pre(m, args, kwargs)`` called as each submodule is entered and ``post(m, args,
-    kwargs, out)`` as it returns."""
+    kwargs, out)`` as it returns; returns the generators the run drew from."""
     handles = []
+    state = _restored_state(module)
     try:
         for m in module.modules():
             handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
-        with _restored_state(module), torch.enable_grad():
+        with state, torch.enable_grad():
             call_model(module, x)
     finally:
         for h in handles:
             h.remove()
+    return state.moved
 
 
 def frozen_calls(module: nn.Module, example: Any) -> list[nn.Module]:
@@ -1154,7 +1186,7 @@ def frozen_calls(module: nn.Module, example: Any) -> list[nn.Module]:
         ['Linear']
     """
     _, values, _ = inputs_of(module, example)
-    watch = _Watch(module, _batch_size(values) or 0).run(example)
+    watch = _watched_run(module, example, _batch_size(values) or 0)
     return [m for m, ok in watch.calls.items() if ok and m is not module and m not in watch.movable]
 
 

@@ -59,10 +59,15 @@ def generators_of(module: nn.Module | None) -> tuple[Any, ...]:
         return ()
     found: dict[int, Any] = {}
     for m in module.modules():
-        for value in vars(m).values():
+        for key, value in vars(m).items():
+            if key in _MODULE_STATE:  # torch's own tables (parameters, hooks, children)
+                continue
             for g in _generators(value):
                 found.setdefault(id(g), g)
     return tuple(found.values())
+
+
+_MODULE_STATE = frozenset(vars(nn.Module()))
 
 
 def generators_in(values: Iterable[Any]) -> tuple[Any, ...]:
