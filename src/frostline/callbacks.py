@@ -6,6 +6,7 @@
 """
 
 from frostline.api.callbacks import (
+    BackupAndRestore,
     Callback,
     CallbackList,
     CSVLogger,
@@ -19,6 +20,7 @@ from frostline.api.callbacks import (
 )
 
 __all__ = [
+    "BackupAndRestore",
     "Callback",
     "CallbackList",
     "CSVLogger",

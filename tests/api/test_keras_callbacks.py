@@ -255,3 +255,98 @@ def test_missing_monitor_warns_like_keras_and_unknown_direction_is_an_error(kmod
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             cb.on_epoch_end(0, {"something": 1.0})
+
+
+@pytest.mark.parametrize("save_freq", [3, 5])
+def test_model_checkpoint_every_n_batches_saves_what_keras_saves(
+    kmodel, save_freq, tmp_path, one_thread
+):
+    """Keras's own fit (4 batches an epoch) against ours: the files written, by name."""
+    theirs = keras.callbacks.ModelCheckpoint(
+        str(tmp_path / "k-{epoch}-{batch}.weights.h5"), save_freq=save_freq, save_weights_only=True
+    )
+    saved: list[str] = []
+    original = kmodel.save_weights
+    kmodel.save_weights = lambda filepath, overwrite=True: saved.append(os.path.basename(filepath))
+    try:
+        kmodel.fit(X, Y, batch_size=2, epochs=3, verbose=0, callbacks=[theirs])
+    finally:
+        kmodel.save_weights = original
+    model = fl.wrap(nn.Linear(2, 1))
+    model.compile(optimizer=fl.optimizers.SGD(0.1), loss="mse")
+    ours = fl.callbacks.ModelCheckpoint(
+        str(tmp_path / "f-{epoch}-{batch}.weights.safetensors"),
+        save_freq=save_freq,
+        save_weights_only=True,
+    )
+    model.fit(X, Y, batch_size=2, epochs=3, verbose=0, callbacks=[ours])
+    assert [
+        os.path.basename(p).replace("f-", "k-").replace(".safetensors", ".h5") for p in ours.saved
+    ] == saved
+    assert all(os.path.exists(p) for p in ours.saved)
+
+
+class _Epochs(keras.callbacks.Callback):
+    def __init__(self, crash_at=None):
+        super().__init__()
+        self.crash_at, self.epochs = crash_at, []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.crash_at == (self.epochs[-1], batch):
+            raise KeyboardInterrupt
+
+
+class _FlEpochs(fl.Callback):
+    writes_weights = False
+
+    def __init__(self, crash_at=None):
+        self.crash_at, self.epochs = crash_at, []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.crash_at == (self.epochs[-1], batch):
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("save_freq", ["epoch", 3])
+@pytest.mark.parametrize("delete", [True, False])
+def test_backup_and_restore_decides_as_keras(save_freq, delete, tmp_path, one_thread):
+    """After an interruption in epoch 2 (batch 1), a new fit goes on from the epoch Keras
+    goes on from, and the backup is deleted (or kept) as Keras's is."""
+    kmodel = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])  # fresh: Keras
+    kmodel.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")  # keeps _initial_epoch
+    runs = {}
+    for who in ("keras", "frostline"):
+        backup = tmp_path / who
+        if who == "keras":
+
+            def make(backup=backup):
+                return keras.callbacks.BackupAndRestore(
+                    str(backup), save_freq=save_freq, delete_checkpoint=delete
+                )
+
+            first, second = _Epochs((2, 1)), _Epochs()
+            with pytest.raises(KeyboardInterrupt):
+                kmodel.fit(X, Y, batch_size=2, epochs=5, verbose=0, callbacks=[make(), first])
+            kmodel.fit(X, Y, batch_size=2, epochs=5, verbose=0, callbacks=[make(), second])
+        else:
+            model = fl.wrap(nn.Linear(2, 1))
+            model.compile(optimizer=fl.optimizers.SGD(0.1), loss="mse")
+
+            def make(backup=backup):
+                return fl.callbacks.BackupAndRestore(
+                    backup, save_freq=save_freq, delete_checkpoint=delete
+                )
+
+            first, second = _FlEpochs((2, 1)), _FlEpochs()
+            with pytest.raises(KeyboardInterrupt):
+                model.fit(X, Y, batch_size=2, epochs=5, verbose=0, callbacks=[make(), first])
+            model.fit(X, Y, batch_size=2, epochs=5, verbose=0, callbacks=[make(), second])
+        runs[who] = (first.epochs, second.epochs, backup.exists())
+    assert runs["frostline"] == runs["keras"]
+    assert runs["keras"][1][0] == 2

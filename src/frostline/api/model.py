@@ -408,6 +408,11 @@ class Model(Layer):
         """Weights (safetensors) plus metadata: how to rebuild, trainable state, BatchNorm policy."""
         saving.save_model(self, path)
 
+    def save_weights(self, path: str | os.PathLike) -> None:
+        """The weights alone (safetensors, atomically), as Keras's ``save_weights``: no
+        architecture or trainable state; read back with :meth:`load_weights`."""
+        saving.save_weights(self, path)
+
     def load_weights(self, path: str | os.PathLike, *, strict: bool = True) -> None:
         """Load weights (and trainable state) saved by :meth:`save`; a mismatch lists the keys."""
         saving.load_weights(self, path, strict=strict)

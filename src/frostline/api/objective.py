@@ -318,6 +318,17 @@ class Objective:
             logs[name] = float(m.result())
         return logs
 
+    def load_state(self, state: dict) -> None:
+        """Put back the running sums :meth:`state` gave (a resume inside an epoch)."""
+        metrics = {name: m for name, _, m, _ in self._all_metrics()}
+        for name, (total, count) in state.items():
+            if name == "loss":
+                self._loss_sum, self._count = float(total), int(count)
+            elif name in metrics:
+                metrics[name].set_state(float(total), float(count))
+            else:
+                self._parts_sum[name] = float(total)
+
     def state(self) -> dict[str, tuple[float, float]]:
         """Sums and counts, for averaging across processes."""
         st: dict[str, tuple[float, float]] = {"loss": (self._loss_sum, self._count)}

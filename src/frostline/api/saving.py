@@ -151,6 +151,22 @@ def save_model(model, path: str | os.PathLike) -> Path:
     return save_safetensors(model.module.state_dict(), path, {META_KEY: json.dumps(meta)})
 
 
+def save_weights(model, path: str | os.PathLike) -> Path:
+    """Write ``model``'s weights alone (Keras's ``save_weights``) to one safetensors file,
+    atomically: no architecture or trainable state; :func:`load_weights` reads it back.
+
+    >>> import tempfile, frostline as fl
+    >>> m = fl.wrap(nn.Linear(2, 2)); p = Path(tempfile.mkdtemp()) / "m.weights.safetensors"
+    >>> save_weights(m, p).name, sorted(read(p)[0]), read(p)[1]
+    ('m.weights.safetensors', ['bias', 'weight'], {})
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"weight files end in .safetensors, got {str(path)!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_safetensors(model.module.state_dict(), path)
+
+
 def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and frostline metadata of a model file (errors name the file and the defect)."""
     tensors, header = load_safetensors(path)
@@ -190,5 +206,6 @@ __all__ = [
     "prepare_lora",
     "read",
     "save_model",
+    "save_weights",
     "trainable_state",
 ]

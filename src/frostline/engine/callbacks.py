@@ -8,6 +8,7 @@ A callback that keeps state across epochs implements ``get_state``/``set_state``
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 
@@ -62,6 +63,23 @@ class Callback:
 
     def set_tensors(self, tensors: dict[str, Any]) -> None:
         """Restore what :meth:`get_tensors` returned (called after :meth:`set_state`)."""
+
+
+class BackupCallback(Callback):
+    """A callback that asks ``fit`` to keep exact checkpoints in ``backup_dir`` and to
+    resume from the newest one there when ``fit`` starts (the engine side of
+    ``BackupAndRestore``). ``fit`` writes a checkpoint where :meth:`save_now` says, after
+    every callback's hook for that batch or epoch has run (so each callback's state in
+    it is complete), keeping the newest ``keep_checkpoints``.
+    """
+
+    backup_dir: Path
+    keep_checkpoints: int = 1
+
+    def save_now(self, batch: int | None) -> bool:
+        """Whether to write a checkpoint after training batch ``batch`` of the current
+        epoch (0-based), or, with ``None``, at the epoch's end. Called once for each."""
+        return batch is None
 
 
 class CallbackList(Callback):
@@ -163,4 +181,4 @@ class History(Callback):
         return f"History(epochs={len(self.epoch)}, keys={list(self.history)})"
 
 
-__all__ = ["Callback", "CallbackList", "History"]
+__all__ = ["BackupCallback", "Callback", "CallbackList", "History"]

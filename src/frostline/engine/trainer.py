@@ -25,7 +25,7 @@ from frostline.core import batchnorm
 from frostline.core.checks import require_int
 from frostline.engine import data as data_mod
 from frostline.engine import distributed, rng
-from frostline.engine.callbacks import CallbackList, History
+from frostline.engine.callbacks import BackupCallback, CallbackList, History
 from frostline.engine.graph import call_model
 from frostline.engine.progress import ProgressLogger, resolve_verbose
 from frostline.engine.runner import CacheState, Runner, WholeModel, fingerprint_of
@@ -185,6 +185,8 @@ class Trainer:
         self._checked_input = False
         #: the module's parameters, read once per epoch during fit (None: read at each use)
         self._named: list[tuple[str, nn.Parameter]] | None = None
+        #: (epoch, batches done, running sums) when resuming inside an epoch
+        self._mid_epoch: tuple[int, int, dict] | None = None
 
     # -- set-up ----------------------------------------------------------------------
     def _config(self) -> CompileConfig:
@@ -269,11 +271,10 @@ class Trainer:
         cblist.set_params(dict(self._params))
         model.stop_training = False
         model.history = history
-        writer = None
-        if o.checkpoint_dir is not None:
-            writer = CheckpointWriter(o.checkpoint_dir, keep_last=o.keep_checkpoints)
+        self._saves, self._mid_epoch = _Checkpoints(o, cbs), None
+        resume = o.resume if o.resume is not None else self._saves.backup
         initial_epoch = (
-            self._resume(o, train_it, cblist) if o.resume is not None else o.initial_epoch
+            self._resume(resume, train_it, cblist) if resume is not None else o.initial_epoch
         )
 
         # one read of the frozen weights serves the verification and the cache key
@@ -306,15 +307,7 @@ class Trainer:
                 cblist.on_epoch_end(epoch, logs)
                 if model.live_optimizer is not None and cfg.scheduler_interval == "epoch":
                     model.live_optimizer.scheduler_step()
-                if writer is not None and self.ctx.is_main:
-                    writer.save(
-                        model,
-                        epoch,
-                        logs,
-                        cblist,
-                        shuffle_seed=train_it.seed,
-                        ever_trainable=self._ever_trainable,
-                    )
+                self._checkpoint(epoch, None, logs, cblist, train_it.seed)
                 distributed.end_epoch(model, self.ctx)
             if o.epochs > 0 and model.live_optimizer is not None:
                 model.live_optimizer.finalize_variable_values()  # Keras: before on_train_end
@@ -400,24 +393,53 @@ class Trainer:
         self._ever_trainable: set[int] = set()
         return runner
 
-    def _resume(self, o: FitOptions, train_it, cblist) -> int:
-        """Restore the newest checkpoint under ``o.resume``; returns the epoch to start at."""
-        state = restore(self.model, o.resume, cblist)
+    def _resume(self, resume, train_it, cblist) -> int:
+        """Restore the newest checkpoint under ``resume``; returns the epoch to start at
+        (the one a mid-epoch checkpoint was taken in, its done batches to be skipped)."""
+        state = restore(self.model, resume, cblist)
         train_it.seed = state["shuffle_seed"]
         names = set(state.get("ever_trainable_names") or ())
         params = self.model.module.named_parameters()
         self._ever_trainable |= {id(p) for n, p in params if n in names}
-        return state["epoch"] + 1
+        if state.get("batch") is None:
+            return state["epoch"] + 1
+        self._mid_epoch = (state["epoch"], state["batch"] + 1, state.get("objective") or {})
+        return state["epoch"]
+
+    def _checkpoint(self, epoch: int, batch: int | None, logs: dict, cblist, seed: int) -> None:
+        """Write the checkpoints due after ``batch`` of ``epoch`` (None: at its end)."""
+        writers = self._saves.due(batch)  # every rank counts; the main one writes
+        if not writers or not self.ctx.is_main:
+            return
+        objective = None if batch is None else self._config().objective.state()
+        for writer in writers:
+            writer.save(
+                self.model,
+                epoch,
+                logs,
+                cblist,
+                shuffle_seed=seed,
+                ever_trainable=self._ever_trainable,
+                batch=batch,
+                objective=objective,
+            )
 
     def _train_epoch(self, it: data_mod.EpochIterator, epoch: int, cblist, stop_on_nan: bool):
         """One epoch of train steps; returns its logs and the epoch note (the cache)."""
-        model, runner = self.model, self.runner
+        model, runner, objective = self.model, self.runner, self._config().objective
         assert runner is not None
-        self._config().objective.reset()
+        objective.reset()
+        skip = 0
+        if self._mid_epoch is not None and self._mid_epoch[0] == epoch:
+            _, skip, sums = self._mid_epoch  # resumed inside this epoch
+            objective.load_state(sums)
+        self._mid_epoch = None
         note = self._prepare_cache("train", it, epoch)
         self._params.update(steps=it.num_batches, epoch_note="")
         cblist.set_params(dict(self._params))
         for step, batch in enumerate(it.epoch(epoch)):
+            if step < skip:
+                continue
             cblist.on_train_batch_begin(step, {})
             try:
                 batch_logs = self.train_step(batch)
@@ -430,7 +452,8 @@ class Trainer:
                 cblist.on_train_batch_end(step, {"loss": e.value})
                 break
             cblist.on_train_batch_end(step, batch_logs)
-        logs = self._epoch_logs(self._config().objective)
+            self._checkpoint(epoch, step, batch_logs, cblist, it.seed)
+        logs = self._epoch_logs(objective)
         if note is None:
             note = runner.cacheable(False)  # loader data: never cached, says why
             assert note is not None
@@ -653,6 +676,34 @@ def _should_validate(epoch: int, freq) -> bool:
     ([1, 3, 5], True)
     """
     return (epoch + 1) % freq == 0 if isinstance(freq, int) else epoch + 1 in freq
+
+
+class _Checkpoints:
+    """Where ``fit`` checkpoints: ``checkpoint_dir`` at each epoch's end, and the backup
+    directory of a :class:`BackupCallback` where it says (``backup``: that directory
+    when it holds a checkpoint to resume from)."""
+
+    def __init__(self, o: FitOptions, callbacks: list) -> None:
+        self.targets: list[tuple[CheckpointWriter, BackupCallback | None]] = []
+        if o.checkpoint_dir is not None:
+            self.targets.append(
+                (CheckpointWriter(o.checkpoint_dir, keep_last=o.keep_checkpoints), None)
+            )
+        backups = [cb for cb in callbacks if isinstance(cb, BackupCallback)]
+        if len(backups) > 1:
+            raise ValueError(
+                f"fit got {len(backups)} backup callbacks ({', '.join(type(cb).__name__ for cb in backups)}); "
+                "one run is backed up in one directory: pass one"
+            )
+        self.backup = None
+        for cb in backups:
+            writer = CheckpointWriter(cb.backup_dir, keep_last=cb.keep_checkpoints)
+            self.targets.append((writer, cb))
+            self.backup = cb.backup_dir if writer.latest() is not None else None
+
+    def due(self, batch: int | None) -> list[CheckpointWriter]:
+        """The writers to save after training batch ``batch`` (None: at the epoch's end)."""
+        return [w for w, cb in self.targets if (cb.save_now(batch) if cb else batch is None)]
 
 
 class _NonFiniteLoss(Exception):

@@ -60,15 +60,34 @@ class CheckpointWriter:
         self.manager = CheckpointManager(directory, keep_last=keep_last, monitor=monitor, mode=mode)
 
     def save(
-        self, model, epoch: int, logs: dict, cblist, *, shuffle_seed: int, ever_trainable: set[int]
+        self,
+        model,
+        epoch: int,
+        logs: dict,
+        cblist,
+        *,
+        shuffle_seed: int,
+        ever_trainable: set[int],
+        batch: int | None = None,
+        objective: dict | None = None,
     ) -> Path:
+        """Checkpoint the run after ``epoch`` (or, with ``batch``, after that batch of it,
+        with the epoch's running loss and metric sums in ``objective``)."""
+        tensors, state = snapshot(
+            model, cblist, shuffle_seed=shuffle_seed, ever_trainable=ever_trainable, epoch=epoch
+        )
+        if batch is not None:
+            state["batch"], state["objective"] = batch, objective
         return self.manager.save(
             epoch,
-            *snapshot(
-                model, cblist, shuffle_seed=shuffle_seed, ever_trainable=ever_trainable, epoch=epoch
-            ),
+            tensors,
+            state,
             {k: float(v) for k, v in logs.items() if isinstance(v, int | float)},
         )
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint (None when there is none yet)."""
+        return self.manager.latest() if self.manager.directory.is_dir() else None
 
 
 def snapshot(

@@ -40,10 +40,17 @@ class LearningRateScheduler(Callback):
             raise TypeError(f"schedule must be callable(epoch, lr) -> lr, got {schedule!r}")
         self.schedule = schedule
         self.verbose = verbose
+        #: (epoch, the rate before the schedule ran) of the last epoch begun: a resume
+        #: inside that epoch feeds the schedule the same rate again (no compounding)
+        self._begun: tuple[int, float] | None = None
 
     def on_epoch_begin(self, epoch, logs=None):
         if _takes_lr(self.schedule):
-            lr = self.schedule(epoch, float(self.model.learning_rate))
+            current = float(self.model.learning_rate)
+            if self._begun is not None and self._begun[0] == epoch:
+                current = self._begun[1]
+            self._begun = (epoch, current)
+            lr = self.schedule(epoch, current)
         else:
             lr = self.schedule(epoch)
         if isinstance(lr, bool) or not isinstance(lr, int | float):
@@ -60,3 +67,10 @@ class LearningRateScheduler(Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["learning_rate"] = float(self.model.learning_rate)
+
+    def get_state(self) -> dict:
+        return {"begun": list(self._begun) if self._begun is not None else None}
+
+    def set_state(self, state: dict) -> None:
+        begun = state.get("begun")
+        self._begun = (int(begun[0]), float(begun[1])) if begun else None
