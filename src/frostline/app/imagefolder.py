@@ -169,6 +169,10 @@ class ImageArrayDataset(Dataset):
                 x = self.augment.train()(x[None])[0]
         return x, self.labels[i]
 
+    def labels_at(self, indices: torch.Tensor) -> torch.Tensor:
+        """The labels of these samples, no image touched (``fit`` reads them this way)."""
+        return self.labels[indices]
+
     def fingerprint(self) -> str:
         if self._fp is None:
             h = hashlib.blake2b(digest_size=16)

@@ -271,7 +271,9 @@ class ArrayDataset(Dataset):
 class IndexedData:
     """Random-access samples: ``sample(indices) -> (x, y, sample_weight)``; ``deterministic``
     allows caching. ``outputs`` (the number of losses, when known) says how a Dataset's
-    3-element items read (see :func:`split_sample`)."""
+    3-element items read (see :func:`split_sample`). A Dataset with a method
+    ``labels_at(indices) -> y`` (the targets of those samples, no sample weights) gives
+    its labels without loading its inputs: epochs served from the cache read no input."""
 
     dataset: Dataset
     n: int
@@ -299,6 +301,9 @@ class IndexedData:
             return _index(ds.y, idx), _index(ds.sample_weight, idx)
         if isinstance(ds, TensorDataset):
             return split_sample([None, *(t[idx] for t in ds.tensors[1:])], self.outputs)[1:]
+        read = getattr(ds, "labels_at", None)
+        if callable(read):  # a Dataset that reads its labels without its inputs
+            return read(idx), None
         return self.sample(idx)[1:]
 
     def targets(self, idx: torch.Tensor):
