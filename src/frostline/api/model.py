@@ -98,7 +98,7 @@ class Model(Layer):
         batchnorm.install_all(module)
         self._config: CompileConfig | None = None
         self._live: LiveOptimizer | None = None
-        self._trainer = None
+        self._trainer: Trainer | None = None
         self.stop_training = False
         self.history: History | None = None
         self.last_verification: Report | None = None
@@ -216,8 +216,7 @@ class Model(Layer):
             raise RuntimeError("compile the model before setting its learning rate")
         self._live.set_learning_rate(value)
 
-    def _get_trainer(self):
-
+    def _get_trainer(self) -> Trainer:
         if self._trainer is None:
             self._trainer = Trainer(self)
         return self._trainer

@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,13 +28,11 @@ from frostline.engine import distributed, rng
 from frostline.engine.callbacks import BackupCallback, CallbackList, History
 from frostline.engine.graph import call_model
 from frostline.engine.progress import ProgressLogger, resolve_verbose
+from frostline.engine.protocols import CompileSettings, TrainableModel
 from frostline.engine.runner import CacheState, Runner, WholeModel, fingerprint_of
 from frostline.engine.tracking import named_parameters_once
 from frostline.engine.training_state import CheckpointWriter, restore
 from frostline.engine.verify import FrozenWeightsChanged, fingerprint
-
-if TYPE_CHECKING:  # the Model drives the trainer; the engine never imports it at run time
-    from frostline.api.model import CompileConfig, Model
 
 
 class TrainingError(RuntimeError):
@@ -174,7 +172,7 @@ def explain_input_error(module: nn.Module, x: torch.Tensor, err: Exception) -> E
 class Trainer:
     """Runs fit/evaluate/predict for one Model (kept on the model between calls)."""
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: TrainableModel) -> None:
         self.model = model
         self.runner: Runner | None = None
         self.ctx = distributed.DistContext()
@@ -189,7 +187,7 @@ class Trainer:
         self._mid_epoch: tuple[int, int, dict] | None = None
 
     # -- set-up ----------------------------------------------------------------------
-    def _config(self) -> CompileConfig:
+    def _config(self) -> CompileSettings:
         cfg = self.model.compile_config
         if cfg is None:
             raise TrainingError("call model.compile(optimizer=..., loss=...) before fit()")
