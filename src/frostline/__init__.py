@@ -34,10 +34,17 @@ from frostline.engine.data import DataError
 from frostline.engine.tracking import OptimizerTracker, track
 from frostline.engine.trainer import TrainingError, seed_everything
 from frostline.engine.verify import FrozenWeightsChanged
+from frostline.io.errors import CheckpointError, UnsafeFileError
 
 
 def load(path, *, trusted_modules=()):
     """Rebuild a Model saved by ``Model.save`` (zoo name, import path or Sequential) and load its weights.
+
+    A file is data: it may name only torch.nn layers, timm and torchvision models by
+    registry name, and zoo names (see :mod:`frostline.api.allowlist`); an import path is
+    followed only into a package listed in ``trusted_modules``. A request outside that
+    is an :class:`UnsafeFileError` saying what the file asked for; any other defect is a
+    :class:`CheckpointError`.
 
     >>> import frostline as fl, tempfile, os
     >>> from torch import nn
@@ -51,6 +58,7 @@ def load(path, *, trusted_modules=()):
 __all__ = [
     "__version__",
     "Callback",
+    "CheckpointError",
     "DataError",
     "FrozenFeatures",
     "FrozenWeightsChanged",
@@ -63,6 +71,7 @@ __all__ = [
     "SelectionError",
     "Sequential",
     "TrainingError",
+    "UnsafeFileError",
     "batchnorm",
     "callbacks",
     "freezing",

@@ -8,7 +8,9 @@ the everyday names; these are the pieces under them.
 """
 
 from frostline.api.loading import (
+    CheckpointError,
     ImportPathError,
+    UnsafeFileError,
     build,
     import_path,
     load_model,
@@ -26,6 +28,7 @@ __all__ = [
     "apply_trainable_state",
     "architecture_of",
     "build",
+    "CheckpointError",
     "import_path",
     "ImportPathError",
     "load_model",
@@ -33,4 +36,5 @@ __all__ = [
     "read",
     "save_model",
     "trainable_state",
+    "UnsafeFileError",
 ]

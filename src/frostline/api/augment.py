@@ -108,6 +108,7 @@ class RandomRotation(nn.Module):
                 f"RandomRotation fill_mode must be one of {sorted(_FILL_MODES)}, got {fill_mode!r}"
             )
         self.lower, self.upper = float(lo), float(hi)
+        self.factor = (self.lower, self.upper)  # what a saved model file records
         self.fill_mode = fill_mode
         self.generator = generator
 

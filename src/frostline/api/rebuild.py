@@ -178,14 +178,18 @@ def _torchvision_recipe(module: nn.Module) -> dict | None:
     # most likely first: the builder whose published size is nearest
     names.sort(key=lambda n: abs((_published_size(n) or 0) - size))
     for name in names:
+        # detection and segmentation builders download backbone weights unless told not to
+        no_weights: dict[str, Any] = {"weights": None}
+        if "weights_backbone" in inspect.signature(tvm.get_model_builder(name)).parameters:
+            no_weights["weights_backbone"] = None
         for kwargs in options:
-            built = _on_meta(tvm.get_model, name, weights=None, **kwargs)
+            built = _on_meta(tvm.get_model, name, **no_weights, **kwargs)
             if built is not None and _same_structure(built, module):
                 return {
                     "kind": "import",
                     "target": "torchvision.models:get_model",
                     "args": [name],
-                    "kwargs": {"weights": None, **kwargs},
+                    "kwargs": {**no_weights, **kwargs},
                 }
     return None
 

@@ -126,6 +126,19 @@ def _known_names() -> frozenset[str]:
     return frozenset(timm.list_models()) | frozenset(timm.list_models(pretrained=True))
 
 
+def is_known_name(name: object) -> bool:
+    """Whether ``name`` is a zoo name: ``efficientnet_lite0`` or a timm registry name (tags included).
+
+    Exact names only: no ``hf-hub:`` or ``local-dir:`` sources.
+
+    Example:
+        >>> from frostline.api.zoo import is_known_name
+        >>> is_known_name("resnet18"), is_known_name("hf-hub:someone/resnet18")
+        (True, False)
+    """
+    return isinstance(name, str) and (name == LITE0 or name in _known_names())
+
+
 def _check_name(name: str) -> None:
     if not isinstance(name, str):
         raise ZooError(f"model name must be a str, got {type(name).__name__}")

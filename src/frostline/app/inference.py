@@ -77,8 +77,13 @@ class Run:
 def load_run(run_dir: str | os.PathLike, trust: Sequence[str] = ()) -> Run:
     """Read ``preprocessing.json`` and rebuild ``model.safetensors`` (with ``fl.load``)."""
     import frostline as fl
+    from frostline.api.allowlist import check_trusted
     from frostline.io.errors import CheckpointError
 
+    try:
+        trust = check_trusted(trust)
+    except ValueError as e:
+        raise RunInfoError(f"--trust: {e}") from None
     path = Path(run_dir)
     info = Preprocessing.read(path)
     needed = info.trusted_modules()

@@ -363,9 +363,13 @@ class Preprocessing:
                 raise bad(f"{key} is {_shown(getattr(self, key))}; arrays are used as given (null)")
 
     def trusted_modules(self) -> list[str]:
-        """The package an import-path model's factory lives in (empty for zoo models)."""
+        """The package an import-path model's factory lives in (empty for zoo models, and for
+        torch/torchvision/timm builders, which ``fl.load`` builds from its allow-list)."""
+        from frostline.api.allowlist import BUILTIN_PACKAGES
+
         spec = self.model["spec"]
-        return [spec.split(":")[0].split(".")[0]] if self.model.get("kind") == "import" else []
+        root = spec.split(":")[0].split(".")[0]
+        return [root] if self.model.get("kind") == "import" and root not in BUILTIN_PACKAGES else []
 
 
 def _model_entry(spec: str, kind: str) -> dict[str, Any]:

@@ -1,12 +1,13 @@
-"""The one error and warning class of the persistence layer.
+"""The error and warning classes of the persistence layer.
 
 Every module that reads or writes frostline files raises :class:`CheckpointError`
-and warns with :class:`CheckpointWarning`; callers import both from here.
+(or its subclass :class:`UnsafeFileError`, for a file that asks to run code) and
+warns with :class:`CheckpointWarning`; callers import them from here.
 """
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "CheckpointWarning"]
+__all__ = ["CheckpointError", "CheckpointWarning", "UnsafeFileError"]
 
 
 class CheckpointError(ValueError):
@@ -20,6 +21,18 @@ class CheckpointError(ValueError):
         ...     load_safetensors("/nonexistent/model.safetensors")
         ... except CheckpointError as e:
         ...     print("missing" in str(e))
+        True
+    """
+
+
+class UnsafeFileError(CheckpointError):
+    """A model file asks to call something outside frostline's allow-list.
+
+    The message names what the file asked for and, where trusting it is possible,
+    how to trust it (``fl.load(path, trusted_modules=[...])``, ``--trust PACKAGE``).
+
+    Example:
+        >>> issubclass(UnsafeFileError, CheckpointError)
         True
     """
 
