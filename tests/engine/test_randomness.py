@@ -406,3 +406,39 @@ def test_the_rng_helpers_restore_every_generator() -> None:
     assert gen.initial_seed() == 3 and torch.equal(
         torch.rand(2, generator=gen), torch.rand(2, generator=torch.Generator().manual_seed(3))
     )
+
+
+# ------------------------------------------------------------------ worker processes
+
+
+class Counted(Dataset):
+    """Deterministic samples; counts the reads made in this (the main) process."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
+        self.main_reads = 0
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        if torch.utils.data.get_worker_info() is None:
+            self.main_reads += 1
+        return self.x[i], self.y[i]
+
+
+@pytest.mark.slow
+def test_fit_reads_a_dataset_with_worker_processes() -> None:
+    losses, reads = {}, {}
+    for workers in (0, 2):
+        net, _ = head_model(drop=0.0)
+        model = fl.wrap(net)
+        model.compile(optimizer=fl.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+        ds = Counted(*data())
+        h = model.fit(ds, batch_size=BATCH, epochs=2, seed=0, verbose=0, workers=workers)
+        losses[workers], reads[workers] = h.history["loss"], ds.main_reads
+    np.testing.assert_allclose(losses[2], losses[0], rtol=1e-6)
+    assert reads[0] == 4 + 2 * N  # the example, then every sample of both epochs
+    assert reads[2] == 4  # only the example: the epochs were read by the workers
+    with pytest.raises(ValueError, match="workers .* must be an int >= 0, got -1"):
+        model.fit(ds, epochs=1, verbose=0, workers=-1)

@@ -267,7 +267,11 @@ class Model(Layer):
         the frozen part, cache ``K`` augmented passes over the data and cycle them, epoch
         ``e`` seeing pass ``e % K``; this changes augmentation's semantics, from a fresh
         draw every epoch to K draws per sample, and takes K times the cache's memory;
-        ``None``, the default, draws afresh every epoch and caches nothing random).
+        ``None``, the default, draws afresh every epoch and caches nothing random),
+        ``workers`` (``N``: a map-style ``Dataset`` is read by ``N`` worker processes, a
+        ``DataLoader`` over each epoch's batches, while the activation cache does not serve
+        the epoch; a random ``__getitem__`` then draws from the workers' generators, seeded
+        from ``seed``; a ``DataLoader`` you pass keeps its own ``num_workers``).
         ``x`` may be an array, a tuple of arrays (positional model inputs) or a dict of
         arrays (keyword inputs such as ``input_ids`` and ``attention_mask``).
 

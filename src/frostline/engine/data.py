@@ -8,6 +8,7 @@ dataset) is iterated as given.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterator, Mapping
@@ -564,6 +565,11 @@ class EpochIterator:
     stops there (with a warning when it had fewer batches than asked) and the next one
     starts a new pass. Random-access data is sharded by ``rank``/``world``; a loader
     calls ``on_pass(pass_number)`` before each pass (a distributed sampler's epoch).
+    With ``workers`` > 0, a map-style ``Dataset``'s batches are read ahead by that many
+    worker processes (a ``DataLoader`` over the epoch's index batches, its workers seeded
+    from ``seed`` and the pass: the caller's generators draw nothing) while ``prefetch``
+    is true; the trainer turns it off for epochs the activation cache serves, whose inputs
+    are never read.
 
     >>> it = EpochIterator(prepare(np.zeros((4, 1)), np.zeros(4)), 1, steps_per_epoch=2)
     >>> [[b.idx.tolist() for b in it.epoch(e)] for e in range(3)]
@@ -582,8 +588,10 @@ class EpochIterator:
         rank: int = 0,
         world: int = 1,
         on_pass=None,
+        workers: int = 0,
     ) -> None:
         self.data, self.batch_size, self.shuffle, self.seed = data, batch_size, shuffle, seed
+        self.workers, self.prefetch = workers, True
         self.steps_per_epoch, self.class_weight = steps_per_epoch, class_weight
         self.rank, self.world, self.on_pass = rank, world, on_pass
         self._passes: dict[int, list[torch.Tensor]] = {}
@@ -668,8 +676,11 @@ class EpochIterator:
                 if self.steps_per_epoch > take:
                     self._ran_out(take)
                 take = min(take, self.steps_per_epoch)
-            for idx in batches[offset : offset + take]:
-                yield Batch(self.data, idx=idx, class_weight=cw)
+            chosen = batches[offset : offset + take]
+            items = self._read_ahead(chosen, n)
+            for idx in chosen:
+                item = next(items) if items is not None else None
+                yield Batch(self.data, idx=idx, item=item, class_weight=cw)
             return
         loader = self.data
         assert isinstance(loader, LoaderData)
@@ -696,6 +707,28 @@ class EpochIterator:
             yield Batch(loader, item=item, class_weight=cw)
         if steps is None or (per is not None and self._seen >= per):
             self._live, self._pass = None, self._pass + 1
+
+    def _read_ahead(self, batches: list[torch.Tensor], n: int) -> Iterator | None:
+        """The items of ``batches`` read by worker processes (None: read on demand)."""
+        data = self.data
+        assert isinstance(data, IndexedData)
+        if not self.workers or not self.prefetch or not batches:
+            return None
+        if isinstance(data.dataset, ArrayDataset | TensorDataset):
+            return None  # in memory: indexing whole batches beats any worker
+        loader = DataLoader(
+            data.dataset,
+            batch_sampler=[b.tolist() for b in batches],
+            num_workers=self.workers,
+            collate_fn=functools.partial(_collate, outputs=data.outputs),
+            generator=torch.Generator().manual_seed(int(self.seed) * 1_000_003 + n),
+        )
+        return iter(loader)
+
+
+def _collate(items: list, outputs: int | None = None) -> tuple:
+    """What :meth:`IndexedData.sample` makes of these items (for worker processes)."""
+    return split_sample(default_collate(items), outputs)
 
 
 def _has_len(obj) -> bool:

@@ -74,9 +74,11 @@ class FitOptions:
     frozen_inference: bool = False
     unfreeze_next: Iterable[Tensor] = ()
     augment_views: int | None = None
+    workers: int = 0
 
     def __post_init__(self) -> None:
         require_int("epochs", self.epochs)
+        require_int("workers (worker processes reading a Dataset)", self.workers, minimum=0)
         require_int("initial_epoch", self.initial_epoch)
         if self.on_nan not in ("raise", "stop"):
             raise ValueError(f"on_nan must be 'raise' or 'stop', got {self.on_nan!r}")
@@ -356,6 +358,7 @@ class Trainer:
             rank=rank,
             world=world,
             on_pass=self._on_pass(train),
+            workers=o.workers,
         )
         val_it = None
         if val is not None:
@@ -366,6 +369,7 @@ class Trainer:
                 rank=rank,
                 world=world,
                 on_pass=self._on_pass(val),
+                workers=o.workers,
             )
         self._fingerprints = {"train": fingerprint_of(train), "val": fingerprint_of(val)}
         return train_it, val_it
@@ -433,6 +437,7 @@ class Trainer:
             objective.load_state(sums)
         self._mid_epoch = None
         note = self._prepare_cache("train", it, epoch)
+        it.prefetch = not (note is not None and note.cached)  # workers read what runs
         self._params.update(steps=it.num_batches, epoch_note="")
         cblist.set_params(dict(self._params))
         for step, batch in enumerate(it.epoch(epoch)):
@@ -591,7 +596,8 @@ class Trainer:
         self._config().objective.reset()
         try:
             with torch.no_grad():
-                self._prepare_cache(role, it)
+                note = self._prepare_cache(role, it)
+                it.prefetch = not (note is not None and note.cached)
                 it.reset()
                 for batch in it.epoch(0):
                     self.test_step(batch, role)
