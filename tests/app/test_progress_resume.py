@@ -201,6 +201,8 @@ def test_resume_from_a_folder_without_checkpoints_is_one_line(here, capsys):
     assert code == 2 and len(lines) == 1 and "no checkpoints found" in lines[0], err
     code, _, err = run([*FIT, "--resume", "nothing-here", "--out", "x"], capsys)
     assert code == 2 and "--resume 'nothing-here' is not a folder" in err
+    code, _, err = run([*FIT, "--checkpoint-dir", "x/ck", "--out", "x"], capsys)
+    assert code == 2 and "is inside the run directory 'x'" in err
     assert not (here / "x").exists()
 
 

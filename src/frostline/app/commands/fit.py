@@ -259,6 +259,12 @@ def run(opts: Options, command: str) -> int:
             f"--resume {opts.resume!r} is not a folder; expected the --checkpoint-dir of the run to go on with"
         )
     if checkpoints:
+        ckpt = Path(checkpoints).resolve()
+        if ckpt == final.resolve() or final.resolve() in ckpt.parents:
+            raise UsageError(
+                f"--checkpoint-dir {checkpoints!r} is inside the run directory {str(final)!r}, which is "
+                "written only when training has finished; pass a folder outside it"
+            )
         outputs.check_writable(checkpoints, flag="--checkpoint-dir", into=True)
 
     threads, why = training.choose_threads(opts.threads)
