@@ -140,3 +140,55 @@ def test_bad_calls_say_what_was_given_and_expected(tmp_path):
     ):
         model.export(tmp_path / "m.pt2", format="torch", input_shape=(5,))  # wrong width
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_onnx_export_of_timm_and_hugging_face_models_with_lora(tmp_path):
+    """A timm ResNet-18 (frozen, LoRA on layer4's convs, BatchNorm folded) and a tiny HF BERT
+    (LoRA on query/value, keyword inputs): onnxruntime equals the model within 1e-5."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    timm = pytest.importorskip("timm")
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    resnet = fl.wrap(timm.create_model("resnet18", pretrained=False, num_classes=3))
+    resnet.trainable = False
+    resnet.enable_lora(
+        4, fl.select.of_type("Conv2d") & fl.select.name("layer4*"), b_initializer="he_uniform"
+    )
+    session = ort.InferenceSession(str(resnet.export(tmp_path / "r.onnx", input_shape=(3, 64, 64))))
+    x = torch.randn(3, 3, 64, 64)
+    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(y, _expected(resnet, x), atol=1e-5, rtol=1e-5)
+
+    cfg = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=2,
+    )
+    bert = fl.wrap(transformers.BertForSequenceClassification(cfg))
+    bert.enable_lora(
+        2,
+        fl.select.of_type("Linear") & fl.select.name("*query", "*value"),
+        b_initializer="he_uniform",
+    )
+    example = {
+        "input_ids": torch.randint(0, 50, (2, 8)),
+        "attention_mask": torch.ones(2, 8, dtype=torch.long),
+    }
+    session = ort.InferenceSession(str(bert.export(tmp_path / "b.onnx", example=example)))
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    batch = {
+        "input_ids": torch.randint(0, 50, (3, 8)),
+        "attention_mask": torch.ones(3, 8, dtype=torch.long),
+    }
+    (logits,) = session.run(None, {k: v.numpy() for k, v in batch.items()})
+    bert.module.eval()
+    with torch.no_grad():
+        want = bert(**batch).logits.numpy()
+    np.testing.assert_allclose(logits, want, atol=1e-5, rtol=1e-5)
