@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import stat
 from collections.abc import Sequence
@@ -420,6 +421,40 @@ def resize_images(x: np.ndarray, size: int) -> np.ndarray:
     return np.stack([np.asarray(fit_square(Image.fromarray(a), size)) for a in x])
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux ``MemAvailable``), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_declared_size(npz, key: str, path: Path) -> None:
+    """Refuse an array whose header declares more bytes than the memory available, before
+    reading it (a compressed ``.npz`` of zeros can declare terabytes in a few kilobytes)."""
+    name = f"{key}.npy"
+    if name not in npz.zip.namelist():
+        return
+    with npz.zip.open(name) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:  # a newer header: numpy checks it when it reads the array
+            return
+    size = math.prod(shape) * dtype.itemsize
+    free = available_memory()
+    if free is not None and size > free:
+        raise InputError(
+            f"{key} in {str(path)!r} declares shape {tuple(shape)} of {dtype} ({size / 1e9:.1f} GB), "
+            f"more than the {free / 1e9:.1f} GB of memory available; expected an array that fits in memory"
+        )
+
+
 def load_npz(
     path: str | os.PathLike, image_size: int, *, need_labels: bool = True, min_classes: int = 2
 ) -> DataSet:
@@ -440,6 +475,8 @@ def load_npz(
                     f"{str(p)!r} holds arrays {keys}; expected arrays named 'x' (inputs)"
                     + (" and 'y' (labels)" if need_labels else "")
                 )
+            for key in ("x", "y") if need_labels else ("x",):
+                _check_declared_size(npz, key, p)
             x = npz["x"]
             y = npz["y"] if need_labels else np.zeros(len(x), np.int64)
     except InputError:
