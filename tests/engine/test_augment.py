@@ -170,3 +170,22 @@ def test_augment_views_must_be_a_positive_int():
             ValueError, match=f"augment_views must be None or an int >= 1, got {bad!r}"
         ):
             model.fit(x, y, epochs=1, verbose=0, augment_views=bad)
+
+
+def test_a_generator_the_model_holds_is_replayed_too():
+    """Augmentation drawing from its own torch.Generator folds as well, and the check
+    leaves that generator where it was."""
+    g = torch.Generator().manual_seed(0)
+    base = fl.wrap(_base(), name="base")
+    model = fl.Sequential([fl.layers.RandomFlip(generator=g), base, nn.Linear(8, 3)])
+    base.trainable = False
+    runner = Runner(model.module)
+    x = torch.randn(8, 3, 12, 12)
+    runner.verify(x)
+    state = g.get_state()
+    (fast,) = runner.run_prefix(x)
+    assert runner._fused is not None and runner._fused.folded
+    g.set_state(state)
+    with torch.no_grad():
+        ref = model.module[1](model.module[0](x))
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)

@@ -31,18 +31,17 @@ import contextlib
 import copy
 import functools
 import importlib
-import random
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, cast
 
-import numpy as np
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from frostline.engine.graph import module_at, timm_no_trace
+from frostline.engine.rng import capture
 
 __all__ = ["FoldedConvBn", "InferenceCopy", "fold_batchnorm", "inference_copy", "replay_draws"]
 
@@ -180,16 +179,16 @@ def inference_copy(
 
 
 @contextlib.contextmanager
-def replay_draws(device: torch.device | None = None) -> Iterator[Callable[[], None]]:
+def replay_draws(generators: Iterable[Any] = ()) -> Iterator[Callable[[], None]]:
     """Run code twice on the same random numbers, and leave every generator as it was.
 
-    Yields ``again()``, which puts torch's default generators (CPU, and ``device``'s when
-    it is a CUDA device), Python's ``random`` and NumPy's global generator back to their
+    Yields ``again()``, which puts every generator :mod:`frostline.engine.rng` watches
+    (torch's default ones, Python's ``random``, NumPy's global RNG, and ``generators``,
+    e.g. those a model holds: :func:`~frostline.engine.rng.generators_of`) back to its
     state at entry; on exit they are put back once more, so what ran inside consumed no
-    randomness of the caller's. A frozen part that draws random numbers (augmentation
-    in front of a frozen base) is checked this way: the plain run and the folded copy
-    see the same draws. An explicit ``torch.Generator`` a module holds is not replayed
-    (its two runs differ, and the check refuses the copy).
+    randomness of the caller's. A frozen part that draws random numbers (augmentation in
+    front of a frozen base) is checked this way: the plain run and the folded copy see
+    the same draws.
 
     >>> import torch
     >>> with replay_draws() as again:
@@ -199,24 +198,11 @@ def replay_draws(device: torch.device | None = None) -> Iterator[Callable[[], No
     >>> torch.equal(a, b)
     True
     """
-    devices = [device.index or 0] if device is not None and device.type == "cuda" else []
-    py, npy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=devices):
-        cpu = torch.get_rng_state()
-        gpu = [torch.cuda.get_rng_state(d) for d in devices]
-
-        def again() -> None:
-            torch.set_rng_state(cpu)
-            for d, state in zip(devices, gpu):
-                torch.cuda.set_rng_state(state, d)
-            random.setstate(py)
-            np.random.set_state(npy)
-
-        try:
-            yield again
-        finally:
-            random.setstate(py)
-            np.random.set_state(npy)
+    state = capture(generators)
+    try:
+        yield state.restore
+    finally:
+        state.restore()
 
 
 def _share_copy(m: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:

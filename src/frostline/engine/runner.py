@@ -535,7 +535,7 @@ class Runner:
         try:
             if part.random is None:
                 return inference_copy(frozen, example=example, reference=reference)
-            with replay_draws(values[0].device) as again, torch.no_grad():
+            with replay_draws(rng.generators_of(self.module)) as again, torch.no_grad():
                 reference = frozen(*example)
                 again()
                 return inference_copy(frozen, example=example, reference=reference)
