@@ -65,6 +65,9 @@ def test_the_kernel_stays_frozen_through_the_setter_and_selectors():
     [
         lambda: fl.optimizers.SGD(0.1, momentum=0.9, weight_decay=0.01),
         lambda: fl.optimizers.AdamW(0.01, weight_decay=0.1),
+        lambda: fl.optimizers.Adam(
+            0.01, use_ema=True, ema_overwrite_frequency=2, gradient_accumulation_steps=2
+        ),
     ],
 )
 def test_kernel_bitwise_unchanged_under_fit_and_verified(optimizer):
