@@ -191,6 +191,11 @@ def _three(tmp_path) -> CheckpointManager:
     return mgr
 
 
+def _fifo(path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
 def _latest_with_warnings(mgr: CheckpointManager):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -212,6 +217,9 @@ def _latest_with_warnings(mgr: CheckpointManager):
             lambda p: (p / "model.safetensors").write_bytes(b"x"),
             "model.safetensors: size mismatch",
         ),
+        # a FIFO would make a blocking open wait forever
+        (lambda p: _fifo(p / "COMPLETE"), "COMPLETE cannot be read: it is a FIFO"),
+        (lambda p: _fifo(p / "state.json"), "state.json: cannot be read: it is a FIFO"),
     ],
 )
 def test_latest_skips_damaged_checkpoint_with_warning(tmp_path, damage, reason):

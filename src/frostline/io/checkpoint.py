@@ -43,6 +43,7 @@ from frostline.io.atomic import (
 )
 from frostline.io.errors import CheckpointError, CheckpointWarning
 from frostline.io.jsondata import json_bytes, to_json_data
+from frostline.io.regular import open_regular
 from frostline.io.safetensors_io import safetensors_bytes, tensors_from_checked_bytes
 
 try:  # POSIX advisory lock serializing writers of one checkpoint directory
@@ -135,7 +136,7 @@ def _read_complete(ckpt: Path) -> dict[str, Any]:
     """Parse and validate ``COMPLETE``; raise CheckpointError saying what is wrong."""
     marker = ckpt / COMPLETE
     try:
-        with open(marker, "rb") as f:
+        with open_regular(marker) as f:
             raw = f.read(_MAX_COMPLETE_BYTES + 1)
     except FileNotFoundError:
         if not ckpt.is_dir():
@@ -178,7 +179,7 @@ def _check_file(ckpt: Path, name: str, info: Mapping[str, Any], *, keep: bool) -
     """Verify one listed file's size and SHA-256; return its bytes when ``keep`` (else b"")."""
     path = ckpt / name
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             if size != info["bytes"]:
                 raise _bad(
@@ -541,7 +542,8 @@ class CheckpointManager:
         scored = []
         for path in candidates:
             try:
-                metrics = json.loads((path / METRICS_FILE).read_bytes())
+                with open_regular(path / METRICS_FILE) as f:
+                    metrics = json.loads(f.read())
             except (OSError, ValueError):
                 continue
             value = _metric_value(metrics, self.monitor)

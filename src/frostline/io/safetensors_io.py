@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import re
-import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 
 from frostline.io.atomic import PathLike, atomic_write_bytes
 from frostline.io.errors import CheckpointError
+from frostline.io.regular import NotRegularFileError, open_regular
 
 __all__ = [
     "load_safetensors",
@@ -229,19 +229,6 @@ def _looks_like_digest(key: str, value: str) -> bool:
     return len(v) == len(prefix) + 64 and _close(v[: len(prefix)], prefix)
 
 
-def _file_kind(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO (named pipe)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
 def _check_header_frame(path: PathLike) -> tuple[int, int]:
     """Size and header length, read from the first 9 bytes; plain words for the common defects.
 
@@ -249,20 +236,17 @@ def _check_header_frame(path: PathLike) -> tuple[int, int]:
     writer forever) and checked before a byte is read.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(9)
     except FileNotFoundError:
         raise _bad(path, "missing: no such file") from None
     except IsADirectoryError:
         raise _bad(path, "not a file (it is a directory)") from None
+    except NotRegularFileError as e:
+        raise _bad(path, f"not a file ({e})") from None
     except OSError as e:
         raise _bad(path, f"cannot be read: {e.strerror or e}") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise _bad(path, f"not a file (it is {_file_kind(info.st_mode)})")
-    with os.fdopen(fd, "rb") as f:
-        size = info.st_size
-        head = f.read(9)
     if size == 0:
         raise _bad(path, "truncated: file is empty (0 bytes)")
     if size < 8:
