@@ -81,14 +81,13 @@ def test_the_bar_fits_80_columns(monkeypatch):
     bar = EpochProgress(1, 11, 12, steps=40, console=console, times=[3.0, 1.0])
     for i in range(20):
         bar.update(i, dict(LOGS))
-    bar._bar.refresh()  # noqa: SLF001 - draw now, as the refresh thread would
+    bar.close(dict(LOGS), elapsed=1.0)  # draws the bar one last time, then erases it
     shown = [ANSI.sub("", ln) for ln in re.split(r"[\r\n]", buf.getvalue())]
     drawn = [ln for ln in shown if "Epoch" in ln]
     assert drawn and all(len(ln.rstrip()) <= 80 for ln in shown), shown
     last = drawn[-1]  # the bar as it stands after 20 of 40 steps
     assert last.startswith("Epoch 12/12 ") and "20/40" in last and " ETA " in last, last
     assert "loss: 0.2500" in last
-    bar.close(dict(LOGS), elapsed=1.0)
 
 
 # ----------------------------------------------------------------------------- the CLI
