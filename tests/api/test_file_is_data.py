@@ -778,6 +778,18 @@ def test_a_recipe_that_makes_endless_modules_is_stopped(tmp_path):
         fl.load(path)
 
 
+@pytest.mark.parametrize(
+    "target", ["timm.models:resnet10t", "timm:resnet10t", "timm.models.resnet:resnet10t"]
+)
+def test_a_timm_entrypoint_by_path_rebuilds_as_its_registry_name(tmp_path, target):
+    """What `frostline fit --model timm.models:resnet10t` records loads without trust."""
+    model = fl.saving.build(target, num_classes=3)
+    model.save(tmp_path / "t.safetensors")
+    assert fl.load(tmp_path / "t.safetensors").count_params() == model.count_params()
+    with pytest.raises(ValueError, match="pretrained"):
+        fl.saving.build(target, pretrained=True)
+
+
 def test_build_refuses_what_load_would_refuse():
     with pytest.raises(ValueError, match="fl.load would refuse"):
         fl.saving.build("torch:load", "x.pt")

@@ -12,7 +12,8 @@ A model file's ``architecture`` recipe is data written by whoever wrote the file
 * ``zoo``: a zoo name (``efficientnet_lite0`` or an exact timm registry name), built
   without pretrained weights;
 * ``import`` of ``timm:create_model`` or ``torchvision.models:get_model`` with a registry
-  name (a torchvision builder may be named directly, ``torchvision.models:resnet18``),
+  name (a builder may be named directly: ``torchvision.models:resnet18``,
+  ``timm.models:resnet18``),
   built without weights, or of a ``torch.nn`` layer class (``torch.nn:Linear``);
   keyword arguments are limited to the architecture's own (:data:`TIMM_KWARGS`, the
   model class's constructor arguments, a torchvision builder's arguments), never one of
@@ -623,6 +624,11 @@ def _import(recipe: dict, trusted: tuple[str, ...]) -> Blueprint:
 
         if attr in tvm.list_models():
             return _torchvision(attr, kwargs)
+    if (mod == "timm" or mod == "timm.models" or mod.startswith("timm.models.")) and not args:
+        import timm
+
+        if attr in timm.list_models():  # a timm entrypoint: what timm.create_model(attr) calls
+            return _timm(attr, kwargs)
     if mod == "torch.nn" or mod.startswith("torch.nn.modules."):
         cls = nn_layers.layer_by_name(attr)
         if cls is not None and mod in ("torch.nn", cls.__module__):
