@@ -1,4 +1,4 @@
-"""The frozen part from the dataflow graph (frostline.engine.graph), on many architectures.
+"""The frozen part from the dataflow graph (frostline.engine.frozen), on many architectures.
 
 For each model (tiny configs, random init): freeze all but the head (phase 1) or all but
 the last few weights (phase 2), trace, partition, and check that
@@ -19,7 +19,7 @@ from torch import nn
 
 import frostline as fl
 from frostline.core import batchnorm
-from frostline.engine.graph import (
+from frostline.engine.frozen import (
     GraphError,
     call_model,
     inputs_of,

@@ -1,4 +1,4 @@
-"""What tracing costs and when it is skipped (frostline.engine.graph, runner).
+"""What tracing costs and when it is skipped (frostline.engine.frozen, runner).
 
 * Hugging Face models trace with fx plus example values (``"fx-values"``): Python
   control flow on shapes takes the example's branch, torch.export is never called.
@@ -18,8 +18,8 @@ from hf_models import hf_bert, hf_gpt2
 from torch import nn
 
 import frostline as fl
-from frostline.engine import graph, runner
-from frostline.engine.graph import GraphError, partition, same_outputs, stochastic_frozen, trace
+from frostline.engine import frozen, runner
+from frostline.engine.frozen import GraphError, partition, same_outputs, stochastic_frozen, trace
 from frostline.engine.runner import OffReason
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -163,7 +163,7 @@ def counting_trace(monkeypatch) -> list:
 
     def counted(*args, **kwargs):
         calls.append(args)
-        return graph.trace(*args, **kwargs)
+        return frozen.trace(*args, **kwargs)
 
     monkeypatch.setattr(runner, "trace", counted)
     return calls

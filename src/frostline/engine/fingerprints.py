@@ -301,7 +301,7 @@ class CacheKey:
 
     Attributes:
         boundary: names of the frontier tensors the cache holds (where the frozen
-            part ends, :attr:`frostline.engine.graph.Partition.boundary`).
+            part ends, :attr:`frostline.engine.frozen.Partition.boundary`).
         data: :func:`data_fingerprint` of the inputs (and their order).
         weights: :func:`weights_version` (optionally with ``checksum=True``) of the
             prefix's parameters and buffers.

@@ -40,7 +40,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from frostline.engine.graph import module_at, timm_no_trace
+from frostline.engine.frozen import module_at, timm_no_trace
 from frostline.engine.rng import capture
 
 __all__ = ["FoldedConvBn", "InferenceCopy", "fold_batchnorm", "inference_copy", "replay_draws"]

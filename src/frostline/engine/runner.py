@@ -1,6 +1,6 @@
 """How a training step runs the model: the frozen part, then the trainable rest.
 
-The model is traced (:mod:`frostline.engine.graph`) and split at the frontier of its
+The model is traced (:mod:`frostline.engine.frozen`) and split at the frontier of its
 frozen part: every value that depends only on the inputs and frozen weights. The frozen
 part runs under ``torch.no_grad`` (where that works, as a verified channels_last copy of
 its structure that shares its weights and folds BatchNorm into the convs at each call,
@@ -33,8 +33,7 @@ from frostline.core.digest import tensor_digest, text_digest
 from frostline.engine import rng
 from frostline.engine.activations import ActivationStore
 from frostline.engine.fingerprints import CacheKey, StepCounter, data_fingerprint, weights_version
-from frostline.engine.fuse import inference_copy, replay_draws
-from frostline.engine.graph import (
+from frostline.engine.frozen import (
     FrozenEffect,
     GraphError,
     Partition,
@@ -51,6 +50,7 @@ from frostline.engine.graph import (
     stochastic_frozen,
     trace,
 )
+from frostline.engine.fuse import inference_copy, replay_draws
 
 __all__ = ["CacheState", "CacheStatus", "OffReason", "Runner", "fingerprint_of"]
 

@@ -26,7 +26,7 @@ from frostline.core.checks import require_int
 from frostline.engine import data as data_mod
 from frostline.engine import distributed, rng
 from frostline.engine.callbacks import BackupCallback, CallbackList, History
-from frostline.engine.graph import call_model
+from frostline.engine.frozen import call_model
 from frostline.engine.progress import ProgressLogger, resolve_verbose
 from frostline.engine.protocols import CompileSettings, TrainableModel
 from frostline.engine.runner import CacheState, Runner, WholeModel, fingerprint_of
