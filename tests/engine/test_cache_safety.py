@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import frostline as fl
-from frostline.engine.runner import CacheState
+from frostline.engine.runner import CacheOptions, CacheState
 
 N, C, S, K = 48, 3, 8, 3  # samples, channels, side, classes
 BATCH = 16
@@ -479,7 +479,7 @@ def test_evaluate_after_a_prefix_edit_matches_an_uncached_model():
     _edit_load_state_dict(ref_base)
     after = m.evaluate(x, y, batch_size=BATCH, verbose=0)
     ref.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
-    ref._get_trainer()._runner(False, {})  # the reference evaluates without any store
+    ref._get_trainer()._runner(CacheOptions(cache=False))  # the reference evaluates uncached
     assert after == pytest.approx(ref.evaluate(x, y, batch_size=BATCH, verbose=0), abs=TOL)
     assert abs(after - before) > 1e-3
 

@@ -431,3 +431,22 @@ def test_uncached_dataset_samples_are_read_once_per_epoch():
     ds = Counting()  # not declared deterministic: no cache, every batch read from the dataset
     model.fit(ds, epochs=2, batch_size=8, verbose=0)
     assert ds.reads <= 2 * 24 + 4  # two epochs, plus the 4-sample probe that traces the model
+
+
+def test_fit_carries_its_cache_options_to_the_runner_unchanged(tmp_path) -> None:
+    """One frozen CacheOptions, named as fit names them, from fit to the engine."""
+    from frostline.engine.runner import CacheOptions
+
+    model = fl.wrap(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
+    model.layers[0].trainable = False
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    x, y = np.ones((8, 4), "float32"), np.arange(8) % 2
+    model.fit(x, y, verbose=0, cache_memory_bytes=1 << 20, cache_dir=tmp_path)
+    runner = model._trainer.runner
+    assert runner.options == CacheOptions(cache_memory_bytes=1 << 20, cache_dir=tmp_path)
+    model.fit(x, y, verbose=0, cache_memory_bytes=1 << 20, cache_dir=tmp_path)
+    assert model._trainer.runner is runner  # the same options: the same runner and cache
+    model.fit(x, y, verbose=0, cache=False)
+    assert model._trainer.runner.options == CacheOptions(cache=False)
+    with pytest.raises(ValueError, match="cache must be True, False or 'auto', got 'yes'"):
+        model.fit(x, y, verbose=0, cache="yes")

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from frostline.engine import data as data_mod
-from frostline.engine.runner import CacheState, CacheStatus, Runner, fingerprint_of
+from frostline.engine.runner import CacheOptions, CacheState, CacheStatus, Runner, fingerprint_of
 
 __all__ = ["FrozenFeatures"]
 
@@ -96,10 +96,12 @@ class FrozenFeatures:
         self.fingerprint = fingerprint_of(data)
         self.runner = Runner(
             module,
-            cache=cache,
-            memory_budget_bytes=memory_budget_bytes,
-            cache_dtype=cache_dtype,
-            spill_dir=spill_dir,
+            CacheOptions(
+                cache=cache,
+                cache_memory_bytes=memory_budget_bytes,
+                cache_dtype=cache_dtype,
+                cache_dir=spill_dir,
+            ),
         )
         x0, _ = data.gather(torch.arange(min(4, data.n)))
         self.runner.verify(_to(x0, self.device))

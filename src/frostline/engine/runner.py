@@ -52,7 +52,46 @@ from frostline.engine.frozen import (
 )
 from frostline.engine.fuse import inference_copy, replay_draws
 
-__all__ = ["CacheState", "CacheStatus", "OffReason", "Runner", "fingerprint_of"]
+__all__ = ["CacheOptions", "CacheState", "CacheStatus", "OffReason", "Runner", "fingerprint_of"]
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """``fit``'s options for the frozen part and its activation cache, named as ``fit``
+    names them and carried unchanged to the :class:`Runner`.
+
+    ``cache``: True, False or "auto"; ``cache_memory_bytes``: what the cache may hold in
+    memory before it spills to ``cache_dir`` (the system's temporary folder when None);
+    ``cache_dtype``: the dtype floating-point frontier tensors are stored in;
+    ``frozen_inference``: run the frozen part in inference mode; ``augment_views``: cache
+    this many augmented passes of a random frozen part and cycle them.
+
+    Example:
+        >>> CacheOptions(cache=False).cache_memory_bytes == 2 << 30
+        True
+        >>> CacheOptions(cache="yes")
+        Traceback (most recent call last):
+        ...
+        ValueError: cache must be True, False or 'auto', got 'yes'
+    """
+
+    cache: bool | str = "auto"
+    cache_memory_bytes: int = 2 << 30
+    cache_dtype: torch.dtype | None = None
+    cache_dir: Any = None
+    frozen_inference: bool = False
+    augment_views: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.cache not in (True, False, "auto"):
+            raise ValueError(f"cache must be True, False or 'auto', got {self.cache!r}")
+        if not isinstance(self.frozen_inference, bool):
+            raise TypeError(f"frozen_inference must be a bool, got {self.frozen_inference!r}")
+        views = self.augment_views
+        if views is not None and (
+            isinstance(views, bool) or not isinstance(views, int) or views < 1
+        ):
+            raise ValueError(f"augment_views must be None or an int >= 1, got {views!r}")
 
 
 class CacheState(enum.Enum):
@@ -198,36 +237,11 @@ class Runner:
     """
 
     def __init__(
-        self,
-        module: nn.Module,
-        *,
-        cache: bool | str = "auto",
-        memory_budget_bytes: int = 2 << 30,
-        cache_dtype: torch.dtype | None = None,
-        spill_dir=None,
-        fuse: bool = True,
-        frozen_inference: bool = False,
-        augment_views: int | None = None,
+        self, module: nn.Module, options: CacheOptions | None = None, *, fuse: bool = True
     ) -> None:
-        if cache not in (True, False, "auto"):
-            raise ValueError(f"cache must be True, False or 'auto', got {cache!r}")
-        if not isinstance(frozen_inference, bool):
-            raise TypeError(f"frozen_inference must be a bool, got {frozen_inference!r}")
-        if augment_views is not None and (
-            isinstance(augment_views, bool)
-            or not isinstance(augment_views, int)
-            or augment_views < 1
-        ):
-            raise ValueError(f"augment_views must be None or an int >= 1, got {augment_views!r}")
         self.module = module
-        self.cache_setting = cache
-        self.memory_budget_bytes = memory_budget_bytes
-        self.cache_dtype = cache_dtype
-        self.spill_dir = spill_dir
+        self.options = options if options is not None else CacheOptions()
         self.fuse = fuse
-        self.frozen_inference = frozen_inference
-        # cache this many passes of a random frozen part (augmentation) and cycle them
-        self.augment_views = augment_views
         self._view: dict[str, int] = {}  # the view each role's cache serves this epoch
         self.verified = False
         self.example: Any = None
@@ -326,7 +340,7 @@ class Runner:
     def _partition(self, key: tuple) -> Partition | None:
         if key in self.partitions:
             return self.partitions[key]
-        if not self.frozen_inference and not self.augment_views:
+        if not self.frozen_inference and not self.options.augment_views:
             # an active stochastic layer in the frozen part: the split would gain nothing
             # (no cache, no folding), so the model runs whole and nothing is traced
             if key not in self._stochastic:
@@ -461,6 +475,11 @@ class Runner:
         self._fused = self._fused_key = None  # the folded view (it shares the weights) goes too
 
     @property
+    def frozen_inference(self) -> bool:
+        """Whether the frozen part runs in inference mode (``fit(frozen_inference=True)``)."""
+        return self.options.frozen_inference
+
+    @property
     def trainable_ids(self) -> tuple[int, ...] | None:
         """Ids of the trainable parameters at the last :meth:`refresh`."""
         return self._key[0] if self._key is not None else None
@@ -583,7 +602,7 @@ class Runner:
         def off(reason: OffReason, detail: str = "") -> CacheStatus:
             return CacheStatus(CacheState.OFF, self.boundary, reason, detail, frozen_mode=mode)
 
-        if self.cache_setting is False:
+        if self.options.cache is False:
             return off(OffReason.DISABLED)
         if self.part is None:
             reason, detail = self.failure or (OffReason.NO_FROZEN_PART, "")
@@ -594,7 +613,7 @@ class Runner:
             return off(OffReason.NOT_DETERMINISTIC)
         drew = self._drew.get(id(self.part))
         drew_why = drew[1] if drew is not None and drew[0] is self.part else None
-        if (self.part.random or drew_why) and not self.augment_views:
+        if (self.part.random or drew_why) and not self.options.augment_views:
             return off(OffReason.RANDOM, self.part.random or drew_why or "")
         if self.part.batch_statistics:
             return off(OffReason.STOCHASTIC, self.part.batch_statistics)
@@ -631,7 +650,7 @@ class Runner:
         With ``augment_views=K`` and a frozen part that draws random numbers, each of K
         caches holds one augmented pass over the data, built at its first use; epoch
         ``e`` is served by view ``e % K``."""
-        views = self.augment_views if self.part is not None and self.part.random else None
+        views = self.options.augment_views if self.part is not None and self.part.random else None
         view = epoch % views if views else 0
         slot = f"{role}@view{view}" if views else role
         self._view[role] = view if views else -1
@@ -908,10 +927,10 @@ class Runner:
                 fn,
                 batches,
                 n,
-                memory_budget_bytes=self.memory_budget_bytes,
-                spill_dir=self.spill_dir,
-                dtype=self.cache_dtype,
-                free_bytes=_free_bytes(self.spill_dir) if spill else 0,
+                memory_budget_bytes=self.options.cache_memory_bytes,
+                spill_dir=self.options.cache_dir,
+                dtype=self.options.cache_dtype,
+                free_bytes=_free_bytes(self.options.cache_dir) if spill else 0,
             )
         except MemoryError:
             return None

@@ -14,7 +14,7 @@ import math
 import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,7 @@ from frostline.engine.callbacks import BackupCallback, CallbackList, History
 from frostline.engine.frozen import call_model
 from frostline.engine.progress import ProgressLogger, resolve_verbose
 from frostline.engine.protocols import CompileSettings, TrainableModel
-from frostline.engine.runner import CacheState, Runner, WholeModel, fingerprint_of
+from frostline.engine.runner import CacheOptions, CacheState, Runner, WholeModel, fingerprint_of
 from frostline.engine.tracking import named_parameters_once
 from frostline.engine.training_state import CheckpointWriter, restore
 from frostline.engine.verify import FrozenWeightsChanged, fingerprint
@@ -75,6 +75,15 @@ class FitOptions:
     unfreeze_next: Iterable[Tensor] = ()
     augment_views: int | None = None
     workers: int = 0
+
+    def cache_options(self) -> CacheOptions:
+        """The options of the frozen part and its cache, by the same names.
+
+        >>> FitOptions(cache=False, cache_memory_bytes=1 << 20).cache_options().cache_memory_bytes
+        1048576
+        """
+        names = [f.name for f in fields(CacheOptions)]
+        return CacheOptions(**{n: getattr(self, n) for n in names})
 
     def __post_init__(self) -> None:
         require_int("epochs", self.epochs)
@@ -180,7 +189,6 @@ class Trainer:
         self.ctx = distributed.DistContext()
         self._wrapped: nn.Module | None = None
         self._wrapped_key: tuple | None = None
-        self._runner_opts: dict = {}
         self._runner_spec: tuple | None = None
         self._checked_input = False
         #: the module's parameters, read once per epoch during fit (None: read at each use)
@@ -195,25 +203,25 @@ class Trainer:
             raise TrainingError("call model.compile(optimizer=..., loss=...) before fit()")
         return cfg
 
-    def _runner(self, cache, cache_options: dict | None) -> Runner:
+    def _runner(self, options: CacheOptions | None = None) -> Runner:
         """The Runner, new when the model's structure (layers added/removed/replaced) or the
-        cache options changed; ``cache_options=None`` keeps the current options."""
+        cache options changed; ``options=None`` keeps the current options."""
         module = self.model.module
         structure = tuple(id(m) for m in module.modules())
-        opts = dict(cache=cache, **cache_options) if cache_options is not None else None
-        stale = self._runner_spec != structure or (opts is not None and self._runner_opts != opts)
+        runner = self.runner
+        if options is None:
+            options = runner.options if runner is not None else CacheOptions()
         if (
-            self.runner is None
-            or self.runner.module is not module
-            or self.runner.cache_setting != cache
-            or stale
+            runner is None
+            or runner.module is not module
+            or runner.options != options
+            or self._runner_spec != structure
         ):
-            if self.runner is not None:
-                self.runner.drop()
-            self._runner_opts = opts if opts is not None else {**self._runner_opts, "cache": cache}
-            self.runner = Runner(module, **self._runner_opts)
+            if runner is not None:
+                runner.drop()
+            runner = self.runner = Runner(module, options)
             self._runner_spec = structure
-        return self.runner
+        return runner
 
     def _suffix(self, device: torch.device) -> nn.Module:
         """The trainable part, DDP-wrapped when distributed (rebuilt when it changes)."""
@@ -380,16 +388,7 @@ class Trainer:
         return None if loader is None else lambda n: distributed.prepare_loader(loader, self.ctx, n)
 
     def _fit_runner(self, o: FitOptions) -> Runner:
-        runner = self._runner(
-            o.cache,
-            {
-                "memory_budget_bytes": o.cache_memory_bytes,
-                "cache_dtype": o.cache_dtype,
-                "spill_dir": o.cache_dir,
-                "frozen_inference": o.frozen_inference,
-                "augment_views": o.augment_views,
-            },
-        )
+        runner = self._runner(o.cache_options())
         runner.new_fit()
         runner.plan_next(o.unfreeze_next)
         self._ever_trainable: set[int] = set()
@@ -627,7 +626,7 @@ class Trainer:
         outputs = len(model.compile_config.objective.keys)
         data = data_mod.prepare(x, y, sample_weight, outputs=outputs)
         model.module.to(model.compile_config.device)
-        self._runner(self.runner.cache_setting if self.runner is not None else "auto", None)
+        self._runner()
         assert self.runner is not None
         self.runner.refresh()
         self.runner.new_fit()
