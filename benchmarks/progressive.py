@@ -153,7 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     >>> a = parse_args([])
     >>> (a.size, a.train, a.epochs, a.criterion, a.tolerance, a.model_list)
-    (64, 600, 10, 'weight_change', 0.5, ['lite0', 'vit'])
+    (64, 600, 10, 'weight_change', 0.35, ['lite0', 'vit'])
     """
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
@@ -162,7 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train", type=int, default=None, help="training digits (default 600)")
     p.add_argument("--epochs", type=int, default=None, help="default 10")
     p.add_argument("--criterion", default="weight_change", choices=("weight_change", "grad_norm"))
-    p.add_argument("--tolerance", type=float, default=0.5)
+    p.add_argument("--tolerance", type=float, default=0.35)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="smoke run (32 px, 64 images, 2 epochs)")

@@ -757,7 +757,7 @@ class ProgressiveFreezing(_BaseSchedule):
         *,
         max_groups: int | None = None,
         criterion: str | None = None,
-        tolerance: float = 0.5,
+        tolerance: float = 0.35,
     ) -> None:
         super().__init__(base, groups)
         self.start_epoch = _check_int(start_epoch, "start_epoch", 0)
