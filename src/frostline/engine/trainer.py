@@ -267,10 +267,43 @@ class Trainer:
     def fit(self, x=None, y=None, options: FitOptions | None = None) -> History:
         """Train on ``x``/``y`` as :class:`FitOptions` say; returns the History."""
         o = options if options is not None else FitOptions()
-        model, cfg = self.model, self._config()
-        verbose = resolve_verbose(o.verbose)
+        model = self.model
         train_it, val_it = self._fit_data(x, y, o)
         runner = self._fit_runner(o)
+        cblist, history = self._fit_callbacks(o)
+        resume = o.resume if o.resume is not None else self._saves.backup
+        initial_epoch = (
+            self._resume(resume, train_it, cblist) if resume is not None else o.initial_epoch
+        )
+        # one read of the frozen weights serves the verification and the cache key
+        frozen_before = fingerprint(model, digest=runner.weight_digest) if o.verify_frozen else None
+        self._sync()
+        self._note_trainable(model.module)
+        try:
+            logs: dict = {}
+            cblist.on_train_begin(logs)
+            for epoch in range(initial_epoch, o.epochs):
+                if model.stop_training:
+                    break
+                logs = self._run_epoch(epoch, o, train_it, val_it, cblist, logs)
+            if o.epochs > 0 and model.live_optimizer is not None:
+                model.live_optimizer.finalize_variable_values()  # Keras: before on_train_end
+            cblist.on_train_end(logs)
+            distributed.barrier(self.ctx)  # ranks leave fit together: no collective left in flight
+        finally:
+            runner.end_fit()  # what fit set up (step hooks, flipped modes) goes away
+            self._named = None
+        if frozen_before is not None:
+            report = frozen_before.check(model, exempt=self._ever_trainable)
+            model.last_verification = report
+            if not report.ok:
+                raise FrozenWeightsChanged(str(report))
+        return history
+
+    def _fit_callbacks(self, o: FitOptions) -> tuple[CallbackList, History]:
+        """The callbacks of this fit (History first, progress last) and where it checkpoints."""
+        model = self.model
+        verbose = resolve_verbose(o.verbose)
         history = History()
         cbs = list(o.callbacks or [])
         progress = [ProgressLogger(verbose)] if verbose and self.ctx.is_main else []
@@ -280,57 +313,38 @@ class Trainer:
         model.stop_training = False
         model.history = history
         self._saves, self._mid_epoch = _Checkpoints(o, cbs), None
-        resume = o.resume if o.resume is not None else self._saves.backup
-        initial_epoch = (
-            self._resume(resume, train_it, cblist) if resume is not None else o.initial_epoch
-        )
+        self._stop_on_nan = any(cb.stops_on_nan for cb in cbs) or o.on_nan == "stop"
+        self._rehash = any(cb.writes_weights for cb in cbs)
+        return cblist, history
 
-        # one read of the frozen weights serves the verification and the cache key
-        frozen_before = fingerprint(model, digest=runner.weight_digest) if o.verify_frozen else None
+    def _run_epoch(
+        self, epoch: int, o: FitOptions, train_it, val_it, cblist, last_logs: dict
+    ) -> dict:
+        """One epoch: train steps, validation when due, callbacks, schedule, checkpoints;
+        returns its logs (``on_epoch_begin`` gets the last epoch's, as it always has)."""
+        model, runner = self.model, self.runner
+        assert runner is not None
+        t0 = time.perf_counter()  # the epoch's time counts all it does (cache build too)
+        model.module.train()
+        # frozen weights are re-hashed only when code that may write them ran
+        runner.new_epoch(reread_weights=self._rehash)
+        self._named = named_parameters_once(model.module)  # the structure, once per epoch
+        cblist.on_epoch_begin(epoch, last_logs)
         self._sync()
-        self._note_trainable(model.module)
-        stop_on_nan = any(cb.stops_on_nan for cb in cbs) or o.on_nan == "stop"
-        rehash = any(cb.writes_weights for cb in cbs)
-        try:
-            logs: dict = {}
-            cblist.on_train_begin(logs)
-            for epoch in range(initial_epoch, o.epochs):
-                if model.stop_training:
-                    break
-                t0 = time.perf_counter()  # the epoch's time counts all it does (cache build too)
-                model.module.train()
-                # frozen weights are re-hashed only when code that may write them ran
-                runner.new_epoch(reread_weights=rehash)
-                self._named = named_parameters_once(model.module)  # the structure, once per epoch
-                cblist.on_epoch_begin(epoch, logs)
-                self._sync()
-                logs, notes = self._train_epoch(train_it, epoch, cblist, stop_on_nan)
-                if val_it is not None and _should_validate(epoch, o.validation_freq):
-                    val_logs = self._evaluate_data(val_it, "val")
-                    logs.update({f"val_{k}": v for k, v in val_logs.items()})
-                logs["epoch_time"] = time.perf_counter() - t0
-                logs = distributed.same_logs(logs, self.ctx)
-                self._params["epoch_note"] = notes
-                cblist.set_params(dict(self._params))
-                cblist.on_epoch_end(epoch, logs)
-                if model.live_optimizer is not None and cfg.scheduler_interval == "epoch":
-                    model.live_optimizer.scheduler_step()
-                self._checkpoint(epoch, None, logs, cblist, train_it.seed)
-                distributed.end_epoch(model, self.ctx)
-            if o.epochs > 0 and model.live_optimizer is not None:
-                model.live_optimizer.finalize_variable_values()  # Keras: before on_train_end
-            cblist.on_train_end(logs)
-            distributed.barrier(self.ctx)  # ranks leave fit together: no collective left in flight
-        finally:
-            runner.end_fit()  # what fit set up (step hooks, flipped modes) goes away
-            self._named = None
-
-        if frozen_before is not None:
-            report = frozen_before.check(model, exempt=self._ever_trainable)
-            model.last_verification = report
-            if not report.ok:
-                raise FrozenWeightsChanged(str(report))
-        return history
+        logs, notes = self._train_epoch(train_it, epoch, cblist, self._stop_on_nan)
+        if val_it is not None and _should_validate(epoch, o.validation_freq):
+            val_logs = self._evaluate_data(val_it, "val")
+            logs.update({f"val_{k}": v for k, v in val_logs.items()})
+        logs["epoch_time"] = time.perf_counter() - t0
+        logs = distributed.same_logs(logs, self.ctx)
+        self._params["epoch_note"] = notes
+        cblist.set_params(dict(self._params))
+        cblist.on_epoch_end(epoch, logs)
+        if model.live_optimizer is not None and self._config().scheduler_interval == "epoch":
+            model.live_optimizer.scheduler_step()
+        self._checkpoint(epoch, None, logs, cblist, train_it.seed)
+        distributed.end_epoch(model, self.ctx)
+        return logs
 
     def _fit_data(self, x, y, o: FitOptions):
         """The epoch iterators of the training and validation data (device and seeds set)."""
