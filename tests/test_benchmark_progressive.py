@@ -53,5 +53,5 @@ def test_progressive_quick_runs_with_the_same_start(tmp_path):
     r = json.loads(out.read_text())["results"]["lite0"]
     plain, prog = r["plain"], r["progressive"]
     assert plain["losses"][0] == pytest.approx(prog["losses"][0], rel=1e-5)  # same start
-    assert prog["stages"][1:3] == ["blocks.0.0", "blocks.1"]
+    assert prog["stages"][1:3] == ["blocks.0", "blocks.1"]
     assert len(prog["cache"]) == 3
