@@ -821,7 +821,9 @@ class Runner:
         for store, fresh in zip(entry.stores, now):
             kept = store[pos].to(fresh.device)  # the stores hold ``rows`` in order
             fresh = fresh.to(kept.dtype)
-            tol = 1e-3 if kept.dtype in (torch.float32, torch.float64) else 3e-2
+            # loose: another batch size, TF32 convolutions or a half-precision store move
+            # the last digits; data that reads otherwise (an augmentation) moves far more
+            tol = 1e-2 if kept.dtype in (torch.float32, torch.float64) else 1e-1
             same = [
                 torch.allclose(a, b, rtol=tol, atol=tol / 10, equal_nan=True)
                 for a, b in zip(kept, fresh)
