@@ -12,7 +12,8 @@ or ``N,C,H,W`` with C = 1 or 3) are resized and normalised like folder images;
 float ``x`` is used as given (already preprocessed). ``y`` holds one integer (or
 string) label per sample.
 
-Images are kept as uint8 in memory and normalised on the fly by
+Images are kept as uint8 (a folder's in a disk-backed ``np.memmap`` file when
+``store_dir`` is given: :func:`image_store`, as ``frostline fit`` does) and normalised on the fly by
 :class:`ImageArrayDataset`, which declares itself deterministic and fingerprints
 its contents, so ``fit`` caches the frozen prefix's outputs for it.
 
@@ -28,8 +29,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import mmap
 import os
 import stat
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +53,13 @@ __all__ = [
     "decode_image",
     "fit_square",
     "image_files",
+    "image_store",
     "load_data",
     "load_image_folder",
     "load_npz",
     "read_images",
     "resize_images",
+    "scratch_dir",
     "skipped_lines",
     "stratified_split",
     "unreadable_errors",
@@ -65,6 +70,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # More than this fraction of unreadable files is an error, not a warning.
 MAX_UNREADABLE_FRACTION = 0.25
+
+#: how many bytes of images :meth:`ImageArrayDataset.fingerprint` reads at a time
+FINGERPRINT_CHUNK_BYTES = 1 << 18
+
+#: the file an :func:`image_store` writes its decoded images into
+STORE_FILE = "images.u8"
 
 
 class InputError(ValueError):
@@ -129,11 +140,21 @@ def augmentation(kinds: Sequence[str]) -> torch.nn.Module | None:
 class ImageArrayDataset(Dataset):
     """uint8 NHWC images normalised on the fly to float NCHW: ``(x - mean) / std``.
 
-    Without ``augment``, deterministic and fingerprinted, so ``fit`` caches what the
-    frozen part of a model computes from it. ``augment`` (a module taking a batch of
-    normalised images, e.g. :func:`augmentation`) runs on each sample as it is read:
-    the dataset then declares itself not deterministic, nothing it yields is cached, and
-    the frozen part runs on every batch (without autograd, folded).
+    ``images`` is used as given, never copied whole: an in-memory array or a disk-backed
+    ``np.memmap`` (an :func:`image_store`), read one image per sample. ``indices`` selects
+    the samples (a training or validation split of one store: ``labels`` then holds
+    every row's label, as ``images`` does). Without ``augment``, deterministic and
+    fingerprinted (in chunks of :data:`FINGERPRINT_CHUNK_BYTES`), so ``fit`` caches what
+    the frozen part of a model computes from it. ``augment`` (a module taking a batch of
+    normalised images, e.g. :func:`augmentation`) runs on each sample as it is read: the
+    dataset then declares itself not deterministic, nothing it yields is cached, and the
+    frozen part runs on every batch (without autograd, folded). Pickled (for worker
+    processes), a memmap travels as its file name, not its contents.
+
+    >>> images = np.arange(4 * 2 * 2 * 3, dtype=np.uint8).reshape(4, 2, 2, 3)
+    >>> ds = ImageArrayDataset(images, np.array([0, 1, 0, 1]), indices=np.array([3, 1]))
+    >>> len(ds), ds.labels_at(torch.tensor([0, 1])).tolist()
+    (2, [1, 1])
     """
 
     deterministic = True
@@ -145,13 +166,36 @@ class ImageArrayDataset(Dataset):
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
         augment: torch.nn.Module | None = None,
+        indices: np.ndarray | None = None,
     ) -> None:
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
-            raise InputError(
-                f"ImageArrayDataset takes uint8 NxHxWx3 images, got {images.dtype} {images.shape}"
+        if (
+            not isinstance(images, np.ndarray)
+            or images.dtype != np.uint8
+            or images.ndim != 4
+            or images.shape[3] != 3
+        ):
+            got = (
+                f"{images.dtype} {images.shape}"
+                if isinstance(images, np.ndarray)
+                else type(images).__name__
             )
-        self.images = torch.from_numpy(np.ascontiguousarray(images))
-        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+            raise InputError(f"ImageArrayDataset takes uint8 NxHxWx3 images, got {got}")
+        if len(labels) != len(images):
+            raise InputError(
+                f"ImageArrayDataset got {len(images)} images and {len(labels)} labels; expected one label per image"
+            )
+        rows = None
+        if indices is not None:
+            rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+            if len(rows) and (rows.min() < 0 or rows.max() >= len(images)):
+                raise InputError(
+                    f"ImageArrayDataset indices range over [{rows.min()}, {rows.max()}]; "
+                    f"expected row numbers in [0, {len(images) - 1}]"
+                )
+        self.images = images
+        self.rows = rows
+        picked = np.asarray(labels, dtype=np.int64)
+        self.labels = torch.from_numpy(picked[rows] if rows is not None else picked.copy())
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self._fp: str | None = None
@@ -162,8 +206,12 @@ class ImageArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def _row(self, i: int) -> int:
+        return int(self.rows[i]) if self.rows is not None else int(i)
+
     def __getitem__(self, i):
-        x = self.images[i].permute(2, 0, 1).float().div_(255.0)
+        pixels = torch.from_numpy(np.array(self.images[self._row(i)]))  # one image, copied
+        x = pixels.permute(2, 0, 1).float().div_(255.0)
         x = (x - self.mean) / self.std
         if self.augment is not None:
             with torch.no_grad():
@@ -175,20 +223,40 @@ class ImageArrayDataset(Dataset):
         return self.labels[indices]
 
     def fingerprint(self) -> str:
+        """A content hash of the samples' pixels, labels and normalisation, read in bounded chunks."""
         if self._fp is None:
             h = hashlib.blake2b(digest_size=16)
-            h.update(
-                str((tuple(self.images.shape), self.mean.tolist(), self.std.tolist())).encode()
-            )
-            h.update(self.images.numpy().tobytes())
+            shape = (len(self), *self.images.shape[1:])
+            h.update(str((shape, self.mean.tolist(), self.std.tolist())).encode())
+            per = max(1, FINGERPRINT_CHUNK_BYTES // max(1, math.prod(self.images.shape[1:])))
+            for start in range(0, len(self), per):
+                part = slice(start, start + per)
+                chunk = self.images[part] if self.rows is None else self.images[self.rows[part]]
+                h.update(np.ascontiguousarray(chunk).data)
+                del chunk  # one chunk in memory at a time
             h.update(self.labels.numpy().tobytes())
             self._fp = h.hexdigest()
         return self._fp
 
     def arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All samples at once: normalised float NCHW inputs and int64 labels."""
-        x = self.images.permute(0, 3, 1, 2).float().div_(255.0)
+        """All samples at once: normalised float NCHW inputs and int64 labels (in memory)."""
+        picked = self.images if self.rows is None else self.images[self.rows]
+        x = torch.from_numpy(np.array(picked)).permute(0, 3, 1, 2).float().div_(255.0)
         return (x - self.mean) / self.std, self.labels
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        images = self.images
+        if isinstance(images, np.memmap) and isinstance(images.base, mmap.mmap) and images.filename:
+            state["images"] = ("memmap", images.filename, images.shape, int(images.offset))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        images = state["images"]
+        if isinstance(images, tuple):
+            _, filename, shape, offset = images
+            state["images"] = np.memmap(filename, np.uint8, mode="r", shape=shape, offset=offset)
+        self.__dict__.update(state)
 
 
 def _pil():
@@ -320,21 +388,81 @@ def skipped_lines(skipped: Sequence[Skipped], total: int, where: str) -> list[st
     ] + [f"skipped {s.path!r}: {s.reason}" for s in skipped]
 
 
+def image_store(n: int, image_size: int, store_dir: str | os.PathLike | None = None) -> np.ndarray:
+    """Room for ``n`` ``image_size`` square RGB uint8 images: a disk-backed ``np.memmap``
+    (file :data:`STORE_FILE` in ``store_dir``, which must exist; the caller removes it) or,
+    without ``store_dir``, an array in memory.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     store = image_store(2, 4, d)
+    ...     type(store).__name__, store.shape
+    ('memmap', (2, 4, 4, 3))
+    """
+    shape = (n, image_size, image_size, 3)
+    if store_dir is None or n == 0:
+        return np.zeros(shape, np.uint8)
+    return np.memmap(Path(store_dir) / STORE_FILE, np.uint8, mode="w+", shape=shape)
+
+
+def _kept_rows(store: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` rows of ``store``; a memmap's file is flushed, cut to them and
+    reopened read-only."""
+    if not isinstance(store, np.memmap) or not store.filename:
+        return store[:n]
+    store.flush()
+    filename, shape = store.filename, (n, *store.shape[1:])
+    del store
+    os.truncate(filename, math.prod(shape))  # the rows of skipped files, given back
+    if n == 0:
+        return np.zeros(shape, np.uint8)
+    return np.memmap(filename, np.uint8, mode="r", shape=shape)
+
+
+@contextlib.contextmanager
+def scratch_dir(near: str | os.PathLike):
+    """A temporary folder for an :func:`image_store`, removed when the block ends.
+
+    It is made in the nearest existing folder above ``near`` (the disk the run is written
+    to; the system's temporary folder where that cannot be written), named
+    ``.frostline-images-*``.
+
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> with scratch_dir(root / "runs" / "fit-1") as d:
+    ...     d.parent == root, d.name.startswith(".frostline-images-")
+    (True, True)
+    >>> d.exists()
+    False
+    """
+    here = Path(near).absolute().parent
+    while not here.is_dir() and here != here.parent:
+        here = here.parent
+    try:
+        folder = tempfile.TemporaryDirectory(prefix=".frostline-images-", dir=here)
+    except OSError:
+        folder = tempfile.TemporaryDirectory(prefix="frostline-images-")
+    with folder as path:
+        yield Path(path)
+
+
 def read_images(
     files: Sequence[Path],
     image_size: int,
     root: Path | None = None,
     *,
     max_unreadable: float = MAX_UNREADABLE_FRACTION,
+    store_dir: str | os.PathLike | None = None,
 ) -> tuple[np.ndarray, list[Path], list[Skipped]]:
     """Read ``files`` as ``image_size`` square RGB uint8 images: ``(images, files read, skipped)``.
 
-    Unreadable files are skipped and returned with their reason (paths relative to
-    ``root`` when given); more than ``max_unreadable`` of them, or all, is an
-    :class:`InputError`.
+    Each image is written into an :func:`image_store` as it is decoded (on disk in
+    ``store_dir`` when given: never all decoded images in memory at once). Unreadable
+    files are skipped and returned with their reason (paths relative to ``root`` when
+    given); more than ``max_unreadable`` of them, or all, is an :class:`InputError`.
     """
     errors = unreadable_errors()
-    images: list[np.ndarray] = []
+    store = image_store(len(files), image_size, store_dir)
     kept: list[Path] = []
     skipped: list[Skipped] = []
     for p in files:
@@ -346,21 +474,27 @@ def read_images(
             shown = p.relative_to(root) if root is not None else p
             skipped.append(Skipped(str(shown), why))
             continue
-        images.append(arr)
+        store[len(kept)] = arr
         kept.append(p)
-    if skipped and (len(skipped) > max_unreadable * len(files) or not images):
+    if skipped and (len(skipped) > max_unreadable * len(files) or not kept):
         first = skipped[0]
         where = f"in {str(root)!r} " if root is not None else ""
         raise InputError(
             f"{len(skipped)} of {len(files)} files {where}could not be read as images "
             f"(first: {first.path!r}: {first.reason}); expected PNG/JPEG (or another format Pillow reads)"
         )
-    x = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
-    return x, kept, skipped
+    return _kept_rows(store, len(kept)), kept, skipped
 
 
-def load_image_folder(path: str | os.PathLike, image_size: int, *, min_classes: int = 2) -> DataSet:
-    """Read ``path/<class>/<image>`` into a :class:`DataSet` of ``image_size`` square RGB images.
+def load_image_folder(
+    path: str | os.PathLike,
+    image_size: int,
+    *,
+    min_classes: int = 2,
+    store_dir: str | os.PathLike | None = None,
+) -> DataSet:
+    """Read ``path/<class>/<image>`` into a :class:`DataSet` of ``image_size`` square RGB images
+    (decoded into a disk-backed store in ``store_dir`` when given, see :func:`read_images`).
 
     Raises :class:`InputError` (one line: what was found, what is needed) for a missing
     folder, no class subfolders, fewer than ``min_classes`` classes, a class without
@@ -400,7 +534,7 @@ def load_image_folder(path: str | os.PathLike, image_size: int, *, min_classes: 
         files += [(label, p) for p in entries]
 
     label_of = {p: label for label, p in files}
-    x, kept, skipped = read_images([p for _, p in files], image_size, root)
+    x, kept, skipped = read_images([p for _, p in files], image_size, root, store_dir=store_dir)
     y = np.asarray([label_of[p] for p in kept], dtype=np.int64)
     for label, cdir in enumerate(classes):
         if not (y == label).any():
@@ -543,14 +677,17 @@ def load_npz(
     return DataSet(x, labels, names, str(p), False)
 
 
-def load_data(path: str | os.PathLike, image_size: int) -> DataSet:
-    """An image folder or an ``.npz`` file, by what ``path`` is."""
+def load_data(
+    path: str | os.PathLike, image_size: int, *, store_dir: str | os.PathLike | None = None
+) -> DataSet:
+    """An image folder (decoded into a disk-backed store in ``store_dir`` when given) or an
+    ``.npz`` file (in memory), by what ``path`` is."""
     p = Path(path)
     if p.suffix.lower() == ".npz" or (
         p.is_file() and p.suffix.lower() != ".npz" and _looks_like_npz(p)
     ):
         return load_npz(p, image_size)
-    return load_image_folder(p, image_size)
+    return load_image_folder(p, image_size, store_dir=store_dir)
 
 
 def _looks_like_npz(p: Path) -> bool:

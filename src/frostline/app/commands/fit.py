@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,15 @@ class Options:
         "auto = batch statistics while trainable, batch_stats = always batch statistics",
     )
     seed: int = option(0, parse=integer, metavar="N", group=TRAINING, help="random seed")
+    workers: int = option(
+        0,
+        parse=count,
+        metavar="N",
+        group=TRAINING,
+        help="worker processes reading (decoding from the image store, augmenting) the batches "
+        "that run through the model; epochs served by the activation cache read no image",
+        default_help="0, read in the training process",
+    )
     threads: int | None = option(
         None,
         parse=thread_count,
@@ -218,6 +228,13 @@ def options(ns: argparse.Namespace) -> Options:
 
 
 def run(opts: Options, command: str) -> int:
+    """Train as ``opts`` say and write the run directory; the decoded images live in a
+    temporary store removed when the run ends (however it ends)."""
+    with contextlib.ExitStack() as scratch:
+        return _run(opts, command, scratch)
+
+
+def _run(opts: Options, command: str, scratch: contextlib.ExitStack) -> int:
     import torch
 
     import frostline as fl
@@ -271,7 +288,9 @@ def run(opts: Options, command: str) -> int:
     say(f"threads: {threads} ({why})")
     t = time.perf_counter()
     assert opts.data is not None  # options() refuses a run without DATA
-    data = imagefolder.load_data(opts.data, image_size)
+    # a folder's images are decoded once into a disk-backed store, read per batch
+    store_dir = scratch.enter_context(imagefolder.scratch_dir(final))
+    data = imagefolder.load_data(opts.data, image_size, store_dir=store_dir)
     for line in imagefolder.skipped_lines(data.skipped, data.files, report.SKIPPED_FILE):
         report.warn(line)
     train_idx, val_idx = imagefolder.stratified_split(data.y, opts.validation_split, opts.seed)
@@ -283,7 +302,7 @@ def run(opts: Options, command: str) -> int:
 
     def as_input(idx, augment=None):
         if data.is_images:
-            ds = imagefolder.ImageArrayDataset(data.x[idx], data.y[idx], mean, std, augment)
+            ds = imagefolder.ImageArrayDataset(data.x, data.y, mean, std, augment, indices=idx)
             return ds, None
         return data.x[idx], data.y[idx]
 
@@ -392,6 +411,7 @@ def run(opts: Options, command: str) -> int:
         print_fn=say,
         checkpoint_dir=checkpoints,
         resume=opts.resume,
+        workers=opts.workers,
     )
     say()
     if recorder.resumed_at is not None:
