@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import pickle
 import sys
 import tracemalloc
@@ -182,12 +183,43 @@ def test_fit_trains_from_the_store_and_removes_it(tmp_path, capsys, folder):
     assert not list(tmp_path.glob(".frostline-images-*"))  # the store went with the run
 
 
-def test_fit_workers_give_the_losses_of_reading_in_process(tmp_path, capsys, folder):
+def test_fit_workers_give_the_losses_of_reading_in_process(tmp_path, capsys, folder, monkeypatch):
+    readers = tmp_path / "readers.txt"
+    real = ImageArrayDataset.__getitem__
+
+    def read(self, i):
+        with open(readers, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(self, i)
+
+    monkeypatch.setattr(ImageArrayDataset, "__getitem__", read)
     a = fit(tmp_path, capsys, "w0", "--workers", 0)
     b = fit(tmp_path, capsys, "w2", "--workers", 2)
     assert [w for _, w in folder] == [0, 2]
     assert b["config"]["workers"] == 2
     losses = [m["phases"][0]["history"]["loss"] for m in (a, b)]
     assert len(losses[0]) == 3 and losses[0] == losses[1]
+    # cached: the epoch that builds the cache reads in the training process, later ones read nothing
+    assert set(readers.read_text().split()) == {str(os.getpid())}
+    readers.unlink()
     c = fit(tmp_path, capsys, "aug", "--workers", 2, "--augment", "flip")
     assert all(np.isfinite(c["phases"][0]["history"]["loss"]))
+    pids = readers.read_text().split()
+    assert set(pids) - {str(os.getpid())}  # augmented batches: read by worker processes
+
+
+def test_the_store_goes_when_training_fails(tmp_path, capsys, folder, monkeypatch):
+    stores = []
+
+    def fail(model, base, x, y, **kwargs):
+        stores.append(Path(x.images.filename))
+        assert stores[0].exists()
+        raise KeyboardInterrupt  # what a SIGTERM or Ctrl-C becomes
+
+    monkeypatch.setattr(training, "train_two_phase", fail)
+    code = cli.main(["fit", "data", "--model", "tiny_factory:build", "--image-size", "8"])
+    capsys.readouterr()
+    assert code != 0
+    assert stores[0].parent.parent == tmp_path  # beside the run directory
+    assert stores[0].parent.name.startswith(".frostline-images-")
+    assert not stores[0].parent.exists()

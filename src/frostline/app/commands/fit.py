@@ -158,8 +158,9 @@ class Options:
         parse=count,
         metavar="N",
         group=TRAINING,
-        help="worker processes reading (decoding from the image store, augmenting) the batches "
-        "that run through the model; epochs served by the activation cache read no image",
+        help="worker processes reading (and augmenting) the batches the frozen base runs on "
+        "every epoch; the epoch that builds the activation cache reads in the training process, "
+        "the epochs it serves read no image",
         default_help="0, read in the training process",
     )
     threads: int | None = option(
