@@ -11,6 +11,8 @@ import gc
 import json
 import os
 import pickle
+import signal
+import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
@@ -20,8 +22,13 @@ import pytest
 import torch
 from PIL import Image
 
-from frostline.app import cli, imagefolder, training
-from frostline.app.imagefolder import ImageArrayDataset, load_image_folder, stratified_split
+from frostline.app import cli, imagefolder, outputs, training
+from frostline.app.imagefolder import (
+    ImageArrayDataset,
+    load_image_folder,
+    scratch_dir,
+    stratified_split,
+)
 
 FACTORY = """
 from torch import nn
@@ -223,3 +230,30 @@ def test_the_store_goes_when_training_fails(tmp_path, capsys, folder, monkeypatc
     assert stores[0].parent.parent == tmp_path  # beside the run directory
     assert stores[0].parent.name.startswith(".frostline-images-")
     assert not stores[0].parent.exists()
+
+
+def test_a_killed_runs_image_store_is_swept_by_the_next_run(tmp_path):
+    """A run killed outright (SIGKILL) cannot remove its store; the next run beside it does."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, signal, sys\n"
+            "from frostline.app.imagefolder import scratch_dir\n"
+            f"with scratch_dir({str(runs / 'fit-1')!r}) as d:\n"
+            "    print(d, flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = Path(killed.stdout.strip())
+    assert left.parent == runs and left.is_dir()  # what SIGKILL leaves behind
+    with scratch_dir(runs / "fit-2") as mine:
+        assert outputs.sweep(runs) == [left]  # the dead run's store goes ...
+        assert mine.is_dir()  # ... this live run's stays
+    assert not left.exists() and not mine.exists()

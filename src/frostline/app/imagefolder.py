@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from frostline.app import outputs
+
 __all__ = [
     "AUGMENTATIONS",
     "BACKGROUND",
@@ -425,7 +427,8 @@ def scratch_dir(near: str | os.PathLike):
 
     It is made in the nearest existing folder above ``near`` (the disk the run is written
     to; the system's temporary folder where that cannot be written), named
-    ``.frostline-images-*``.
+    ``.frostline-images-*``, with an owner file, so a later run sweeps it when this
+    process was killed before it could remove it (:func:`frostline.app.outputs.sweep`).
 
     >>> import tempfile
     >>> root = Path(tempfile.mkdtemp())
@@ -443,6 +446,7 @@ def scratch_dir(near: str | os.PathLike):
     except OSError:
         folder = tempfile.TemporaryDirectory(prefix="frostline-images-")
     with folder as path:
+        outputs.claim(path)
         yield Path(path)
 
 

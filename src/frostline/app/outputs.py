@@ -55,7 +55,9 @@ __all__ = [
 
 #: the owner file inside a temporary run directory (removed before the rename into place)
 OWNER_FILE = ".frostline-owner.json"
-_TEMP_DIR = re.compile(r"^\..+\.tmp-[A-Za-z0-9_]+$")
+#: the temporary folders a run makes beside its run directory: the run directory being
+#: written (``.NAME.tmp-*``) and the image store (``.frostline-images-*``)
+_TEMP_DIR = re.compile(r"^(\..+\.tmp-[A-Za-z0-9_]+|\.frostline-images-[A-Za-z0-9_]+)$")
 
 _REASONS = {
     errno.EROFS: "the disk is read-only",
@@ -236,8 +238,8 @@ def abandoned(folder: str | os.PathLike) -> bool:
 def sweep(parent: str | os.PathLike) -> list[Path]:
     """Remove the temporary run folders in ``parent`` whose writers are proven gone.
 
-    Only hidden ``.NAME.tmp-*`` folders with an owner file (:func:`abandoned`) are
-    touched. Returns the folders removed.
+    Only hidden ``.NAME.tmp-*`` run folders and ``.frostline-images-*`` image stores
+    with an owner file (:func:`abandoned`) are touched. Returns the folders removed.
     """
     root = Path(parent)
     removed: list[Path] = []
