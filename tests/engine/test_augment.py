@@ -74,7 +74,9 @@ def test_frozen_part_with_random_augmentation_runs_folded_and_exact():
     assert runner.part is not None and runner.part.random  # the flips are in the frozen part
     torch.manual_seed(5)
     (fast,) = runner.run_prefix(x)
-    assert runner._fused is not None and runner._fused.folded  # BatchNorm really folded
+    assert (
+        runner.executor.fused is not None and runner.executor.fused.folded
+    )  # BatchNorm really folded
     torch.manual_seed(5)
     with torch.no_grad():
         ref = model.module[2](model.module[1](model.module[0](x)))
@@ -137,7 +139,7 @@ def test_fit_with_augmentation_equals_the_plain_model(cache, capsys):
     model.compile(fl.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
     h = model.fit(x, y, batch_size=8, epochs=3, shuffle=False, cache=cache, seed=7, verbose=2)
     assert "reused" not in capsys.readouterr().out  # augmented values are never cached
-    assert model._trainer.runner._fused is None  # fit's end drops the folded view
+    assert model._trainer.runner.executor.fused is None  # fit's end drops the folded view
     np.testing.assert_allclose(h.history["loss"], _hand_loop(x, y, 3, 7), rtol=1e-4)
 
 
@@ -184,7 +186,7 @@ def test_a_generator_the_model_holds_is_replayed_too():
     runner.verify(x)
     state = g.get_state()
     (fast,) = runner.run_prefix(x)
-    assert runner._fused is not None and runner._fused.folded
+    assert runner.executor.fused is not None and runner.executor.fused.folded
     g.set_state(state)
     with torch.no_grad():
         ref = model.module[1](model.module[0](x))

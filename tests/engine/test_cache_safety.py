@@ -201,8 +201,8 @@ def test_unfreezing_a_prefix_layer_moves_the_boundary_back(capsys):
 def reads(monkeypatch) -> collections.Counter:
     """How often fit hashes each tensor's bytes: the verification fingerprint at the start
     and its check at the end (frostline.engine.verify), the cache key (the runner)."""
-    from frostline.engine import runner as runner_mod
     from frostline.engine import verify as verify_mod
+    from frostline.engine.runner import weights as runner_mod
 
     counts: collections.Counter = collections.Counter()
     real = runner_mod.tensor_digest

@@ -520,9 +520,9 @@ def test_untraceable_models_train_as_a_plain_loop_and_say_why(factory, reason, w
 
 
 def test_a_frontier_that_fits_nowhere_turns_the_cache_off(monkeypatch):
-    from frostline.engine import runner as runner_mod
+    from frostline.engine.runner import cache as runner_mod
 
-    monkeypatch.setattr(runner_mod, "_free_bytes", lambda _dir: 16)  # a full disk
+    monkeypatch.setattr(runner_mod, "free_bytes", lambda _dir: 16)  # a full disk
     x = np.random.default_rng(0).standard_normal((12, 6)).astype(np.float32)
     model = fl.wrap(SkipShared())
     model.trainable = False
@@ -532,7 +532,7 @@ def test_a_frontier_that_fits_nowhere_turns_the_cache_off(monkeypatch):
     status = model.cache_status["train"]
     assert status.reason is OffReason.TOO_LARGE and status.boundary == ("cat",)
     # with room on disk the same run spills there
-    monkeypatch.setattr(runner_mod, "_free_bytes", lambda _dir: 1 << 40)
+    monkeypatch.setattr(runner_mod, "free_bytes", lambda _dir: 1 << 40)
     model.fit(x, np.zeros((12, 3), "float32"), epochs=1, verbose=0, cache_memory_bytes=0)
     assert model.cache_status["train"].location == "disk"
 
@@ -678,7 +678,7 @@ def test_an_identity_is_recomputed_not_cached_next_to_its_input() -> None:
 
 
 def _count_traces(monkeypatch) -> list[int]:
-    from frostline.engine import runner as runner_mod
+    from frostline.engine.runner import splits as runner_mod
 
     calls: list[int] = []
     real = runner_mod.trace

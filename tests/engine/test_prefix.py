@@ -287,7 +287,9 @@ def test_optimised_prefix_matches_the_unoptimised_forward(arch):
     x = torch.randn(8, 3, 48, 48)
     runner.verify(x)
     (fast,) = runner.run_prefix(x)
-    assert runner._fused is not None and runner._fused.folded  # BatchNorm really folded
+    assert (
+        runner.executor.fused is not None and runner.executor.fused.folded
+    )  # BatchNorm really folded
     with torch.no_grad():
         ref = net.eval()(x)
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
@@ -310,7 +312,7 @@ def frozen_resnet_runner() -> tuple[nn.Module, Runner, torch.Tensor]:
 def test_optimised_prefix_shares_the_weights_and_sees_data_writes():
     """The folded view keeps no weight copy, so a write that bumps no version is seen too."""
     net, runner, x = frozen_resnet_runner()
-    fused = runner._fused
+    fused = runner.executor.fused
     assert fused is not None and fused.folded
     mine = {id(t) for t in (*net.parameters(), *net.buffers())}
     assert all(id(t) in mine for t in (*fused.parameters(), *fused.buffers()))
@@ -318,7 +320,7 @@ def test_optimised_prefix_shares_the_weights_and_sees_data_writes():
     net.bn1.running_var.data.copy_(net.bn1.running_var * 3.0)  # no version bump
     net.conv1.weight.data.copy_(net.conv1.weight * -1.0)
     (fast,) = runner.run_prefix(x)
-    assert runner._fused is fused  # the same view, not rebuilt
+    assert runner.executor.fused is fused  # the same view, not rebuilt
     with torch.no_grad():
         ref = net.eval()(x)
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
@@ -327,7 +329,7 @@ def test_optimised_prefix_shares_the_weights_and_sees_data_writes():
 def test_the_split_output_is_the_copy_reference_while_the_weights_hold(monkeypatch):
     """The split ran its frozen part on the example already: the folded copy is checked
     against that output, not a run of its own, unless the frozen weights changed since."""
-    from frostline.engine import runner as runner_mod
+    from frostline.engine.runner import executor as runner_mod
 
     seen: list[tuple[bool, bool]] = []
     real = runner_mod.inference_copy

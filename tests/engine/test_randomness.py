@@ -25,8 +25,9 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 import frostline as fl
-from frostline.engine import rng, runner
+from frostline.engine import rng
 from frostline.engine.runner import CacheState, OffReason
+from frostline.engine.runner import splits as runner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,9 +18,10 @@ from hf_models import hf_bert, hf_gpt2
 from torch import nn
 
 import frostline as fl
-from frostline.engine import frozen, runner
+from frostline.engine import frozen
 from frostline.engine.frozen import GraphError, partition, same_outputs, stochastic_frozen, trace
 from frostline.engine.runner import OffReason
+from frostline.engine.runner import splits as runner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
