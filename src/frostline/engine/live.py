@@ -20,7 +20,13 @@ from torch import nn
 from torch.optim.lr_scheduler import CyclicLR, ReduceLROnPlateau
 
 from frostline.core.state import learning_rate_of
-from frostline.engine.tracking import OptimizerTracker, named_trainable, schedulers_in
+from frostline.engine.tracking import (
+    ONE_CYCLE_KEYS,
+    OptimizerTracker,
+    named_trainable,
+    one_cycle_group,
+    schedulers_in,
+)
 from frostline.io.optimizer_state import optimizer_state_from_tensors, optimizer_state_to_tensors
 
 
@@ -213,8 +219,8 @@ class LiveOptimizer:
             k = float(g.get("base_lr", nominal)) / nominal
             if k == 1.0:
                 continue
-            if all(key in g for key in ("max_lr", "initial_lr", "min_lr")):  # OneCycleLR's
-                for key in ("max_lr", "initial_lr", "min_lr"):
+            if one_cycle_group(g):
+                for key in ONE_CYCLE_KEYS:
                     g[key] *= k
                 g["lr"] = g["initial_lr"]
             for s in schedulers_in(self.scheduler):

@@ -47,11 +47,13 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, CosineAnnealingWarmResta
 from frostline.core.state import learning_rate_of
 
 __all__ = [
+    "ONE_CYCLE_KEYS",
     "OptimizerTracker",
     "like_groups",
     "named_parameters_once",
     "named_trainable",
     "no_decay_kind",
+    "one_cycle_group",
     "track",
 ]
 
@@ -193,6 +195,21 @@ def schedulers_in(scheduler: Any) -> list[Any]:
     return out
 
 
+ONE_CYCLE_KEYS = ("max_lr", "initial_lr", "min_lr")
+"""The keys OneCycleLR writes into every param group (the peak, the start, the floor)."""
+
+
+def one_cycle_group(group: dict) -> bool:
+    """Whether a OneCycleLR has replaced this param group's rate (its keys are all there).
+
+    Example:
+        >>> g = {"lr": 0.04, "max_lr": 1.0, "initial_lr": 0.04, "min_lr": 4e-7}
+        >>> one_cycle_group({"lr": 0.1}), one_cycle_group(g)
+        (False, True)
+    """
+    return all(key in group for key in ONE_CYCLE_KEYS)
+
+
 def _nominal_rates(optimizer: torch.optim.Optimizer, scheduler: Any) -> list[float]:
     """Each group's rate in its schedule's terms: the peak (``max_lr``) where a OneCycleLR or
     CyclicLR replaced the optimizer's rate, else the rate it started from (``initial_lr``)."""
@@ -201,7 +218,7 @@ def _nominal_rates(optimizer: torch.optim.Optimizer, scheduler: Any) -> list[flo
     for i, g in enumerate(optimizer.param_groups):
         if cyclic is not None and i < len(cyclic.max_lrs):
             out.append(float(cyclic.max_lrs[i]))
-        elif "max_lr" in g and "initial_lr" in g and "min_lr" in g:  # OneCycleLR's keys
+        elif one_cycle_group(g):
             out.append(float(g["max_lr"]))
         else:
             out.append(float(g.get("initial_lr", g["lr"])))
