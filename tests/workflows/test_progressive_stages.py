@@ -88,3 +88,52 @@ def test_criterion_and_tolerance_are_checked():
         schedules.ProgressiveFreezing(criterion="loss")
     with pytest.raises(ValueError, match=r"tolerance must be a number in \(0, 1\], got 2"):
         schedules.ProgressiveFreezing(criterion="grad_norm", tolerance=2)
+
+
+class _Block(nn.Module):
+    """A stage whose trace bakes its training flag in (dropout inline, as timm's blocks)."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(n_in, n_out)
+
+    def forward(self, x):
+        return nn.functional.dropout(torch.relu(self.fc(x)), 0.1, self.training)
+
+
+def _stages_fit(cache: bool, seen: list[int]):
+    fl.seed_everything(0)
+    net = nn.Sequential(_Block(6, 16), _Block(16, 16), _Block(16, 16), nn.Linear(16, 3))
+    net[0].fc.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    model = fl.wrap(net)
+    model.compile(fl.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 96)
+    cb = schedules.ProgressiveFreezing(start_epoch=1)
+    rows = []
+
+    class Rows(fl.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            rows.append(sum(n for n in seen if n > 4))  # data; tracing probes 4 samples at most
+            seen.clear()
+
+    h = model.fit(
+        x, y, batch_size=32, epochs=5, verbose=0, callbacks=[cb, Rows()],
+        frozen_inference=True, cache=cache,
+    )  # fmt: skip
+    notes = [e["cache"].split(" ")[0] for e in cb.log if e["action"] == "epoch"]
+    return h.history["loss"], notes, rows
+
+
+def test_each_freeze_extends_the_cache_below_the_new_boundary():
+    # frozen_inference puts each newly frozen stage in eval mode: the model is traced
+    # again (the flag is baked in), and the cache still grows from the stored frontier
+    losses, notes, rows = _stages_fit(True, [])
+    assert notes == ["off", "built", "extended", "extended", "reused"]
+    # the first stage reads the 96 samples while it trains (epoch 0) and once more to
+    # build the cache (epoch 1); extending runs stages 1 and 2 over the stored outputs
+    assert rows == [96, 96, 0, 0, 0]
+    plain, off, _ = _stages_fit(False, [])
+    assert off[1:] == ["off"] * 4
+    assert losses == pytest.approx(plain, rel=1e-6)  # the same training as without a cache

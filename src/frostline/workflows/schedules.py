@@ -715,8 +715,9 @@ class ProgressiveFreezing(_BaseSchedule):
     ``encoder.layer.N``; see :func:`layer_groups`). Once frozen, a bottom run of the model
     is a frozen prefix: it runs without autograd and, on deterministic data, its outputs
     are cached; each freeze extends that cache from the old boundary to the new one
-    instead of rebuilding it ("extended" in ``log[i]["cache"]``), so every freeze makes
-    the following epochs cheaper. (A frozen BatchNorm runs on its running statistics, as
+    instead of rebuilding it ("extended" in ``log[i]["cache"]``: only the newly frozen
+    groups run, over the stored outputs, also with ``fit(frozen_inference=True)``), so
+    every freeze makes the following epochs cheaper. (A frozen BatchNorm runs on its running statistics, as
     everywhere in frostline.) A group is never frozen if that would leave nothing to
     train, and at most ``max_groups`` are.
 

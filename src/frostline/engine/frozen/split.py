@@ -29,6 +29,7 @@ from frostline.engine.frozen.traced import Traced
 __all__ = [
     "Partition",
     "bridge",
+    "computes_alike",
     "describe_boundary",
     "joint_frozen",
     "nbytes_per_sample",
@@ -473,8 +474,12 @@ def bridge(old: Partition, new: Partition) -> fx.GraphModule | None:
     """A module from ``old``'s frontier tensors to ``new``'s, when ``new`` lies past ``old``.
 
     Used to extend a cache when more of the model is frozen: the extra frozen computation
-    runs over the stored frontier instead of the raw data. ``None`` when the new frontier
-    needs anything but the old frontier (a raw input, another trace).
+    runs over the stored frontier instead of the raw data. ``new`` may come from another
+    trace of the same model (made in other modes: ``fit(frozen_inference=True)`` puts each
+    newly frozen stage in eval mode, and a trace bakes flags in) when that trace computes
+    ``old``'s frontier exactly as ``old``'s trace did (:func:`computes_alike`). ``None``
+    when the new frontier needs anything but the old frontier (a raw input), or the other
+    trace computes the old frontier otherwise.
 
     Example:
         >>> import torch
@@ -489,7 +494,7 @@ def bridge(old: Partition, new: Partition) -> fx.GraphModule | None:
         >>> torch.allclose(step(*shallow.run_frozen(x))[0], deep.run_frozen(x)[0])
         True
     """
-    if old.traced is not new.traced:
+    if old.traced is not new.traced and not computes_alike(old.traced, new.traced, old.frontier):
         return None
     gm = new.traced.gm
     by_name = {n.name: n for n in gm.graph.nodes}
@@ -512,6 +517,69 @@ def bridge(old: Partition, new: Partition) -> fx.GraphModule | None:
             env[n] = _copy_into(g, n, env)
     g.output(tuple(env[by_name[name]] for name in new.frontier))
     return fx.GraphModule(gm, g)
+
+
+def computes_alike(a: Traced, b: Traced, names: Iterable[str]) -> bool:
+    """Whether traces ``a`` and ``b`` of one model compute the values ``names`` (nodes of
+    ``a``) the same way: every node they depend on is in both graphs, by name, with the
+    same operation, target (the same module or tensor object) and arguments. Traces made
+    in other modes differ only where a flag was read; values below every such place match.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from frostline.engine.frozen import trace
+        >>> class Drop(nn.Module):
+        ...     def forward(self, x):
+        ...         return nn.functional.dropout(x, 0.5, self.training)
+        >>> net = nn.Sequential(nn.Linear(4, 4), Drop(), nn.Linear(4, 2))
+        >>> train = trace(net, torch.randn(3, 4))
+        >>> _ = net[1].eval(); infer = trace(net, torch.randn(3, 4))
+        >>> computes_alike(train, infer, ["model_0"]), computes_alike(train, infer, ["dropout"])
+        (True, False)
+    """
+    if a.module is not b.module or a.input_names != b.input_names or a.keywords != b.keywords:
+        return False
+    mine = {n.name: n for n in a.gm.graph.nodes}
+    theirs = {n.name: n for n in b.gm.graph.nodes}
+    stack, seen = list(names), set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        x, y = mine.get(name), theirs.get(name)
+        if x is None or y is None or not _same_node(a.gm, x, b.gm, y):
+            return False
+        stack.extend(n.name for n in x.all_input_nodes)
+    return True
+
+
+def _same_node(ga: fx.GraphModule, x: fx.Node, gb: fx.GraphModule, y: fx.Node) -> bool:
+    if x.op != y.op:
+        return False
+    if x.op in ("get_attr", "call_module"):
+        try:
+            u, v = fetch(ga, str(x.target)), fetch(gb, str(y.target))
+        except AttributeError:
+            return False
+        if u is not v and not (
+            isinstance(u, Tensor)
+            and isinstance(v, Tensor)
+            and (u.shape, u.dtype, u.device) == (v.shape, v.dtype, v.device)
+            and torch.equal(u, v)
+        ):
+            return False
+    elif x.target != y.target:
+        return False
+
+    def named(args: Any) -> Any:
+        return fx.node.map_arg(args, lambda n: ("node", n.name))
+
+    try:
+        return bool(named(x.args) == named(y.args) and named(x.kwargs) == named(y.kwargs))
+    except (RuntimeError, TypeError, ValueError):  # a tensor argument: compare no further
+        return False
 
 
 def _alias_root(a: Any) -> Any:

@@ -418,11 +418,14 @@ class ActivationCache:
         )
 
     def _extension(self, entry: _Entry, part: Partition):
-        """A graph from the stored frontier to the new one, when the new one lies past it."""
+        """A graph from the stored frontier to the new one, when the new one lies past it.
+
+        The new split may come from another trace (a newly frozen stage put in eval mode
+        by ``frozen_inference``): :func:`bridge` then checks that it computes the stored
+        frontier as the stored split's trace did; the stored part's BatchNorm modes and
+        weights must be those it was built with."""
         old = entry.partition
-        if old.traced is not part.traced or entry.key.boundary == part.boundary:
-            return None
-        if entry.key.mode.split("|")[-1] != mode_string(part).split("|")[-1]:
+        if entry.key.boundary == part.boundary:
             return None
         if entry.key.mode.split("|")[0] != mode_string(old).split("|")[0]:
             return None
