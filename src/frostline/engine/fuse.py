@@ -13,7 +13,9 @@ transient the size of that layer's weight; the per-channel scale is O(channels))
 change of the original weights or running statistics, even through ``p.data.copy_``, is
 seen by the next call. Folding a weight costs about one pass over it and saves one pass
 over the conv's output, so a conv folds only when its weight is no larger than its output
-for the batch at hand; otherwise it runs the conv and then the BatchNorm.
+for the batch at hand; otherwise it runs the conv and then the BatchNorm. A conv with
+TensorFlow's 'same' padding (timm's ``Conv2dSame``) pads into a buffer kept between calls
+(its border zeroed once), never into a fresh tensor (:meth:`FoldedConvBn._pad_same`).
 
 Conv->BN pairs are found in forward order with ``torch.fx`` symbolic tracing; where a
 module cannot be traced, a per-class table (plain ``nn.Sequential`` including torchvision's
@@ -43,7 +45,14 @@ from torch.nn import functional as F
 from frostline.engine.frozen import module_at, timm_no_trace
 from frostline.engine.rng import capture
 
-__all__ = ["FoldedConvBn", "InferenceCopy", "fold_batchnorm", "inference_copy", "replay_draws"]
+__all__ = [
+    "FoldedConvBn",
+    "InferenceCopy",
+    "fold_batchnorm",
+    "inference_copy",
+    "replay_draws",
+    "same_padding",
+]
 
 
 @functools.cache
@@ -291,9 +300,18 @@ def _scale_shift(
     return scale, shift
 
 
-@functools.cache
-def _conv2d_same() -> Any:
-    return importlib.import_module("timm.layers.conv2d_same").conv2d_same
+def same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TensorFlow's 'SAME' zero padding of one side of an input, as ``(before, after)``.
+
+    The output has ``ceil(size / stride)`` positions; the extra pixel of an odd total goes
+    after (timm's ``pad_same``, Keras's ``padding="same"``).
+
+    Example:
+        >>> same_padding(64, 3, 2, 1), same_padding(16, 5, 2, 1), same_padding(8, 3, 1, 2)
+        ((0, 1), (1, 2), (2, 2))
+    """
+    total = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
 
 
 class FoldedConvBn(nn.Module):
@@ -336,12 +354,55 @@ class FoldedConvBn(nn.Module):
         self.rtol, self.atol = rtol, atol
         self.fold_checked = False  # the folded conv was compared with conv then BN once
         self.fold_ok = True  # false once that comparison failed: never folds again
+        self._padded: Tensor | None = None  # the 'same' padding's buffer (see _pad_same)
 
     def _conv(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         c = self.conv
         if self.same:
-            return cast(Tensor, _conv2d_same()(x, w, b, c.stride, c.padding, c.dilation, c.groups))
+            x = self._pad_same(x, (int(w.shape[-2]), int(w.shape[-1])))
+            return F.conv2d(x, w, b, c.stride, 0, c.dilation, c.groups)
         return c._conv_forward(x, w, b)
+
+    def _pad_same(self, x: Tensor, kernel: tuple[int, int]) -> Tensor:
+        """``x`` zero-padded as timm's ``pad_same`` does (TF 'SAME'), in ``x``'s layout.
+
+        Without autograd the padded tensor is a buffer kept for the next call of the same
+        shape: its border is zeroed once and only the inside is written, so a call does
+        one copy of ``x`` and allocates nothing. (Allocating the padded input afresh at
+        each call is what made padding cost: for EfficientNet-Lite0 at 64 px and batch 64
+        it is the largest tensor of the forward, 27 MB, which the C allocator returns to
+        the system when it is freed, so every call faulted its pages in again.)
+        """
+        c = self.conv
+        (top, bottom), (left, right) = (
+            same_padding(int(x.shape[i - 2]), kernel[i], c.stride[i], c.dilation[i]) for i in (0, 1)
+        )
+        if not (top or bottom or left or right):
+            return x
+        if x.dim() != 4 or torch.is_grad_enabled():  # autograd may keep the input: no reuse
+            return F.pad(x, (left, right, top, bottom))
+        n, ch, h, w = x.shape
+        shape = (n, ch, h + top + bottom, w + left + right)
+        layout = (
+            torch.channels_last
+            if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            else torch.contiguous_format
+        )
+        buf = self._padded
+        if (
+            buf is None
+            or buf.shape[1:] != shape[1:]
+            or buf.shape[0] < n
+            or (buf.dtype, buf.device) != (x.dtype, x.device)
+            or not buf.is_contiguous(memory_format=layout)
+        ):
+            self._padded = None  # the old buffer goes before the new one is made
+            buf = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
+            buf.zero_()
+            self._padded = buf
+        buf = buf[:n]  # a smaller batch (an epoch's last) uses the front of the buffer
+        buf[:, :, top : top + h, left : left + w].copy_(x)
+        return buf
 
     def _worth_folding(self, x: Tensor) -> bool:
         """Folding reads and writes the weight once and saves a pass over the output."""

@@ -1,0 +1,95 @@
+"""TF 'same' padding in folded convs (timm's Conv2dSame): equal to timm's, and cheap."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from timm.layers import Conv2dSame
+from timm.layers.padding import get_same_padding
+from torch import Tensor, nn
+
+from frostline.engine.fuse import FoldedConvBn, same_padding
+
+
+def test_same_padding_is_timms() -> None:
+    for size, kernel, stride, dilation in itertools.product(
+        range(1, 21), (1, 2, 3, 5, 7), (1, 2, 3), (1, 2, 3)
+    ):
+        total = get_same_padding(size, kernel, stride, dilation)
+        assert same_padding(size, kernel, stride, dilation) == (total // 2, total - total // 2)
+
+
+def _pair(cin: int, kernel: int, stride: int, dilation: int, groups: int) -> FoldedConvBn:
+    g = torch.Generator().manual_seed(kernel * 100 + stride * 10 + dilation)
+    conv = Conv2dSame(cin, cin, kernel, stride=stride, dilation=dilation, groups=groups)
+    bn = nn.BatchNorm2d(cin).eval()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+        bn.running_mean.copy_(torch.randn(cin, generator=g))
+        bn.running_var.copy_(torch.rand(cin, generator=g) + 0.5)
+    return FoldedConvBn(conv, bn, channels_last=True)
+
+
+def _reference(pair: FoldedConvBn, x: Tensor) -> Tensor:
+    return pair.bn(pair.conv(x))  # timm's Conv2dSame.forward: pad_same, then the conv
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "dilation"), [(3, 2, 1), (5, 2, 1), (3, 1, 2), (2, 1, 1)]
+)
+@pytest.mark.parametrize("groups", [1, 4])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_padded_conv_equals_timms_on_odd_and_even_sizes(
+    kernel: int, stride: int, dilation: int, groups: int, channels_last: bool
+) -> None:
+    """Sizes, batches and layouts change between calls: the kept buffer never leaks a
+    previous input into the border or the inside (batch 6, then 3, then 6 again, at
+    even and odd sides)."""
+    pair = _pair(8, kernel, stride, dilation, groups)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, h, w in [(6, 16, 16), (3, 16, 16), (6, 16, 16), (6, 15, 17), (2, 9, 8)]:
+            x = (torch.randn(n, 8, h, w, generator=g) + 3.0).contiguous(memory_format=layout)
+            torch.testing.assert_close(pair(x), _reference(pair, x), rtol=1e-4, atol=1e-4)
+
+
+def _largest_allocation(fn) -> int:  # type: ignore[no-untyped-def]
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max([e.cpu_memory_usage for e in prof.events()] + [0])
+
+
+def test_padding_allocates_no_padded_input_after_the_first_call() -> None:
+    """A padded input allocated afresh at each call was the costliest op of
+    EfficientNet-Lite0's folded forward (64 px, batch 64: 27 MB, its pages faulted in
+    again at every call); it is made once and only its inside is written again."""
+    pair = _pair(32, 3, 2, 1, 32)  # a depthwise stride-2 conv, as in EfficientNet
+    x = torch.randn(8, 32, 32, 32).contiguous(memory_format=torch.channels_last)
+    padded = 8 * 32 * 33 * 33 * 4
+    with torch.no_grad():
+        first = _largest_allocation(lambda: pair(x))
+        again = _largest_allocation(lambda: pair(x))
+        smaller = _largest_allocation(lambda: pair(x[:4]))
+        torch.testing.assert_close(pair(x[:4]), _reference(pair, x[:4]), rtol=1e-4, atol=1e-4)
+    assert first >= padded
+    assert again < padded // 2 and smaller < padded // 2, (again, smaller, padded)
+
+
+def test_with_autograd_the_padded_input_is_never_reused() -> None:
+    """Autograd may keep the conv's input for the backward pass: with grad enabled each
+    call pads into a new tensor, and gradients equal timm's."""
+    pair = _pair(4, 3, 2, 1, 1)
+    x = torch.randn(2, 4, 10, 10, requires_grad=True)
+    y = pair(x)
+    pair(torch.zeros(2, 4, 10, 10))  # a later call must not change what y's graph holds
+    w = pair.conv.weight  # its gradient reads the padded input the conv kept
+    grads = torch.autograd.grad(y.square().sum(), (x, w))
+    ref_x = x.detach().clone().requires_grad_(True)
+    refs = torch.autograd.grad(_reference(pair, ref_x).square().sum(), (ref_x, w))
+    for grad, ref in zip(grads, refs):
+        torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-4)
