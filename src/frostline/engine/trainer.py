@@ -29,7 +29,8 @@ from frostline.engine.callbacks import BackupCallback, CallbackList, History
 from frostline.engine.frozen import call_model
 from frostline.engine.progress import ProgressLogger, resolve_verbose
 from frostline.engine.protocols import CompileSettings, TrainableModel
-from frostline.engine.runner import CacheOptions, CacheState, Runner, WholeModel, fingerprint_of
+from frostline.engine.runner import CacheOptions, CacheStatus, Runner, WholeModel, fingerprint_of
+from frostline.engine.runner.seam import FrozenPartSeam
 from frostline.engine.tracking import named_parameters_once
 from frostline.engine.training_state import CheckpointWriter, restore
 from frostline.engine.verify import FrozenWeightsChanged, fingerprint
@@ -185,7 +186,8 @@ class Trainer:
 
     def __init__(self, model: TrainableModel) -> None:
         self.model = model
-        self.runner: Runner | None = None
+        #: the frozen-part engine, used through its narrow seam only
+        self.runner: FrozenPartSeam | None = None
         self.ctx = distributed.DistContext()
         self._wrapped: nn.Module | None = None
         self._wrapped_key: tuple | None = None
@@ -203,35 +205,34 @@ class Trainer:
             raise TrainingError("call model.compile(optimizer=..., loss=...) before fit()")
         return cfg
 
-    def _runner(self, options: CacheOptions | None = None) -> Runner:
-        """The Runner, new when the model's structure (layers added/removed/replaced) or the
+    def _runner(self, options: CacheOptions | None = None) -> FrozenPartSeam:
+        """The runner, new when the model's structure (layers added/removed/replaced) or the
         cache options changed; ``options=None`` keeps the current options."""
         module = self.model.module
         structure = tuple(id(m) for m in module.modules())
         runner = self.runner
-        if options is None:
-            options = runner.options if runner is not None else CacheOptions()
-        if (
-            runner is None
-            or runner.module is not module
-            or runner.options != options
-            or self._runner_spec != structure
-        ):
+        if runner is None or not runner.matches(module, options) or self._runner_spec != structure:
+            if options is None:
+                options = runner.options if runner is not None else CacheOptions()
             if runner is not None:
-                runner.drop()
+                runner.close()
             runner = self.runner = Runner(module, options)
             self._runner_spec = structure
         return runner
 
+    def _seam(self) -> FrozenPartSeam:
+        """The runner of the current fit/evaluate (set up by :meth:`_runner`)."""
+        assert self.runner is not None
+        return self.runner
+
     def _suffix(self, device: torch.device) -> nn.Module:
         """The trainable part, DDP-wrapped when distributed (rebuilt when it changes)."""
-        runner = self.runner
-        assert runner is not None
-        key = (id(runner.suffix), runner.trainable_ids)
-        distributed.same_trainable(runner.trainable_ids, self.ctx)
+        part = self._seam().trainable_part()
+        key = (id(part.module), part.ids)
+        distributed.same_trainable(part.ids, self.ctx)
         if self._wrapped is None or key != self._wrapped_key:
             self._wrapped = distributed.wrap_trainable(
-                runner.suffix,
+                part.module,
                 self.ctx,
                 device,
                 find_unused_parameters=self._config().find_unused_parameters,
@@ -242,14 +243,13 @@ class Trainer:
     def _sync(self) -> bool:
         """Optimizer + prefix boundary in line with the trainable set; True if it changed."""
         live = self.model.live_optimizer
-        assert live is not None and self.runner is not None
+        assert live is not None
         try:
             changed = live.sync(self._named)
         except RuntimeError as e:
             raise TrainingError(str(e)) from None
-        if live.optimizer is not None:
-            self.runner.steps.watch(live.optimizer)  # scoped to this optimizer, removed at fit end
-        moved = self.runner.refresh()
+        # its steps are counted (scoped to this optimizer, removed at fit end)
+        moved = self._seam().sync(live.optimizer)
         if changed or moved:
             self._note_trainable(live.module)
         return changed or moved
@@ -322,12 +322,11 @@ class Trainer:
     ) -> dict:
         """One epoch: train steps, validation when due, callbacks, schedule, checkpoints;
         returns its logs (``on_epoch_begin`` gets the last epoch's, as it always has)."""
-        model, runner = self.model, self.runner
-        assert runner is not None
+        model, runner = self.model, self._seam()
         t0 = time.perf_counter()  # the epoch's time counts all it does (cache build too)
         model.module.train()
         # frozen weights are re-hashed only when code that may write them ran
-        runner.new_epoch(reread_weights=self._rehash)
+        runner.begin_epoch(reread_weights=self._rehash)
         self._named = named_parameters_once(model.module)  # the structure, once per epoch
         cblist.on_epoch_begin(epoch, last_logs)
         self._sync()
@@ -401,10 +400,9 @@ class Trainer:
         loader = getattr(data, "loader", None)
         return None if loader is None else lambda n: distributed.prepare_loader(loader, self.ctx, n)
 
-    def _fit_runner(self, o: FitOptions) -> Runner:
+    def _fit_runner(self, o: FitOptions) -> FrozenPartSeam:
         runner = self._runner(o.cache_options())
-        runner.new_fit()
-        runner.plan_next(o.unfreeze_next)
+        runner.begin_fit(o.unfreeze_next)
         self._ever_trainable: set[int] = set()
         return runner
 
@@ -441,8 +439,7 @@ class Trainer:
 
     def _train_epoch(self, it: data_mod.EpochIterator, epoch: int, cblist, stop_on_nan: bool):
         """One epoch of train steps; returns its logs and the epoch note (the cache)."""
-        model, runner, objective = self.model, self.runner, self._config().objective
-        assert runner is not None
+        model, runner, objective = self.model, self._seam(), self._config().objective
         objective.reset()
         skip = 0
         if self._mid_epoch is not None and self._mid_epoch[0] == epoch:
@@ -470,21 +467,15 @@ class Trainer:
             cblist.on_train_batch_end(step, batch_logs)
             self._checkpoint(epoch, step, batch_logs, cblist, it.seed)
         logs = self._epoch_logs(objective)
-        if note is None:
-            note = runner.cacheable(False)  # loader data: never cached, says why
-            assert note is not None
-            runner.status["train"] = note
-        final = runner.status.get("train")
-        if final is not None and final.state is CacheState.INVALIDATED:
-            note = f"{final} mid-epoch (had {note})"  # the log says what really happened
-        return logs, f"cache: {note}"
+        return logs, f"cache: {runner.epoch_note('train', note)}"
 
-    def _prepare_cache(self, role: str, it: data_mod.EpochIterator, epoch: int = 0):
+    def _prepare_cache(
+        self, role: str, it: data_mod.EpochIterator, epoch: int = 0
+    ) -> CacheStatus | None:
         """Random-access data: the model checked on a first batch (training) and the frozen
         part's cache built or reused; returns its status (None for a loader's batches)."""
-        runner, cfg = self.runner, self._config()
+        runner, cfg = self._seam(), self._config()
         device = cfg.device
-        assert runner is not None
         if not it.indexed:
             return None
         if role == "train" and not runner.verified:
@@ -492,7 +483,7 @@ class Trainer:
                 example = it.example(epoch)
             self._verify(_to(example, device))
         with _autocast(device, cfg.precision):  # one numeric path: built as it would run
-            return runner.ensure_cache(
+            return runner.prepare_data(
                 role,
                 it.data,
                 indices=it.shard() if self.ctx.enabled else None,
@@ -530,11 +521,10 @@ class Trainer:
 
     def test_step(self, batch: data_mod.Batch, role: str) -> None:
         """Loss and metrics of one batch, added to the objective's running sums."""
-        cfg, runner = self._config(), self.runner
-        assert runner is not None
+        cfg = self._config()
         xin, y, sw = self._step_inputs(role, batch)
         with _autocast(cfg.device, cfg.precision):
-            out = self._forward(runner.suffix, xin)
+            out = self._forward(self._seam().trainable_part().module, xin)
         loss, parts = cfg.objective(out, y, sw)
         cfg.objective.update(out, y, float(loss), parts, data_mod.batch_len(xin[0]), sw)
 
@@ -544,16 +534,22 @@ class Trainer:
 
     def _step_inputs(self, role: str, batch: data_mod.Batch):
         """Inputs at the prefix boundary (from the cache when it can serve them) and targets."""
-        runner, device = self.runner, self._config().device
-        assert runner is not None
-        cached = runner.cached_inputs(role, batch.idx) if batch.idx is not None else None
-        if cached is not None:
-            xin = tuple(t.to(device) for t in cached)
-        else:
+        runner, cfg = self._seam(), self._config()
+        device = cfg.device
+
+        def load():  # the raw batch, when the cache cannot serve it
             x = _to(batch.x, device)
             if role == "train" and not runner.verified:
                 self._verify(x)
-            xin = self._prefix(x)
+            return x
+
+        xin = runner.batch_inputs(
+            role,
+            batch.idx,
+            load,
+            device=device,
+            autocast=lambda: _autocast(device, cfg.precision),
+        )
         y, sw = batch.labels()
         return xin, _to(y, device), _to(sw, device)
 
@@ -566,8 +562,7 @@ class Trainer:
         return logs
 
     def _verify(self, x: torch.Tensor) -> None:
-        runner = self.runner
-        assert runner is not None
+        runner = self._seam()
         module = self.model.module
         if not self._checked_input:  # bad inputs get the clear error before any tracing
             self._checked_input = True
@@ -583,29 +578,21 @@ class Trainer:
                     m.training = t
         runner.verify(x)  # a model that cannot be traced runs whole, never raises
 
-    def _prefix(self, x):
-        runner = self.runner
-        assert runner is not None
-        cfg = self.model.compile_config
-        with _autocast(cfg.device, cfg.precision):
-            return runner.run_prefix(x)
-
     def _forward(self, module: nn.Module, xin: tuple):
         """``module(*xin)``: the trainable part on the frozen part's outputs (or the raw batch)."""
         try:
             return module(*xin)
         except (RuntimeError, TypeError) as e:
-            if self.runner is not None and self.runner.part is not None:
+            if self.runner is not None and self.runner.has_frozen_part:
                 raise  # the trainable part on frontier tensors: not a raw-input problem
             raise explain_input_error(self.model.module, xin[0], e) from e
 
     # -- evaluate / predict ------------------------------------------------------------
     def _evaluate_data(self, it: data_mod.EpochIterator, role: str) -> dict[str, float]:
-        module, runner = self.model.module, self.runner
-        assert runner is not None
+        module, runner = self.model.module, self._seam()
         was_training = module.training
         module.eval()
-        runner.refresh()  # the eval-mode trace (Python bools such as self.training differ)
+        runner.sync()  # the eval-mode trace (Python bools such as self.training differ)
         self._config().objective.reset()
         try:
             with torch.no_grad():
@@ -616,7 +603,7 @@ class Trainer:
                     self.test_step(batch, role)
         finally:
             module.train(was_training)
-            runner.refresh()
+            runner.sync()
         return self._epoch_logs(self._config().objective)
 
     def evaluate(
@@ -640,10 +627,7 @@ class Trainer:
         outputs = len(model.compile_config.objective.keys)
         data = data_mod.prepare(x, y, sample_weight, outputs=outputs)
         model.module.to(model.compile_config.device)
-        self._runner()
-        assert self.runner is not None
-        self.runner.refresh()
-        self.runner.new_fit()
+        self._runner().begin_evaluate()
         cbl = CallbackList(callbacks, model)
         cbl.on_test_begin({})
         self._fingerprints = {"evaluate": fingerprint_of(data)}

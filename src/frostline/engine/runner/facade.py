@@ -8,7 +8,8 @@ role). The trainer drives it through :class:`~.seam.FrozenPartSeam` only.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -18,8 +19,9 @@ from frostline.engine.fingerprints import StepCounter
 from frostline.engine.frozen import Partition
 from frostline.engine.runner.cache import ActivationCache
 from frostline.engine.runner.executor import FrozenExecutor, WholeModel
+from frostline.engine.runner.seam import TrainablePart
 from frostline.engine.runner.splits import Splits
-from frostline.engine.runner.status import CacheOptions, CacheStatus
+from frostline.engine.runner.status import CacheOptions, CacheState, CacheStatus
 from frostline.engine.runner.weights import WeightKeys
 
 __all__ = ["Runner"]
@@ -27,6 +29,10 @@ __all__ = ["Runner"]
 
 class Runner:
     """Runs a module as frozen part + trainable part, with an activation cache.
+
+    The trainer uses the members of :class:`~.seam.FrozenPartSeam` only (``begin_fit``,
+    ``sync``, ``prepare_data``, ``batch_inputs``, ...); the rest serves
+    :class:`~frostline.api.features.FrozenFeatures` and tests.
 
     Example:
         >>> import torch
@@ -207,3 +213,119 @@ class Runner:
     def drop(self) -> None:
         """Close every cache entry and kept frontier (memory freed, spill files removed)."""
         self.cache.drop()
+
+    # -- the trainer's seam (FrozenPartSeam) -----------------------------------------
+    @property
+    def has_frozen_part(self) -> bool:
+        """Whether a frozen part is split off (the step then takes frontier tensors)."""
+        return self.splits.part is not None
+
+    def matches(self, module: nn.Module, options: CacheOptions | None) -> bool:
+        """Whether this runner serves ``module`` with ``options`` (None: any options).
+
+        Example:
+            >>> net = torch.nn.Linear(2, 2)
+            >>> runner = Runner(net, CacheOptions(cache=False))
+            >>> runner.matches(net, None), runner.matches(net, CacheOptions())
+            (True, False)
+        """
+        return self.module is module and (options is None or self.options == options)
+
+    def begin_fit(self, unfreeze_next: Iterable[Tensor] = ()) -> None:
+        """A fit begins: digests and structure are read again (:meth:`new_fit`), and the
+        next fit will also train ``unfreeze_next`` (:meth:`plan_next`)."""
+        self.new_fit()
+        self.plan_next(unfreeze_next)
+
+    def begin_evaluate(self) -> None:
+        """An ``evaluate`` call begins: the split follows the model now, and digests and
+        structure are read again."""
+        self.refresh()
+        self.new_fit()
+
+    def begin_epoch(self, *, reread_weights: bool) -> None:
+        """An epoch begins: :meth:`new_epoch`."""
+        self.new_epoch(reread_weights=reread_weights)
+
+    def sync(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Count ``optimizer``'s steps (part of the weights' version; the hook goes at
+        :meth:`end_fit`) and re-split when the trainable set or the modes changed; True
+        if the split moved."""
+        if optimizer is not None:
+            self.weights.steps.watch(optimizer)
+        return self.refresh()
+
+    def trainable_part(self) -> TrainablePart:
+        """The trainable part the step runs, and its trainable parameters' ids.
+
+        Example:
+            >>> net = torch.nn.Linear(2, 2)
+            >>> Runner(net).trainable_part().module.model is net
+            True
+        """
+        return TrainablePart(self.suffix, self.trainable_ids)
+
+    def prepare_data(
+        self,
+        role: str,
+        data,
+        *,
+        indices: Tensor | None,
+        device: torch.device,
+        batch_size: int,
+        fingerprint: str | None,
+        epoch: int = 0,
+    ) -> CacheStatus:
+        """Build, extend or reuse the cache of random-access data for ``role``
+        (:meth:`ensure_cache`)."""
+        return self.ensure_cache(
+            role,
+            data,
+            indices=indices,
+            device=device,
+            batch_size=batch_size,
+            fingerprint=fingerprint,
+            epoch=epoch,
+        )
+
+    def batch_inputs(
+        self,
+        role: str,
+        idx: Tensor | None,
+        load: Callable[[], Any],
+        *,
+        device: torch.device,
+        autocast: Callable[[], AbstractContextManager[Any]],
+    ) -> tuple[Any, ...]:
+        """A step's inputs at the frontier: the cached frontier tensors of samples
+        ``idx`` when the cache serves them, else the frozen part run on ``load()`` (the
+        raw batch on ``device``) under ``autocast()``."""
+        cached = self.cached_inputs(role, idx) if idx is not None else None
+        if cached is not None:
+            return tuple(t.to(device) for t in cached)
+        x = load()
+        with autocast():
+            return self.run_prefix(x)
+
+    def epoch_note(self, role: str, prepared: CacheStatus | None) -> str:
+        """What the cache did for ``role`` this epoch, for the log: ``prepared`` (what
+        :meth:`prepare_data` said; None for a loader's batches, never cached, which
+        records why), or its invalidation mid-epoch.
+
+        Example:
+            >>> net = torch.nn.Linear(2, 2)
+            >>> Runner(net, CacheOptions(cache=False)).epoch_note("train", None)
+            'off (cache=False)'
+        """
+        if prepared is None:
+            prepared = self.cacheable(False)
+            assert prepared is not None
+            self.status[role] = prepared
+        final = self.status.get(role)
+        if final is not None and final.state is CacheState.INVALIDATED:
+            return f"{final} mid-epoch (had {prepared})"  # what really happened
+        return str(prepared)
+
+    def close(self) -> None:
+        """Free every cache entry and kept frontier (:meth:`drop`)."""
+        self.drop()
