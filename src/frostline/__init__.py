@@ -31,6 +31,7 @@ from frostline.api.loading import load_model as _load_model
 from frostline.api.model import Model, Sequential, wrap
 from frostline.api.select import Plan, SelectionError
 from frostline.engine.data import DataError
+from frostline.engine.runner import CacheOptions
 from frostline.engine.tracking import OptimizerTracker, track
 from frostline.engine.trainer import TrainingError, seed_everything
 from frostline.engine.verify import FrozenWeightsChanged
@@ -57,6 +58,7 @@ def load(path, *, trusted_modules=()):
 
 __all__ = [
     "__version__",
+    "CacheOptions",
     "Callback",
     "CheckpointError",
     "DataError",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -22,7 +24,7 @@ from frostline.api.summary import counts, format_size, print_summary, render
 from frostline.core import batchnorm
 from frostline.core.state import clear_learning_rates, set_view
 from frostline.engine.live import LiveOptimizer
-from frostline.engine.runner import CacheStatus
+from frostline.engine.runner import CacheOptions, CacheStatus
 from frostline.engine.trainer import FitOptions, Trainer, TrainingError
 from frostline.engine.verify import Report
 
@@ -53,6 +55,23 @@ def _resolve_device(device) -> torch.device:
             f"device {device!r} was asked for, but CUDA is not available on this machine"
         )
     return d
+
+
+def _unknown_keywords(name: str, unknown: dict, method: Callable) -> TypeError:
+    """The TypeError for keywords ``method`` does not take, naming those it takes."""
+    valid = [
+        p.name
+        for p in inspect.signature(method).parameters.values()
+        if p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, valid, n=1)
+        hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    return TypeError(
+        f"{name}() got unknown keyword argument(s) {', '.join(hints)}; "
+        f"{name} takes: {', '.join(valid)}"
+    )
 
 
 def parameters_of(spec: Any, what: str = "layers") -> list[torch.Tensor]:
@@ -240,7 +259,23 @@ class Model(Layer):
         validation_steps: int | None = None,
         validation_batch_size: int | None = None,
         validation_freq: int | Sequence[int] = 1,
-        **options,
+        *,
+        seed: int | None = None,
+        cache: bool | str = "auto",
+        cache_memory_bytes: int = 2 << 30,
+        cache_dtype: torch.dtype | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        frozen_inference: bool = False,
+        augment_views: int | None = None,
+        cache_options: CacheOptions | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        keep_checkpoints: int = 3,
+        resume: str | os.PathLike | None = None,
+        verify_frozen: bool = True,
+        on_nan: str = "raise",
+        unfreeze_next: Any = None,
+        workers: int = 0,
+        **unknown: Any,
     ) -> History:
         """Train; returns a History (``history.history["loss"]`` etc.).
 
@@ -254,8 +289,13 @@ class Model(Layer):
         validation run, done at the epochs ``validation_freq`` says (every N-th, or the
         1-based epochs listed).
 
-        Extra options: ``seed``, ``cache`` (True/False/"auto"), ``cache_memory_bytes``,
-        ``cache_dtype``, ``cache_dir``, ``checkpoint_dir``, ``keep_checkpoints``,
+        frostline's keywords (keyword-only; any other keyword is a TypeError naming these):
+        ``seed``; the frozen part's cache: ``cache`` (True/False/"auto"),
+        ``cache_memory_bytes`` (what the cache holds in memory before it spills to
+        ``cache_dir``, the system's temporary folder when None), ``cache_dtype`` (the
+        dtype floating-point frontier tensors are stored in), or all of them as one
+        ``cache_options=fl.CacheOptions(...)``, carried unchanged to the engine (not
+        together with those keywords); ``checkpoint_dir``, ``keep_checkpoints``,
         ``resume``, ``verify_frozen``, ``on_nan`` ("raise"/"stop"), ``frozen_inference``
         (run the frozen part in inference mode, as Keras' ``base(x, training=False)``: its
         dropout/DropPath off, so it is deterministic and its outputs can be cached),
@@ -282,8 +322,17 @@ class Model(Layer):
         >>> len(h.history["loss"])
         2
         """
-        if "unfreeze_next" in options:
-            options["unfreeze_next"] = parameters_of(options["unfreeze_next"], "unfreeze_next")
+        if unknown:
+            raise _unknown_keywords("fit", unknown, self.fit)
+        options = CacheOptions.of(
+            cache_options,
+            cache=cache,
+            cache_memory_bytes=cache_memory_bytes,
+            cache_dtype=cache_dtype,
+            cache_dir=cache_dir,
+            frozen_inference=frozen_inference,
+            augment_views=augment_views,
+        )
         if self._config is None:
             raise TrainingError("call model.compile(optimizer=..., loss=...) before fit()")
         opts = FitOptions(
@@ -301,7 +350,17 @@ class Model(Layer):
             validation_steps=validation_steps,
             validation_batch_size=validation_batch_size,
             validation_freq=validation_freq,
-            **options,
+            seed=seed,
+            cache_options=options,
+            checkpoint_dir=checkpoint_dir,
+            keep_checkpoints=keep_checkpoints,
+            resume=resume,
+            verify_frozen=verify_frozen,
+            on_nan=on_nan,
+            unfreeze_next=(
+                () if unfreeze_next is None else parameters_of(unfreeze_next, "unfreeze_next")
+            ),
+            workers=workers,
         )
         return self._get_trainer().fit(x, y, opts)
 

@@ -23,7 +23,7 @@ from frostline.api.callbacks import Callback
 from frostline.api.summary import counts
 from frostline.app import report
 from frostline.app.runinfo import Preprocessing
-from frostline.engine.runner import CacheState
+from frostline.engine.runner import CacheOptions, CacheState
 
 __all__ = [
     "PhaseRecorder",
@@ -259,12 +259,14 @@ def train_two_phase(
     headings: list[str | None] | None = None,
     verbose: Any = "auto",
     print_fn: PrintFn = print,
+    cache_options: CacheOptions | None = None,
     **fit_kwargs: Any,
 ) -> tuple[list[dict], PhaseRecorder, Any]:
     """Run :func:`frostline.recipes.two_phase` and return the report's phase records.
 
-    ``epochs2=0`` runs phase 1 only. ``fit_kwargs`` (``checkpoint_dir``, ``resume``) go
-    to both fits. Returns ``(phases, recorder, result)``.
+    ``epochs2=0`` runs phase 1 only. ``cache_options`` (the defaults when None) and
+    ``fit_kwargs`` (``checkpoint_dir``, ``resume``) go to both fits, the options object
+    unchanged to the engine. Returns ``(phases, recorder, result)``.
     """
     recorder = PhaseRecorder(summary_titles, headings, print_fn)
     result = fl.recipes.two_phase(
@@ -287,6 +289,7 @@ def train_two_phase(
         verbose=verbose,
         bn_inference=batchnorm,
         seed=seed,
+        cache_options=cache_options if cache_options is not None else CacheOptions(),
         **fit_kwargs,
     )
     phases = recorder.finish()

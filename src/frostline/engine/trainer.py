@@ -14,7 +14,7 @@ import math
 import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,10 +42,13 @@ class TrainingError(RuntimeError):
 
 @dataclass(frozen=True)
 class FitOptions:
-    """What ``fit`` was asked for, carried unchanged from ``Model.fit`` to the trainer.
+    """What ``fit`` was asked for, carried unchanged from ``Model.fit`` to the trainer;
+    ``cache_options`` (one :class:`CacheOptions`) goes on unchanged to the runner.
 
     >>> FitOptions(epochs=3).epochs
     3
+    >>> FitOptions(cache_options=CacheOptions(cache=False)).cache_options.cache
+    False
     """
 
     batch_size: int | None = None
@@ -63,30 +66,20 @@ class FitOptions:
     validation_batch_size: int | None = None
     validation_freq: int | Sequence[int] = 1
     seed: int | None = None
-    cache: bool | str = "auto"
-    cache_memory_bytes: int = 2 << 30
-    cache_dtype: torch.dtype | None = None
-    cache_dir: Any = None
+    cache_options: CacheOptions = CacheOptions()
     checkpoint_dir: Any = None
     keep_checkpoints: int = 3
     resume: Any = None
     verify_frozen: bool = True
     on_nan: str = "raise"
-    frozen_inference: bool = False
     unfreeze_next: Iterable[Tensor] = ()
-    augment_views: int | None = None
     workers: int = 0
 
-    def cache_options(self) -> CacheOptions:
-        """The options of the frozen part and its cache, by the same names.
-
-        >>> FitOptions(cache=False, cache_memory_bytes=1 << 20).cache_options().cache_memory_bytes
-        1048576
-        """
-        names = [f.name for f in fields(CacheOptions)]
-        return CacheOptions(**{n: getattr(self, n) for n in names})
-
     def __post_init__(self) -> None:
+        if not isinstance(self.cache_options, CacheOptions):
+            raise TypeError(
+                f"cache_options must be a CacheOptions, got {type(self.cache_options).__name__}"
+            )
         require_int("epochs", self.epochs)
         require_int("workers (worker processes reading a Dataset)", self.workers, minimum=0)
         require_int("initial_epoch", self.initial_epoch)
@@ -401,7 +394,7 @@ class Trainer:
         return None if loader is None else lambda n: distributed.prepare_loader(loader, self.ctx, n)
 
     def _fit_runner(self, o: FitOptions) -> FrozenPartSeam:
-        runner = self._runner(o.cache_options())
+        runner = self._runner(o.cache_options)  # the object fit was given
         runner.begin_fit(o.unfreeze_next)
         self._ever_trainable: set[int] = set()
         return runner

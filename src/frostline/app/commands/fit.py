@@ -413,6 +413,8 @@ def _run(opts: Options, command: str, scratch: contextlib.ExitStack) -> int:
         checkpoint_dir=checkpoints,
         resume=opts.resume,
         workers=opts.workers,
+        # one set of cache options for both phases, carried unchanged to the engine
+        cache_options=fl.CacheOptions(),
     )
     say()
     if recorder.resumed_at is not None:

@@ -9,7 +9,7 @@ the :class:`OffReason` when the cache is off).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -56,6 +56,58 @@ class CacheOptions:
             isinstance(views, bool) or not isinstance(views, int) or views < 1
         ):
             raise ValueError(f"augment_views must be None or an int >= 1, got {views!r}")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The option names, as ``fit`` takes them as keywords.
+
+        Example:
+            >>> CacheOptions.names()[:2]
+            ('cache', 'cache_memory_bytes')
+        """
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def of(cls, given: CacheOptions | None = None, **keywords: Any) -> CacheOptions:
+        """``given`` itself, unchanged, or the options the keywords name (each keyword
+        left at its default counts as not given); both given is a TypeError.
+
+        Example:
+            >>> opts = CacheOptions(cache=False)
+            >>> CacheOptions.of(opts, cache="auto") is opts
+            True
+            >>> CacheOptions.of(None, cache_memory_bytes=1 << 20).cache_memory_bytes
+            1048576
+            >>> CacheOptions.of(opts, cache_dir="/tmp")
+            Traceback (most recent call last):
+            ...
+            TypeError: pass the cache options either as cache_options=CacheOptions(...) or as keywords, not both (got cache_options and cache_dir)
+        """
+        unknown = sorted(set(keywords) - set(cls.names()))
+        if unknown:
+            raise TypeError(
+                f"unknown cache option(s) {', '.join(unknown)}; the cache options are "
+                f"{', '.join(cls.names())}"
+            )
+        if given is None:
+            return cls(**keywords)
+        if not isinstance(given, CacheOptions):
+            raise TypeError(
+                f"cache_options must be a CacheOptions, got {type(given).__name__}: {given!r}"
+            )
+        default = cls()
+        set_too = [n for n, v in keywords.items() if not _same(v, getattr(default, n))]
+        if set_too:
+            raise TypeError(
+                "pass the cache options either as cache_options=CacheOptions(...) or as "
+                f"keywords, not both (got cache_options and {', '.join(set_too)})"
+            )
+        return given
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether a keyword's value is its default (``cache=True`` is not ``"auto"``)."""
+    return type(a) is type(b) and a == b
 
 
 class CacheState(enum.Enum):

@@ -19,6 +19,7 @@ from frostline.api.select import Plan
 from frostline.core import batchnorm
 from frostline.core.checks import require_int
 from frostline.engine.progress import resolve_verbose
+from frostline.engine.runner import CacheOptions
 from frostline.engine.training_state import callback_state
 from frostline.workflows.recipes.common import as_model, count_params, resolve_base
 
@@ -181,7 +182,9 @@ def two_phase(
     ``restore_best_weights`` to each phase, on ``val_loss`` when there is validation
     data. ``optimizer`` is a name or spec (its rate is replaced by each phase's);
     ``compile_options`` (``device``, ``precision``, ...) go to both compiles and
-    ``fit_kwargs`` (``seed``, ``cache``, ``checkpoint_dir``, ...) to both fits.
+    ``fit_kwargs`` (``seed``, ``cache``, ``checkpoint_dir``, ...) to both fits; the cache
+    options among them (``cache``, ``cache_memory_bytes``, ... or ``cache_options``) become
+    one :class:`~frostline.engine.runner.CacheOptions` that both fits get unchanged.
     Checkpoints record the phase: ``resume=DIR`` continues in the phase the run stopped
     in (phase 1 is skipped when it had finished), with the same result as a run that
     never stopped.
@@ -203,6 +206,10 @@ def two_phase(
         raise TypeError(
             f"two_phase numbers the epochs itself (phase1_epochs, phase2_epochs); do not pass {', '.join(clash)}"
         )
+    cache_keywords = {n: fit_kwargs.pop(n) for n in CacheOptions.names() if n in fit_kwargs}
+    fit_kwargs["cache_options"] = CacheOptions.of(
+        fit_kwargs.pop("cache_options", None), **cache_keywords
+    )
     model = as_model(model)
     layer = resolve_base(model, base)
     if loss is None:
