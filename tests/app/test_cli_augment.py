@@ -81,12 +81,16 @@ def test_cached_epochs_read_labels_without_touching_images():
     x = np.random.default_rng(2).integers(0, 255, (24, 8, 8, 3), dtype=np.uint8)
     ds = imagefolder.ImageArrayDataset(x, np.arange(24) % 2)
     reads = []
-    original = ds.__class__.__getitem__
+    original, batch = ds.__class__.__getitem__, ds.__class__.__getitems__
 
     class Counting(imagefolder.ImageArrayDataset):
         def __getitem__(self, i):
             reads.append(i)
             return original(self, i)
+
+        def __getitems__(self, indices):
+            reads.extend(indices)
+            return batch(self, indices)
 
     ds.__class__ = Counting
     net = torch.nn.Sequential(

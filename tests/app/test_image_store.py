@@ -1,8 +1,9 @@
-"""Image folders at scale: decoded once into a disk-backed uint8 store, streamed per sample.
+"""Image folders at scale: decoded once into a disk-backed uint8 store, streamed per batch.
 
-The store is an ``np.memmap`` in a temporary folder beside the run directory; the
-datasets ``frostline fit`` trains on select their rows by index (no copy), fingerprint
-in bounded chunks and travel to worker processes as the store's file name.
+The store is a file (an ``ImageFile``, read with ``pread``, never mapped) in a temporary
+folder beside the run directory; the datasets ``frostline fit`` trains on select their
+rows by index (no copy), read a batch of rows at a time, fingerprint in bounded chunks
+and travel to worker processes as the store's file name.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from PIL import Image
 from frostline.app import cli, imagefolder, outputs, training
 from frostline.app.imagefolder import (
     ImageArrayDataset,
+    ImageFile,
     load_image_folder,
     scratch_dir,
     stratified_split,
@@ -80,12 +82,123 @@ def test_a_folder_is_decoded_into_a_disk_store_and_read_in_bounded_memory(tmp_pa
     warm = write_folder(tmp_path / "warm", 2, 4)  # the modules reading imports, not measured
     load_and_read_one_epoch(warm, 4, store)
     peak, kind = load_and_read_one_epoch(root, size, store)
-    assert kind is np.memmap
+    assert kind is ImageFile
     assert (store / imagefolder.STORE_FILE).stat().st_size == total
     assert peak < total / 4, f"peak {peak} bytes traced for {total} bytes of images"
     # the in-memory path holds every image at once: the measure sees it
     peak_in_ram, kind = load_and_read_one_epoch(root, size, None)
     assert kind is np.ndarray and peak_in_ram > total
+
+
+def mapped(path: Path) -> bool:
+    """Whether ``path`` is mapped into this process (its pages would count in its RSS)."""
+    return any(line.rstrip().endswith(str(path)) for line in open("/proc/self/maps"))
+
+
+def test_a_large_store_streams_in_batches_without_holding_or_mapping_it(tmp_path, monkeypatch):
+    """20,000 images (61 MB decoded; the decoder is synthetic, so no file is written but
+    the store): writing the store, fingerprinting a split and reading every sample a
+    batch at a time trace less than 2 MB, and the store's file is never mapped (a memory
+    map's touched pages would count in the process's resident memory); the in-memory
+    path traces all of it."""
+    n, size = 20_000, 32
+    total = n * size * size * 3
+    files = [Path(f"class{i % 2}") / f"{i}.png" for i in range(n)]
+
+    def synthetic(path, side):
+        i = int(Path(path).stem)
+        return np.full((side, side, 3), i % 251, np.uint8)
+
+    monkeypatch.setattr(imagefolder, "decode_image", synthetic)
+
+    def stream(store_dir):
+        gc.collect()
+        tracemalloc.start()
+        try:
+            x, kept, _ = imagefolder.read_images(files, size, store_dir=store_dir)
+            labels = np.arange(n) % 2
+            ds = ImageArrayDataset(x, labels, indices=np.arange(1, n, 2))
+            ds.fingerprint()
+            order = np.random.default_rng(0).permutation(len(ds))
+            seen = 0
+            for start in range(0, len(ds), 256):
+                batch = ds.__getitems__(order[start : start + 256].tolist())
+                seen += len(batch)
+            last = ds.__getitems__([len(ds) - 1])[0][0]
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert seen == n // 2 and len(kept) == n
+        assert float(last[0, 0, 0]) == pytest.approx(((n - 1) % 251 / 255 - 0.5) / 0.5)
+        return peak, x
+
+    store = tmp_path / "store"
+    store.mkdir()
+    peak, x = stream(store)
+    assert isinstance(x, ImageFile) and x.nbytes == total
+    assert peak < 2_000_000, f"peak {peak} bytes traced for {total} bytes of images"
+    assert not mapped(store / imagefolder.STORE_FILE)
+    x.close()
+    del x
+    peak_in_ram, x = stream(None)
+    assert isinstance(x, np.ndarray) and peak_in_ram > total
+
+
+def test_an_image_file_reads_the_rows_asked_for(tmp_path):
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (7, 3, 4, 3), dtype=np.uint8)
+    (tmp_path / "s.u8").write_bytes(images.tobytes())
+    f = ImageFile(tmp_path / "s.u8", images.shape)
+    assert len(f) == 7 and f.shape == images.shape and f.nbytes == images.nbytes
+    np.testing.assert_array_equal(f[2], images[2])
+    np.testing.assert_array_equal(f[-1], images[-1])
+    np.testing.assert_array_equal(f[1:6:2], images[1:6:2])
+    for rows in ([4, 5, 6, 0, 1, 1], np.array([3, 2, 1]), [], [-2]):
+        np.testing.assert_array_equal(f[rows], images[rows])
+    np.testing.assert_array_equal(np.asarray(f), images)
+    with pytest.raises(IndexError, match="out of range for 7 images"):
+        f[[0, 7]]
+    with pytest.raises(IndexError, match="an int, a slice or 1-d row numbers"):
+        f[np.ones(7, bool)]
+    with pytest.raises(imagefolder.InputError, match="holds 252 bytes; expected 216"):
+        ImageFile(tmp_path / "s.u8", (6, 3, 4, 3))
+    back = pickle.loads(pickle.dumps(f))
+    np.testing.assert_array_equal(back[[6, 0]], images[[6, 0]])
+    f.close()
+    np.testing.assert_array_equal(f[0], images[0])  # opened again
+
+
+def test_a_batch_read_equals_reading_each_sample(tmp_path):
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (10, 5, 5, 3), dtype=np.uint8)
+    (tmp_path / "s.u8").write_bytes(images.tobytes())
+    labels = np.arange(10) % 3
+    for source in (images, ImageFile(tmp_path / "s.u8", images.shape)):
+        ds = ImageArrayDataset(
+            source, labels, (0.4, 0.5, 0.6), (0.2, 0.3, 0.4), indices=[9, 2, 4, 7]
+        )
+        got = ds.__getitems__([3, 0, 0, 2])
+        for (x, y), i in zip(got, [3, 0, 0, 2]):
+            want_x, want_y = ds[i]
+            torch.testing.assert_close(x, want_x, rtol=0, atol=0)
+            assert int(y) == int(want_y)
+    # fit reads a Dataset through __getitems__ when it has one
+    from frostline.engine.data import IndexedData
+
+    calls = []
+    real = ImageArrayDataset.__getitems__
+
+    def spy(self, indices):
+        calls.append(list(indices))
+        return real(self, indices)
+
+    ds = ImageArrayDataset(images, labels)
+    ImageArrayDataset.__getitems__ = spy  # type: ignore[method-assign]
+    try:
+        x, y = IndexedData(ds, len(ds), True).gather(torch.tensor([5, 1]))
+    finally:
+        ImageArrayDataset.__getitems__ = real  # type: ignore[method-assign]
+    assert calls == [[5, 1]] and tuple(x.shape) == (2, 3, 5, 5) and y.tolist() == [2, 1]
 
 
 def test_the_store_holds_what_decoding_gives_and_skips_unreadable_files(tmp_path):
@@ -95,8 +208,8 @@ def test_the_store_holds_what_decoding_gives_and_skips_unreadable_files(tmp_path
     store.mkdir()
     on_disk = load_image_folder(root, 8, store_dir=store)
     in_ram = load_image_folder(root, 8)
-    assert isinstance(on_disk.x, np.memmap) and not on_disk.x.flags.writeable
-    np.testing.assert_array_equal(on_disk.x, in_ram.x)
+    assert isinstance(on_disk.x, ImageFile) and not hasattr(on_disk.x, "__setitem__")
+    np.testing.assert_array_equal(np.asarray(on_disk.x), in_ram.x)
     assert on_disk.x.shape == (8, 8, 8, 3) and [s.path for s in on_disk.skipped] == [
         str(Path("class1") / "broken.png")
     ]
@@ -185,21 +298,29 @@ def folder(tmp_path, monkeypatch):
 
 def test_fit_trains_from_the_store_and_removes_it(tmp_path, capsys, folder):
     metrics = fit(tmp_path, capsys, "run")
-    assert folder == [(np.memmap, 0)]
+    assert folder == [(ImageFile, 0)]
     assert metrics["phases"][0]["cache"].startswith("train: reused")
     assert not list(tmp_path.glob(".frostline-images-*"))  # the store went with the run
 
 
 def test_fit_workers_give_the_losses_of_reading_in_process(tmp_path, capsys, folder, monkeypatch):
     readers = tmp_path / "readers.txt"
-    real = ImageArrayDataset.__getitem__
+    real, real_many = ImageArrayDataset.__getitem__, ImageArrayDataset.__getitems__
 
-    def read(self, i):
+    def note() -> None:
         with open(readers, "a") as f:
             f.write(f"{os.getpid()}\n")
+
+    def read(self, i):
+        note()
         return real(self, i)
 
+    def read_many(self, indices):
+        note()
+        return real_many(self, indices)
+
     monkeypatch.setattr(ImageArrayDataset, "__getitem__", read)
+    monkeypatch.setattr(ImageArrayDataset, "__getitems__", read_many)
     a = fit(tmp_path, capsys, "w0", "--workers", 0)
     b = fit(tmp_path, capsys, "w2", "--workers", 2)
     assert [w for _, w in folder] == [0, 2]

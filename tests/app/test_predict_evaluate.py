@@ -354,3 +354,42 @@ def test_export_writes_onnx_and_torch_programs_that_match_the_run(here, capsys, 
 
     code, out, err = run(["export", run_dir, "--output", tmp_path / "m.pt2"], capsys)
     assert code == 2 and "onnx files end in .onnx" in one_line_error(err)
+
+
+def test_predict_and_evaluate_read_images_through_a_store_they_remove(here, capsys, monkeypatch):
+    """Images are decoded into a file beside the run directory and read back a batch at a
+    time (as fit reads its folder), not held in memory; the store goes with the command."""
+    from frostline.app import imagefolder
+
+    made, reads = [], []
+    real_read, real_many = imagefolder.read_images, imagefolder.ImageArrayDataset.__getitems__
+
+    def spy_read(*args, **kwargs):
+        x, kept, skipped = real_read(*args, **kwargs)
+        made.append((type(x), Path(kwargs["store_dir"])))
+        return x, kept, skipped
+
+    def spy_many(self, indices):
+        reads.append((type(self.images), len(indices)))
+        return real_many(self, indices)
+
+    monkeypatch.setattr(imagefolder, "read_images", spy_read)
+    monkeypatch.setattr(imagefolder.ImageArrayDataset, "__getitems__", spy_many)
+    for argv in (
+        ["predict", "runs/tiny", "held_out", "--trust", "predict_nets", "--batch-size", "4"],
+        ["evaluate", "runs/tiny", "held_out", "--trust", "predict_nets", "--batch-size", "4"],
+    ):
+        code, _, err = run(argv, capsys)
+        assert code == 0, err
+        kind, store = made.pop()
+        assert kind is imagefolder.ImageFile
+        assert store.parent == (here / "runs").resolve() and store.name.startswith(
+            ".frostline-images-"
+        )
+        assert not store.exists()  # removed when the command ended
+        assert reads == [
+            (imagefolder.ImageFile, 4),
+            (imagefolder.ImageFile, 4),
+            (imagefolder.ImageFile, 1),
+        ]
+        reads.clear()

@@ -12,10 +12,11 @@ or ``N,C,H,W`` with C = 1 or 3) are resized and normalised like folder images;
 float ``x`` is used as given (already preprocessed). ``y`` holds one integer (or
 string) label per sample.
 
-Images are kept as uint8 (a folder's in a disk-backed ``np.memmap`` file when
-``store_dir`` is given: :func:`image_store`, as ``frostline fit`` does) and normalised on the fly by
-:class:`ImageArrayDataset`, which declares itself deterministic and fingerprints
-its contents, so ``fit`` caches the frozen prefix's outputs for it.
+Images are kept as uint8 (a folder's in a file on disk when ``store_dir`` is given,
+read back with ``pread`` a batch at a time: :class:`ImageFile`, as ``frostline fit``,
+``predict`` and ``evaluate`` do) and normalised on the fly by :class:`ImageArrayDataset`,
+which declares itself deterministic and fingerprints its contents, so ``fit`` caches
+the frozen prefix's outputs for it.
 
 >>> import numpy as np
 >>> ds = ImageArrayDataset(np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 1, 0, 1]))
@@ -48,6 +49,7 @@ __all__ = [
     "BACKGROUND",
     "DataSet",
     "ImageArrayDataset",
+    "ImageFile",
     "InputError",
     "Skipped",
     "as_rgb",
@@ -55,7 +57,6 @@ __all__ = [
     "decode_image",
     "fit_square",
     "image_files",
-    "image_store",
     "load_data",
     "load_image_folder",
     "load_npz",
@@ -76,7 +77,7 @@ MAX_UNREADABLE_FRACTION = 0.25
 #: how many bytes of images :meth:`ImageArrayDataset.fingerprint` reads at a time
 FINGERPRINT_CHUNK_BYTES = 1 << 18
 
-#: the file an :func:`image_store` writes its decoded images into
+#: the file :func:`read_images` writes a store's decoded images into
 STORE_FILE = "images.u8"
 
 
@@ -84,11 +85,115 @@ class InputError(ValueError):
     """User input (data, model name, flags) that cannot be used; the message is one line."""
 
 
+class ImageFile:
+    """uint8 images (``N x H x W x 3``) in a file, read with ``pread``, never mapped.
+
+    Indexing reads only the rows asked for (an int: one image; a slice, list or integer
+    array: those rows, in that order) into a new array: a process reading every image
+    of a large store holds one batch of them, and the file's pages stay out of its
+    resident memory (a memory map would count every page it touched). ``np.asarray``
+    reads the whole file. Pickled (for worker processes), it travels as its file name.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "images.u8"
+    >>> _ = path.write_bytes(bytes(range(24)))
+    >>> images = ImageFile(path, (2, 2, 2, 3))
+    >>> len(images), images[1].shape, images[[1, 0]][:, 0, 0, 0].tolist()
+    (2, (2, 2, 3), [12, 0])
+    """
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, filename: str | os.PathLike, shape: tuple[int, int, int, int]) -> None:
+        shape = tuple(int(d) for d in shape)  # type: ignore[assignment]
+        if len(shape) != 4 or shape[3] != 3 or min(shape) < 0:
+            raise InputError(f"ImageFile takes a shape (N, H, W, 3), got {shape}")
+        self.filename = str(filename)
+        self.shape = shape
+        size = os.stat(self.filename).st_size
+        if size != math.prod(shape):
+            raise InputError(
+                f"{self.filename!r} holds {size} bytes; expected {math.prod(shape)} for "
+                f"images of shape {shape}"
+            )
+        self._fd: int | None = None
+        self._pid = 0
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _descriptor(self) -> int:
+        if self._fd is None or self._pid != os.getpid():  # a forked worker opens its own
+            self._fd, self._pid = os.open(self.filename, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            row = int(key) + (len(self) if key < 0 else 0)
+            return self._read(np.array([row]))[0]
+        if isinstance(key, slice):
+            return self._read(np.arange(len(self))[key])
+        rows = np.asarray(key)
+        if rows.size == 0 and rows.ndim == 1:
+            rows = rows.astype(np.int64)
+        if rows.dtype == np.bool_ or rows.ndim != 1 or rows.dtype.kind not in "iu":
+            raise IndexError(f"ImageFile takes an int, a slice or 1-d row numbers, got {key!r}")
+        return self._read(np.where(rows < 0, rows + len(self), rows))
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows {rows.min()}..{rows.max()} out of range for {len(self)} images")
+        out = np.empty((len(rows), *self.shape[1:]), np.uint8)
+        per = math.prod(self.shape[1:])
+        fd = self._descriptor()
+        start = 0
+        while start < len(rows):  # one read per run of consecutive rows
+            stop = start + 1
+            while stop < len(rows) and rows[stop] == rows[stop - 1] + 1:
+                stop += 1
+            view = memoryview(out[start:stop].reshape(-1).data)
+            offset, done = int(rows[start]) * per, 0
+            while done < len(view):
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if got <= 0:
+                    raise OSError(f"{self.filename!r} ended before row {int(rows[start])}")
+                done += got
+            start = stop
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
+    def __getstate__(self) -> dict:
+        return {"filename": self.filename, "shape": self.shape}
+
+    def __setstate__(self, state: dict) -> None:
+        self.filename, self.shape = state["filename"], tuple(state["shape"])
+        self._fd, self._pid = None, 0
+
+    def close(self) -> None:
+        """Close the file (a later read opens it again)."""
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
 @dataclass
 class DataSet:
-    """Images (uint8 NHWC) or ready-made float inputs, with integer labels."""
+    """Images (uint8 NHWC, in memory or an :class:`ImageFile`) or ready-made float inputs,
+    with integer labels."""
 
-    x: np.ndarray
+    x: np.ndarray | ImageFile
     y: np.ndarray
     class_names: list[str]
     source: str
@@ -142,8 +247,9 @@ def augmentation(kinds: Sequence[str]) -> torch.nn.Module | None:
 class ImageArrayDataset(Dataset):
     """uint8 NHWC images normalised on the fly to float NCHW: ``(x - mean) / std``.
 
-    ``images`` is used as given, never copied whole: an in-memory array or a disk-backed
-    ``np.memmap`` (an :func:`image_store`), read one image per sample. ``indices`` selects
+    ``images`` is used as given, never copied whole: an in-memory array, an ``np.memmap``
+    or an :class:`ImageFile` (what :func:`read_images` writes), read one image per sample
+    or one batch of rows per :meth:`__getitems__`. ``indices`` selects
     the samples (a training or validation split of one store: ``labels`` then holds
     every row's label, as ``images`` does). Without ``augment``, deterministic and
     fingerprinted (in chunks of :data:`FINGERPRINT_CHUNK_BYTES`), so ``fit`` caches what
@@ -151,7 +257,7 @@ class ImageArrayDataset(Dataset):
     normalised images, e.g. :func:`augmentation`) runs on each sample as it is read: the
     dataset then declares itself not deterministic, nothing it yields is cached, and the
     frozen part runs on every batch (without autograd, folded). Pickled (for worker
-    processes), a memmap travels as its file name, not its contents.
+    processes), an :class:`ImageFile` or a memmap travels as its file name, not its contents.
 
     >>> images = np.arange(4 * 2 * 2 * 3, dtype=np.uint8).reshape(4, 2, 2, 3)
     >>> ds = ImageArrayDataset(images, np.array([0, 1, 0, 1]), indices=np.array([3, 1]))
@@ -163,14 +269,14 @@ class ImageArrayDataset(Dataset):
 
     def __init__(
         self,
-        images: np.ndarray,
+        images: np.ndarray | ImageFile,
         labels: np.ndarray,
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
         augment: torch.nn.Module | None = None,
         indices: np.ndarray | None = None,
     ) -> None:
-        if (
+        if not isinstance(images, ImageFile) and (
             not isinstance(images, np.ndarray)
             or images.dtype != np.uint8
             or images.ndim != 4
@@ -212,13 +318,34 @@ class ImageArrayDataset(Dataset):
         return int(self.rows[i]) if self.rows is not None else int(i)
 
     def __getitem__(self, i):
-        pixels = torch.from_numpy(np.array(self.images[self._row(i)]))  # one image, copied
-        x = pixels.permute(2, 0, 1).float().div_(255.0)
+        pixels = self.images[self._row(i)]
+        if not isinstance(self.images, ImageFile):
+            pixels = np.array(pixels)  # one image, copied (a file read is a copy already)
+        x = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
         x = (x - self.mean) / self.std
         if self.augment is not None:
             with torch.no_grad():
                 x = self.augment.train()(x[None])[0]
         return x, self.labels[i]
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        """The samples ``indices``, read as one batch (what ``DataLoader`` and ``fit`` call):
+        one read of their rows and one normalisation, equal to ``[self[i] for i in indices]``.
+
+        >>> images = np.arange(2 * 2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 2, 3)
+        >>> ds = ImageArrayDataset(images, np.array([0, 1]))
+        >>> [bool((a[0] == b[0]).all()) for a, b in zip(ds.__getitems__([1, 0]), [ds[1], ds[0]])]
+        [True, True]
+        """
+        if self.augment is not None:  # one draw per sample, as a read of each gives
+            return [self[int(i)] for i in indices]
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        rows = self.rows[idx] if self.rows is not None else idx
+        pixels = self.images[rows]  # fancy indexing and file reads copy: the batch's rows only
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
+        x = (x - self.mean) / self.std
+        labels = self.labels[torch.from_numpy(idx)]
+        return list(zip(x.unbind(0), labels.unbind(0)))
 
     def labels_at(self, indices: torch.Tensor) -> torch.Tensor:
         """The labels of these samples, no image touched (``fit`` reads them this way)."""
@@ -390,40 +517,40 @@ def skipped_lines(skipped: Sequence[Skipped], total: int, where: str) -> list[st
     ] + [f"skipped {s.path!r}: {s.reason}" for s in skipped]
 
 
-def image_store(n: int, image_size: int, store_dir: str | os.PathLike | None = None) -> np.ndarray:
-    """Room for ``n`` ``image_size`` square RGB uint8 images: a disk-backed ``np.memmap``
-    (file :data:`STORE_FILE` in ``store_dir``, which must exist; the caller removes it) or,
-    without ``store_dir``, an array in memory.
+class _Sink:
+    """Where :func:`read_images` puts decoded images: appended to :data:`STORE_FILE` in
+    ``store_dir`` (written as they come, never all in memory), or an array in memory."""
 
-    >>> import tempfile
-    >>> with tempfile.TemporaryDirectory() as d:
-    ...     store = image_store(2, 4, d)
-    ...     type(store).__name__, store.shape
-    ('memmap', (2, 4, 4, 3))
-    """
-    shape = (n, image_size, image_size, 3)
-    if store_dir is None or n == 0:
-        return np.zeros(shape, np.uint8)
-    return np.memmap(Path(store_dir) / STORE_FILE, np.uint8, mode="w+", shape=shape)
+    def __init__(self, n: int, image_size: int, store_dir: str | os.PathLike | None) -> None:
+        self.shape = (image_size, image_size, 3)
+        self.count = 0
+        self.path = Path(store_dir) / STORE_FILE if store_dir is not None else None
+        self.file = open(self.path, "wb") if self.path is not None else None  # noqa: SIM115
+        self.array = np.zeros((n, *self.shape), np.uint8) if self.path is None else None
 
+    def append(self, image: np.ndarray) -> None:
+        if self.file is not None:
+            self.file.write(np.ascontiguousarray(image, np.uint8).data)
+        else:
+            assert self.array is not None
+            self.array[self.count] = image
+        self.count += 1
 
-def _kept_rows(store: np.ndarray, n: int) -> np.ndarray:
-    """The first ``n`` rows of ``store``; a memmap's file is flushed, cut to them and
-    reopened read-only."""
-    if not isinstance(store, np.memmap) or not store.filename:
-        return store[:n]
-    store.flush()
-    filename, shape = store.filename, (n, *store.shape[1:])
-    del store
-    os.truncate(filename, math.prod(shape))  # the rows of skipped files, given back
-    if n == 0:
-        return np.zeros(shape, np.uint8)
-    return np.memmap(filename, np.uint8, mode="r", shape=shape)
+    def close(self) -> np.ndarray | ImageFile:
+        """The images appended: an :class:`ImageFile` (an empty array when none) or the array."""
+        if self.file is None:
+            assert self.array is not None
+            return self.array[: self.count]
+        self.file.close()
+        assert self.path is not None
+        if self.count == 0:
+            return np.zeros((0, *self.shape), np.uint8)
+        return ImageFile(self.path, (self.count, *self.shape))  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
 def scratch_dir(near: str | os.PathLike):
-    """A temporary folder for an :func:`image_store`, removed when the block ends.
+    """A temporary folder for :func:`read_images`' store, removed when the block ends.
 
     It is made in the nearest existing folder above ``near`` (the disk the run is written
     to; the system's temporary folder where that cannot be written), named
@@ -457,29 +584,33 @@ def read_images(
     *,
     max_unreadable: float = MAX_UNREADABLE_FRACTION,
     store_dir: str | os.PathLike | None = None,
-) -> tuple[np.ndarray, list[Path], list[Skipped]]:
+) -> tuple[np.ndarray | ImageFile, list[Path], list[Skipped]]:
     """Read ``files`` as ``image_size`` square RGB uint8 images: ``(images, files read, skipped)``.
 
-    Each image is written into an :func:`image_store` as it is decoded (on disk in
-    ``store_dir`` when given: never all decoded images in memory at once). Unreadable
+    Each image is written as it is decoded: appended to the file :data:`STORE_FILE` in
+    ``store_dir`` when given (never all decoded images in memory at once; the images
+    come back as an :class:`ImageFile` over it), else into an array in memory. Unreadable
     files are skipped and returned with their reason (paths relative to ``root`` when
     given); more than ``max_unreadable`` of them, or all, is an :class:`InputError`.
     """
     errors = unreadable_errors()
-    store = image_store(len(files), image_size, store_dir)
+    store = _Sink(len(files), image_size, store_dir)
     kept: list[Path] = []
     skipped: list[Skipped] = []
-    for p in files:
-        try:
-            arr = decode_image(p, image_size)
-        except errors as e:
-            text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            why = text.splitlines()[0] if text else type(e).__name__
-            shown = p.relative_to(root) if root is not None else p
-            skipped.append(Skipped(str(shown), why))
-            continue
-        store[len(kept)] = arr
-        kept.append(p)
+    try:
+        for p in files:
+            try:
+                arr = decode_image(p, image_size)
+            except errors as e:
+                text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                why = text.splitlines()[0] if text else type(e).__name__
+                shown = p.relative_to(root) if root is not None else p
+                skipped.append(Skipped(str(shown), why))
+                continue
+            store.append(arr)
+            kept.append(p)
+    finally:
+        images = store.close()
     if skipped and (len(skipped) > max_unreadable * len(files) or not kept):
         first = skipped[0]
         where = f"in {str(root)!r} " if root is not None else ""
@@ -487,7 +618,7 @@ def read_images(
             f"{len(skipped)} of {len(files)} files {where}could not be read as images "
             f"(first: {first.path!r}: {first.reason}); expected PNG/JPEG (or another format Pillow reads)"
         )
-    return _kept_rows(store, len(kept)), kept, skipped
+    return images, kept, skipped
 
 
 def load_image_folder(

@@ -106,7 +106,7 @@ def load_run(run_dir: str | os.PathLike, trust: Sequence[str] = ()) -> Run:
 class Inputs:
     """Samples ready for :meth:`Run.probabilities`, with their names (and labels, when known)."""
 
-    x: np.ndarray
+    x: np.ndarray | imagefolder.ImageFile
     names: list[str]
     source: str
     y: np.ndarray | None = None
@@ -117,7 +117,9 @@ class Inputs:
         return len(self.names)
 
 
-def _npz_x(path: Path, info: Preprocessing, with_y: bool) -> tuple[np.ndarray, Any]:
+def _npz_x(
+    path: Path, info: Preprocessing, with_y: bool
+) -> tuple[np.ndarray | imagefolder.ImageFile, Any]:
     if info.input == "images":
         ds = imagefolder.load_npz(path, info.image_size or 0, need_labels=with_y)
         if not ds.is_images:
@@ -139,11 +141,18 @@ def _npz_x(path: Path, info: Preprocessing, with_y: bool) -> tuple[np.ndarray, A
     return ds.x, ds
 
 
-def read_inputs(paths: Sequence[str | os.PathLike], info: Preprocessing) -> Inputs:
+def read_inputs(
+    paths: Sequence[str | os.PathLike],
+    info: Preprocessing,
+    *,
+    store_dir: str | os.PathLike | None = None,
+) -> Inputs:
     """Images (files, or folders searched recursively) or one ``.npz`` file with ``x``.
 
     Every readable image is kept; the others are in ``skipped`` (all unreadable: an
-    :class:`InputError`).
+    :class:`InputError`). With ``store_dir``, images are decoded into a store there and
+    read back a batch at a time (:func:`frostline.app.imagefolder.read_images`), as
+    ``frostline fit`` reads its folder.
     """
     if len(paths) == 1 and Path(paths[0]).suffix.lower() == ".npz":
         p = Path(paths[0])
@@ -170,13 +179,18 @@ def read_inputs(paths: Sequence[str | os.PathLike], info: Preprocessing) -> Inpu
             raise InputError(
                 f"{str(p)!r} does not exist; expected image files, folders of images or an .npz file"
             )
-    x, kept, skipped = imagefolder.read_images(files, info.image_size or 0, max_unreadable=1.0)
+    x, kept, skipped = imagefolder.read_images(
+        files, info.image_size or 0, max_unreadable=1.0, store_dir=store_dir
+    )
     source = ", ".join(map(str, paths))
     return Inputs(x, [str(f) for f in kept], source, skipped=skipped, files=len(files))
 
 
-def read_labelled(path: str | os.PathLike, info: Preprocessing) -> Inputs:
-    """Held-out samples with labels in the run's class order: a class-folder tree or an ``.npz``."""
+def read_labelled(
+    path: str | os.PathLike, info: Preprocessing, *, store_dir: str | os.PathLike | None = None
+) -> Inputs:
+    """Held-out samples with labels in the run's class order: a class-folder tree (decoded
+    into a store in ``store_dir`` when given, as :func:`read_inputs` does) or an ``.npz``."""
     p = Path(path)
     known = {name: i for i, name in enumerate(info.class_names)}
     if p.suffix.lower() == ".npz":
@@ -188,7 +202,9 @@ def read_labelled(path: str | os.PathLike, info: Preprocessing) -> Inputs:
             raise InputError(
                 f"the run was trained on float arrays; expected an .npz file with arrays x and y, got {str(p)!r}"
             )
-        ds = imagefolder.load_image_folder(p, info.image_size or 0, min_classes=1)
+        ds = imagefolder.load_image_folder(
+            p, info.image_size or 0, min_classes=1, store_dir=store_dir
+        )
         x, names = ds.x, ds.class_names
         source = f"held-out folder {str(p)!r}"
     unknown = [n for n in names if n not in known]

@@ -274,7 +274,9 @@ class IndexedData:
     allows caching. ``outputs`` (the number of losses, when known) says how a Dataset's
     3-element items read (see :func:`split_sample`). A Dataset with a method
     ``labels_at(indices) -> y`` (the targets of those samples, no sample weights) gives
-    its labels without loading its inputs: epochs served from the cache read no input."""
+    its labels without loading its inputs: epochs served from the cache read no input.
+    A Dataset with ``__getitems__(indices) -> [sample, ...]`` (the batch read
+    ``DataLoader`` uses) is read a batch at a time through it."""
 
     dataset: Dataset
     n: int
@@ -288,7 +290,8 @@ class IndexedData:
             return (*ds.gather(idx), _index(ds.sample_weight, idx))
         if isinstance(ds, TensorDataset):
             return split_sample([t[idx] for t in ds.tensors], self.outputs)
-        items = [ds[int(i)] for i in idx]
+        many = getattr(ds, "__getitems__", None)  # a batch read, as DataLoader calls it
+        items = many(idx.tolist()) if many is not None else [ds[int(i)] for i in idx]
         return split_sample(default_collate(items), self.outputs)
 
     def gather(self, idx: torch.Tensor):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -153,6 +154,13 @@ def options(ns) -> Options:
 
 
 def run(opts: Options, command: str) -> int:
+    """Evaluate as ``opts`` say; images are decoded into a temporary store beside the
+    run directory, read a batch at a time, and removed when the command ends (however it ends)."""
+    with contextlib.ExitStack() as scratch:
+        return _run(opts, command, scratch)
+
+
+def _run(opts: Options, command: str, scratch: contextlib.ExitStack) -> int:
     import torch
 
     from frostline.app import imagefolder, inference, outputs, report, text
@@ -172,7 +180,12 @@ def run(opts: Options, command: str) -> int:
     check_out_dir(out)
     outputs.check_writable(out, flag="--out", need_bytes=report.RUN_FILES_BYTES)
     info = loaded.info
-    data = inference.read_labelled(opts.data, info)
+    store = (
+        scratch.enter_context(imagefolder.scratch_dir(opts.run_dir))
+        if info.input == "images"
+        else None
+    )
+    data = inference.read_labelled(opts.data, info, store_dir=store)
     for line in imagefolder.skipped_lines(data.skipped, data.files, str(out / report.SKIPPED_FILE)):
         report.warn(line)
     assert data.y is not None

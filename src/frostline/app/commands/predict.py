@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,13 @@ def options(ns) -> Options:
 
 
 def run(opts: Options, command: str) -> int:
+    """Predict as ``opts`` say; images are decoded into a temporary store beside the
+    run directory, read a batch at a time, and removed when the command ends (however it ends)."""
+    with contextlib.ExitStack() as scratch:
+        return _run(opts, command, scratch)
+
+
+def _run(opts: Options, command: str, scratch: contextlib.ExitStack) -> int:
     import torch
 
     from frostline.app import imagefolder, inference, outputs, report, text
@@ -108,7 +116,12 @@ def run(opts: Options, command: str) -> int:
         torch.set_num_threads(opts.threads)
     loaded = inference.load_run(opts.run_dir, opts.trust)
     info = loaded.info
-    data = inference.read_inputs(opts.inputs, info)
+    store = (
+        scratch.enter_context(imagefolder.scratch_dir(opts.run_dir))
+        if info.input == "images"
+        else None
+    )
+    data = inference.read_inputs(opts.inputs, info, store_dir=store)
     for line in imagefolder.skipped_lines(data.skipped, data.files, "the lines below"):
         report.warn(line)
     k = min(opts.top_k, info.num_classes)
