@@ -351,6 +351,32 @@ def test_the_split_output_is_the_copy_reference_while_the_weights_hold(monkeypat
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_checking_reused_caches_folds_no_new_copy(monkeypatch):
+    """The first reuse of the training and validation caches recomputes a few entries
+    with the plain frozen part: folding a copy for them (and again for the other role
+    after each switch between train and eval) cost more than the check itself."""
+    from frostline.engine.runner import executor as runner_mod
+
+    folds: list[int] = []
+    real = runner_mod.inference_copy
+
+    def spy(*args, **kwargs):
+        folds.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner_mod, "inference_copy", spy)
+    x, y = images(n=40)
+    base = fl.wrap(conv_base(), name="base")
+    model = fl.Sequential([base, nn.Linear(6, 3)])
+    base.trainable = False
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    model.fit(
+        x[:32], y[:32], epochs=3, batch_size=8, verbose=0, seed=0, validation_data=(x[32:], y[32:])
+    )
+    assert [str(s).split()[0] for s in model.cache_status.values()] == ["reused", "reused"]
+    assert len(folds) == 2  # one folded copy per role, for the build
+
+
 def test_evaluate_through_the_cache_matches_a_plain_forward():
     x, y = images(n=40)
     base = fl.wrap(conv_base(), name="base")

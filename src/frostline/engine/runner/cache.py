@@ -330,8 +330,12 @@ class ActivationCache:
         pos = pos.unique()
         idx = rows[pos]
         values = entry.partition.traced.flat(to_device(read(data, idx, held), device))
+        frozen = entry.partition.frozen
+        assert frozen is not None
         with torch.no_grad():
-            now = watched(lambda *v: self.executor.frozen_fn(v)(*v), held)(*values)
+            # the plain frozen part: folding a copy for a few samples costs more than it
+            # saves, and would replace the folded copy of the other role (train / eval)
+            now = watched(frozen, held)(*values)
         for store, fresh in zip(entry.stores, now):
             kept = store[pos].to(fresh.device)  # the stores hold ``rows`` in order
             fresh = fresh.to(kept.dtype)
