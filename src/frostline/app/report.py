@@ -459,7 +459,11 @@ def plot_freeze_map(path: str | os.PathLike, leaves: list[dict], title: str = ""
     )
     ax.set_title(title or f"freeze map: {n} leaf layers", fontsize=9, wrap=True)
     ax.margins(y=0)
-    fig.tight_layout()
+    # margins from the labels' length (monospace: 0.6 em a character) instead of
+    # tight_layout, which measures every label by drawing the figure once more
+    longest = max((len(t.get_text()) for t in ax.get_yticklabels()), default=0)
+    left = min(0.7, (longest * 0.6 * 6 + 10) / 72 / 8.5)
+    fig.subplots_adjust(left=left, right=0.98, top=1 - 0.5 / height, bottom=0.55 / height)
     fig.savefig(path)
     plt.close(fig)
 
