@@ -131,7 +131,7 @@ class FrozenFeatures:
         """Re-split if the trainable set moved, re-read the frozen weights, then build, extend or reuse."""
         self.runner.new_fit()
         self.runner.refresh()
-        return self.runner.ensure_cache(
+        return self.runner.prepare_data(
             ROLE,
             self.data,
             indices=None,
@@ -168,7 +168,7 @@ class FrozenFeatures:
 
     def close(self) -> None:
         """Free the stored outputs (memory and spill files) and stop watching optimizers."""
-        self.runner.drop()
+        self.runner.close()
         self.runner.end_fit()
 
     def __enter__(self) -> FrozenFeatures:

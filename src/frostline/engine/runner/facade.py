@@ -138,58 +138,14 @@ class Runner:
         """What the trainable part takes for the raw batch ``x`` (no autograd recording)."""
         return self.executor.run_prefix(x)
 
-    def cacheable(self, deterministic: bool) -> CacheStatus | None:
-        """None when the frozen part's output may be cached, else the OFF status saying why."""
-        return self.cache.cacheable(deterministic)
-
-    def ensure_cache(
-        self,
-        role: str,
-        data,
-        *,
-        indices: Tensor | None,
-        device: torch.device,
-        batch_size: int,
-        fingerprint: str | None,
-        epoch: int = 0,
-    ) -> CacheStatus:
-        """Build, extend or reuse the cache for ``role``; returns (and records) its status
-        (:meth:`ActivationCache.ensure_cache`)."""
-        return self.cache.ensure_cache(
-            role,
-            data,
-            indices=indices,
-            device=device,
-            batch_size=batch_size,
-            fingerprint=fingerprint,
-            epoch=epoch,
-        )
-
     def cached_inputs(self, role: str, idx: Tensor) -> tuple[Tensor, ...] | None:
         """Cached frontier tensors for these samples, or None when the cache cannot serve them."""
         return self.cache.cached_inputs(role, idx)
 
     # -- fits and epochs -----------------------------------------------------------
-    def plan_next(self, params: Iterable[Tensor] = ()) -> None:
-        """Start a fit whose next fit will also train ``params`` (a planned unfreeze):
-        :meth:`ActivationCache.plan_next`."""
-        self.cache.plan_next(params)
-
     def new_fit(self) -> None:
         """Forget memoised digests and structure: the next check reads the model again."""
-        self.new_epoch(reread_weights=True)
-
-    def new_epoch(self, *, reread_weights: bool) -> None:
-        """Re-read the structure (parameters, modules, modes) at an epoch's start.
-
-        With ``reread_weights`` the frozen weights are hashed again too, which catches
-        writes hidden from torch's version counters (``p.data.copy_``). The trainer asks
-        for it only when code that may write weights ran since the last check (a callback
-        whose ``writes_weights`` is True); version-visible writes are always seen.
-        """
-        if reread_weights:
-            self.weights.forget()
-        self.splits.forget_structure()
+        self.begin_epoch(reread_weights=True)
 
     def end_fit(self) -> None:
         """Undo what fit set up: modes flipped for ``frozen_inference``, step counting."""
@@ -210,10 +166,6 @@ class Runner:
         """
         return self.weights.weight_digest(t)
 
-    def drop(self) -> None:
-        """Close every cache entry and kept frontier (memory freed, spill files removed)."""
-        self.cache.drop()
-
     # -- the trainer's seam (FrozenPartSeam) -----------------------------------------
     @property
     def has_frozen_part(self) -> bool:
@@ -233,9 +185,11 @@ class Runner:
 
     def begin_fit(self, unfreeze_next: Iterable[Tensor] = ()) -> None:
         """A fit begins: digests and structure are read again (:meth:`new_fit`), and the
-        next fit will also train ``unfreeze_next`` (:meth:`plan_next`)."""
+        next fit will also train ``unfreeze_next`` (a planned unfreeze: when this fit
+        builds its cache from the data, the same run keeps the frontier the next fit needs,
+        :meth:`ActivationCache.plan_next`)."""
         self.new_fit()
-        self.plan_next(unfreeze_next)
+        self.cache.plan_next(unfreeze_next)
 
     def begin_evaluate(self) -> None:
         """An ``evaluate`` call begins: the split follows the model now, and digests and
@@ -244,8 +198,16 @@ class Runner:
         self.new_fit()
 
     def begin_epoch(self, *, reread_weights: bool) -> None:
-        """An epoch begins: :meth:`new_epoch`."""
-        self.new_epoch(reread_weights=reread_weights)
+        """An epoch begins: the structure (parameters, modules, modes) is read again.
+
+        With ``reread_weights`` the frozen weights are hashed again too, which catches
+        writes hidden from torch's version counters (``p.data.copy_``). The trainer asks
+        for it only when code that may write weights ran since the last check (a callback
+        whose ``writes_weights`` is True); version-visible writes are always seen.
+        """
+        if reread_weights:
+            self.weights.forget()
+        self.splits.forget_structure()
 
     def sync(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
         """Count ``optimizer``'s steps (part of the weights' version; the hook goes at
@@ -276,9 +238,9 @@ class Runner:
         fingerprint: str | None,
         epoch: int = 0,
     ) -> CacheStatus:
-        """Build, extend or reuse the cache of random-access data for ``role``
-        (:meth:`ensure_cache`)."""
-        return self.ensure_cache(
+        """Build, extend or reuse the cache of random-access data for ``role``; returns
+        (and records) its status (:meth:`ActivationCache.ensure_cache`)."""
+        return self.cache.ensure_cache(
             role,
             data,
             indices=indices,
@@ -318,7 +280,7 @@ class Runner:
             'off (cache=False)'
         """
         if prepared is None:
-            prepared = self.cacheable(False)
+            prepared = self.cache.cacheable(False)
             assert prepared is not None
             self.status[role] = prepared
         final = self.status.get(role)
@@ -327,5 +289,5 @@ class Runner:
         return str(prepared)
 
     def close(self) -> None:
-        """Free every cache entry and kept frontier (:meth:`drop`)."""
-        self.drop()
+        """Free every cache entry and kept frontier (memory freed, spill files removed)."""
+        self.cache.drop()
