@@ -62,7 +62,9 @@ def test_report_flags_a_miss_of_the_targets():
 @pytest.mark.slow
 def test_augment_quick_runs_and_frostline_losses_equal_cache_off(tmp_path):
     stdout, payload = _run(tmp_path, "--peers", "frostline,frostline_nocache,torch")
-    assert "| workload | peer | seconds | images/s" in stdout
+    assert "| workload | peer | seconds | CPU seconds | images/s" in stdout
+    assert "frostline augment vs torch augment: " in stdout and "x (CPU time: " in stdout
+    assert all(p["cpu_seconds"] > 0 for r in payload["results"].values() for p in r.values())
     assert "losses augment equal cache=False: yes" in stdout
     assert "losses dropout equal cache=False: yes" in stdout
     res = payload["results"]
