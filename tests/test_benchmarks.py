@@ -182,3 +182,24 @@ def test_measure_doctests(sweep):
     assert Path(measure.__file__).resolve() == ROOT / "benchmarks" / "measure.py"
     result = doctest.testmod(measure)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_split_time_runs_and_reports_every_tree():
+    """benchmarks/split_time.py: one row per model, a ratio per extra tree, its doctests."""
+    import doctest
+
+    script = ROOT / "benchmarks" / "split_time.py"
+    spec = importlib.util.spec_from_file_location("frostline_bench_split_time", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
+    src = str(ROOT / "src")
+    cmd = [sys.executable, str(script), "--models", "vit_tiny", "--repeat", "1", "--inner", "1"]
+    proc = subprocess.run(
+        [*cmd, "--src", src, "--src", src], capture_output=True, text=True, env=_env(), check=True
+    )
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| vit_tiny |")]
+    assert len(rows) == 1 and rows[0].endswith("| 0.head_drop |"), proc.stdout
+    assert f"{src} / {src}: vit_tiny " in proc.stdout

@@ -204,10 +204,13 @@ class Twice(nn.Module):
 @pytest.mark.parametrize("form", list(LAYERS))
 def test_the_trace_finds_each_random_layer(form: str, monkeypatch) -> None:
     prechecks: list = []
-    real = runner.stochastic_frozen
-    monkeypatch.setattr(
-        runner, "stochastic_frozen", lambda *a: prechecks.append(real(*a)) or prechecks[-1]
-    )
+    real = runner.watch_frozen
+
+    def watched(*args):
+        prechecks.append(real(*args))
+        return prechecks[-1]
+
+    monkeypatch.setattr(runner, "watch_frozen", watched)
     for seed in (0, 1):
         for cache in ("auto", False):
             net, _ = build(form)
@@ -220,7 +223,7 @@ def test_the_trace_finds_each_random_layer(form: str, monkeypatch) -> None:
             if cache == "auto":
                 assert status.reason is OffReason.RANDOM, status
                 assert f"layer '0' draws random numbers ({WHY[form]})" in status.detail
-    assert prechecks and all(p is None for p in prechecks)  # decided by the trace
+    assert prechecks and all(p.effect is None for p in prechecks)  # decided by the trace
 
 
 def test_without_the_rng_watch_random_forms_go_wrong(monkeypatch) -> None:

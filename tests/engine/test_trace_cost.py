@@ -20,7 +20,7 @@ from torch import nn
 import frostline as fl
 from frostline.engine import frozen
 from frostline.engine.frozen import GraphError, partition, same_outputs, stochastic_frozen, trace
-from frostline.engine.runner import OffReason
+from frostline.engine.runner import OffReason, Runner
 from frostline.engine.runner import splits as runner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -523,3 +523,27 @@ def test_a_second_trace_starts_where_the_first_succeeded(monkeypatch) -> None:
     attempts.clear()
     other = trace(nn.Sequential(nn.Linear(6, 6), ValueBranch(), nn.Linear(6, 3)), x, like=first)
     assert other.leaves == ("model.1",) and len(attempts) == 2
+
+
+@pytest.mark.parametrize("head", ["linear", "dropout"])
+def test_a_split_runs_the_model_six_times(head: str) -> None:
+    """The randomness watch is the probe's reference forward, and the probe's run of the
+    graph is the draw watch: a split runs the frozen layers once in the watched forward,
+    once more eagerly (the probe's second batch), twice as the graph (the probe's two
+    batches) and twice as the frozen part (its batch-dependence check). It was eight runs
+    (ten with a Dropout head): a forward of its own for each watch."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8))
+    base.requires_grad_(False)
+    drop = nn.Dropout(0.5) if head == "dropout" else nn.Identity()
+    net = nn.Sequential(base, drop, nn.Linear(8, 3))
+    runs: list = []
+    base[0].register_forward_hook(lambda *a: runs.append(1))
+    r = Runner(net)
+    r.verify(torch.randn(8, 6))
+    assert r.boundary == ("0.2",), r.status
+    assert len(runs) == 6
+    if head == "dropout":
+        assert r.part is not None and r.part.traced.random_nodes() == {
+            "model_1": ("torch generator",)
+        }

@@ -63,11 +63,13 @@ from frostline.engine.frozen.calling import (
 )
 from frostline.engine.frozen.effects import (
     FrozenEffect,
+    FrozenWatch,
     batch_statistics,
     batch_statistics_op,
     draw_reason,
     frozen_calls,
     stochastic_frozen,
+    watch_frozen,
     writes_in_place,
 )
 from frostline.engine.frozen.errors import GraphError, RandomnessError
@@ -85,6 +87,7 @@ from frostline.engine.frozen.tracers import DrewWhileTracing, Tracer, ValueTrace
 __all__ = [
     "DrewWhileTracing",
     "FrozenEffect",
+    "FrozenWatch",
     "GraphError",
     "Partition",
     "RandomnessError",
@@ -114,5 +117,6 @@ __all__ = [
     "take_rows",
     "timm_no_trace",
     "trace",
+    "watch_frozen",
     "writes_in_place",
 ]

@@ -91,6 +91,9 @@ class Traced:
     device: torch.device | None = None
     #: per mode key (:func:`mode_key`): the nodes that drew random numbers on the example
     draws: dict[tuple[bool, ...], dict[str, tuple[str, ...]]] = field(default_factory=dict)
+    #: per mode key: the generators a run of the graph on the example drew from (the
+    #: probe's run, watched as a whole: most graphs draw nothing and need no per-node watch)
+    drew: dict[tuple[bool, ...], tuple[str, ...]] = field(default_factory=dict)
 
     def random_nodes(self) -> dict[str, tuple[str, ...]]:
         """The nodes that draw random numbers in the modules' current modes, with the
@@ -111,7 +114,7 @@ class Traced:
         key = mode_key(self.module)
         found = self.draws.get(key)
         if found is None:
-            found = self.draws[key] = _draws(self)
+            found = self.draws[key] = _draws(self, self.drew.get(key))
         return found
 
     def fits_modes(self) -> bool:
@@ -178,7 +181,12 @@ class Traced:
 
 
 def trace(
-    module: nn.Module, example: Any, *, max_leaves: int = 32, like: Traced | None = None
+    module: nn.Module,
+    example: Any,
+    *,
+    max_leaves: int = 32,
+    like: Traced | None = None,
+    reference: Any = None,
 ) -> Traced:
     """Trace ``module`` as called with ``example`` (one batch of at least one sample).
 
@@ -187,7 +195,12 @@ def trace(
     ``like``, an earlier trace of the same module (in other modes), is where to start:
     its tracer first, with its leaves (the tracers that failed then are tried last).
     The trace is checked against the real forward on ``example`` (and on one sample
-    fewer) and probed for which values are per-sample tensors.
+    fewer) and probed for which values are per-sample tensors. ``reference``, when given,
+    is the model's output on the first probe batch (:func:`probe_rows`) in the modes as
+    set, from the generators as they are now (the forward
+    :func:`~frostline.engine.frozen.effects.watch_frozen` ran): the check takes it instead
+    of running the model once more. The graph's run on the example is watched for random
+    draws as it runs (:meth:`Traced.random_nodes` then needs no run where none drew).
 
     Raises:
         GraphError: neither tracer reproduced the model; the message says why.
@@ -219,7 +232,7 @@ def trace(
                 t = _trace_fx(module, names, kw, max_leaves, example=values, start=leaves)
             else:
                 t = _trace_export(module, names, values, kw)
-            _probe(t, values)
+            _probe(t, values, reference)
             return t
         except GraphError as e:
             errors.append(f"{backend}: {e}")
@@ -374,25 +387,33 @@ def _check_shared_weights(module: nn.Module, gm: nn.Module) -> None:
             raise GraphError(f"the exported graph holds a copy of parameter {name!r}")
 
 
-def _probe(t: Traced, values: tuple) -> None:
-    """Check the trace against the model on two batch sizes; learn which nodes are per-sample."""
+def _probe(t: Traced, values: tuple, reference: Any = None) -> None:
+    """Check the trace against the model on two batch sizes; learn which nodes are
+    per-sample, and whether the graph draws random numbers on the example (``reference``:
+    the model's output on the first probe batch, see :func:`trace`)."""
     batch = batch_size_of(values)
     assert batch is not None
+    held = _held(t)
     runs = []
-    for rows in probe_rows(batch):
+    for first, rows in zip((True, False), probe_rows(batch)):
         inputs = take_rows(values, rows)
         if t.example is None:
             t.example = inputs  # three samples: what partition() checks frontiers on
-        with restored_state(t.module), torch.no_grad():
-            ref = call_model(
-                t.module, inputs if not t.keywords else dict(zip(t.input_names, inputs))
-            )
-        with restored_state(t.module), torch.no_grad():
-            rec = _Recorder(t.gm)
+        with restored_state(t.module), rng.kept(held) as drawn, torch.no_grad():
+            rec = _Recorder(t.gm, held)
             out = rec.run(*inputs)
+        if first:  # the run random_nodes() makes, on the same example: watched here
+            key = mode_key(t.module)
+            t.drew[key] = drawn.moved
+            if set(drawn.moved) <= set(rng.TORCH_KINDS):  # each node's draws are known
+                t.draws[key] = rec.found
         if t.out_spec is not None:
             out = pytree.tree_unflatten(out, t.out_spec)
-        if not same_outputs(ref, out):
+        given = reference is not None and first
+        ref = reference if given else _reference(t, inputs)
+        if not same_outputs(ref, out) and (
+            not given or not same_outputs(_reference(t, inputs), out)
+        ):
             raise GraphError("the traced graph does not reproduce the model's output")
         runs.append((len(rows), rec.values))
     (b1, v1), (b2, v2) = runs
@@ -414,49 +435,68 @@ def _probe(t: Traced, values: tuple) -> None:
     t.meta = meta
 
 
+def _reference(t: Traced, inputs: tuple[Any, ...]) -> Any:
+    """The model's own output on ``inputs`` (no autograd, nothing changed)."""
+    with restored_state(t.module), torch.no_grad():
+        return call_model(t.module, inputs if not t.keywords else dict(zip(t.input_names, inputs)))
+
+
+def _held(t: Traced) -> tuple[Any, ...]:
+    """The generators a run of ``t``'s graph may draw from besides the global ones: those
+    the model holds and those its nodes take as arguments."""
+    return rng.generators_of(t.module) + rng.generators_in(
+        a for n in t.gm.graph.nodes for a in (*n.args, *n.kwargs.values())
+    )
+
+
 class _DrawWatcher(fx.Interpreter):
     """Runs a graph and notes each node during which a generator moved."""
 
-    def __init__(self, gm: fx.GraphModule, generators: tuple[Any, ...]) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, generators: tuple[Any, ...], kinds: tuple[str, ...]
+    ) -> None:
         super().__init__(gm)
-        self.generators = generators
+        self.generators, self.kinds = generators, kinds
         self.found: dict[str, tuple[str, ...]] = {}
-        self.state = rng.capture(generators)
+        self.state = rng.capture(generators, kinds)
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         moved = self.state.moved()
         if moved:
             self.found[n.name] = moved
-            self.state = rng.capture(self.generators)
+            self.state = rng.capture(self.generators, self.kinds)
         return out
 
 
-def _draws(t: Traced) -> dict[str, tuple[str, ...]]:
-    """:meth:`Traced.random_nodes`, computed: one run of the graph on the example."""
-    if t.example is None:
+def _draws(t: Traced, drew: tuple[str, ...] | None = None) -> dict[str, tuple[str, ...]]:
+    """:meth:`Traced.random_nodes`, computed: one run of the graph on the example, watched
+    node by node where a plain run drew (``drew``: the generators one drew from, when
+    known; only those are captured around each node)."""
+    if t.example is None or drew == ():
         return {}
-    held = rng.generators_of(t.module) + rng.generators_in(
-        a for n in t.gm.graph.nodes for a in (*n.args, *n.kwargs.values())
-    )
+    held = _held(t)
     try:
-        with restored_state(t.module) as state, torch.no_grad():
-            t.gm(*t.example)  # one plain run first: most graphs draw nothing
-        if not state.moved:
-            return {}
+        if drew is None:
+            with restored_state(t.module), rng.kept(held) as state, torch.no_grad():
+                t.gm(*t.example)  # one plain run first: most graphs draw nothing
+            if not state.moved:
+                return {}
+            drew = state.moved
         with restored_state(t.module), torch.no_grad():
-            watcher = _DrawWatcher(t.gm, held)
+            watcher = _DrawWatcher(t.gm, held, drew)
             watcher.run(*t.example)
     except Exception as e:  # the probe ran it: only a model that changed gets here
         raise GraphError(f"the graph no longer runs: {type(e).__name__}: {_short(e)}") from e
     return watcher.found
 
 
-class _Recorder(fx.Interpreter):
-    """Runs a graph and keeps a small summary (tensors as empty stand-ins) of every value."""
+class _Recorder(_DrawWatcher):
+    """Runs a graph and keeps a small summary (tensors as empty stand-ins) of every value,
+    and the nodes during which torch's generators moved (:data:`rng.TORCH_KINDS`)."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm)
+    def __init__(self, gm: fx.GraphModule, generators: tuple[Any, ...]) -> None:
+        super().__init__(gm, generators, rng.TORCH_KINDS)
         self.values: dict[str, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:

@@ -27,8 +27,8 @@ from frostline.engine.frozen import (
     frozen_calls,
     mode_key,
     partition,
-    stochastic_frozen,
     trace,
+    watch_frozen,
 )
 from frostline.engine.runner.status import CacheOptions, OffReason
 from frostline.engine.runner.weights import frozen_tensors
@@ -183,11 +183,13 @@ class Splits:
     def _partition(self, key: tuple, s: _Structure) -> Partition | None:
         if key in self.partitions:
             return self.partitions[key]
+        reference = None  # the model's output on the probe rows, when the watch just ran
         if not self.frozen_inference and not self.options.augment_views:
             # an active stochastic layer in the frozen part: the split would gain nothing
             # (no cache, no folding), so the model runs whole and nothing is traced
             if key not in self.stochastic:
-                self.stochastic[key] = stochastic_frozen(self.module, self.example)
+                watch = watch_frozen(self.module, self.example)
+                self.stochastic[key], reference = watch.effect, watch.output
             effect = self.stochastic[key]
             if effect is not None:
                 random = effect.kind == "random"
@@ -221,7 +223,7 @@ class Splits:
             # in other modes, the tracer that worked before (and its leaves) is tried first
             like = next(reversed(self.traces.values()), (None,))[0]
             try:
-                traced = trace(self.module, self.example, like=like)
+                traced = trace(self.module, self.example, like=like, reference=reference)
             except GraphError as e:
                 if isinstance(e, RandomnessError):
                     reason = OffReason.RANDOM
