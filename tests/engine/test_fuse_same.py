@@ -10,7 +10,7 @@ from timm.layers import Conv2dSame
 from timm.layers.padding import get_same_padding
 from torch import Tensor, nn
 
-from frostline.engine.fuse import FoldedConvBn, same_padding
+from frostline.engine.fuse import FoldedConvBn, inference_copy, same_padding
 
 
 def test_same_padding_is_timms() -> None:
@@ -93,3 +93,19 @@ def test_with_autograd_the_padded_input_is_never_reused() -> None:
     refs = torch.autograd.grad(_reference(pair, ref_x).square().sum(), (ref_x, w))
     for grad, ref in zip(grads, refs):
         torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_the_convs_of_one_copy_share_one_buffer_and_each_sees_its_own_zero_border() -> None:
+    """Two 'same' convs of different kernels and sizes pad into one buffer, one after the
+    other: each must see a zero border, not the values the other wrote there."""
+    a, b = _pair(8, 3, 2, 1, 8), _pair(8, 5, 2, 1, 1)
+    net = nn.Sequential(a.conv, a.bn, nn.ReLU(), b.conv, b.bn)
+    fast = inference_copy(net, example=torch.randn(2, 8, 16, 16))
+    assert fast is not None and fast.folded == [("0", "1"), ("3", "4")]
+    pairs = [m for m in fast.body.modules() if isinstance(m, FoldedConvBn)]
+    assert len(pairs) == 2 and pairs[0].pad_buffer is pairs[1].pad_buffer
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, side in [(4, 16), (4, 16), (2, 16), (4, 15), (4, 16)]:
+            x = torch.randn(n, 8, side, side, generator=g) + 3.0
+            torch.testing.assert_close(fast(x), net(x), rtol=1e-4, atol=1e-4)

@@ -15,7 +15,7 @@ seen by the next call. Folding a weight costs about one pass over it and saves o
 over the conv's output, so a conv folds only when its weight is no larger than its output
 for the batch at hand; otherwise it runs the conv and then the BatchNorm. A conv with
 TensorFlow's 'same' padding (timm's ``Conv2dSame``) pads into a buffer kept between calls
-(its border zeroed once), never into a fresh tensor (:meth:`FoldedConvBn._pad_same`).
+and shared by the copy's convs, never into a fresh tensor (:class:`PadBuffer`).
 
 Conv->BN pairs are found in forward order with ``torch.fx`` symbolic tracing; where a
 module cannot be traced, a per-class table (plain ``nn.Sequential`` including torchvision's
@@ -48,6 +48,7 @@ from frostline.engine.rng import capture
 __all__ = [
     "FoldedConvBn",
     "InferenceCopy",
+    "PadBuffer",
     "fold_batchnorm",
     "inference_copy",
     "replay_draws",
@@ -314,6 +315,58 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[in
     return total // 2, total - total // 2
 
 
+class PadBuffer:
+    """One buffer that zero-padded inputs are written into, reused from call to call.
+
+    Allocating each padded input afresh is what made TF 'same' padding costly: for
+    EfficientNet-Lite0 at 64 px and batch 64 it is the largest tensor of the forward
+    (27 MB), which the C allocator gives back to the system when it is freed, so every
+    call faulted its pages in again. Here the buffer grows to the largest padded input
+    seen and stays; the folded convs of one :func:`inference_copy` share one (they run
+    one at a time, and each padded input is only read by its conv before the next pad).
+    The border is zeroed again whenever the shape or padding differs from the last call.
+
+    Example:
+        >>> import torch
+        >>> buf = PadBuffer()
+        >>> y = buf.pad(torch.ones(1, 1, 2, 2), 0, 1, 0, 1)
+        >>> y[0, 0].tolist()
+        [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+        >>> buf.pad(torch.ones(1, 1, 1, 1), 1, 1, 1, 1)[0, 0].tolist()
+        [[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    """
+
+    def __init__(self) -> None:
+        self.flat: Tensor | None = None
+        self.last: tuple | None = None  # the layout whose border is zero now
+
+    def pad(self, x: Tensor, top: int, bottom: int, left: int, right: int) -> Tensor:
+        """``F.pad(x, (left, right, top, bottom))`` of a 4-d ``x``, in ``x``'s memory
+        layout, as a view of the buffer (valid until the next call)."""
+        n, ch, h, w = x.shape
+        hp, wp = h + top + bottom, w + left + right
+        nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        numel = n * ch * hp * wp
+        flat = self.flat
+        if flat is None or flat.numel() < numel or (flat.dtype, flat.device) != (x.dtype, x.device):
+            self.flat = self.last = None  # the old buffer goes before the new one is made
+            flat = self.flat = torch.empty(numel, dtype=x.dtype, device=x.device)
+        if nhwc:
+            buf = flat[:numel].view(n, hp, wp, ch).permute(0, 3, 1, 2)
+        else:
+            buf = flat[:numel].view(n, ch, hp, wp)
+        key = (n, ch, hp, wp, nhwc, top, left)
+        if self.last != key:
+            self.last = None
+            buf[:, :, :top].zero_()
+            buf[:, :, top + h :].zero_()
+            buf[:, :, top : top + h, :left].zero_()
+            buf[:, :, top : top + h, left + w :].zero_()
+            self.last = key
+        buf[:, :, top : top + h, left : left + w].copy_(x)
+        return buf
+
+
 class FoldedConvBn(nn.Module):
     """``bn(conv(x))`` in eval mode, the BN folded into the conv's weight at each call.
 
@@ -354,7 +407,7 @@ class FoldedConvBn(nn.Module):
         self.rtol, self.atol = rtol, atol
         self.fold_checked = False  # the folded conv was compared with conv then BN once
         self.fold_ok = True  # false once that comparison failed: never folds again
-        self._padded: Tensor | None = None  # the 'same' padding's buffer (see _pad_same)
+        self.pad_buffer = PadBuffer()  # where 'same' padding pads (see _pad_same)
 
     def _conv(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         c = self.conv
@@ -366,12 +419,9 @@ class FoldedConvBn(nn.Module):
     def _pad_same(self, x: Tensor, kernel: tuple[int, int]) -> Tensor:
         """``x`` zero-padded as timm's ``pad_same`` does (TF 'SAME'), in ``x``'s layout.
 
-        Without autograd the padded tensor is a buffer kept for the next call of the same
-        shape: its border is zeroed once and only the inside is written, so a call does
-        one copy of ``x`` and allocates nothing. (Allocating the padded input afresh at
-        each call is what made padding cost: for EfficientNet-Lite0 at 64 px and batch 64
-        it is the largest tensor of the forward, 27 MB, which the C allocator returns to
-        the system when it is freed, so every call faulted its pages in again.)
+        Without autograd the padded tensor is a view of ``pad_buffer`` (kept between calls
+        and shared by the pairs of one :func:`inference_copy`), so a call copies ``x``
+        once and allocates nothing; with autograd (which may keep the input) it is new.
         """
         c = self.conv
         (top, bottom), (left, right) = (
@@ -379,30 +429,9 @@ class FoldedConvBn(nn.Module):
         )
         if not (top or bottom or left or right):
             return x
-        if x.dim() != 4 or torch.is_grad_enabled():  # autograd may keep the input: no reuse
+        if x.dim() != 4 or torch.is_grad_enabled():
             return F.pad(x, (left, right, top, bottom))
-        n, ch, h, w = x.shape
-        shape = (n, ch, h + top + bottom, w + left + right)
-        layout = (
-            torch.channels_last
-            if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-            else torch.contiguous_format
-        )
-        buf = self._padded
-        if (
-            buf is None
-            or buf.shape[1:] != shape[1:]
-            or buf.shape[0] < n
-            or (buf.dtype, buf.device) != (x.dtype, x.device)
-            or not buf.is_contiguous(memory_format=layout)
-        ):
-            self._padded = None  # the old buffer goes before the new one is made
-            buf = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
-            buf.zero_()
-            self._padded = buf
-        buf = buf[:n]  # a smaller batch (an epoch's last) uses the front of the buffer
-        buf[:, :, top : top + h, left : left + w].copy_(x)
-        return buf
+        return self.pad_buffer.pad(x, top, bottom, left, right)
 
     def _worth_folding(self, x: Tensor) -> bool:
         """Folding reads and writes the weight once and saves a pass over the output."""
@@ -594,9 +623,11 @@ def _fuse_in_place(
 ) -> list[tuple[str, str]]:
     """Fold every conv->BN pair of ``root`` (an eval-mode copy); returns the folded paths."""
     done = []
+    pad_buffer = PadBuffer()  # the pairs run one at a time: one buffer serves them all
     for conv_path, bn_path, conv, bn, named in _foldable_pairs(root):
         _set(root, bn_path, _bn_replacement(bn), named)
         pair = FoldedConvBn(conv, bn, channels_last=channels_last, rtol=rtol, atol=atol)
+        pair.pad_buffer = pad_buffer
         _set(root, conv_path, pair, named)
         done.append((conv_path, bn_path))
     return done
