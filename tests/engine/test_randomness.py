@@ -294,26 +294,61 @@ def test_a_dropout_head_keeps_training_with_the_frozen_part_in_inference_mode() 
     assert model.cache_status["train"].state is CacheState.REUSED
 
 
-def mobilenet(unfreeze: str) -> nn.Module:
+ZOO = {  # torchvision classifiers whose head starts with a Dropout: (build, input size)
+    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=K, width_mult=0.25), 32),
+    # classifier = Dropout, Conv, ReLU, AdaptiveAvgPool
+    "squeezenet1_1": (lambda: torchvision.models.squeezenet1_1(num_classes=K), 32),
+    # Dropout before fc; no aux heads, nothing downloaded
+    "googlenet": (
+        lambda: torchvision.models.googlenet(num_classes=K, aux_logits=False, init_weights=False),
+        32,
+    ),
+    "inception_v3": (  # 75 px: the smallest input Inception v3 takes
+        lambda: torchvision.models.inception_v3(
+            num_classes=K, aux_logits=False, init_weights=False
+        ),
+        75,
+    ),
+}
+
+
+def zoo_model(arch: str, unfreeze: str) -> nn.Module:
     torch.manual_seed(0)
-    net = torchvision.models.mobilenet_v2(num_classes=K, width_mult=0.25)
+    net = ZOO[arch][0]()
     net.requires_grad_(False)
     net.get_submodule(unfreeze).requires_grad_(True)
     return net
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("unfreeze", ["classifier", "classifier.1"])
-def test_mobilenet_v2_classifier_is_cached_in_front_of_its_dropout(unfreeze: str) -> None:
+@pytest.mark.parametrize(
+    "arch, unfreeze, boundary",
+    [
+        ("mobilenet_v2", "classifier", "flatten"),
+        ("mobilenet_v2", "classifier.1", "flatten"),
+        ("squeezenet1_1", "classifier", "features.12#cat"),
+        ("googlenet", "fc", "flatten"),
+        ("inception_v3", "fc", "avgpool"),
+    ],
+)
+def test_torchvision_classifiers_are_cached_in_front_of_their_dropout(
+    arch: str, unfreeze: str, boundary: str
+) -> None:
+    """The Dropout at the head of the classifier runs on the trainable side: the cache
+    holds the frozen body's output, and the losses are those of ``cache=False`` and of
+    the plain model trained eagerly with the same seed (the same dropout masks)."""
     g = np.random.default_rng(0)
-    x = g.standard_normal((16, 3, 32, 32)).astype(np.float32)
+    size = ZOO[arch][1]
+    x = g.standard_normal((16, 3, size, size)).astype(np.float32)
     y = g.integers(0, K, 16)
     # the plain model, eagerly: the frozen BatchNorms use running statistics, as fit's do
-    net = mobilenet(unfreeze)
+    net = zoo_model(arch, unfreeze)
     torch.manual_seed(3)
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
     net.train()
-    net.features.eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
     want = []
     for _ in range(2):
         total = 0.0
@@ -327,14 +362,14 @@ def test_mobilenet_v2_classifier_is_cached_in_front_of_its_dropout(unfreeze: str
             total += float(loss.detach()) * 8
         want.append(total / 16)
     for cache in ("auto", False):
-        model = fl.wrap(mobilenet(unfreeze))
+        model = fl.wrap(zoo_model(arch, unfreeze))
         model.compile(optimizer=fl.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
         h = model.fit(x, y, batch_size=8, epochs=2, seed=3, shuffle=False, verbose=0, cache=cache)
         np.testing.assert_allclose(h.history["loss"], want, rtol=1e-4, atol=1e-5)
         if cache == "auto":
             status = model.cache_status["train"]
             assert status.state is CacheState.REUSED, status
-            assert status.boundary == ("flatten",), status
+            assert status.boundary == (boundary,), status
 
 
 # ------------------------------------------------------------- declared-deterministic data
