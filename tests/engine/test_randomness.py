@@ -26,7 +26,7 @@ from torchvision.transforms import v2
 
 import frostline as fl
 from frostline.engine import rng
-from frostline.engine.runner import CacheState, OffReason
+from frostline.engine.runner import CacheState, OffReason, executor
 from frostline.engine.runner import splits as runner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,12 +65,45 @@ class GeneratorFlip(nn.Module):
         return torch.where(flip[:, None], x.flip(-1), x)
 
 
+class OpaqueFlip(nn.Module):
+    """fx cannot trace it (a branch on tensor values), so it runs whole: it flips each
+    sample with ``torch.rand`` (augmentation at its front edge), then frozen weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(F, F)
+
+    def forward(self, x):
+        flip = torch.rand(x.shape[0], device=x.device) < 0.5
+        x = torch.where(flip[:, None], x.flip(-1), x)
+        if x.abs().sum() > 0:  # data-dependent control flow
+            x = torch.relu(self.lin(x))
+        return x
+
+
+class OpaqueDropout(nn.Module):
+    """Runs whole (a branch on tensor values): frozen weights, then a ``Dropout`` at its
+    back edge."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.drop = nn.Linear(F, F), nn.Dropout(0.5)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if h.abs().sum() > 0:  # data-dependent control flow
+            h = torch.relu(h)
+        return self.drop(h)
+
+
 LAYERS = {
     "torch.rand": TorchFlip,
     "RandomHorizontalFlip": lambda: v2.RandomHorizontalFlip(),
     "random.random": PythonFlip,
     "np.random.rand": NumpyFlip,
     "torch.Generator": GeneratorFlip,
+    "opaque torch.rand": OpaqueFlip,
+    "opaque Dropout": OpaqueDropout,
 }
 FORMS = [*LAYERS, "Dataset"]
 WHY = {
@@ -79,6 +112,8 @@ WHY = {
     "random.random": "Python random",
     "np.random.rand": "NumPy global RNG",
     "torch.Generator": "torch.Generator on cpu",
+    "opaque torch.rand": "torch generator",
+    "opaque Dropout": "torch generator",
 }
 
 
@@ -107,12 +142,14 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 
 
 def build(form: str) -> tuple[nn.Module, nn.Module]:
-    """``Sequential(random layer, frozen base, head)``: the same weights for every call."""
+    """``Sequential(random layer, frozen base, head)``: the same weights for every call
+    (a random layer's own weights are frozen too)."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(F, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
     head = nn.Linear(8, K)
     front = LAYERS[form]() if form in LAYERS else nn.Identity()
     base.requires_grad_(False)
+    front.requires_grad_(False)
     return nn.Sequential(front, base, head), base
 
 
@@ -188,8 +225,9 @@ def explained(form: str, status) -> bool:
             "numbers (torch generator)"
             in status.detail
         )
+    where = "'0.drop'" if form == "opaque Dropout" else "'0'"  # the Dropout inside
     return status.reason is OffReason.RANDOM and status.detail.startswith(
-        f"layer '0' draws random numbers ({WHY[form]})"
+        f"layer {where} draws random numbers ({WHY[form]})"
     )
 
 
@@ -246,6 +284,115 @@ def test_without_the_rng_watch_random_forms_go_wrong(monkeypatch) -> None:
             wrong[form] = str(status)
     assert set(wrong) == set(FORMS), wrong
     assert wrong["random.random"] == wrong["np.random.rand"] == "other losses"  # baked
+
+
+# ------------------------------------------------------- random layers fx cannot trace
+
+
+class OpaqueImageFlip(nn.Module):
+    """Runs whole (a branch on tensor values): flips each image at random, one draw per
+    sample (augmentation at its front edge)."""
+
+    def forward(self, x):
+        flip = torch.rand(x.shape[0], device=x.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x if x.abs().sum() > 0 else -x  # data-dependent control flow
+
+
+class OpaqueImageDropout(nn.Module):
+    """Runs whole: ``Dropout`` on feature maps (one draw per element, so where each draw
+    lands depends on the memory format) inside it, between frozen convolutions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x):
+        h = self.drop(x)
+        return torch.relu(h) if h.abs().sum() > 0 else h  # data-dependent control flow
+
+
+def conv_model(form: str) -> nn.Module:
+    """A frozen conv + BatchNorm body (running statistics of its own, so folding them
+    into the convolutions changes the arithmetic) with the opaque random layer in it."""
+    torch.manual_seed(0)
+
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        bn = nn.BatchNorm2d(cout)
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        return [nn.Conv2d(cin, cout, 3, padding=1), bn, nn.ReLU()]
+
+    if form == "augmentation":
+        body = [OpaqueImageFlip(), *block(3, 8), *block(8, 8)]
+    else:
+        body = [*block(3, 8), OpaqueImageDropout(), *block(8, 8)]
+    base = nn.Sequential(*body, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    base.requires_grad_(False)
+    return nn.Sequential(base, nn.Linear(8, K))
+
+
+def image_losses(net: nn.Module, seed: int, x: np.ndarray, y: np.ndarray) -> list[float]:
+    """The plain model trained eagerly (frozen BatchNorms on running statistics)."""
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    net.train()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    losses = []
+    for _ in range(EPOCHS):
+        total = 0.0
+        for s in range(0, len(x), BATCH):
+            xb, yb = torch.from_numpy(x[s : s + BATCH]), torch.from_numpy(y[s : s + BATCH])
+            loss = nn.functional.cross_entropy(net(xb), yb)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            total += float(loss.detach()) * len(xb)
+        losses.append(total / len(x))
+    return losses
+
+
+@pytest.mark.parametrize("form", ["augmentation", "dropout"])
+def test_an_opaque_random_layer_runs_as_set_and_the_rest_folds(form: str, monkeypatch) -> None:
+    """A module fx cannot trace that draws random numbers is never cached nor baked: fit
+    trains as the eager loop does, with and without the cache, for every seed. The frozen
+    layers around it still run as the folded, channels_last copy: the random layer runs
+    there as set, on contiguous inputs, so it draws what the plain model draws."""
+    from frostline.engine.fuse import AsSet, InferenceCopy
+
+    made: list = []
+    real = executor.inference_copy
+
+    def recorded(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(executor, "inference_copy", recorded)
+    g = np.random.default_rng(0)
+    x = g.standard_normal((N, 3, 8, 8)).astype(np.float32)
+    y = g.integers(0, K, N)
+    for seed in range(3):
+        want = image_losses(conv_model(form), seed, x, y)
+        assert len(set(np.round(want, 6))) == EPOCHS
+        for cache in ("auto", False):
+            made.clear()
+            model = fl.wrap(conv_model(form))
+            model.compile(optimizer=fl.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+            h = model.fit(
+                x, y, batch_size=BATCH, epochs=EPOCHS, seed=seed, shuffle=False, verbose=0,
+                cache=cache,
+            )  # fmt: skip
+            np.testing.assert_allclose(h.history["loss"], want, rtol=1e-4, atol=1e-5)
+            status = model.cache_status["train"]
+            assert not status.cached
+            if cache == "auto":
+                assert status.reason is OffReason.RANDOM, status
+                assert status.detail.startswith("layer '0."), status
+            folded = [c for c in made if isinstance(c, InferenceCopy)]
+            assert folded and all(c.folded for c in folded), made
+            assert all(any(isinstance(m, AsSet) for m in c.modules()) for c in folded)
 
 
 # ---------------------------------------------------------- random ops on the trainable side

@@ -34,7 +34,7 @@ import copy
 import functools
 import importlib
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any, cast
 
 import torch
@@ -46,6 +46,7 @@ from frostline.engine.frozen import module_at, timm_no_trace
 from frostline.engine.rng import capture
 
 __all__ = [
+    "AsSet",
     "FoldedConvBn",
     "InferenceCopy",
     "PadBuffer",
@@ -129,6 +130,7 @@ def inference_copy(
     rtol: float = 1e-3,
     atol: float = 1e-4,
     reference: Tensor | tuple[Tensor, ...] | None = None,
+    as_set: Collection[nn.Module] = (),
 ) -> InferenceCopy | None:
     """A verified, eval-mode, BN-folded copy of ``modules`` applied in order, sharing weights.
 
@@ -142,7 +144,10 @@ def inference_copy(
     ``rtol``/``atol`` or does not produce a tensor. A pair's folding is checked the first
     time it folds (:class:`FoldedConvBn`): a pair not folded at the example's size (its
     weight larger than its output) gets no full-size folded weight made just to check it.
-    ``modules`` are never modified.
+    ``modules`` are never modified. The layers in ``as_set`` (submodules of ``modules``
+    that draw random numbers) run in the copy as they are set, in their own modes, on
+    contiguous inputs (a channels_last input would change where each draw lands): the
+    copy draws what the plain modules draw, and the layers around them still fold.
 
     Example:
         >>> import torch
@@ -165,8 +170,10 @@ def inference_copy(
             + ", ".join(sorted({type(m).__name__ for m in mods if not isinstance(m, nn.Module)}))
         )
     args = tuple(example) if isinstance(example, tuple) else (example,)
-    body: nn.Module = _share_copy(mods[0] if len(mods) == 1 else nn.Sequential(*mods))
+    memo: dict[int, nn.Module] = {}
+    body: nn.Module = _share_copy(mods[0] if len(mods) == 1 else nn.Sequential(*mods), memo)
     body.eval()
+    _keep_as_set(body, as_set, memo)
     ref = reference
     if ref is None:
         try:
@@ -186,6 +193,67 @@ def inference_copy(
     if not _close(out, ref, rtol, atol):
         return None
     return out_mod
+
+
+class AsSet(nn.Module):
+    """A layer that draws random numbers, inside an :class:`InferenceCopy`: it runs in its
+    own modes on contiguous inputs, and hands back a 4-d output in its input's memory
+    format.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> x = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+        >>> torch.manual_seed(0); a = nn.Dropout()(x.contiguous())  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> torch.manual_seed(0); b = AsSet(nn.Dropout())(x)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> torch.equal(a, b), b.is_contiguous(memory_format=torch.channels_last)
+        (True, True)
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def train(self, mode: bool = True) -> AsSet:
+        """Ignored: the layer keeps the modes it was set to."""
+        return self
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        last = any(_channels_last(a) for a in args)
+        args = tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args)
+        out = self.layer(*args, **kwargs)
+        if last and isinstance(out, Tensor) and out.dim() == 4:
+            return out.contiguous(memory_format=torch.channels_last)
+        return out
+
+
+def _channels_last(a: Any) -> bool:
+    return (
+        isinstance(a, Tensor)
+        and a.dim() == 4
+        and not a.is_contiguous()
+        and a.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+def _keep_as_set(
+    body: nn.Module, layers: Collection[nn.Module], memo: dict[int, nn.Module]
+) -> None:
+    """In the eval-mode copy ``body`` (``memo``: original module id -> its copy), give
+    each of ``layers`` its original modes back and wrap it in :class:`AsSet`."""
+    copies = {id(memo[id(m)]): m for m in layers if id(m) in memo}
+    if not copies:
+        return
+    named = dict(body.named_modules())
+    for path, c in list(named.items()):
+        original = copies.get(id(c))
+        if original is None or not path:
+            continue
+        for o, k in zip(original.modules(), c.modules()):
+            k.training = o.training
+        _set(body, path, AsSet(c), named)
 
 
 @contextlib.contextmanager

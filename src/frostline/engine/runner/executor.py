@@ -1,10 +1,11 @@
 """Running the frozen part: under ``no_grad``, as a verified folded copy where that works.
 
 :class:`FrozenExecutor` runs the current split's frozen part on a batch. Where the frozen
-part takes images (4-d tensors) and holds no random layer the copy's eval mode may
-change, it runs a channels_last copy of its structure that shares its weights and folds
-BatchNorm into the convs at each call (:func:`frostline.engine.fuse.inference_copy`),
-checked against the plain part on an example first; any failure runs the plain part.
+part takes images (4-d tensors), it runs a channels_last copy of its structure that shares
+its weights and folds BatchNorm into the convs at each call
+(:func:`frostline.engine.fuse.inference_copy`; the layers called whole that draw random
+numbers run there as they are set), checked against the plain part on an example first
+(on the same draws); any failure runs the plain part.
 :class:`WholeModel` is the model called on a batch as it takes it (no split).
 """
 
@@ -86,12 +87,11 @@ class FrozenExecutor:
         frozen = part.frozen if module is None else module
         if (
             not self.fuse
-            or (part.random is not None and part.random_layers)
             or part.batch_statistics is not None
             or not any(isinstance(v, Tensor) and v.dim() == 4 for v in values)
             or values[0].shape[0] < 2
         ):
-            return frozen  # a random layer the copy's eval mode may change: run as set
+            return frozen
         first = values[0]
         version = weights_version(self.splits.prefix_tensors())
         key = (id(frozen), version, first.device, first.dtype)
@@ -109,16 +109,21 @@ class FrozenExecutor:
 
         A frozen part that draws random numbers (random ops in the graph, such as
         augmentation in front of a frozen base) is checked on the same draws as the plain
-        part, and the check leaves every generator as it found it."""
+        part, and the check leaves every generator as it found it. The layers called whole
+        that draw (a module fx cannot trace holding augmentation or a Dropout) run in the
+        copy as they are set (:func:`inference_copy`'s ``as_set``: their own modes,
+        contiguous inputs); the layers around them fold."""
         split = self._split_reference(part, version, values[0]) if own else None
         example, reference = split or (tuple(v[:4] for v in values), None)
         try:
             if part.random is None:
                 return inference_copy(frozen, example=example, reference=reference)
-            with replay_draws(rng.generators_of(self.splits.module)) as again, torch.no_grad():
+            module = self.splits.module
+            as_set = [module.get_submodule(path) for path in part.random_layers]
+            with replay_draws(rng.generators_of(module)) as again, torch.no_grad():
                 reference = frozen(*example)
                 again()
-                return inference_copy(frozen, example=example, reference=reference)
+                return inference_copy(frozen, example=example, reference=reference, as_set=as_set)
         except Exception:  # folding is an optimisation: any failure runs the plain part
             return None
 
