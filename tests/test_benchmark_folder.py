@@ -41,6 +41,10 @@ def test_folder_doctests_options_and_misses():
         "target cached epochs <= 0.1 s: 0.400 s (slowest) MISSED",
         "target peak RSS <= the loop's: 1100 MiB vs 1000 MiB (1.10) MISSED",
     ]
+    cli["cpu_seconds"], loop["cpu_seconds"] = 10.0, 45.0
+    lines = bench.report({"cli": cli, "loop": loop})
+    assert lines[-4].startswith("CPU time of the loop over the CLI's: 4.50x")
+    assert lines[2].startswith("| cli | 20.0 | 10.0 | 15.00 |")
 
 
 @pytest.mark.slow
@@ -61,3 +65,4 @@ def test_folder_quick_runs_both_peers(tmp_path):
     assert len(r["cli"]["epoch_seconds"]) == len(r["loop"]["epoch_seconds"]) == 2
     assert r["cli"]["cache"].startswith("train: reused")  # the CLI's later epochs are cached
     assert r["cli"]["peak_rss_mb"] > 0 and r["loop"]["peak_rss_mb"] > 0
+    assert r["cli"]["cpu_seconds"] > 0 and r["loop"]["cpu_seconds"] > 0
