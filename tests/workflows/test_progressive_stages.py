@@ -93,17 +93,20 @@ def test_criterion_and_tolerance_are_checked():
 class _Block(nn.Module):
     """A stage whose trace bakes its training flag in (dropout inline, as timm's blocks)."""
 
-    def __init__(self, n_in: int, n_out: int) -> None:
+    def __init__(self, n_in: int, n_out: int, p: float) -> None:
         super().__init__()
         self.fc = nn.Linear(n_in, n_out)
+        self.p = p
 
     def forward(self, x):
-        return nn.functional.dropout(torch.relu(self.fc(x)), 0.1, self.training)
+        x = torch.relu(self.fc(x))
+        return nn.functional.dropout(x, self.p, self.training) if self.p else x
 
 
-def _stages_fit(cache: bool, seen: list[int]):
+def _stages_fit(cache: bool, seen: list[int], frozen_inference: bool = True):
     fl.seed_everything(0)
-    net = nn.Sequential(_Block(6, 16), _Block(16, 16), _Block(16, 16), nn.Linear(16, 3))
+    p = 0.1 if frozen_inference else 0.0  # a frozen stage drops out only in train mode
+    net = nn.Sequential(_Block(6, 16, p), _Block(16, 16, p), _Block(16, 16, p), nn.Linear(16, 3))
     net[0].fc.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
     model = fl.wrap(net)
     model.compile(fl.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy")
@@ -120,20 +123,21 @@ def _stages_fit(cache: bool, seen: list[int]):
 
     h = model.fit(
         x, y, batch_size=32, epochs=5, verbose=0, callbacks=[cb, Rows()],
-        frozen_inference=True, cache=cache,
+        frozen_inference=frozen_inference, cache=cache,
     )  # fmt: skip
     notes = [e["cache"].split(" ")[0] for e in cb.log if e["action"] == "epoch"]
     return h.history["loss"], notes, rows
 
 
-def test_each_freeze_extends_the_cache_below_the_new_boundary():
+@pytest.mark.parametrize("frozen_inference", [True, False])
+def test_each_freeze_extends_the_cache_below_the_new_boundary(frozen_inference):
     # frozen_inference puts each newly frozen stage in eval mode: the model is traced
     # again (the flag is baked in), and the cache still grows from the stored frontier
-    losses, notes, rows = _stages_fit(True, [])
+    losses, notes, rows = _stages_fit(True, [], frozen_inference)
     assert notes == ["off", "built", "extended", "extended", "reused"]
     # the first stage reads the 96 samples while it trains (epoch 0) and once more to
     # build the cache (epoch 1); extending runs stages 1 and 2 over the stored outputs
     assert rows == [96, 96, 0, 0, 0]
-    plain, off, _ = _stages_fit(False, [])
+    plain, off, _ = _stages_fit(False, [], frozen_inference)
     assert off[1:] == ["off"] * 4
     assert losses == pytest.approx(plain, rel=1e-6)  # the same training as without a cache
