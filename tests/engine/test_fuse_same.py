@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from timm.layers import Conv2dSame
 from timm.layers.padding import get_same_padding
 from torch import Tensor, nn
 
+import frostline.engine.fuse as fuse
 from frostline.engine.fuse import FoldedConvBn, inference_copy, same_padding
 
 
@@ -109,3 +111,49 @@ def test_the_convs_of_one_copy_share_one_buffer_and_each_sees_its_own_zero_borde
         for n, side in [(4, 16), (4, 16), (2, 16), (4, 15), (4, 16)]:
             x = torch.randn(n, 8, side, side, generator=g) + 3.0
             torch.testing.assert_close(fast(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_two_threads_running_one_copy_never_share_a_padded_input(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both threads pad, then both convolve (a barrier between the two steps): with one
+    buffer for both, the first thread's conv would read the second thread's input."""
+    pair = _pair(4, 3, 2, 1, 1)
+    xs = [torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in (1, 2)]
+    with torch.no_grad():
+        refs = [_reference(pair, x) for x in xs]
+        pair(xs[0])  # the fold is checked once, before the threads start
+    barrier = threading.Barrier(2, timeout=20)
+    real = fuse.F.conv2d
+
+    def conv_after_both_padded(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if threading.current_thread() is not threading.main_thread():
+            barrier.wait()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fuse.F, "conv2d", conv_after_both_padded)
+    out: dict[int, Tensor] = {}
+
+    def run(i: int) -> None:
+        with torch.no_grad():
+            out[i] = pair(xs[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in (0, 1):
+        torch.testing.assert_close(out[i], refs[i], rtol=1e-4, atol=1e-4)
+
+
+def test_a_copied_or_pickled_pad_buffer_starts_empty() -> None:
+    import copy
+    import pickle
+
+    buf = fuse.PadBuffer()
+    mine = buf.pad(torch.ones(1, 1, 2, 2), 0, 1, 0, 1)
+    for other in (copy.deepcopy(buf), pickle.loads(pickle.dumps(buf)), copy.copy(buf)):
+        theirs = other.pad(torch.full((1, 1, 2, 2), 2.0), 0, 1, 0, 1)
+        assert theirs.sum().item() == 8.0
+        assert mine.sum().item() == 4.0  # not written through the copy

@@ -34,6 +34,7 @@ import copy
 import functools
 import importlib
 import sys
+import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any, cast
 
@@ -393,6 +394,9 @@ class PadBuffer:
     seen and stays; the folded convs of one :func:`inference_copy` share one (they run
     one at a time, and each padded input is only read by its conv before the next pad).
     The border is zeroed again whenever the shape or padding differs from the last call.
+    Each thread pads into a buffer of its own (a copy run from two threads at once never
+    has one overwrite the other's padded input), and a copy or a pickle of a
+    ``PadBuffer`` starts empty.
 
     Example:
         >>> import torch
@@ -405,32 +409,38 @@ class PadBuffer:
     """
 
     def __init__(self) -> None:
-        self.flat: Tensor | None = None
-        self.last: tuple | None = None  # the layout whose border is zero now
+        self._local = threading.local()  # .flat: the buffer; .last: whose border is zero
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return (PadBuffer, ())
+
+    def __deepcopy__(self, memo: dict) -> PadBuffer:
+        return PadBuffer()
 
     def pad(self, x: Tensor, top: int, bottom: int, left: int, right: int) -> Tensor:
         """``F.pad(x, (left, right, top, bottom))`` of a 4-d ``x``, in ``x``'s memory
-        layout, as a view of the buffer (valid until the next call)."""
+        layout, as a view of this thread's buffer (valid until its next call)."""
         n, ch, h, w = x.shape
         hp, wp = h + top + bottom, w + left + right
         nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         numel = n * ch * hp * wp
-        flat = self.flat
+        mine = self._local
+        flat: Tensor | None = getattr(mine, "flat", None)
         if flat is None or flat.numel() < numel or (flat.dtype, flat.device) != (x.dtype, x.device):
-            self.flat = self.last = None  # the old buffer goes before the new one is made
-            flat = self.flat = torch.empty(numel, dtype=x.dtype, device=x.device)
+            mine.flat = mine.last = None  # the old buffer goes before the new one is made
+            flat = mine.flat = torch.empty(numel, dtype=x.dtype, device=x.device)
         if nhwc:
             buf = flat[:numel].view(n, hp, wp, ch).permute(0, 3, 1, 2)
         else:
             buf = flat[:numel].view(n, ch, hp, wp)
         key = (n, ch, hp, wp, nhwc, top, left)
-        if self.last != key:
-            self.last = None
+        if mine.last != key:
+            mine.last = None
             buf[:, :, :top].zero_()
             buf[:, :, top + h :].zero_()
             buf[:, :, top : top + h, :left].zero_()
             buf[:, :, top : top + h, left + w :].zero_()
-            self.last = key
+            mine.last = key
         buf[:, :, top : top + h, left : left + w].copy_(x)
         return buf
 
