@@ -15,7 +15,7 @@ from torch import nn
 import frostline as fl
 from frostline.app import cli
 from frostline.engine import trainer as trainer_mod
-from frostline.engine.trainer import FitOptions
+from frostline.engine.fit_options import FitOptions
 
 KERAS = [
     "x",

@@ -23,9 +23,10 @@ from frostline.api.objective import Objective
 from frostline.api.summary import counts, format_size, print_summary, render
 from frostline.core import batchnorm
 from frostline.core.state import clear_learning_rates, set_view
+from frostline.engine.fit_options import FitOptions
 from frostline.engine.live import LiveOptimizer
 from frostline.engine.runner import CacheOptions, CacheStatus
-from frostline.engine.trainer import FitOptions, Trainer, TrainingError
+from frostline.engine.trainer import Trainer, TrainingError
 from frostline.engine.verify import Report
 
 
