@@ -116,6 +116,37 @@ def test_cache_options_and_cache_keywords_together_are_refused():
         model.fit(*data(), verbose=0, cache_options={"cache": False})
 
 
+@pytest.mark.parametrize(
+    ("keyword", "value", "error", "says"),
+    [
+        ("cache_memory_bytes", "big", ValueError, "cache_memory_bytes must be an int >= 0"),
+        ("cache_memory_bytes", -5, ValueError, "got -5"),
+        ("cache_memory_bytes", True, ValueError, "got True"),
+        ("cache_dtype", "float16", TypeError, "floating-point torch.dtype"),
+        ("cache_dtype", torch.int8, TypeError, "got torch.int8"),
+        ("cache_dir", 3, TypeError, "cache_dir must be None, a str or an os.PathLike"),
+    ],
+)
+def test_a_bad_cache_option_is_refused_before_training(keyword, value, error, says):
+    model = small_model()
+    before = [p.detach().clone() for p in model.module.parameters()]
+    with pytest.raises(error, match=says):
+        model.fit(*data(), epochs=1, verbose=0, **{keyword: value})
+    with pytest.raises(error, match=says):
+        fl.CacheOptions(**{keyword: value})
+    assert all(torch.equal(a, b) for a, b in zip(before, model.module.parameters()))
+
+
+def test_good_cache_options_are_kept_as_given(tmp_path):
+    opts = fl.CacheOptions(cache_memory_bytes=0, cache_dtype=torch.bfloat16, cache_dir=tmp_path)
+    assert (opts.cache_memory_bytes, opts.cache_dtype, opts.cache_dir) == (
+        0,
+        torch.bfloat16,
+        tmp_path,
+    )
+    assert fl.CacheOptions(cache_dir=str(tmp_path)).cache_dir == str(tmp_path)
+
+
 def two_phase_model() -> tuple[fl.Model, fl.Model]:
     torch.manual_seed(0)
     base = fl.wrap(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8)), name="base")

@@ -9,6 +9,7 @@ the :class:`OffReason` when the cache is off).
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -37,6 +38,10 @@ class CacheOptions:
         Traceback (most recent call last):
         ...
         ValueError: cache must be True, False or 'auto', got 'yes'
+        >>> CacheOptions(cache_dtype="float16")
+        Traceback (most recent call last):
+        ...
+        TypeError: cache_dtype must be None or a floating-point torch.dtype such as torch.float16, got 'float16'
     """
 
     cache: bool | str = "auto"
@@ -51,6 +56,19 @@ class CacheOptions:
             raise ValueError(f"cache must be True, False or 'auto', got {self.cache!r}")
         if not isinstance(self.frozen_inference, bool):
             raise TypeError(f"frozen_inference must be a bool, got {self.frozen_inference!r}")
+        memory = self.cache_memory_bytes
+        if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
+            raise ValueError(f"cache_memory_bytes must be an int >= 0 (bytes), got {memory!r}")
+        dtype = self.cache_dtype
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(
+                "cache_dtype must be None or a floating-point torch.dtype such as "
+                f"torch.float16, got {dtype!r}"
+            )
+        if self.cache_dir is not None and not isinstance(self.cache_dir, str | os.PathLike):
+            raise TypeError(
+                f"cache_dir must be None, a str or an os.PathLike folder, got {self.cache_dir!r}"
+            )
         views = self.augment_views
         if views is not None and (
             isinstance(views, bool) or not isinstance(views, int) or views < 1
