@@ -108,6 +108,31 @@ class InferenceCopy(nn.Module):
         """Ignored (stays in eval mode)."""
         return self
 
+    def pad_buffers(self) -> list[PadBuffer]:
+        """The padding buffers of the copy's folded convs ('same'-padded ones), each once.
+
+        Example:
+            >>> from torch import nn
+            >>> InferenceCopy(nn.Identity(), channels_last=False).pad_buffers()
+            []
+        """
+        found: dict[int, PadBuffer] = {}
+        for m in self.body.modules():
+            if isinstance(m, FoldedConvBn):
+                found.setdefault(id(m.pad_buffer), m.pad_buffer)
+        return list(found.values())
+
+    def release(self) -> None:
+        """Free what the copy keeps between calls for speed (its padding buffers); the
+        next call allocates it again. Call it when the copy will not run for a while.
+
+        Example:
+            >>> from torch import nn
+            >>> InferenceCopy(nn.Identity(), channels_last=False).release()
+        """
+        for buf in self.pad_buffers():
+            buf.release()
+
     @torch.no_grad()
     def forward(self, *xs: Tensor) -> Any:
         if self.channels_last:
@@ -413,6 +438,36 @@ class PadBuffer:
 
     def __reduce__(self) -> tuple[type, tuple[()]]:
         return (PadBuffer, ())
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes this thread's buffer holds (0 before its first pad or after
+        :meth:`release`).
+
+        Example:
+            >>> import torch
+            >>> buf = PadBuffer()
+            >>> _ = buf.pad(torch.ones(2, 3, 4, 4), 1, 1, 1, 1)
+            >>> buf.nbytes  # 2 * 3 * 6 * 6 float32
+            864
+        """
+        flat: Tensor | None = getattr(self._local, "flat", None)
+        return 0 if flat is None else flat.numel() * flat.element_size()
+
+    def release(self) -> None:
+        """Drop every thread's buffer (a view handed out earlier stays valid); the next
+        :meth:`pad` allocates again. For when the copy will not run for a while (its
+        outputs are cached): the buffer is the largest padded input it has seen.
+
+        Example:
+            >>> import torch
+            >>> buf = PadBuffer()
+            >>> _ = buf.pad(torch.ones(1, 1, 2, 2), 1, 1, 1, 1)
+            >>> buf.release()
+            >>> buf.nbytes
+            0
+        """
+        self._local = threading.local()
 
     def __deepcopy__(self, memo: dict) -> PadBuffer:
         return PadBuffer()

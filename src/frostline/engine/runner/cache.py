@@ -292,6 +292,7 @@ class ActivationCache:
                 return self._too_large(role)
             close(entry.stores)
             self.entries[slot] = _Entry(key, stores, local, self._version(), part)
+            self.executor.release()  # the epochs read the cache now
             return self._record(role, CacheState.EXTENDED, self.entries[slot])
         self.entries.pop(slot, None)
         if entry is not None:
@@ -319,6 +320,7 @@ class ActivationCache:
             self._keep(role, later, key, stores[len(part.frontier) :], local)
             stores = stores[: len(part.frontier)]
         self.entries[slot] = _Entry(key, stores, local, self._version(), part)
+        self.executor.release()  # the epochs read the cache now
         return self._record(role, CacheState.BUILT, self.entries[slot])
 
     def _check(self, entry: _Entry, data, rows: Tensor, device: torch.device, held) -> None:

@@ -11,6 +11,9 @@ numbers run there as they are set), checked against the plain part on an example
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from typing import Any
 
 import torch
@@ -19,10 +22,26 @@ from torch import Tensor, nn
 from frostline.engine import rng
 from frostline.engine.fingerprints import weights_version
 from frostline.engine.frozen import Partition, call_model
-from frostline.engine.fuse import inference_copy, replay_draws
+from frostline.engine.fuse import InferenceCopy, inference_copy, replay_draws
 from frostline.engine.runner.splits import Splits
 
 __all__ = ["FrozenExecutor", "WholeModel"]
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _trim_c_heap() -> None:
+    """Give the C heap's free pages back to the system (a no-op without glibc)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class WholeModel(nn.Module):
@@ -69,6 +88,20 @@ class FrozenExecutor:
     def reset(self) -> None:
         """Drop the folded copy (it shares the weights): the next call folds again."""
         self.fused = self.fused_key = None
+
+    def release(self) -> None:
+        """Free what running the frozen part keeps for speed, once a cache build is done
+        and the epochs read the cache: the folded copy's padding buffers (the next call
+        allocates them again), then the C heap's free pages (glibc's ``malloc_trim``;
+        nothing elsewhere), which a build leaves kept but unused.
+
+        Example:
+            >>> from frostline.engine.runner.status import CacheOptions
+            >>> FrozenExecutor(Splits(torch.nn.Linear(2, 2), CacheOptions())).release()
+        """
+        if isinstance(self.fused, InferenceCopy):
+            self.fused.release()
+        _trim_c_heap()
 
     def run_prefix(self, x: Any) -> tuple[Any, ...]:
         """What the trainable part takes for the raw batch ``x`` (no autograd recording)."""
