@@ -20,7 +20,9 @@ Two peers, each in its own subprocess with the same seed (same weights, same bat
 without autograd, their output cached and extended stage by stage). Reported: wall
 time of ``compile`` + ``fit``, the speed-up, held-out accuracy and its difference,
 the stages frozen and when. ``--tolerance`` is one number for both models (0.35,
-ProgressiveFreezing's default) or one per model (``lite0=0.35,vit=0.5``). ``--repeat N``
+ProgressiveFreezing's default) or one per model (``lite0=0.35,vit=0.5``); the plateau
+rule (a stage whose movement has stopped falling also freezes) is ProgressiveFreezing's
+default (0.1) for both. ``--repeat N``
 interleaves and keeps the fastest run.
 Target: >= 1.5x with held-out accuracy within 1 point of the plain fit.
 """
@@ -160,6 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["cache"] = [e["cache"].split(" (")[0] for e in log if e["action"] == "epoch"]
         out["activity"] = [e.get("activity") for e in log if e["action"] == "epoch"]
         out["tolerance"] = cbs[0].tolerance
+        out["plateau"] = cbs[0].plateau
     return out
 
 
@@ -286,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"progressive freezing: {args.train} digits ({args.size} px; the ViT {args.vit_size} px, "
         f"pre-trained on {args.pool} others for {args.pretrain_epochs} epochs), "
-        f"{args.epochs} epochs, criterion {args.criterion} (tolerance {args.tolerance_text}), "
+        f"{args.epochs} epochs, criterion {args.criterion} (tolerance {args.tolerance_text}, "
+        f"plateau: ProgressiveFreezing's default), "
         f"{args.threads} threads; load {load[0]:.2f}",
         flush=True,
     )
