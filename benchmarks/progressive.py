@@ -184,11 +184,14 @@ def _worker(role: str, model: str, args: argparse.Namespace, tmp: str) -> dict[s
 def report(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     """One row per model: times, speed-up, held-out accuracies, what froze; target checks.
 
-    >>> r = {"lite0": {"plain": {"seconds": 30.0, "val_accuracy": 0.95},
-    ...                "progressive": {"seconds": 15.0, "val_accuracy": 0.945,
+    >>> r = {"lite0": {"plain": {"seconds": 30.0, "val_accuracy": 0.963},
+    ...                "progressive": {"seconds": 15.0, "val_accuracy": 0.958,
     ...                                "freezes": [(2, ["blocks.0"])], "cache": ["off"]}}}
     >>> report(r)[-1]
     'target lite0 >= 1.5x with held-out accuracy within 1 point: 2.00x, -0.5 points MET'
+    >>> r["lite0"]["progressive"]["val_accuracy"] = 0.963 - 0.01  # one point exactly
+    >>> report(r)[-1].endswith("-1.0 points MET")
+    True
     """
     lines = [
         "| model | tolerance | plain s | progressive s | speed-up | held-out acc plain | progressive | freezes (epoch: stages) |",
@@ -204,7 +207,7 @@ def report(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
             f"| {m} | {b.get('tolerance', '')} | {a['seconds']:.2f} | {b['seconds']:.2f} | {s:.2f}x | "
             f"{a['val_accuracy']:.3f} | {b['val_accuracy']:.3f} | {fz} |"
         )
-        ok = s >= 1.5 and d >= -1.0
+        ok = s >= 1.5 and round(d, 9) >= -1.0  # 6 of 600 images is 1 point, not 1.0000000000000009
         checks.append(
             f"target {m} >= 1.5x with held-out accuracy within 1 point: {s:.2f}x, {d:+.1f} points "
             f"{'MET' if ok else 'MISSED'}"

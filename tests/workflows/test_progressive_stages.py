@@ -81,23 +81,24 @@ def test_a_criterion_freezes_a_stage_once_it_has_slowed_down(criterion):
     ratios = [e["activity"] for e in cb.log if e["action"] == "epoch"]
     assert ratios[0] == {"0": 1.0, "1": 1.0, "2": 1.0} and ratios[1]["0"] < 1.0
     assert torch.equal(snaps[2], snaps[3])  # frozen from epoch 2 on, bitwise
+    assert cb.get_state()["since"]["2"] == 2  # the top compares epochs from 2 on only
     # gradient descent here slows by a few percent an epoch: by the tolerance alone it is
     # still moving; the plateau rule (weight_change) counts that as having stopped falling
     strict, _ = _regression(criterion, tolerance=1e-6, plateau=None)
     assert [e for e in strict.log if e["action"] == "freeze"] == []  # still moving: not frozen
 
 
-def _after(history: dict[str, list[float]], **kwargs) -> int:
+def _after(history: dict[str, list[float]], since: dict | None = None, **kwargs) -> int:
     """How many groups a weight_change schedule over three stages freezes, given each
     group's measured movement per epoch (its first epoch first)."""
     model = fl.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 1)))
     cb = schedules.ProgressiveFreezing(start_epoch=1, criterion="weight_change", **kwargs)
     cb.set_model(model)
-    cb.set_state({"log": [], "history": history})
+    cb.set_state({"log": [], "history": history, "since": since or {}})
     return cb.target(epoch=len(history["0"]))
 
 
-def test_weight_change_freezes_a_stage_whose_movement_has_stopped_falling():
+def test_weight_change_freezes_a_stage_whose_movement_has_levelled_off():
     # measured on a small pre-trained ViT (benchmarks/progressive.py): its stem's movement
     # flattens at about half of its first epoch's, its blocks' fall below 0.35
     stem = [1.0, 0.74, 0.63, 0.53, 0.50, 0.51]
@@ -109,13 +110,27 @@ def test_weight_change_freezes_a_stage_whose_movement_has_stopped_falling():
     assert _after({**history, "0": stem[:-1]}) == 2  # 0.50 is within 10% of 0.53
     assert _after({**history, "0": stem[:4]}) == 0  # 0.53 is 16% below 0.63: still falling
     assert _after({**history, "0": stem[:-1] + [0.44]}) == 0  # 12% below 0.50
-    assert _after({**history, "0": stem, "1": blocks + [0.36]}) == 2  # a plateau near 0.3
+    assert _after({**history, "1": [1.0, 0.55, 0.41, 0.29, 0.30, 0.31]}) == 2  # level near 0.3
+    assert _after({**history, "1": [1.0, 0.55, 0.41, 0.38, 0.44]}) == 1  # rising: disturbed
     assert _after({**history, "0": [1.0, 0.3]}) == 2  # below the tolerance at once
     assert _after({**history, "0": [1.0, 1.1]}) == 0  # no earlier epoch after the first yet
     # the tolerance still decides by itself: a stage falling steadily above it stays
     assert _after({**history, "1": [1.0, 0.8, 0.6, 0.5, 0.42]}) == 1
     assert _after({**history, "0": [1.0, 0.6, 0.59]}, plateau=0.0) == 0  # 0: never lower
     assert _after({**history, "0": [1.0, 0.6, 0.6]}, plateau=0.0) == 2
+
+
+def test_after_a_freeze_below_only_the_epochs_since_count():
+    # EfficientNet-Lite0 (benchmarks/progressive.py): its stem froze after epoch 2; blocks.0
+    # moved 0.41 of its first epoch's in epochs 2 and 3: level, but only because the freeze
+    # disturbed it (it moved 0.45, then 0.34 after)
+    frozen_stem = [1.0, 0.53, 0.34]
+    blocks = [1.0, 0.55, 0.41, 0.41]
+    head = [1.0, 0.8, 0.65, 0.55]
+    history = {"0": frozen_stem, "1": blocks, "2": head}
+    assert _after(history, since={"1": 3, "2": 3}) == 1  # nothing to compare with since
+    assert _after(history) == 2  # compared with epoch 2 (before the freeze): level
+    assert _after({**history, "1": blocks + [0.44]}, since={"1": 3, "2": 3}) == 2  # level since
 
 
 def test_the_criterion_history_survives_a_checkpoint():

@@ -728,17 +728,21 @@ class ProgressiveFreezing(_BaseSchedule):
     * ``criterion="weight_change"`` (Egeria's plasticity, simplified): from
       ``start_epoch`` on, the bottom groups, as a run from the bottom, whose movement
       over the last epoch (``|w_end - w_start| / |w_start|``, the whole group's norms)
-      has either fallen below ``tolerance`` times their first epoch's, or has stopped
-      falling: it is no more than ``plateau`` (a fraction, 0.1) below the smallest
-      movement of their earlier epochs. A group's movement falls while it learns and
-      flattens at a floor set by its gradient noise, and that floor differs from group
-      to group (measured in ``benchmarks/progressive.py``: a small ViT's patch
-      embedding flattens at 0.45-0.6 of its first epoch's movement, its blocks at
-      0.2-0.35, EfficientNet-Lite0's stages fall below 0.35 before they flatten), so
-      the tolerance alone never freezes a group whose floor lies above it, nor
-      anything above that group. This is the idea of Egeria's rule (a layer freezes
-      once its plasticity stops changing) on the weights themselves; ``plateau=None``
-      leaves the tolerance alone;
+      has either fallen below ``tolerance`` times their first epoch's, or has levelled
+      off: it lies within ``plateau`` (a fraction, 0.1) of the smallest movement of
+      their earlier epochs, neither still falling nor rising. A group's movement falls
+      while it learns and levels off at a floor set by its gradient noise, and that
+      floor differs from group to group (measured in ``benchmarks/progressive.py``: a
+      small ViT's patch embedding levels off at 0.45-0.6 of its first epoch's movement,
+      its blocks at 0.2-0.35), so the tolerance alone never freezes a group whose floor
+      lies above it, nor anything above that group. A freeze below disturbs the groups
+      above (after EfficientNet-Lite0's stem froze, its ``blocks.0`` moved 0.36, 0.38,
+      0.45 of its first epoch's movement in epochs 2-4, against 0.36, 0.35, 0.31 in a
+      plain fit), so the comparison starts afresh then: only epochs since the last
+      freeze count as earlier epochs, the first epoch's movement stays the reference
+      for the tolerance. This is the idea of Egeria's rule (a layer freezes once its
+      plasticity stops changing) on the weights themselves; ``plateau=None`` leaves
+      the tolerance alone;
     * ``criterion="grad_norm"`` (AutoFreeze): the group's gradient norm over the last
       epoch below ``tolerance`` times its first epoch's (the tolerance alone: a
       gradient norm that stops falling may be growing, as the ViT's lower blocks' do).
@@ -746,7 +750,7 @@ class ProgressiveFreezing(_BaseSchedule):
     ``log`` holds each freeze and, per epoch, the fit's cache note and the criterion's
     ratios (``"activity"``, group -> last / first).
 
-    The rule's arithmetic, on a group whose movement flattens at half its first epoch's:
+    The rule's arithmetic, on a group whose movement levels off at half its first epoch's:
 
     >>> ProgressiveFreezing.converged([1.0, 0.6, 0.5, 0.49], tolerance=0.35, plateau=0.1)
     True
@@ -803,6 +807,9 @@ class ProgressiveFreezing(_BaseSchedule):
         self.frozen = 0
         self.stopped = False
         self._history: dict[int, list[float]] = {}  # group -> its activity, epoch by epoch
+        self._since: dict[
+            int, int
+        ] = {}  # group -> its first epoch (in history) after a freeze below
         self._start: dict[int, list[torch.Tensor]] = {}  # weight_change: weights at epoch start
         self._grads: dict[int, float] = {}  # grad_norm: sum of squared gradient norms
         self._batches = 0
@@ -825,11 +832,16 @@ class ProgressiveFreezing(_BaseSchedule):
         return min(n, self._cap())
 
     @staticmethod
-    def converged(activity: list[float], tolerance: float, plateau: float | None) -> bool:
+    def converged(
+        activity: list[float], tolerance: float, plateau: float | None, since: int = 1
+    ) -> bool:
         """Whether a group whose activity was ``activity`` (one value per epoch, its first
         epoch first) has converged: the last value below ``tolerance`` times the first,
-        or, with ``plateau``, no more than that fraction below the smallest earlier value
-        after the first (it has stopped falling).
+        or, with ``plateau``, within that fraction of the smallest earlier value from
+        epoch ``since`` on (levelled off: neither falling nor rising by more). ``since``
+        is at least 1 (the first epoch's movement is the reference, not a floor) and,
+        after groups below froze, the first epoch after that freeze: a freeze below
+        disturbs a group, so only epochs since then are compared.
 
         >>> ProgressiveFreezing.converged([1.0, 0.3], tolerance=0.35, plateau=None)
         True
@@ -839,21 +851,26 @@ class ProgressiveFreezing(_BaseSchedule):
         True
         >>> ProgressiveFreezing.converged([1.0, 0.5, 0.4], tolerance=0.35, plateau=0.1)
         False
+        >>> ProgressiveFreezing.converged([1.0, 0.5, 0.6], tolerance=0.35, plateau=0.1)
+        False
+        >>> ProgressiveFreezing.converged([1.0, 0.5, 0.52], tolerance=0.35, plateau=0.1, since=2)
+        False
         """
         if len(activity) < 2 or activity[0] <= 0:
             return False
         first, last = activity[0], activity[-1]
         if last < tolerance * first:
             return True
-        return (
-            plateau is not None
-            and len(activity) > 2
-            and last >= (1 - plateau) * min(activity[1:-1])
-        )
+        earlier = activity[max(since, 1) : -1]
+        if plateau is None or not earlier:
+            return False
+        low = min(earlier)
+        return (1 - plateau) * low <= last <= (1 + plateau) * low
 
     def _done(self, k: int) -> bool:
         plateau = self.plateau if self.criterion == "weight_change" else None
-        return self.converged(self._history.get(k, []), self.tolerance, plateau)
+        history = self._history.get(k, [])
+        return self.converged(history, self.tolerance, plateau, self._since.get(k, 1))
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self.frozen, self.stopped = 0, False
@@ -902,6 +919,8 @@ class ProgressiveFreezing(_BaseSchedule):
         if new:
             layers, params = self._apply(new, False)
             self.frozen = want
+            for k in range(want, len(self.groups)):  # compare only epochs from now on
+                self._since[k] = len(self._history.get(k, []))
             if layers:
                 self._record(epoch, "freeze", new, layers, params)
         if self.stopped:
@@ -964,6 +983,7 @@ class ProgressiveFreezing(_BaseSchedule):
             "frozen": self.frozen,
             "stopped": self.stopped,
             "history": {str(k): list(h) for k, h in self._history.items()},
+            "since": {str(k): v for k, v in self._since.items()},
         }
 
     def set_state(self, state: dict) -> None:
@@ -971,6 +991,7 @@ class ProgressiveFreezing(_BaseSchedule):
         super().set_state(state)
         if "history" in state:
             self._history = {int(k): [float(v) for v in h] for k, h in state["history"].items()}
+            self._since = {int(k): int(v) for k, v in state.get("since", {}).items()}
         else:  # saved before the history was kept: the first and the last epoch
             first, last = state.get("first", {}), state.get("last", {})
             self._history = {int(k): [float(first[k]), float(v)] for k, v in last.items()}
