@@ -323,6 +323,12 @@ def conv_model(form: str) -> nn.Module:
         bn.running_var.uniform_(0.5, 2.0)
         return [nn.Conv2d(cin, cout, 3, padding=1), bn, nn.ReLU()]
 
+    if form == "classifier Dropout":  # VGG's: frozen weights read what the Dropout drew
+        pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        classifier = [nn.Linear(8, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 8), nn.ReLU()]
+        base = nn.Sequential(*block(3, 8), *block(8, 8), *pool, *classifier)
+        base.requires_grad_(False)
+        return nn.Sequential(base, nn.Linear(8, K))
     if form == "augmentation":
         body = [OpaqueImageFlip(), *block(3, 8), *block(8, 8)]
     else:
@@ -354,12 +360,15 @@ def image_losses(net: nn.Module, seed: int, x: np.ndarray, y: np.ndarray) -> lis
     return losses
 
 
-@pytest.mark.parametrize("form", ["augmentation", "dropout"])
+@pytest.mark.parametrize("form", ["augmentation", "dropout", "classifier Dropout"])
 def test_an_opaque_random_layer_runs_as_set_and_the_rest_folds(form: str, monkeypatch) -> None:
     """A module fx cannot trace that draws random numbers is never cached nor baked: fit
     trains as the eager loop does, with and without the cache, for every seed. The frozen
     layers around it still run as the folded, channels_last copy: the random layer runs
-    there as set, on contiguous inputs, so it draws what the plain model draws."""
+    there as set, on contiguous inputs, so it draws what the plain model draws. A Dropout
+    whose draws frozen weights read (a VGG classifier with only its last layer trainable)
+    is left to the trace in an image model, so its conv body runs folded too; the
+    pre-check decides it before tracing only where nothing could fold."""
     from frostline.engine.fuse import AsSet, InferenceCopy
 
     made: list = []

@@ -117,9 +117,11 @@ def stochastic_frozen(module: nn.Module, example: Any) -> FrozenEffect | None:
     follows the batch), and no module it runs inside that fx calls whole (torch.nn layers,
     timm's no-trace modules) holds trainable weights or reads trainable values. A frozen
     draw in a layer fx calls whole is certainly in the trace's frozen part (which
-    :func:`partition` then reports as ``random``, and which could not be folded) when that
-    layer holds frozen weights, or a frozen layer fx calls whole that holds weights takes
-    its output as it is: the draw cannot move to the trainable side. A BatchNorm in
+    :func:`partition` then reports as ``random``) when that layer holds frozen weights, or
+    a frozen layer fx calls whole that holds weights takes its output as it is: the draw
+    cannot move to the trainable side. It is reported where the split would gain nothing:
+    where the inputs are not images, which the split could run folded around the drawing
+    layer (:func:`~frostline.engine.fuse.inference_copy`'s ``as_set``). A BatchNorm in
     batch-statistics mode on frozen, per-sample values is reported as
     ``"batch-statistics"``. ``None`` says nothing (tracing decides): a draw feeding only
     weightless computation (a Dropout head, which :func:`partition` moves to the trainable
@@ -185,18 +187,19 @@ def watch_frozen(module: nn.Module, example: Any) -> FrozenWatch:
         return FrozenWatch(None, None, ())
     inputs = take_rows(values, probe_rows(batch)[0])
     x = dict(zip(names, inputs)) if kw else inputs
-    watch = _watched_run(module, x, len(inputs[0]) if inputs else 0)
+    images = any(isinstance(v, Tensor) and v.dim() == 4 for v in values)
+    watch = _watched_run(module, x, len(inputs[0]) if inputs else 0, images)
     found = watch.found
     output = pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, watch.output)
     return FrozenWatch(found[0] if found else None, output, watch.moved)
 
 
-def _watched_run(module: nn.Module, x: Any, batch: int) -> _Watch:
+def _watched_run(module: nn.Module, x: Any, batch: int, images: bool = False) -> _Watch:
     """A :class:`_Watch` of ``module`` on ``x``: one run capturing torch's own generators
     at each call (cheap: what Dropout and most random layers draw from), and, only when
     that run drew from another (Python's, NumPy's, one the model holds), one capturing at
     each call the generators it drew from (only those can move in a call)."""
-    watch = _Watch(module, batch).run(x, rng.TORCH_KINDS)
+    watch = _Watch(module, batch, images).run(x, rng.TORCH_KINDS)
     return watch if set(watch.moved) <= set(rng.TORCH_KINDS) else watch.run(x, watch.moved)
 
 
@@ -217,8 +220,10 @@ class _Watch:
     what certainly makes the frozen part random (see :func:`stochastic_frozen`). The
     model's structure is read once; :meth:`run` may run it again."""
 
-    def __init__(self, module: nn.Module, batch: int) -> None:
-        self.module, self.batch = module, batch
+    def __init__(self, module: nn.Module, batch: int, images: bool = False) -> None:
+        #: whether the inputs are images: a split then runs folded around a drawing layer
+        #: (only the trace can tell whether it pays), so such a draw is not reported
+        self.module, self.batch, self.images = module, batch, images
         self.trains = _holds_trainable(module)
         self.held = rng.generators_of(module)
         self.path = {m: n for n, m in module.named_modules()}
@@ -275,7 +280,7 @@ class _Watch:
                     hit = self.drawn.get(id(seen)) if seen is not None else None
                     if hit is not None and hit[0] is seen:
                         self.movable.discard(hit[2])  # certainly stays in the frozen part
-                        if hit[3]:  # an opaque layer: the split could not fold it
+                        if hit[3] and not self.images:  # the split could not fold it
                             self.found.append(FrozenEffect("random", hit[1]))
         # a module traced through has no node of its own; one fx calls whole is one node,
         # trainable when it holds trainable weights or reads trainable values
@@ -293,7 +298,8 @@ class _Watch:
         node = next((c.module for c in self.stack[1:] if self.whole[c.module]), m)
         why = draw_reason(self.path.get(node, ""), moved)
         if self.whole[node] and self.weighted[node]:
-            self.found.append(FrozenEffect("random", why))
+            if not self.images:
+                self.found.append(FrozenEffect("random", why))
             return
         self.movable.add(node)
         if node is m:
