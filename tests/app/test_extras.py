@@ -110,3 +110,14 @@ def test_the_library_depends_on_torch_timm_safetensors_numpy_only():
         d.split(">")[0] for d in extras["app"]
     }
     assert any(d.startswith("frostline[") and "app" in d for d in extras["dev"])  # README's install
+
+
+def test_check_installed_finds_a_module_without_importing_it():
+    """fit checks for matplotlib before training without importing it (12 MB, 0.07 s)."""
+    from frostline.app.extras import MissingExtra, check_installed
+
+    sys.modules.pop("this", None)  # its import prints a poem: a module nothing imports
+    check_installed("this", "a poem")
+    assert "this" not in sys.modules
+    with pytest.raises(MissingExtra, match=r"a plot needs nonexistent_pkg_xyz, which is not"):
+        check_installed("nonexistent_pkg_xyz", "a plot")

@@ -241,7 +241,7 @@ def _run(opts: Options, command: str, scratch: contextlib.ExitStack) -> int:
     import frostline as fl
     from frostline.api.summary import counts
     from frostline.app import imagefolder, outputs, report, training
-    from frostline.app.extras import require
+    from frostline.app.extras import check_installed
     from frostline.app.models import (
         build_import_model,
         freeze_selector,
@@ -250,7 +250,7 @@ def _run(opts: Options, command: str, scratch: contextlib.ExitStack) -> int:
     )
     from frostline.app.runinfo import Preprocessing
 
-    require("matplotlib", "the run directory's plots")  # before hours of training, not after
+    check_installed("matplotlib", "the run directory's plots")  # before hours of training
     t_start, cpu_start = time.perf_counter(), time.process_time()
     spec = opts.model
     importing = is_import_path(spec)
