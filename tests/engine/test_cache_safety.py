@@ -262,6 +262,45 @@ def test_freezing_more_extends_the_cache(capsys):
     assert_same(m, ref)
 
 
+def test_a_cpu_cache_build_or_extension_runs_the_frozen_part_on_16_samples_a_call(
+    capsys, monkeypatch
+):
+    """Whatever the fit's batch size, a CPU cache is built and extended 16 samples at a
+    time (faster and smaller: see ``_CPU_BUILD_CHUNK``); training still sees the fit's
+    batches, and the weights equal an uncached fit's."""
+    from frostline.engine.activations import ActivationStore
+
+    real = ActivationStore.build_many.__func__  # type: ignore[attr-defined]
+    calls: list[int] = []
+
+    def counted(cls, fn, batches, n, **kw):
+        def each():
+            for idx, inputs in batches:
+                calls.append(len(idx))
+                yield idx, inputs
+
+        return real(cls, fn, each(), n, **kw)
+
+    monkeypatch.setattr(ActivationStore, "build_many", classmethod(counted))
+    x, y = make_data()
+    (m, base), (ref, ref_base) = twins()
+    for b in (base, ref_base):
+        b.unfreeze(fl.select.last(2))
+    notes = fit(m, x, y, capsys, batch_size=40)
+    assert notes[0].startswith("built (48 samples"), notes
+    assert calls == [16, 16, 16], calls
+    fit(ref, x, y, batch_size=40, cache=False)
+    assert_same(m, ref)
+    for b in (base, ref_base):
+        b.trainable = False
+    calls.clear()
+    notes = fit(m, x, y, capsys, batch_size=40)
+    assert notes[0].startswith("extended (48 samples"), notes
+    assert calls == [16, 16, 16], calls
+    fit(ref, x, y, batch_size=40, cache=False)
+    assert_same(m, ref)
+
+
 def test_unfreeze_inside_a_callback_takes_effect_and_stays_exact(capsys):
     x, y = make_data()
 

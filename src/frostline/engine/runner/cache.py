@@ -54,6 +54,14 @@ from frostline.engine.runner.weights import (
 __all__ = ["ActivationCache"]
 
 _CHECKED = 4  # entries of a reused cache recomputed and compared, once per fit
+# Samples per call of the frozen part while a cache is built or extended on the CPU,
+# whatever batch size the trainer asks for (max(the fit's, 64)): a smaller call's
+# activations stay in the CPU's caches and its peak memory is smaller. EfficientNet-Lite0,
+# one thread, first epoch (the build) of 1,200 images at 96 px: 64 a call 3.4 s, 16 a
+# call 2.6-2.7 s, 8: 4.4 s, 4: 5.2 s; peak RSS 1002-1024 -> 842-859 MiB. 256 images at
+# 224 px: 64 a call 6.7 s, 32: 5.4 s, 16: 4.4-4.6 s, 8: 5.7 s; 1700 -> 1028-1086 MiB.
+# An accelerator keeps the asked size.
+_CPU_BUILD_CHUNK = 16
 
 
 @dataclass
@@ -75,6 +83,11 @@ class _Entry:
     version: tuple  # cheap per-step weights key, checked every batch
     partition: Partition
     checked: int = -1  # the fit whose first reuse recomputed a sample of it (-1: none yet)
+
+
+def _build_chunk(batch_size: int, device: torch.device) -> int:
+    """Samples per call of the frozen part when a cache is built for ``device``."""
+    return min(batch_size, _CPU_BUILD_CHUNK) if device.type == "cpu" else batch_size
 
 
 class ActivationCache:
@@ -287,7 +300,8 @@ class ActivationCache:
             extra = self._extension(entry, part)
         if extra is not None and entry is not None:
             step = watch(extra)
-            stores = self._build(step, store_batches(entry.stores, batch_size, device), len(rows))
+            chunks = store_batches(entry.stores, _build_chunk(batch_size, device), device)
+            stores = self._build(step, chunks, len(rows))
             if stores is None:
                 return self._too_large(role)
             close(entry.stores)
@@ -299,7 +313,7 @@ class ActivationCache:
             close(entry.stores)
 
         def batches() -> Iterator[tuple[Tensor, tuple]]:
-            for chunk in torch.arange(len(rows)).split(batch_size):
+            for chunk in torch.arange(len(rows)).split(_build_chunk(batch_size, device)):
                 x = read(data, rows[chunk], held)
                 yield chunk, part.traced.flat(to_device(x, device))
 
