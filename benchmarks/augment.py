@@ -47,7 +47,7 @@ import numpy as np
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import Phase, device_available, machine_info, maxrss_mb  # noqa: E402
+from measure import Phase, device_available, maxrss_mb, write_json  # noqa: E402
 from two_phase import make_data  # noqa: E402
 
 PEERS = ("frostline", "frostline_nocache", "torch", "keras")
@@ -444,15 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     for peer, rs in runs.items():
         print(f"{peer}: " + ", ".join(f"{k} {v}" for k, v in rs[0]["versions"].items()))
     if args.json_out:
-        payload = {
-            "args": {k: v for k, v in vars(args).items() if k not in ("worker", "result")},
-            "machine": machine_info(),
-            "load": [load, after],
-            "results": results,
-            "runs": runs,
-            "table": lines,
-        }
-        Path(args.json_out).write_text(json.dumps(payload, indent=2))
+        write_json(args.json_out, args, load=[load, after], results=results, runs=runs, table=lines)
     return 0
 
 

@@ -41,7 +41,7 @@ import numpy as np
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import machine_info, maxrss_mb  # noqa: E402
+from measure import maxrss_mb, write_json  # noqa: E402
 
 PEERS = ("cli", "loop")
 MODEL = "efficientnet_lite0"
@@ -351,15 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     after = os.getloadavg()
     print(f"\nload average before/after: {load[0]:.2f} / {after[0]:.2f}")
     if args.json_out:
-        payload = {
-            "args": {k: v for k, v in vars(args).items() if k not in ("worker", "result")},
-            "machine": machine_info(),
-            "load": [load, after],
-            "results": results,
-            "runs": runs,
-            "table": lines,
-        }
-        Path(args.json_out).write_text(json.dumps(payload, indent=2))
+        write_json(args.json_out, args, load=[load, after], results=results, runs=runs, table=lines)
     return 0
 
 

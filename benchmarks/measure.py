@@ -1,7 +1,7 @@
 """What the benchmark scripts measure: wall, CPU time and peak memory of a phase, and the machine.
 
-Shared by ``sweep.py`` and ``two_phase.py`` (each imports it from beside itself), so
-both measure a phase the same way:
+Shared by the benchmark scripts (each imports it from beside itself), so
+all measure a phase, and write their JSON, the same way:
 
 * wall clock (``time.perf_counter``) and CPU time of the process (all threads,
   user + system) around the phase;
@@ -24,14 +24,25 @@ True
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import os
 import platform
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-__all__ = ["Phase", "cpu_seconds", "machine_info", "maxrss_mb", "proc_status_mb", "reset_peak"]
+__all__ = [
+    "Phase",
+    "cpu_seconds",
+    "machine_info",
+    "maxrss_mb",
+    "proc_status_mb",
+    "reset_peak",
+    "write_json",
+]
 
 
 def proc_status_mb(field: str) -> float | None:
@@ -133,6 +144,29 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "os": platform.platform(),
     }
+
+
+def write_json(
+    path: str | os.PathLike, args: argparse.Namespace, internal: tuple[str, ...] = (), **fields: Any
+) -> None:
+    """Write a benchmark's results to ``path`` as JSON: the command line's options (without
+    the ones a worker subprocess is told, ``worker``, ``result`` and ``internal``), this
+    machine (:func:`machine_info`), then ``fields`` in order.
+
+    >>> import tempfile
+    >>> out = Path(tempfile.mkdtemp()) / "r.json"
+    >>> write_json(out, argparse.Namespace(repeat=2, worker=None), results={"a": 1.5})
+    >>> d = json.loads(out.read_text())
+    >>> d["args"], sorted(d), d["results"]
+    ({'repeat': 2}, ['args', 'machine', 'results'], {'a': 1.5})
+    """
+    hidden = ("worker", "result", *internal)
+    payload = {
+        "args": {k: v for k, v in vars(args).items() if k not in hidden},
+        "machine": machine_info(),
+        **fields,
+    }
+    Path(path).write_text(json.dumps(payload, indent=2))
 
 
 def device_available(device: str) -> bool:

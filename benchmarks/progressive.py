@@ -43,7 +43,7 @@ import numpy as np
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import Phase, machine_info  # noqa: E402
+from measure import Phase, write_json  # noqa: E402
 from two_phase import make_data  # noqa: E402
 
 MODELS = ("lite0", "vit")
@@ -327,18 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + "\n".join(lines))
     print(f"\nload before/after: {load[0]:.2f} / {os.getloadavg()[0]:.2f}")
     if args.json_out:
-        Path(args.json_out).write_text(
-            json.dumps(
-                {
-                    "machine": machine_info(),
-                    "pretrain": pre,
-                    "results": results,
-                    "runs": runs,
-                    "table": lines,
-                },
-                indent=2,
-            )
-        )
+        write_json(args.json_out, args, pretrain=pre, results=results, runs=runs, table=lines)
     return 0
 
 

@@ -61,7 +61,7 @@ from typing import Any
 # measure.py lies beside this script: found when it runs and when a test loads it by path.
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import Phase, device_available, machine_info, maxrss_mb  # noqa: E402
+from measure import Phase, device_available, machine_info, maxrss_mb, write_json  # noqa: E402
 
 NUM_CLASSES = 10
 PHASE1_LR = 1e-3
@@ -957,20 +957,18 @@ def main(argv: list[str] | None = None) -> int:
                     tb = "\n".join(p["traceback"])
                     print(f"\n--- {arch} / {peer} phase {i + 1} failed:\n{tb}", file=sys.stderr)
     if args.json_out:
-        payload = {
-            "args": {
-                k: v for k, v in vars(args).items() if k not in ("worker", "worker_arch", "result")
-            },
-            "machine": machine,
-            "load_before": load_before,
-            "load_after": load_after,
-            "rows": rows,
-            "results": results,
-            "runs": runs,
-            "table": lines,
-            "summary": notes,
-        }
-        Path(args.json_out).write_text(json.dumps(payload, indent=2))
+        write_json(
+            args.json_out,
+            args,
+            ("worker_arch",),
+            load_before=load_before,
+            load_after=load_after,
+            rows=rows,
+            results=results,
+            runs=runs,
+            table=lines,
+            summary=notes,
+        )
     return 1 if any("error" in r for r in rows) else 0
 
 

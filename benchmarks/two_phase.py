@@ -46,7 +46,7 @@ import numpy as np
 # measure.py lies beside this script: found when it runs and when a test loads it by path.
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import Phase, device_available, machine_info, maxrss_mb  # noqa: E402
+from measure import Phase, device_available, machine_info, maxrss_mb, write_json  # noqa: E402
 
 PEERS = ("frostline", "torch", "keras")
 NUM_CLASSES = 10
@@ -566,16 +566,15 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{k} {v}" for k, v in r["versions"].items())
         )
     if args.json_out:
-        payload = {
-            "args": {k: v for k, v in vars(args).items() if k not in ("worker", "result")},
-            "machine": machine_info(),
-            "load_before": load_before,
-            "load_after": load_after,
-            "results": results,
-            "runs": runs,
-            "table": lines,
-        }
-        Path(args.json_out).write_text(json.dumps(payload, indent=2))
+        write_json(
+            args.json_out,
+            args,
+            load_before=load_before,
+            load_after=load_after,
+            results=results,
+            runs=runs,
+            table=lines,
+        )
     return 0
 
 
