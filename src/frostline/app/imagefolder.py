@@ -321,12 +321,16 @@ class ImageArrayDataset(Dataset):
         pixels = self.images[self._row(i)]
         if not isinstance(self.images, ImageFile):
             pixels = np.array(pixels)  # one image, copied (a file read is a copy already)
-        x = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
-        x = (x - self.mean) / self.std
+        x = self._normalised(pixels[None])[0]
         if self.augment is not None:
             with torch.no_grad():
                 x = self.augment.train()(x[None])[0]
         return x, self.labels[i]
+
+    def _normalised(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 ``N x H x W x 3`` pixels as float ``N x 3 x H x W``: ``(x / 255 - mean) / std``."""
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self.mean) / self.std
 
     def __getitems__(self, indices: Sequence[int]) -> list:
         """The samples ``indices``, read as one batch (what ``DataLoader`` and ``fit`` call):
@@ -342,8 +346,7 @@ class ImageArrayDataset(Dataset):
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         rows = self.rows[idx] if self.rows is not None else idx
         pixels = self.images[rows]  # fancy indexing and file reads copy: the batch's rows only
-        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
-        x = (x - self.mean) / self.std
+        x = self._normalised(pixels)
         labels = self.labels[torch.from_numpy(idx)]
         return list(zip(x.unbind(0), labels.unbind(0)))
 
@@ -370,8 +373,7 @@ class ImageArrayDataset(Dataset):
     def arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All samples at once: normalised float NCHW inputs and int64 labels (in memory)."""
         picked = self.images if self.rows is None else self.images[self.rows]
-        x = torch.from_numpy(np.array(picked)).permute(0, 3, 1, 2).float().div_(255.0)
-        return (x - self.mean) / self.std, self.labels
+        return self._normalised(np.array(picked)), self.labels
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
