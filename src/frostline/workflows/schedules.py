@@ -807,9 +807,8 @@ class ProgressiveFreezing(_BaseSchedule):
         self.frozen = 0
         self.stopped = False
         self._history: dict[int, list[float]] = {}  # group -> its activity, epoch by epoch
-        self._since: dict[
-            int, int
-        ] = {}  # group -> its first epoch (in history) after a freeze below
+        # group -> where its epochs since the last freeze below start in its history
+        self._since: dict[int, int] = {}
         self._start: dict[int, list[torch.Tensor]] = {}  # weight_change: weights at epoch start
         self._grads: dict[int, float] = {}  # grad_norm: sum of squared gradient norms
         self._batches = 0
